@@ -1,0 +1,270 @@
+"""One typed configuration for every stage, loadable from TOML and overridable by flags.
+
+Each section is a frozen dataclass; every field declares its constraint once (as
+scikit-learn's ``_parameter_constraints``) and is checked when the configuration
+is built, so an invalid value fails before any work with the key's dotted name::
+
+    [knn]
+    k = 80
+    mode = "auto"
+
+``Config.load(path, overrides={"knn.k": 30})`` merges TOML and flags (flags win).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """An invalid configuration value (message names the key)."""
+
+
+# -- constraints ---------------------------------------------------------------
+def _int(lo=None, hi=None, none=False):
+    def check(v):
+        if v is None and none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"must be an integer{' or unset' if none else ''}, got {v!r}"
+        if lo is not None and v < lo:
+            return f"must be >= {lo}, got {v}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}, got {v}"
+        return None
+    return check
+
+
+def _float(lo=None, hi=None, none=False, lo_open=False):
+    def check(v):
+        if v is None and none:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return f"must be a number{' or unset' if none else ''}, got {v!r}"
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            return f"must be {'>' if lo_open else '>='} {lo}, got {v}"
+        if hi is not None and v > hi:
+            return f"must be <= {hi}, got {v}"
+        return None
+    return check
+
+
+def _choice(*options):
+    def check(v):
+        return None if v in options else f"must be one of {', '.join(map(repr, options))}, got {v!r}"
+    return check
+
+
+def _str(none=True):
+    def check(v):
+        if v is None and none:
+            return None
+        return None if isinstance(v, str) else f"must be a string, got {v!r}"
+    return check
+
+
+def _bool():
+    def check(v):
+        return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+    return check
+
+
+def _float_list(lo=None, hi=None, none=True):
+    def check(v):
+        if v is None and none:
+            return None
+        if not isinstance(v, (list, tuple)) or not v:
+            return f"must be a non-empty list of numbers, got {v!r}"
+        for x in v:
+            err = _float(lo, hi)(x)
+            if err:
+                return f"every element {err}"
+        return None
+    return check
+
+
+def _range01():
+    def check(v):
+        if not isinstance(v, (list, tuple)) or len(v) != 2:
+            return f"must be a [low, high] pair, got {v!r}"
+        lo, hi = v
+        if not all(isinstance(x, (int, float)) for x in v) or not 0 <= lo <= hi <= 1:
+            return f"must satisfy 0 <= low <= high <= 1, got {v!r}"
+        return None
+    return check
+
+
+def opt(default: Any, check: Callable[[Any], str | None], help: str = ""):
+    """A config field with its constraint and a one-line help."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"check": check, "help": help})
+    return field(default=default, metadata={"check": check, "help": help})
+
+
+class _Section:
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            check = f.metadata.get("check")
+            if check is None:
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, tuple):  # TOML gives lists; store tuples for hashability
+                v = list(v)
+            err = check(v)
+            if err:
+                raise ConfigError(f"{self._section}.{f.name}: {err}")
+            if isinstance(v, list):
+                object.__setattr__(self, f.name, tuple(v))
+
+    def to_dict(self) -> dict:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in dataclasses.fields(self)}
+
+
+# -- sections --------------------------------------------------------------------
+@dataclass(frozen=True)
+class DaskConfig(_Section):
+    _section = "dask"
+    scheduler: str | None = opt(None, _str(), "address of an existing scheduler (tcp://HOST:8786); else DASK_SCHEDULER_ADDRESS, else a LocalCluster")
+    n_workers: int | None = opt(None, _int(1, none=True), "LocalCluster worker processes (default: one per core)")
+    threads_per_worker: int = opt(1, _int(1), "threads per worker process (faiss/torch threads inside a task)")
+    memory_limit: str = opt("auto", _str(none=False), "memory per LocalCluster worker ('auto' or e.g. '4GiB')")
+    openblas_coretype: str = opt("auto", _str(none=False), "OpenBLAS kernel for faiss ('auto' detects the CPU; 'none' leaves it)")
+    jobqueue: str | None = opt(None, lambda v: None if v in (None, "slurm", "pbs") else f"must be 'slurm', 'pbs' or unset, got {v!r}", "start workers as SLURM/PBS jobs via dask-jobqueue")
+    jobs: int = opt(1, _int(1), "number of SLURM/PBS jobs")
+    job_cores: int = opt(4, _int(1), "cores per job")
+    job_memory: str = opt("16GiB", _str(none=False), "memory per job")
+    job_walltime: str = opt("02:00:00", _str(none=False), "walltime per job")
+    job_queue: str | None = opt(None, _str(), "queue / partition")
+    job_account: str | None = opt(None, _str(), "account / project to charge")
+
+
+@dataclass(frozen=True)
+class IngestConfig(_Section):
+    _section = "ingest"
+    chunk_rows: int = opt(16384, _int(1), "rows per chunk of `features` (R)")
+    drop_invalid: bool = opt(False, _bool(), "skip NaN/inf/zero rows instead of failing (recorded in input_rows)")
+    dim: int | None = opt(None, _int(1, none=True), "feature dimension of a raw .bin input")
+    column: str | None = opt(None, _str(), "Parquet column holding the feature vectors")
+    label_column: str | None = opt(None, _str(), "Parquet column holding integer labels")
+
+
+@dataclass(frozen=True)
+class KnnConfig(_Section):
+    _section = "knn"
+    k: int = opt(80, _int(1), "neighbours per face (self excluded)")
+    mode: str = opt("auto", _choice("auto", "exact", "ivf"), "exact (IndexFlatIP blocks) or ivf; auto = ivf from ivf_min_n faces")
+    ivf_min_n: int = opt(1_000_000, _int(1), "auto mode uses IVF from this many faces")
+    nlist: int | None = opt(None, _int(1, none=True), "IVF lists (default ~8*sqrt(N))")
+    nprobe: int | None = opt(None, _int(1, none=True), "IVF lists probed per query (default: tuned on a sample)")
+    train_size: int = opt(200_000, _int(1000), "IVF quantizer training sample")
+    db_rows: int | None = opt(None, _int(1, none=True), "database rows per task (default: by memory budget)")
+
+
+@dataclass(frozen=True)
+class ProposalConfig(_Section):
+    _section = "proposals"
+    preset: str = opt("default", _choice("fast", "default", "thorough"), "set of proposal settings (2 / 8 / 20 settings)")
+    thresholds: tuple | None = opt(None, _float_list(-1.0, 1.0), "explicit level-0 thresholds (default: derived from the data)")
+    step: float = opt(0.05, _float(0.0, 1.0, lo_open=True), "threshold ladder step: tau <- tau + (1 - tau) * step")
+    max_size: int = opt(300, _int(2), "largest super-vertex (faces)")
+    min_size: int = opt(3, _int(1), "smallest proposal kept (faces)")
+    max_proposal_size: int = opt(500, _int(2), "largest proposal kept (faces)")
+
+
+@dataclass(frozen=True)
+class GCNConfig(_Section):
+    _section = "gcn"
+    hidden: tuple = opt([512, 64], lambda v: None if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and x > 0 for x in v) else f"must be a list of positive integers, got {v!r}", "graph-conv widths")
+    dropout: float = opt(0.5, _float(0.0, 0.99), "node dropout while training")
+    epochs: int = opt(30, _int(1), "training epochs")
+    lr: float = opt(0.01, _float(0.0, lo_open=True), "learning rate")
+    batch_size: int = opt(32, _int(1), "proposals per training batch")
+    seed: int = opt(0, _int(0), "training seed")
+    score_batch: int = opt(512, _int(1), "proposals per inference task")
+    iop_range: tuple = opt([0.3, 0.7], _range01(), "GCN-S runs on proposals whose predicted IoP is in this range")
+    keep_prob: float = opt(0.5, _float(0.0, 1.0), "GCN-S removes vertices with P(member) <= this")
+
+
+@dataclass(frozen=True)
+class Config:
+    dask: DaskConfig = field(default_factory=DaskConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    knn: KnnConfig = field(default_factory=KnnConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    gcn: GCNConfig = field(default_factory=GCNConfig)
+
+    SECTIONS = ("dask", "ingest", "knn", "proposals", "gcn")
+
+    @classmethod
+    def from_dict(cls, data: dict | None = None, overrides: dict | None = None) -> "Config":
+        data = {k: dict(v) for k, v in (data or {}).items()}
+        for key, value in (overrides or {}).items():
+            if value is None:
+                continue
+            sec, _, name = key.partition(".")
+            data.setdefault(sec, {})[name] = value
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            section_cls = f.default_factory  # type: ignore[misc]
+            given = data.pop(f.name, {})
+            if not isinstance(given, dict):
+                raise ConfigError(f"[{f.name}]: must be a table of settings, got {given!r}")
+            known = {x.name for x in dataclasses.fields(section_cls)}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ConfigError(f"{f.name}.{unknown[0]}: unknown setting; known: {', '.join(sorted(known))}")
+            try:
+                kwargs[f.name] = section_cls(**given)
+            except TypeError as e:
+                raise ConfigError(f"[{f.name}]: {e}") from None
+        if data:
+            raise ConfigError(f"[{sorted(data)[0]}]: unknown section; known: {', '.join(cls.SECTIONS)}")
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> "Config":
+        data = {}
+        if path is not None:
+            p = Path(path)
+            try:
+                data = tomllib.loads(p.read_text())
+            except FileNotFoundError:
+                raise ConfigError(f"{p}: configuration file not found") from None
+            except tomllib.TOMLDecodeError as e:
+                raise ConfigError(f"{p}: not valid TOML ({e})") from None
+        try:
+            return cls.from_dict(data, overrides)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+
+    def to_dict(self) -> dict:
+        return {name: getattr(self, name).to_dict() for name in self.SECTIONS}
+
+    def to_toml(self) -> str:
+        lines = []
+        for name in self.SECTIONS:
+            sec = getattr(self, name)
+            lines.append(f"[{name}]")
+            for f in dataclasses.fields(sec):
+                v = getattr(sec, f.name)
+                help_ = f.metadata.get("help", "")
+                if v is None:
+                    lines.append(f"# {f.name} =   # {help_}")
+                else:
+                    lines.append(f"{f.name} = {_toml_value(v)}   # {help_}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
