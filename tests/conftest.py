@@ -1,0 +1,39 @@
+"""Shared fixtures. A LocalCluster is expensive to start (~3-5 s): tests share one per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LFW = SHARED_DATA / "lfw-sface"
+
+os.environ.setdefault("FACECLUSTER_PROGRESS", "0")
+
+
+@pytest.fixture(scope="session")
+def local_client():
+    """A real distributed.LocalCluster with 2 worker processes x 1 thread."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.cluster import configure_blas_env
+
+    configure_blas_env("auto")
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="4GiB") as cluster, Client(cluster) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+def single_worker_client():
+    """A real LocalCluster with 1 worker process (worker-count invariance tests)."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.cluster import configure_blas_env
+
+    configure_blas_env("auto")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="4GiB") as cluster, Client(cluster) as client:
+        yield client
