@@ -140,6 +140,10 @@ class DaskConfig(_Section):
     job_walltime: str = opt("02:00:00", _str(none=False), "walltime per job")
     job_queue: str | None = opt(None, _str(), "queue / partition")
     job_account: str | None = opt(None, _str(), "account / project to charge")
+    tls_ca_file: str | None = opt(None, _str(), "TLS: CA certificate (PEM) for tls:// schedulers (else dask config distributed.comm.tls.*)")
+    tls_cert: str | None = opt(None, _str(), "TLS: this client's certificate (PEM, may include the key)")
+    tls_key: str | None = opt(None, _str(), "TLS: this client's private key (PEM; omit if inside tls_cert)")
+    connect_timeout: float = opt(30.0, _float(0.0, lo_open=True), "seconds to wait for the scheduler, and for its first worker")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ def dask_options(f):
         click.option("--job-walltime", default=None, help="Walltime per SLURM/PBS job, e.g. 02:00:00."),
         click.option("--job-queue", default=None, help="SLURM partition / PBS queue."),
         click.option("--job-account", default=None, help="Account / project to charge."),
+        click.option("--tls-ca-file", default=None, type=click.Path(dir_okay=False), help="CA certificate for a tls:// scheduler (else dask config distributed.comm.tls.ca-file)."),
+        click.option("--tls-cert", default=None, type=click.Path(dir_okay=False), help="Client certificate (PEM) for a tls:// scheduler."),
+        click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="Client private key (PEM) for a tls:// scheduler."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -38,7 +41,7 @@ def dask_options(f):
 
 
 DASK_KEYS = ("scheduler", "n_workers", "threads_per_worker", "memory_limit", "jobqueue", "jobs", "job_cores",
-             "job_memory", "job_walltime", "job_queue", "job_account")
+             "job_memory", "job_walltime", "job_queue", "job_account", "tls_ca_file", "tls_cert", "tls_key")
 
 
 def build_config(config_path, kwargs: dict, mapping: dict[str, str] | None = None) -> Config:
