@@ -177,6 +177,11 @@ class ProposalConfig(_Section):
     max_size: int = opt(300, _int(2), "largest super-vertex (faces)")
     min_size: int = opt(3, _int(1), "smallest proposal kept (faces)")
     max_proposal_size: int = opt(500, _int(2), "largest proposal kept (faces)")
+    levels: int = opt(2, _int(1, 4), "proposal levels per setting (1 = super-vertices only; 2 adds groups of super-vertices)")
+    sv_k: int = opt(3, _int(1, 16), "neighbours of each super-vertex at levels >= 1")
+    sv_th: float | None = opt(None, _float(-1.0, 1.0, none=True), "threshold at levels >= 1 (default: 1 - 1.5 * (1 - anchor threshold))")
+    min_edge_sim: float | None = opt(None, _float(-1.0, 1.0, none=True), "graph stage: drop kNN edges below this (default: keep all; the forest has <= N-1 edges anyway)")
+    fan_in: int = opt(4, _int(2), "forests merged per task in the graph stage's tree reduction")
 
 
 @dataclass(frozen=True)

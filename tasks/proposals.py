@@ -1,0 +1,149 @@
+"""Multi-scale cluster proposals (Algorithm 2) and their CSR form (kernels, no Dask).
+
+Level 0 of a setting is its super-vertex partition (Algorithm 1 on the maximum
+spanning forest). Level i+1 treats every level-i group as one node with the
+L2-normalised mean feature of its faces, links each node to its ``sv_k``
+nearest nodes, and runs Algorithm 1 again with the size counted in nodes;
+groups of >= 2 nodes become proposals (expanded to faces). Level features are
+computed from per-group feature *sums* (float64), which add up across levels
+and across feature chunks in any order to the same float32 means.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .components import knn_edges, spanning_forest, super_vertices
+
+
+# -- CSR ------------------------------------------------------------------------------
+def to_csr(groups) -> tuple[np.ndarray, np.ndarray]:
+    """List of member arrays -> (offsets (P+1 int64), members (M int64))."""
+    groups = [np.asarray(g, np.int64).ravel() for g in groups]
+    offsets = np.zeros(len(groups) + 1, np.int64)
+    if groups:
+        np.cumsum([len(g) for g in groups], out=offsets[1:])
+    members = np.concatenate(groups) if groups else np.zeros(0, np.int64)
+    return offsets, members.astype(np.int64, copy=False)
+
+
+def from_csr(offsets: np.ndarray, members: np.ndarray) -> list[np.ndarray]:
+    """(offsets, members) -> list of member arrays (views into ``members``)."""
+    offsets = np.asarray(offsets, np.int64)
+    return [members[offsets[i]:offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def groups_of(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Members of every label 0..C-1 as CSR, members ascending within each group."""
+    labels = np.asarray(labels, np.int64)
+    order = np.argsort(labels, kind="stable")  # stable: members stay ascending
+    counts = np.bincount(labels, minlength=int(labels.max()) + 1 if len(labels) else 0)
+    offsets = np.zeros(len(counts) + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return offsets, order.astype(np.int64)
+
+
+# -- level features ---------------------------------------------------------------------
+def group_sums(features: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
+    """Per-group sums of one chunk's feature rows (float64, ``n_groups x d``)."""
+    return _indicator(labels, n_groups) @ np.asarray(features, np.float64)
+
+
+def aggregate_sums(sums: np.ndarray, group_of: np.ndarray, n_groups: int) -> np.ndarray:
+    """Sums of the next level: add node sums per node group."""
+    return _indicator(group_of, n_groups) @ sums
+
+
+def _indicator(labels: np.ndarray, n_groups: int):
+    """Sparse (n_groups x n) 0/1 matrix: row g marks the members of group g (sums by a matmul)."""
+    import scipy.sparse as sp
+
+    labels = np.asarray(labels, np.int64)
+    return sp.csr_matrix((np.ones(len(labels)), (labels, np.arange(len(labels)))), shape=(n_groups, len(labels)))
+
+
+def unit_means(sums: np.ndarray) -> np.ndarray:
+    """L2-normalised means (the direction of the sum) as float32."""
+    norm = np.linalg.norm(sums, axis=1, keepdims=True)
+    norm[norm == 0] = 1.0
+    return (sums / norm).astype(np.float32)
+
+
+def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = 50_000, seed: int = 1234):
+    """kNN among ``x`` rows (self excluded): (index int64, sim float32), rows sorted (sim desc, id asc).
+
+    Exact (faiss IndexFlatIP) up to ``exact_max`` rows, IVF (nlist ~ 4 sqrt(n),
+    nprobe 16, seeded training) above: level-i+1 graphs need only a few
+    neighbours, and IVF with that nprobe finds nearly all of the close ones.
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(threads)))
+    x = np.ascontiguousarray(x, np.float32)
+    n, d = x.shape
+    kk = min(k + 1, n)
+    if n <= exact_max:
+        index = faiss.IndexFlatIP(d)
+    else:
+        nlist = int(4 * np.sqrt(n))
+        quant = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+        index.cp.seed = seed
+        index.train(sample)
+        index.nprobe = 16
+    index.add(x)
+    sim, idx = index.search(x, kk)
+    rows = np.arange(n)[:, None]
+    sim = np.where((idx == rows) | (idx < 0), -np.inf, sim)
+    # ties by id, self and padding last
+    order = np.lexsort((np.where(idx < 0, np.iinfo(np.int64).max, idx), -sim), axis=1)
+    idx = np.take_along_axis(idx, order, 1)[:, :k]
+    sim = np.take_along_axis(sim, order, 1)[:, :k]
+    idx = np.where(np.isfinite(sim), idx, -1).astype(np.int64)
+    sim = np.where(np.isfinite(sim), sim, 0).astype(np.float32)
+    return idx, sim
+
+
+def higher_level(sums: np.ndarray, k: int, th: float, step: float, max_nodes: int, threads: int = 1):
+    """One step of Algorithm 2: group level-i nodes (given their feature sums).
+
+    Returns (group of each node (canonical labels), n_groups).
+    """
+    n = len(sums)
+    if n < 2:
+        return np.zeros(n, np.int64), n
+    idx, sim = small_knn(unit_means(sums), min(k, n - 1), threads)
+    forest = spanning_forest(*knn_edges(idx, sim, 0, th))
+    labels, _ = super_vertices(n, *forest, th, step, max_nodes)
+    return labels, int(labels.max()) + 1
+
+
+def select_proposals(labels: np.ndarray, min_size: int, max_size: int, node_counts: np.ndarray | None = None,
+                     min_nodes: int = 1) -> list[np.ndarray]:
+    """Groups of a face labelling kept as proposals, ordered by (smallest member, size).
+
+    ``node_counts``: number of lower-level nodes in each group (kept when >= ``min_nodes``).
+    """
+    offsets, members = groups_of(labels)
+    sizes = np.diff(offsets)
+    keep = (sizes >= min_size) & (sizes <= max_size)
+    if node_counts is not None:
+        keep &= np.asarray(node_counts) >= min_nodes
+    # canonical labels are numbered by smallest member, so label order = (min member) order
+    return [members[offsets[g]:offsets[g + 1]] for g in np.flatnonzero(keep)]
+
+
+def dedup_proposals(groups) -> tuple[list[np.ndarray], np.ndarray]:
+    """Drop repeated member sets, keeping the first occurrence; returns (kept, kept positions)."""
+    seen = set()
+    kept, pos = [], []
+    for i, g in enumerate(groups):
+        key = np.asarray(g, np.int64).tobytes()
+        if key in seen:
+            continue
+        seen.add(key)
+        kept.append(g)
+        pos.append(i)
+    return kept, np.asarray(pos, np.int64)
