@@ -1,0 +1,55 @@
+"""Peer clustering methods run on the same kNN graph, for side-by-side comparison.
+
+kNN + Infomap is the field's strongest untrained baseline (93.9 pairwise F on
+MS1M 584K, vs 85.7-88.6 for GCN-D/GCN-S). It is an optional extra
+(``pip install facecluster[peers]``); these kernels raise ImportError with the fix
+when it is absent.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def knn_edge_list(index: np.ndarray, sim: np.ndarray, min_sim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed kNN edges (i -> index[i, j]) with similarity >= ``min_sim``; padding (-1) and self dropped."""
+    n, k = index.shape
+    src = np.repeat(np.arange(n, dtype=np.int64), k)
+    dst = index.reshape(-1).astype(np.int64)
+    w = sim.reshape(-1).astype(np.float64)
+    keep = (dst >= 0) & (dst != src) & (w >= min_sim)
+    return src[keep], dst[keep], w[keep]
+
+
+def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarray, seed: int = 42,
+                     trials: int = 1) -> np.ndarray:
+    """Two-level Infomap on a weighted undirected graph; returns a label per node (0..C-1).
+
+    Nodes without edges are singletons. Labels are renumbered by first occurrence so
+    the output is deterministic for a given seed.
+    """
+    try:
+        import infomap
+    except ImportError:  # pragma: no cover - depends on the optional extra
+        raise ImportError("the Infomap peer needs the optional extra: pip install 'facecluster[peers]'") from None
+    im = infomap.Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)
+    # Infomap wants each undirected link once; keep the larger weight of i->j / j->i.
+    a = np.minimum(src, dst)
+    b = np.maximum(src, dst)
+    order = np.lexsort((-weight, b, a))
+    a, b, w = a[order], b[order], weight[order]
+    first = np.ones(len(a), dtype=bool)
+    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
+    a, b, w = a[first], b[first], w[first]
+    im.add_nodes(range(n))
+    im.add_links(zip(a.tolist(), b.tolist(), w.tolist()))
+    im.run()
+    labels = np.full(n, -1, dtype=np.int64)
+    for node_id, module_id in im.get_modules(depth_level=1).items():
+        labels[node_id] = module_id
+    missing = labels < 0
+    labels[missing] = labels.max(initial=-1) + 1 + np.arange(int(missing.sum()))
+    _, first_idx, inv = np.unique(labels, return_index=True, return_inverse=True)
+    rank = np.empty(len(first_idx), dtype=np.int64)
+    rank[np.argsort(first_idx, kind="stable")] = np.arange(len(first_idx))
+    return rank[inv]
