@@ -1,0 +1,384 @@
+"""Cosine kNN kernels on one block: faiss search, exact re-scoring, top-k merges, IVF shards.
+
+Everything here works on plain numpy arrays and faiss objects for ONE block of
+queries against ONE block (or shard) of the database; the pipeline wires blocks
+together (``pipeline/stages/knn.py``).
+
+Determinism contract
+--------------------
+Results must not depend on how rows are chunked. faiss computes similarities in
+float32 through BLAS (or SIMD loops for small batches); the rounding of a dot
+product depends on the block shapes and on the BLAS kernel, so raw faiss values
+(and therefore rankings near the k-th neighbour) change with the chunking. The
+kernels here therefore
+
+1. over-fetch ``k + margin`` candidates with faiss,
+2. re-score every candidate exactly: float64 dot products of the stored float32
+   rows, rounded once to float32 (a function of the two rows only),
+3. sort by (similarity descending, neighbour id ascending) and truncate,
+4. *certify* the candidate set: faiss's error on a dot product is bounded by
+   ``tol`` (``d * 2**-23 * |q| * |x|``, twice the textbook bound); a row faiss did
+   not return has an exact similarity <= (last fetched faiss value + tol). If the
+   re-scored k-th similarity is strictly above that, no unfetched row can enter
+   the top k. Queries that fail the test (many near-ties, duplicates) are searched
+   again with twice as many candidates, until certified or the block is exhausted.
+
+So every output row is the exact top-k under a total order, and merging blocks
+with :func:`merge_topk` (associative, commutative) gives the same arrays for any
+chunking, worker count or BLAS kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Sequence
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+PAD_ID = -1
+PAD_SIM = -np.inf
+#: queries re-scored per numpy batch (bounds the float64 gather temporary: 256 x kk x d x 8 bytes)
+RESCORE_BATCH = 256
+
+
+# -- threads -------------------------------------------------------------------------------
+def set_threads(n: int) -> None:
+    """Use ``n`` OpenMP threads for faiss in the calling thread (= the Dask worker's threads)."""
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(n)))
+
+
+def blas_info() -> dict:
+    """The BLAS libraries loaded in this process and the OpenBLAS kernel ('architecture') of each."""
+    from threadpoolctl import threadpool_info
+
+    out = {}
+    for info in threadpool_info():
+        if info.get("internal_api") == "openblas":
+            lib = "faiss" if "faiss" in info.get("filepath", "") else info.get("prefix", "openblas")
+            out[lib] = {"architecture": info.get("architecture"), "version": info.get("version"),
+                        "threads": info.get("num_threads")}
+    return out
+
+
+# -- sorting and merging ---------------------------------------------------------------------
+def _pad(sim: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    n, m = sim.shape
+    if m >= k:
+        return sim, idx
+    ps = np.full((n, k - m), PAD_SIM, dtype=np.float32)
+    pi = np.full((n, k - m), PAD_ID, dtype=np.int64)
+    return np.concatenate([sim, ps], axis=1), np.concatenate([idx, pi], axis=1)
+
+
+def sort_topk(sim: np.ndarray, idx: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: sort by (sim descending, id ascending), keep ``k`` columns, pad with (-inf, -1).
+
+    Padding entries (id -1, sim -inf) sort last. The order is total on (sim, id), which
+    is what makes merges independent of chunking.
+    """
+    sim = np.asarray(sim, dtype=np.float32)
+    idx = np.asarray(idx, dtype=np.int64)
+    if sim.shape[1] == 0:
+        return _pad(sim, idx, k)
+    # lexsort: last key is primary. Pads (-inf) go last; among real entries id breaks ties.
+    order = np.lexsort((idx, -sim), axis=-1)[:, :k]
+    s = np.take_along_axis(sim, order, axis=1)
+    i = np.take_along_axis(idx, order, axis=1)
+    return _pad(s, i, k)
+
+
+def merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of two top-k lists of the same queries (associative and commutative).
+
+    Parameters
+    ----------
+    a, b : (sim [n, ka] float32, idx [n, ka] int64)
+        Candidate lists, e.g. of the same query rows against two database blocks.
+    k : int
+        Columns kept.
+
+    Returns
+    -------
+    (sim [n, k] float32, idx [n, k] int64), sorted by sim descending then id ascending.
+    """
+    return merge_topk_many([a, b], k)
+
+
+def merge_topk_many(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """n-ary :func:`merge_topk` (one node of a tree reduction with fan-in ``len(parts)``)."""
+    parts = list(parts)
+    if not parts:
+        raise ValueError("merge_topk_many needs at least one part")
+    sim = np.concatenate([np.asarray(p[0], dtype=np.float32) for p in parts], axis=1)
+    idx = np.concatenate([np.asarray(p[1], dtype=np.int64) for p in parts], axis=1)
+    return sort_topk(sim, idx, k)
+
+
+def brute_force_knn(x: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Reference oracle: exact float64 cosine kNN with numpy (self excluded, id tie-break). Small N only."""
+    x = np.asarray(x)
+    n = len(x)
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    x64 = x.astype(np.float64)
+    s = (x64 @ x64.T).astype(np.float32)
+    np.fill_diagonal(s, -np.inf)
+    idx = np.broadcast_to(ids, (n, n)).copy()
+    idx[np.arange(n), np.arange(n)] = PAD_ID
+    return sort_topk(s, idx, k)
+
+
+# -- exact re-scoring and certification -------------------------------------------------------
+def rescore(q: np.ndarray, rows: np.ndarray, local: np.ndarray) -> np.ndarray:
+    """Exact similarities of queries ``q`` with ``rows[local]`` (float64 sums, rounded once to float32).
+
+    ``local`` is [nq, m] row numbers into ``rows`` (-1 = no candidate -> -inf). The value
+    of a pair depends on the two rows only, never on the batch it was computed in.
+    """
+    nq, m = local.shape
+    out = np.full((nq, m), PAD_SIM, dtype=np.float32)
+    if nq == 0 or m == 0:
+        return out
+    valid = local >= 0
+    safe = np.where(valid, local, 0)
+    step = max(1, RESCORE_BATCH * 96 // max(m, 1))
+    for s in range(0, nq, step):
+        e = min(nq, s + step)
+        # float64 accumulation of float32 products, rounded once: the float32 result is a
+        # function of the pair (any float64 summation order rounds to the same float32
+        # except within ~1e-16 of a rounding boundary). einsum casts on the fly (fastest measured).
+        out[s:e] = np.einsum("bd,bmd->bm", q[s:e], rows[safe[s:e]], dtype=np.float64)
+    out[~valid] = PAD_SIM
+    return out
+
+
+def _tolerance(q: np.ndarray, rows: np.ndarray) -> float:
+    """Bound on |faiss float32 dot - exact dot| for any pair (twice d * u * |q| * |x|)."""
+    if len(q) == 0 or len(rows) == 0:
+        return 0.0
+    d = q.shape[1]
+    qn = float(np.sqrt(np.max(np.einsum("ij,ij->i", q, q, dtype=np.float64))))
+    xn = float(np.sqrt(np.max(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))))
+    return d * 2.0 ** -23 * qn * xn + 1e-7
+
+
+#: search(positions into q, kk) -> (raw sims [n, kk] float32, local row numbers [n, kk] int64, -1 = none)
+Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+
+
+def certified_topk(search: Searcher, q: np.ndarray, q_ids: np.ndarray, rows: np.ndarray, row_ids: np.ndarray,
+                   k: int, margin: int = 16, n_candidates: int | None = None,
+                   tol: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact, chunking-independent top-k of ``q`` among a searcher's candidates.
+
+    Parameters
+    ----------
+    search : callable(sel, kk) -> (D [len(sel), kk] float32, L [len(sel), kk] int64)
+        faiss-like search of the queries ``q[sel]`` returning raw similarities and
+        *local* row numbers into ``rows`` (-1 when fewer than kk candidates).
+    q, q_ids : queries [nq, d] float32 and their global ids (self = same id, excluded).
+    rows, row_ids : the searched rows [nb, d] float32 and their global ids.
+    k : neighbours kept. margin : extra candidates fetched in the first round.
+    n_candidates : int or [nq] ints, size of each query's candidate universe
+        (default ``len(rows)``): once kk reaches it the query is certified trivially.
+    tol : bound on the searcher's similarity error (default: :func:`_tolerance`).
+
+    Returns
+    -------
+    sim [nq, k] float32, idx [nq, k] int64 (global ids; pads -inf / -1).
+    """
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    q_ids = np.asarray(q_ids, dtype=np.int64)
+    row_ids = np.asarray(row_ids, dtype=np.int64)
+    nq = len(q)
+    out_s = np.full((nq, k), PAD_SIM, dtype=np.float32)
+    out_i = np.full((nq, k), PAD_ID, dtype=np.int64)
+    if nq == 0 or len(rows) == 0:
+        return out_s, out_i
+    universe = np.broadcast_to(np.asarray(len(rows) if n_candidates is None else n_candidates, dtype=np.int64), (nq,))
+    if tol is None:
+        tol = _tolerance(q, rows)
+    todo = np.flatnonzero(universe > 0)
+    kk = k + margin + 1  # +1: self may be among the candidates
+    while len(todo):
+        kk_now = int(min(kk, universe[todo].max()))
+        D, L = search(todo, kk_now)
+        L = np.asarray(L, dtype=np.int64)
+        gid = np.where(L >= 0, row_ids[np.where(L >= 0, L, 0)], PAD_ID)
+        self_hit = gid == q_ids[todo, None]
+        L = np.where(self_hit, -1, L)
+        gid = np.where(self_hit, PAD_ID, gid)
+        s = rescore(q[todo], rows, L)
+        s_sorted, i_sorted = sort_topk(s, gid, k)
+        # last raw value the search returned: every unfetched candidate is <= it + tol
+        D = np.asarray(D, dtype=np.float64)
+        last = np.where(np.isfinite(D), D, np.inf).min(axis=1)
+        bound = (last + tol).astype(np.float32)
+        ok = (universe[todo] <= kk_now) | (s_sorted[:, k - 1] > bound)
+        done = todo[ok]
+        out_s[done] = s_sorted[ok]
+        out_i[done] = i_sorted[ok]
+        todo = todo[~ok]
+        if len(todo):
+            log.debug("certified_topk: %d queries re-searched with %d candidates", len(todo), 2 * kk_now)
+        kk = 2 * kk_now
+    return out_s, out_i
+
+
+# -- exact blocks ------------------------------------------------------------------------------
+def flat_index(db: np.ndarray):
+    """A faiss IndexFlatIP holding ``db`` (float32 [nb, d])."""
+    import faiss
+
+    db = np.ascontiguousarray(db, dtype=np.float32)
+    index = faiss.IndexFlatIP(db.shape[1])
+    if len(db):
+        index.add(db)
+    return index
+
+
+def flat_rows(index) -> np.ndarray:
+    """The rows stored in an IndexFlat, as a numpy view (no copy)."""
+    import faiss
+
+    n, d = index.ntotal, index.d
+    if n == 0:
+        return np.zeros((0, d), dtype=np.float32)
+    return faiss.rev_swig_ptr(index.get_xb(), n * d).reshape(n, d)
+
+
+def knn_flat(index, q: np.ndarray, q_ids: np.ndarray, db_ids: np.ndarray, k: int, margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn_block` on a prebuilt :func:`flat_index` (reuse one index for many query blocks)."""
+    rows = flat_rows(index)
+
+    q = np.ascontiguousarray(q, dtype=np.float32)
+
+    def search(sel, kk):
+        return index.search(q if len(sel) == len(q) else np.ascontiguousarray(q[sel]), kk)
+
+    return certified_topk(search, q, q_ids, rows, db_ids, k, margin)
+
+
+def knn_block(q: np.ndarray, q_ids: np.ndarray, db: np.ndarray, db_ids: np.ndarray, k: int,
+              margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of query rows against one database block (faiss IndexFlatIP).
+
+    Parameters
+    ----------
+    q : [nq, d] float32 queries (unit rows for cosine). q_ids : [nq] int64 their global ids.
+    db : [nb, d] float32 database block. db_ids : [nb] int64 its global ids.
+    k : neighbours per query. The entry whose id equals the query's id is removed
+        wherever it ranks (self exclusion); rows with fewer than k candidates are
+        padded with id -1 and sim -inf.
+    margin : extra candidates fetched before exact re-scoring (see module docstring).
+
+    Returns
+    -------
+    sim [nq, k] float32 (exact dot products rounded to float32), idx [nq, k] int64,
+    sorted by sim descending then id ascending.
+    """
+    return knn_flat(flat_index(db), q, q_ids, db_ids, k, margin)
+
+
+# -- IVF ---------------------------------------------------------------------------------------
+def default_nlist(n: int, factor: float = 4.0) -> int:
+    """IVF lists for ``n`` database rows: ``factor * sqrt(n)`` (4-16 is the usual range)."""
+    return max(1, int(round(factor * np.sqrt(max(n, 1)))))
+
+
+def train_ivf(sample: np.ndarray, nlist: int, seed: int = 1234, niter: int = 10) -> np.ndarray:
+    """Train an empty IndexIVFFlat (inner product, spherical k-means) on ``sample``; serialised bytes.
+
+    The quantizer is trained once; every shard deserialises the same bytes, so all
+    shards agree on the lists and searching them with one nprobe then merging equals
+    searching a single index holding every row.
+    """
+    import faiss
+
+    sample = np.ascontiguousarray(sample, dtype=np.float32)
+    d = sample.shape[1]
+    nlist = int(min(nlist, len(sample)))
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.spherical = True  # unit vectors: centroids on the sphere
+    index.cp.niter = int(niter)
+    index.cp.seed = int(seed)
+    index.cp.max_points_per_centroid = max(1, -(-len(sample) // nlist))  # use the whole sample, no warning
+    index.train(sample)
+    index.own_fields = True
+    quantizer.this.disown()
+    return faiss.serialize_index(index)
+
+
+def load_ivf(trained: np.ndarray):
+    """Deserialise a trained IVF index (empty or not)."""
+    import faiss
+
+    return faiss.deserialize_index(np.asarray(trained, dtype=np.uint8))
+
+
+def ivf_centroids(index) -> np.ndarray:
+    """The IVF quantizer's centroids [nlist, d] float32."""
+    import faiss
+
+    quant = faiss.downcast_index(index.quantizer)
+    return faiss.rev_swig_ptr(quant.get_xb(), quant.ntotal * quant.d).reshape(quant.ntotal, quant.d).copy()
+
+
+def ivf_assign(index, x: np.ndarray, nprobe: int, margin: int = 8) -> np.ndarray:
+    """The ``nprobe`` lists of each row of ``x`` (exact, chunking-independent: see module doc).
+
+    Lists are ranked by exact centroid similarity then list id, so the probed lists of a
+    query (and the list a database row is added to, ``nprobe=1``) do not depend on the
+    batch the row came in.
+    """
+    cent = ivf_centroids(index)
+    quant = flat_index(cent)
+    ids = np.arange(len(cent), dtype=np.int64)
+    nprobe = min(nprobe, len(cent))
+    # q_ids = -2: never equal to a list id, so nothing is excluded
+    _, lists = knn_flat(quant, x, np.full(len(x), -2, dtype=np.int64), ids, nprobe, margin)
+    return lists
+
+
+def ivf_shard(trained: np.ndarray, db: np.ndarray, db_local_ids: np.ndarray, assign: np.ndarray | None = None):
+    """A shard: the trained (empty) IVF index plus ``db`` rows under ids ``db_local_ids``.
+
+    ``assign`` ([nb] list per row, from :func:`ivf_assign` with nprobe=1) places rows
+    deterministically; computed here when not given.
+    """
+    index = load_ivf(trained)
+    db = np.ascontiguousarray(db, dtype=np.float32)
+    if assign is None:
+        assign = ivf_assign(index, db, 1)[:, 0]
+    import faiss
+
+    assign = np.ascontiguousarray(assign, dtype=np.int64).reshape(-1)
+    ids = np.ascontiguousarray(db_local_ids, dtype=np.int64)
+    if len(db):
+        index.add_core(len(db), faiss.swig_ptr(db), faiss.swig_ptr(ids), faiss.swig_ptr(assign))
+    return index
+
+
+def knn_ivf(shard, rows: np.ndarray, row_ids: np.ndarray, q: np.ndarray, q_ids: np.ndarray,
+            probes: np.ndarray, k: int, margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of queries among the rows of one IVF shard lying in the queries' probed lists.
+
+    ``shard`` holds ``rows`` under local ids 0..nb-1 (see :func:`ivf_shard`); ``probes``
+    [nq, nprobe] are the probed lists (:func:`ivf_assign`). The candidate universe of a
+    query is the union of its probed lists, so shards searched with the same probes and
+    merged with :func:`merge_topk` equal one index holding all rows.
+    """
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    probes = np.ascontiguousarray(probes, dtype=np.int64)
+    shard.nprobe = int(probes.shape[1])
+    sizes = np.array([shard.invlists.list_size(int(i)) for i in range(shard.nlist)], dtype=np.int64)
+    n_cand = sizes[probes].sum(axis=1) if probes.size else np.zeros(len(q), dtype=np.int64)
+
+    def search(sel, kk):
+        return shard.search_preassigned(np.ascontiguousarray(q[sel]), kk, probes[sel], None)
+
+    return certified_topk(search, q, q_ids, rows, row_ids, k, margin, n_candidates=n_cand)
