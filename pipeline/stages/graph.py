@@ -1,0 +1,112 @@
+"""Stage "graph": the maximum spanning forest (MSF) of the kNN graph, distributed.
+
+One task per row chunk of ``knn/index``/``knn/sim`` builds that chunk's
+undirected edges (self-loops and padding dropped) and reduces them to the
+chunk's MSF (memory bounded by the chunk); a tree of forest merges with an
+explicit fan-in (MSF(A u B) = MSF(MSF(A) u MSF(B))) gives one forest of <= N-1
+edges. Its cuts are the connected components at every threshold
+(DESIGN.md section 5), so every later pass (super-vertices of every proposal
+setting, the threshold clustering) reads only this forest.
+
+Outputs: ``graph/forest_src``, ``graph/forest_dst`` (int64, src < dst, sorted by
+(src, dst)), ``graph/forest_sim`` (float32). The forest is unique (ties broken by
+edge ids), so it does not depend on chunk size or worker count.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import numpy as np
+
+from ..config import Config
+from ..progress import wait_futures
+from ..store import RunStore, open_array
+
+log = logging.getLogger(__name__)
+
+STAGE = "graph"
+
+
+def chunk_forest_task(url: str, r0: int, r1: int, min_sim: float | None):
+    """Worker task: MSF of rows r0..r1 of the kNN lists."""
+    from tasks.components import chunk_forest
+
+    idx = open_array(url, "knn/index")[r0:r1]
+    sim = open_array(url, "knn/sim")[r0:r1]
+    return chunk_forest(idx, sim, r0, min_sim)
+
+
+def merge_task(*forests):
+    """Worker task: MSF of the union of several forests."""
+    from tasks.components import merge_forests
+
+    return merge_forests(*forests)
+
+
+def tree_reduce(client, futures: list, fan_in: int, name: str = "graph-merge"):
+    """Reduce futures of forests by ``fan_in`` at a time until one is left; returns its future."""
+    token = uuid.uuid4().hex[:8]
+    level = 0
+    while len(futures) > 1:
+        futures = [client.submit(merge_task, *futures[i:i + fan_in], key=f"{name}-{level}-{i // fan_in}-{token}")
+                   for i in range(0, len(futures), fan_in)]
+        level += 1
+    return futures[0]
+
+
+def row_chunks(n: int, r: int) -> list[tuple[int, int]]:
+    return [(a, min(a + r, n)) for a in range(0, n, r)]
+
+
+def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
+    """Build the kNN graph's maximum spanning forest and store it (stage "graph").
+
+    Parameters
+    ----------
+    store : RunStore with a completed "knn" stage.
+    cfg : Config (``proposals.min_edge_sim``, ``proposals.fan_in``).
+    client : distributed.Client.
+
+    Returns
+    -------
+    dict : the stage summary (edges in, forest edges, nodes touched).
+    """
+    store.require("knn", f"run `facecluster knn {store.url}` first")
+    index = store.array("knn/index")
+    n, k = index.shape
+    r = int(index.chunks[0])
+    min_sim = cfg.proposals.min_edge_sim
+    params = {"min_edge_sim": min_sim}
+    with store.stage(STAGE, params, inputs=["knn"], force=force) as w:
+        if w is None:
+            return store.record(STAGE).get("summary", {})
+        chunks = row_chunks(n, r)
+        token = uuid.uuid4().hex[:8]
+        futs = [client.submit(chunk_forest_task, store.url, a, b, min_sim, key=f"graph-chunk-{a}-{b}-{token}")
+                for a, b in chunks]
+        wait_futures(futs, "graph", gather=False)
+        final = tree_reduce(client, futs, cfg.proposals.fan_in) if futs else None
+        if final is not None:
+            wait_futures([final], "graph-merge", gather=False)
+            src, dst, sim = final.result()
+        else:
+            from tasks.components import empty_forest
+
+            src, dst, sim = empty_forest()
+        w.write_array("graph/forest_src", src)
+        w.write_array("graph/forest_dst", dst)
+        w.write_array("graph/forest_sim", sim)
+        summary = {"n": int(n), "k": int(k), "chunks": len(chunks), "forest_edges": int(len(src)),
+                   "min_edge_sim": min_sim,
+                   "forest_sim_quantiles": {str(q): float(np.quantile(sim, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)} if len(sim) else {}}
+        w.summary.update(summary)
+        log.info("graph: %d faces, %d forest edges from %d chunks", n, len(src), len(chunks))
+        return summary
+
+
+def read_forest(store: RunStore):
+    """The stored forest (src, dst, sim)."""
+    store.require(STAGE, f"run `facecluster proposals {store.url}` (it builds the graph) first")
+    return (store.array("graph/forest_src")[:], store.array("graph/forest_dst")[:], store.array("graph/forest_sim")[:])

@@ -1,0 +1,248 @@
+"""Stage "proposals": super-vertices (Algorithm 1) and multi-scale proposals (Algorithm 2).
+
+Every setting's super-vertices, at its th0 and at every raised threshold of its
+ladder, are cuts of the one maximum spanning forest written by the "graph"
+stage, so a setting needs only the forest (<= N-1 edges) and one streaming pass
+over ``features`` for the level >= 1 mean features. Settings run as parallel
+Dask tasks; their proposals are merged, de-duplicated (identical member sets
+kept once, first by (setting, level)) and stored as CSR.
+
+Thresholds: unless explicit ones are given, the anchor threshold is derived from
+the data's kNN similarity distribution (:func:`tasks.thresholds.auto_threshold`)
+and the preset's settings are placed relative to it.
+
+Also here: :func:`run_threshold_clusters`, the threshold clustering baseline
+(components of the forest at one threshold, stage "clusters").
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import numpy as np
+
+from ..config import Config
+from ..errors import BadInput
+from ..progress import wait_futures
+from ..store import RunStore, open_array
+
+log = logging.getLogger(__name__)
+
+STAGE = "proposals"
+CLUSTERS_STAGE = "clusters"
+SAMPLE_ROWS = 20_000  # kNN rows sampled (by a fixed stride) for the automatic threshold
+
+
+# -- worker tasks -------------------------------------------------------------------------
+def _forest(url: str):
+    return (open_array(url, "graph/forest_src")[:], open_array(url, "graph/forest_dst")[:],
+            open_array(url, "graph/forest_sim")[:])
+
+
+def anchor_task(url: str, sample_rows: int = SAMPLE_ROWS) -> dict:
+    """Worker task: the automatic anchor threshold from a stride sample of ``knn/sim`` rows."""
+    from tasks.thresholds import auto_threshold
+
+    z = open_array(url, "knn/sim")
+    idx = open_array(url, "knn/index")
+    n = z.shape[0]
+    stride = max(1, -(-n // sample_rows))
+    rows = np.arange(0, n, stride)
+    sim = z.get_orthogonal_selection((rows, slice(None)))
+    nb = idx.get_orthogonal_selection((rows, slice(None)))
+    sim = np.where(nb >= 0, sim, -np.inf)
+    ok = sim[np.isfinite(sim)]
+    return {"anchor": auto_threshold(sim), "rows_sampled": int(len(rows)),
+            "sim_quantiles": {str(q): float(np.quantile(ok, q)) for q in (0.1, 0.5, 0.9, 0.99)} if len(ok) else {}}
+
+
+def setting_task(url: str, setting: dict, min_size: int, max_proposal_size: int) -> dict:
+    """Worker task: all levels of one proposal setting.
+
+    Returns ``{"levels": [(level, offsets, members), ...], "n_super_vertices": ..., "unsplit": ...}``.
+    """
+    from tasks import proposals as P
+    from tasks.components import super_vertices
+
+    from ..cluster import worker_threads
+
+    src, dst, sim = _forest(url)
+    feats = open_array(url, "features")
+    n = feats.shape[0]
+    labels, _ = super_vertices(n, src, dst, sim, setting["th0"], setting["step"], setting["max_size"])
+    n_groups = int(labels.max()) + 1 if n else 0
+    out = {"levels": [], "n_super_vertices": n_groups,
+           "largest_super_vertex": int(np.bincount(labels).max()) if n else 0}
+    out["levels"].append((0,) + P.to_csr(P.select_proposals(labels, min_size, max_proposal_size)))
+    if setting["levels"] > 1 and n_groups > 1:
+        r = int(feats.chunks[0])
+        sums = np.zeros((n_groups, feats.shape[1]), np.float64)
+        for a in range(0, n, r):  # stream the features: one chunk in memory at a time
+            sums += P.group_sums(feats[a:a + r], labels[a:a + r], n_groups)
+        face_labels = labels
+        for level in range(1, setting["levels"]):
+            g, ng = P.higher_level(sums, setting["sv_k"], setting["sv_th"], setting["step"], setting["sv_max_size"],
+                                   worker_threads())
+            face_labels = g[face_labels]
+            nodes = np.bincount(g, minlength=ng)
+            out["levels"].append((level,) + P.to_csr(P.select_proposals(face_labels, min_size, max_proposal_size,
+                                                                           nodes, min_nodes=2)))
+            if ng == len(sums):
+                break  # nothing merged: higher levels would repeat this one
+            sums = P.aggregate_sums(sums, g, ng)
+    return out
+
+
+def combine_task(settings: list[dict], results: list[dict]) -> dict:
+    """Worker task: order, de-duplicate and flatten every setting's proposals into CSR."""
+    from tasks import proposals as P
+
+    groups, setting_of, level_of = [], [], []
+    for s, res in zip(settings, results):
+        for level, offsets, members in res["levels"]:
+            for g in P.from_csr(offsets, members):
+                groups.append(g)
+                setting_of.append(s["id"])
+                level_of.append(level)
+    kept, pos = P.dedup_proposals(groups)
+    offsets, members = P.to_csr(kept)
+    return {"offsets": offsets, "members": members,
+            "setting": np.asarray(setting_of, np.int32)[pos] if len(pos) else np.zeros(0, np.int32),
+            "level": np.asarray(level_of, np.int32)[pos] if len(pos) else np.zeros(0, np.int32),
+            "before_dedup": len(groups)}
+
+
+def threshold_task(url: str, th: float, step: float, max_size: int | None) -> np.ndarray:
+    """Worker task: components of the forest at ``th`` (Algorithm 1 splitting when ``max_size``)."""
+    from tasks.components import super_vertices, threshold_components
+
+    src, dst, sim = _forest(url)
+    n = open_array(url, "knn/index").shape[0]
+    if max_size:
+        return super_vertices(n, src, dst, sim, th, step, max_size)[0]
+    return threshold_components(n, src, dst, sim, th)
+
+
+# -- driver ---------------------------------------------------------------------------------
+def resolve_settings(store: RunStore, cfg: Config, client) -> tuple[list[dict], dict]:
+    """The settings to run (explicit thresholds, or placed around the data's anchor threshold)."""
+    from tasks.thresholds import make_settings
+
+    pc = cfg.proposals
+    if pc.thresholds:
+        info = {"anchor": min(pc.thresholds), "source": "explicit thresholds"}
+    else:
+        info = client.submit(anchor_task, store.url, key=f"proposals-anchor-{uuid.uuid4().hex[:8]}").result()
+        info["source"] = "auto (Otsu threshold of kNN similarities)"
+    settings = make_settings(pc.preset, info["anchor"], pc.step, pc.max_size, pc.thresholds, pc.sv_k, pc.levels,
+                             pc.sv_th)
+    return settings, info
+
+
+def _size_stats(sizes: np.ndarray) -> dict:
+    if len(sizes) == 0:
+        return {"count": 0}
+    q = np.quantile(sizes, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"count": int(len(sizes)), "faces": int(sizes.sum()), "min": int(q[0]), "p25": float(q[1]),
+            "median": float(q[2]), "p75": float(q[3]), "max": int(q[4]), "mean": float(sizes.mean())}
+
+
+def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
+    """Compute and store the multi-scale proposals (stage "proposals").
+
+    Needs the "graph" stage (the forest) and ``features``. Writes
+    ``proposals/offsets`` (P+1 int64), ``proposals/members`` (M int64, each
+    proposal's members ascending), ``proposals/setting`` and ``proposals/level``
+    (P int32). Proposals are ordered by (setting, level, smallest member); a
+    member set produced by several settings is kept once (first occurrence).
+
+    Returns
+    -------
+    dict : the stage summary (settings with thresholds, anchor, counts per
+        setting and level, size distribution, warnings).
+
+    Raises
+    ------
+    BadInput : when no setting yields any proposal.
+    """
+    store.require("graph", f"run the graph stage first (facecluster proposals {store.url} runs it)")
+    settings, info = resolve_settings(store, cfg, client)
+    pc = cfg.proposals
+    params = {"settings": settings, "min_size": pc.min_size, "max_proposal_size": pc.max_proposal_size}
+    with store.stage(STAGE, params, inputs=["graph"], force=force) as w:
+        if w is None:
+            return store.record(STAGE).get("summary", {})
+        token = uuid.uuid4().hex[:8]
+        futs = [client.submit(setting_task, store.url, s, pc.min_size, pc.max_proposal_size,
+                              key=f"proposals-setting-{s['id']}-{token}") for s in settings]
+        results = wait_futures(futs, "proposals")
+        comb = client.submit(combine_task, settings, futs, key=f"proposals-combine-{token}").result()
+        sizes = np.diff(comb["offsets"])
+        per_setting, warnings = [], []
+        for s, res in zip(settings, results):
+            m = comb["setting"] == s["id"]
+            row = {**s, "super_vertices": res["n_super_vertices"], "largest_super_vertex": res["largest_super_vertex"],
+                   "proposals": int(m.sum()),
+                   "before_dedup": {str(lv): int(len(o) - 1) for lv, o, _ in res["levels"]},
+                   "per_level": {str(lv): int((m & (comb["level"] == lv)).sum()) for lv, _, _ in res["levels"]},
+                   "sizes": _size_stats(sizes[m])}
+            per_setting.append(row)
+            if sum(row["before_dedup"].values()) == 0:
+                msg = (f"setting {s['id']} (th0={s['th0']:.4g}, max_size={s['max_size']}, sv_max_size={s['sv_max_size']}) "
+                       f"yields no proposal of {pc.min_size}..{pc.max_proposal_size} faces")
+                warnings.append(msg)
+                log.warning(msg)
+        if len(sizes) == 0:
+            q = info.get("sim_quantiles", {})
+            raise BadInput(
+                f"{store.url}: no proposal from any of {len(settings)} settings (thresholds "
+                f"{sorted({s['th0'] for s in settings})}; kNN similarity median {q.get('0.5', float('nan')):.3g}, "
+                f"99th percentile {q.get('0.99', float('nan')):.3g}); pass thresholds within the data's similarity "
+                "range (--th) or lower --min-size")
+        w.write_array("proposals/offsets", comb["offsets"])
+        w.write_array("proposals/members", comb["members"])
+        w.write_array("proposals/setting", comb["setting"])
+        w.write_array("proposals/level", comb["level"])
+        summary = {"n_proposals": int(len(sizes)), "before_dedup": int(comb["before_dedup"]),
+                   "threshold": info, "settings": per_setting, "sizes": _size_stats(sizes),
+                   "per_level": {str(lv): int((comb["level"] == lv).sum()) for lv in np.unique(comb["level"]).tolist()},
+                   "faces_covered": int(len(np.unique(comb["members"]))), "warnings": warnings}
+        w.summary.update(summary)
+        return summary
+
+
+def read_proposals(store: RunStore) -> dict:
+    """The stored proposals: offsets, members, setting, level (numpy arrays)."""
+    store.require(STAGE)
+    return {k: store.array(f"proposals/{k}")[:] for k in ("offsets", "members", "setting", "level")}
+
+
+def run_threshold_clusters(store: RunStore, th: float | None, cfg: Config, client, max_size: int | None = None,
+                           force: bool = False) -> dict:
+    """The threshold clustering baseline: one cluster per component of the forest at ``th``.
+
+    ``th=None`` uses the automatic threshold of the data. With ``max_size``,
+    oversized components are split by Algorithm 1 (ladder step
+    ``cfg.proposals.step``). Writes ``clusters`` (N int64, every face labelled,
+    ids 0..C-1 by smallest member) in stage "clusters" (params record the method).
+    """
+    store.require("graph", f"run the graph stage first (facecluster proposals {store.url} runs it)")
+    info = {"anchor": th, "source": "explicit"}
+    if th is None:
+        info = client.submit(anchor_task, store.url, key=f"clusters-anchor-{uuid.uuid4().hex[:8]}").result()
+        info["source"] = "auto (Otsu threshold of kNN similarities)"
+    th = float(info["anchor"])
+    params = {"method": "threshold", "th": th, "max_size": max_size, "step": cfg.proposals.step if max_size else None}
+    with store.stage(CLUSTERS_STAGE, params, inputs=["graph"], force=force) as w:
+        if w is None:
+            return store.record(CLUSTERS_STAGE).get("summary", {})
+        labels = client.submit(threshold_task, store.url, th, cfg.proposals.step, max_size,
+                               key=f"clusters-threshold-{uuid.uuid4().hex[:8]}").result()
+        w.write_array("clusters", labels.astype(np.int64))
+        sizes = np.bincount(labels)
+        summary = {"method": "threshold", "th": th, "threshold": info, "max_size": max_size,
+                   "n_clusters": int(len(sizes)), "n_singletons": int((sizes == 1).sum()),
+                   "largest": int(sizes.max()) if len(sizes) else 0}
+        w.summary.update(summary)
+        return summary
