@@ -433,7 +433,7 @@ def _structure(store: RunStore, methods: dict, gt: np.ndarray | None, out: Path)
     sim, cl = similarity_blocks(store, lab)
     fig = _figure((6.2, 5.2))
     ax = fig.add_subplot()
-    plot_similarity_blocks(ax, sim, cl, f"6 largest clusters of {m} (≤40 faces each)")
+    plot_similarity_blocks(ax, sim, cl, f"largest clusters in '{m}' (≤40 faces each)")
     img = _save(fig, out, "similarity_structure.png")
     note = ""
     if gt is not None and cl.size:
@@ -470,6 +470,13 @@ def _times(store: RunStore, out: Path) -> Section:
     return Section("times", title, body, [img])
 
 
+def _kv(d) -> str:
+    """``key = value`` lines (values as compact JSON): readable in a narrow table cell."""
+    if not d:
+        return ""
+    return "\n".join(f"{k} = {json.dumps(v, sort_keys=True, default=str)}" for k, v in sorted(d.items()))
+
+
 def _params(store: RunStore) -> Section:
     title = "Parameters and versions"
     recs = store.records()
@@ -477,14 +484,12 @@ def _params(store: RunStore) -> Section:
         return _not_run("params", title, "no stage recorded", "run `facecluster ingest` first")
     rows = []
     versions = {}
-    for name, rec in recs.items():
+    for name, rec in sorted(recs.items(), key=lambda kv: kv[1].get("started", "")):
         versions.update(rec.get("versions") or {})
-        params = json.dumps(rec.get("params", {}), indent=1, sort_keys=True, default=str)
-        summary = json.dumps(rec.get("summary", {}), indent=1, sort_keys=True, default=str)
         secs = rec.get("seconds")
         rows.append([f"<b>{_esc(name)}</b>", _esc(rec.get("status", "?")), _esc(rec.get("started", "")),
-                     _fmt(float(secs)) if secs is not None else "", f"<pre>{_esc(params)}</pre>",
-                     f"<pre>{_esc(summary)}</pre>"])
+                     _fmt(float(secs)) if secs is not None else "", f"<pre>{_esc(_kv(rec.get('params')))}</pre>",
+                     f"<pre>{_esc(_kv(rec.get('summary')))}</pre>"])
     body = _table(["stage", "status", "started", "seconds", "parameters", "summary"], rows, numeric={3})
     if versions:
         body += "<h3>Package versions</h3>" + _table(["package", "version"], [[_esc(k), _esc(v)] for k, v in sorted(versions.items())])
