@@ -61,11 +61,19 @@ def _open(run: str | os.PathLike | RunStore) -> RunStore:
 
 
 def owning_record(store: RunStore, array: str) -> tuple[str, dict] | None:
-    """The stage record whose ``outputs`` list ``array`` (``(name, record)``), or None."""
-    for name, rec in store.records().items():
-        if array in (rec.get("outputs") or []):
-            return name, rec
-    return None
+    """The stage record that last wrote ``array`` (``(name, record)``), or None.
+
+    Several stages may write the same array (the threshold baseline and dedup both
+    write ``clusters``); the one that finished last owns what is stored now. A
+    failed run never moves its outputs into place, so only records that list the
+    array in ``outputs`` (complete, or invalidated afterwards) count.
+    """
+    cands = [(rec.get("finished", ""), name, rec) for name, rec in store.records().items()
+             if array in (rec.get("outputs") or [])]
+    if not cands:
+        return None
+    _, name, rec = max(cands, key=lambda c: c[0])
+    return name, rec
 
 
 def load_clusters(store: RunStore, array: str = "clusters") -> np.ndarray:
@@ -89,10 +97,20 @@ def load_clusters(store: RunStore, array: str = "clusters") -> np.ndarray:
     return lab.astype(np.int64, copy=False)
 
 
-def find_score(store: RunStore, n: int) -> tuple[str | None, np.ndarray | None]:
-    """Per-face score of the claiming proposal, if the dedup stage stored one."""
+def find_score(store: RunStore, n: int, array: str = "clusters") -> tuple[str | None, np.ndarray | None]:
+    """Per-face score of the claiming proposal, if the stage that wrote ``array`` stored one.
+
+    A score array written by another stage (e.g. an earlier dedup run, before the
+    threshold baseline overwrote ``clusters``) does not describe the stored
+    clustering and is ignored.
+    """
+    owner = owning_record(store, array)
     for name in SCORE_ARRAYS:
         if store.has(name):
+            score_owner = owning_record(store, name)
+            if owner is not None and score_owner is not None and score_owner[0] != owner[0]:
+                log.info("%s: ignoring %s (written by stage %s, but %s by %s)", store.url, name, score_owner[0], array, owner[0])
+                continue
             a = store.array(name)
             if a.ndim == 1 and a.shape[0] == n and a.dtype.kind == "f":
                 return name, np.asarray(a[...], dtype=np.float32)
@@ -179,7 +197,7 @@ def export_clusters(run: str | os.PathLike | RunStore, fmt: str, out: str | os.P
             rows = np.asarray(store.array("input_rows")[...], dtype=np.int64)
             if rows.shape == (n,):
                 cols["input_row"] = pa.array(rows)
-        score_name, score = find_score(store, n)
+        score_name, score = find_score(store, n, array)
         if score is not None:
             # NaN = the face was claimed by no proposal (a singleton): a null, not a number.
             cols["score"] = pa.array(score, mask=np.isnan(score))

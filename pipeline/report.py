@@ -141,19 +141,20 @@ def clustering_arrays(store: RunStore) -> dict[str, str]:
     n = n_faces(store)
     if n is None:
         return {}
-    owners = {}
-    for name, rec in store.records().items():
-        for out in rec.get("outputs") or []:
-            owners[out] = (name, bool(rec.get("complete")))
+    from .export import owning_record
+
     found = {}
     for path, obj in store.root.members(max_depth=None):
         if not isinstance(obj, zarr.Array) or path in _NOT_METHODS or path.split("/", 1)[0] in _NOT_METHOD_GROUPS:
             continue
         if obj.ndim != 1 or obj.shape[0] != n or obj.dtype.kind not in "iu":
             continue
-        stage, complete = owners.get(path, ("?", True))
-        if complete:
-            found[path] = stage
+        owner = owning_record(store, path)
+        if owner is None:
+            found[path] = "?"
+        elif owner[1].get("complete"):
+            method = (owner[1].get("params") or {}).get("method")
+            found[path] = owner[0] + (f" ({method})" if method and method != owner[0] else "")
     return dict(sorted(found.items(), key=lambda kv: (kv[0] != "clusters", kv[0])))
 
 
@@ -329,7 +330,12 @@ def _proposals(store: RunStore, out: Path) -> Section:
     rec = store.record("proposals") or {}
     settings_desc = (rec.get("summary") or {}).get("settings")
     extra = ""
-    if settings_desc is not None:
+    if isinstance(settings_desc, list) and settings_desc and all(isinstance(x, dict) for x in settings_desc):
+        # one row per setting, scalar fields only (nested stats stay in the parameters table)
+        keys = [k for k in settings_desc[0] if not isinstance(settings_desc[0][k], (dict, list))]
+        extra = ('<p class="muted">Settings (from the proposals record):</p>' +
+                 _table(keys, [[_fmt(x.get(k, "")) for k in keys] for x in settings_desc]))
+    elif settings_desc is not None:
         extra = f'<p class="muted">Settings (from the proposals record):</p><pre>{_esc(json.dumps(settings_desc))}</pre>'
     covered = int(np.unique(np.asarray(store.array("proposals/members")[...])).size) if store.has("proposals/members") else None
     n = n_faces(store)

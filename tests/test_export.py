@@ -141,3 +141,15 @@ def test_cli_default_path_and_format_from_extension(tmp_path, capsys):
 def test_missing_store_is_bad_input(tmp_path, capsys):
     code, _, err = _run(["export", str(tmp_path / "nope.zarr"), "--format", "meta"], capsys)
     assert code == 2 and "nope.zarr" in err
+
+
+def test_score_of_another_stage_is_not_used(tmp_path):
+    """The threshold baseline (stage "clusters") overwrites `clusters` after dedup: dedup's score no longer applies."""
+    store, _, _ = _store(tmp_path)
+    base = np.arange(50, dtype=np.int64) // 5
+    with store.stage("clusters", {"method": "threshold", "th": 0.5}, inputs=["ingest"]) as w:
+        w.write_array("clusters", base)
+    res = export_clusters(store.url, "parquet", tmp_path / "c.parquet")
+    t = pq.read_table(res.path)
+    assert "score" not in t.column_names and res.score_array is None
+    np.testing.assert_array_equal(t["cluster_id"].to_numpy(), base)
