@@ -206,7 +206,9 @@ class RunStore:
         if is_local(url) and not local_path(url).exists():
             raise StoreError(f"{url}: no such run store; create one with `facecluster ingest FEATS -o {url}`")
         try:
-            root = zarr.open_group(store=url, mode=mode)
+            # "a" would create a group (a zarr.json) in any directory it is pointed at;
+            # opening must never write, so an existing group is required ("r+")
+            root = zarr.open_group(store=url, mode="r+" if mode == "a" else mode)
             meta = root.attrs.get(ATTR_KEY)
         except Exception as e:  # corrupt zarr.json, not a group, ...
             raise StoreError(f"{url}: not a readable facecluster run store ({e}); re-create it with `facecluster ingest`") from e
