@@ -1,12 +1,26 @@
 """Connection to Dask: an existing scheduler, SLURM/PBS via dask-jobqueue, or a LocalCluster.
 
+Where the work runs, in order of precedence:
+
+1. ``--scheduler ADDR`` / ``dask.scheduler`` / ``$DASK_SCHEDULER_ADDRESS``: an existing
+   scheduler (``tcp://HOST:8786`` or ``tls://HOST:8786``).
+2. ``--slurm`` / ``--pbs``: a dask-jobqueue cluster whose workers are batch jobs.
+3. Otherwise a ``LocalCluster`` sized to the machine (one 1-thread worker process per core).
+
+TLS: for ``tls://`` schedulers give ``--tls-ca-file/--tls-cert/--tls-key`` (or the
+``dask.tls_*`` config keys). When none are given, distributed's own configuration
+is used unchanged (``distributed.comm.tls.ca-file``, ``distributed.comm.tls.client.cert``,
+``distributed.comm.tls.client.key``, e.g. from ``~/.config/dask/*.yaml`` or
+``DASK_DISTRIBUTED__COMM__TLS__CA_FILE``), so a site-wide Dask TLS setup keeps working.
+
 Thread and BLAS settings are part of every kernel's contract:
 
 * faiss-cpu bundles an OpenBLAS that falls back to a generic "Prescott" kernel on
   some CPUs (measured 3.8-4.6x slower exact search on Ice Lake VMs). The core type
   must be in the environment *before* faiss is imported, so it is set here in the
-  driver's ``os.environ`` (LocalCluster workers inherit it) and passed to jobqueue
-  workers; remote workers started by hand get it from deploy/ recipes.
+  driver's ``os.environ`` (LocalCluster workers inherit it) and put in jobqueue job
+  scripts; workers started by hand get it from the deploy/ recipes. At connect time
+  every worker reports the kernel its faiss OpenBLAS actually picked (logged).
 * One thread per worker process by default: 2 processes x 1 thread beat
   1 process x 2 threads for faiss (OpenMP spinning); tasks set faiss/torch threads
   to the worker's thread count (see :func:`worker_threads`).
@@ -15,18 +29,33 @@ Thread and BLAS settings are part of every kernel's contract:
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import logging
 import os
+import socket
+import sys
+from importlib import metadata
+from pathlib import Path
 from typing import Iterator
 
 from .config import DaskConfig
+from .errors import BadInput
 
 log = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+# What a worker must be able to import to run facecluster tasks (module, pip name).
+REQUIRED_ON_WORKERS = (("tasks", "facecluster"), ("pipeline", "facecluster"), ("faiss", "faiss-cpu"),
+                       ("torch", "torch"), ("zarr", "zarr"))
+
+
+class ClusterError(RuntimeError):
+    """The Dask cluster cannot be used (unreachable, no workers, a worker lacks a package)."""
 
 
 def cpu_flags() -> set[str]:
+    """The CPU feature flags of this machine (empty when /proc/cpuinfo is unreadable)."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
@@ -50,8 +79,16 @@ def detect_openblas_coretype() -> str | None:
 def configure_blas_env(setting: str = "auto") -> str | None:
     """Set OPENBLAS_CORETYPE in this process's environment (before faiss is imported).
 
-    ``setting``: "auto" (detect, unless the user already exported a value), "none"
-    (leave it), or an explicit OpenBLAS core name. Returns the value in effect.
+    Parameters
+    ----------
+    setting : str
+        "auto" (detect, unless the user already exported a value), "none"
+        (leave it), or an explicit OpenBLAS core name.
+
+    Returns
+    -------
+    str or None
+        The value in effect.
     """
     if setting == "none":
         return os.environ.get("OPENBLAS_CORETYPE")
@@ -67,7 +104,7 @@ def configure_blas_env(setting: str = "auto") -> str | None:
 
 
 def worker_env(cfg: DaskConfig) -> dict[str, str]:
-    """Environment every worker process must start with."""
+    """Environment every worker process must start with (thread counts, OpenBLAS core type)."""
     env = {v: str(cfg.threads_per_worker) for v in THREAD_VARS}
     core = configure_blas_env(cfg.openblas_coretype)
     if core:
@@ -85,71 +122,353 @@ def worker_threads() -> int:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def _local_cluster(cfg: DaskConfig):
+# -- TLS -----------------------------------------------------------------------------
+def tls_security(cfg: DaskConfig):
+    """A ``distributed.Security`` from ``cfg.tls_*`` files, or None to use Dask's own config.
+
+    Raises
+    ------
+    BadInput
+        A named certificate/key file does not exist, or a key is given without a certificate.
+    """
+    files = {"--tls-ca-file": cfg.tls_ca_file, "--tls-cert": cfg.tls_cert, "--tls-key": cfg.tls_key}
+    if not any(files.values()):
+        return None
+    for flag, path in files.items():
+        if path and not Path(path).is_file():
+            raise BadInput(f"{path}: no such file (given as {flag}); point it at the PEM file made by deploy/manual/make-certs.sh")
+    if cfg.tls_key and not cfg.tls_cert:
+        raise BadInput(f"{cfg.tls_key}: --tls-key given without --tls-cert; give the client certificate too")
+    if not cfg.tls_ca_file:
+        raise BadInput("--tls-cert given without --tls-ca-file; give the CA certificate that signed the scheduler's certificate")
+    from distributed.security import Security
+
+    return Security(tls_ca_file=cfg.tls_ca_file, tls_client_cert=cfg.tls_cert, tls_client_key=cfg.tls_key,
+                    require_encryption=True)
+
+
+def scheduler_address(cfg: DaskConfig) -> str | None:
+    """The scheduler to connect to: ``cfg.scheduler``, else ``$DASK_SCHEDULER_ADDRESS``, else None."""
+    return cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+# -- clusters we start ------------------------------------------------------------------
+def local_cluster_size(cfg: DaskConfig) -> tuple[int, int, int | str]:
+    """(worker processes, threads per worker, memory per worker) of the default LocalCluster."""
     import psutil
-    from distributed import LocalCluster
 
     cores = os.cpu_count() or 1
     n_workers = cfg.n_workers or max(1, cores // cfg.threads_per_worker)
-    memory = cfg.memory_limit
+    memory: int | str = cfg.memory_limit
     if memory == "auto":
         memory = int(psutil.virtual_memory().total * 0.9 / n_workers)
+    return n_workers, cfg.threads_per_worker, memory
+
+
+def _local_cluster(cfg: DaskConfig):
+    from distributed import LocalCluster
+
+    n_workers, threads, memory = local_cluster_size(cfg)
     env = worker_env(cfg)
     # LocalCluster workers are spawned processes: they inherit os.environ at spawn.
     os.environ.update(env)
-    return LocalCluster(n_workers=n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+    return LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
                         memory_limit=memory, dashboard_address=":0", silence_logs=logging.ERROR)
 
 
-def _jobqueue_cluster(cfg: DaskConfig):
+def make_jobqueue_cluster(cfg: DaskConfig):
+    """A dask-jobqueue SLURMCluster/PBSCluster for ``cfg`` (no jobs submitted yet).
+
+    One job = ``cfg.job_cores`` cores and ``cfg.job_memory``, split into
+    ``job_cores // threads_per_worker`` worker processes of ``threads_per_worker``
+    threads each. The job script exports OPENBLAS_CORETYPE and the thread variables
+    before ``dask worker`` starts (faiss reads them at import). Anything not set here
+    (interface, local directory, extra directives) comes from dask-jobqueue's own
+    configuration (``jobqueue.slurm.*`` / ``jobqueue.pbs.*``). With ``cfg.tls_*`` the
+    scheduler and workers talk TLS with those certificates.
+    ``cluster.job_script()`` shows the script that ``cluster.scale(jobs=n)`` submits.
+    """
     try:
         import dask_jobqueue
     except ImportError:
-        raise RuntimeError("--slurm/--pbs need dask-jobqueue: pip install 'facecluster[hpc]'") from None
+        raise ClusterError("--slurm/--pbs need dask-jobqueue: pip install 'facecluster[hpc]'") from None
+    if cfg.jobqueue not in ("slurm", "pbs"):
+        raise ClusterError(f"unknown job queue {cfg.jobqueue!r}: use --slurm or --pbs")
     env = worker_env(cfg)
     prologue = [f"export {k}={v}" for k, v in env.items()]
     cls = dask_jobqueue.SLURMCluster if cfg.jobqueue == "slurm" else dask_jobqueue.PBSCluster
-    kwargs = dict(cores=cfg.job_cores, processes=max(1, cfg.job_cores // cfg.threads_per_worker),
-                  memory=cfg.job_memory, walltime=cfg.job_walltime, queue=cfg.job_queue,
-                  account=cfg.job_account, job_script_prologue=prologue)
-    cluster = cls(**{k: v for k, v in kwargs.items() if v is not None})
+    processes = max(1, cfg.job_cores // cfg.threads_per_worker)
+    kwargs = dict(cores=cfg.job_cores, processes=processes, memory=cfg.job_memory, walltime=cfg.job_walltime,
+                  queue=cfg.job_queue, account=cfg.job_account, job_script_prologue=prologue,
+                  job_name="facecluster-worker", python=sys.executable)
+    security = tls_security(cfg)
+    if security is not None:
+        # Workers get --tls-ca-file/--tls-cert/--tls-key on their command line; the
+        # certificate files must be readable at the same paths on the compute nodes.
+        kwargs.update(security=_cluster_security(security), protocol="tls://")
+    return cls(**{k: v for k, v in kwargs.items() if v is not None})
+
+
+def _cluster_security(client_security):
+    """The Security of a cluster we start: the client's files also used as scheduler/worker certs."""
+    from distributed.security import Security
+
+    return Security(tls_ca_file=client_security.tls_ca_file,
+                    tls_scheduler_cert=client_security.tls_client_cert, tls_scheduler_key=client_security.tls_client_key,
+                    tls_worker_cert=client_security.tls_client_cert, tls_worker_key=client_security.tls_client_key,
+                    tls_client_cert=client_security.tls_client_cert, tls_client_key=client_security.tls_client_key,
+                    require_encryption=True)
+
+
+def _jobqueue_cluster(cfg: DaskConfig):
+    cluster = make_jobqueue_cluster(cfg)
     cluster.scale(jobs=cfg.jobs)
     return cluster
 
 
+# -- checks run on workers ----------------------------------------------------------------
+def worker_report(dask_worker=None) -> dict:
+    """Run on a worker: host, threads, BLAS settings and the packages facecluster needs.
+
+    faiss is imported (the OpenBLAS kernel it picked can only be read once loaded;
+    workers import it for the kNN stage anyway); torch is only looked up, not loaded.
+    """
+    rep: dict = {"host": socket.gethostname(), "pid": os.getpid(), "python": sys.executable,
+                 "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE",) + THREAD_VARS},
+                 "cpu_coretype": detect_openblas_coretype(), "missing": {}, "versions": {}}
+    # client.run passes the Worker as ``dask_worker`` (get_worker() only works inside tasks).
+    rep["nthreads"] = int(dask_worker.state.nthreads) if dask_worker is not None else None
+    for module, dist in REQUIRED_ON_WORKERS:
+        try:
+            if module == "faiss":
+                importlib.import_module(module)
+            elif importlib.util.find_spec(module) is None:
+                raise ModuleNotFoundError(f"No module named {module!r}")
+            try:
+                rep["versions"][dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                rep["versions"][dist] = "?"
+        except Exception as e:  # ImportError, or a broken native library (OSError)
+            rep["missing"][module] = f"{type(e).__name__}: {e}"
+    rep["faiss_blas"] = None
+    if "faiss" not in rep["missing"]:
+        try:
+            from threadpoolctl import threadpool_info
+
+            for lib in threadpool_info():
+                if lib.get("internal_api") == "openblas" and "faiss" in lib.get("filepath", ""):
+                    rep["faiss_blas"] = {"architecture": lib.get("architecture"), "threads": lib.get("num_threads")}
+        except ImportError:
+            pass
+    return rep
+
+
+def _describe(addr: str, rep: dict) -> str:
+    blas = rep.get("faiss_blas") or {}
+    core = rep["env"].get("OPENBLAS_CORETYPE") or "unset"
+    return (f"worker {addr} on {rep['host']} (pid {rep['pid']}): {rep.get('nthreads')} thread(s), "
+            f"OPENBLAS_CORETYPE={core}, faiss OpenBLAS kernel {blas.get('architecture', '?')} "
+            f"x {blas.get('threads', '?')} threads, OMP_NUM_THREADS={rep['env'].get('OMP_NUM_THREADS') or 'unset'}")
+
+
+def check_workers(client) -> dict[str, dict]:
+    """Ask every connected worker for :func:`worker_report`; log one line per worker.
+
+    Returns
+    -------
+    dict
+        Worker address -> report.
+
+    Raises
+    ------
+    ClusterError
+        One line naming the first worker that cannot import facecluster, faiss, torch
+        or zarr, and the fix.
+    """
+    reports = client.run(worker_report, on_error="return")
+    out = {}
+    for addr in sorted(reports):
+        rep = reports[addr]
+        if isinstance(rep, BaseException):
+            # The function is pickled by reference to pipeline.cluster: a worker
+            # without the package fails to unpickle it.
+            raise ClusterError(
+                f"worker {addr} cannot run facecluster code ({type(rep).__name__}: {rep}); install facecluster "
+                "in the environment that runs `dask worker` on that host (pip install facecluster)")
+        if rep["missing"]:
+            module, why = next(iter(rep["missing"].items()))
+            dist = dict(REQUIRED_ON_WORKERS)[module]
+            raise ClusterError(f"worker {addr} on {rep['host']} cannot import {module} ({why}); "
+                               f"pip install {dist} in the environment that runs `dask worker` there ({rep['python']})")
+        log.info("%s", _describe(addr, rep))
+        arch = (rep.get("faiss_blas") or {}).get("architecture")
+        if not rep["env"].get("OPENBLAS_CORETYPE") and rep["cpu_coretype"] and arch and arch != rep["cpu_coretype"]:
+            log.warning("worker %s: faiss uses the %s OpenBLAS kernel on a %s-capable CPU (exact kNN several times "
+                        "slower); start `dask worker` with OPENBLAS_CORETYPE=%s exported (see deploy/README.md)",
+                        addr, arch, rep["cpu_coretype"], rep["cpu_coretype"])
+        out[addr] = rep
+    return out
+
+
+def _probe_store(url: str, created: str | None) -> str | None:
+    """Run on a worker: None if the run store opens here (and is the driver's), else why not."""
+    import zarr
+
+    try:
+        root = zarr.open_group(store=url, mode="r")
+        meta = root.attrs.get("facecluster")
+    except Exception as e:  # FileNotFoundError, GroupNotFoundError, fsspec/credential errors
+        msg = str(e).splitlines()[0] if str(e) else ""
+        return f"{type(e).__name__}: {msg}"[:300]
+    if created is not None:
+        here = meta.get("created") if isinstance(meta, dict) else None
+        if here != created:
+            return (f"a different store is at that path there (created {here}, the driver's was created {created}): "
+                    "the path is not on a shared filesystem")
+    return None
+
+
+def check_store_reachable(client, url: str) -> dict[str, str]:
+    """Ask every worker to open the run store at ``url``.
+
+    Local paths are made absolute (workers started by hand have another working
+    directory). fsspec URLs (``s3://bucket/run.zarr``, ``gs://``, ``file://``) are
+    passed to zarr as they are; object stores need their fsspec backend and
+    credentials on every worker (``pip install facecluster[s3]``). ``memory://``
+    stores live inside one process and never reach worker processes.
+
+    Returns
+    -------
+    dict
+        Worker address -> "ok" (empty when no worker is connected).
+
+    Raises
+    ------
+    pipeline.store.StoreError
+        One line naming the first worker that cannot open the store, the URL and the fix.
+    """
+    from .store import StoreError, is_local, normalize_url
+
+    url = normalize_url(url)
+    if url.startswith("memory://"):
+        raise StoreError(f"{url}: a memory:// store exists only inside the driver process and Dask workers are other "
+                         "processes; use a path on a shared filesystem or an object-store URL such as s3://bucket/run.zarr")
+    created = None
+    with contextlib.suppress(Exception):  # not created yet, or not a facecluster store: presence is checked only
+        import zarr
+
+        meta = zarr.open_group(store=url, mode="r").attrs.get("facecluster")
+        created = meta.get("created") if isinstance(meta, dict) else None
+    results = client.run(_probe_store, url, created, on_error="return")
+    if not results:
+        log.warning("no Dask worker connected yet: cannot check that workers reach %s", url)
+    out = {}
+    for addr in sorted(results):
+        why = results[addr]
+        if isinstance(why, BaseException):
+            why = f"{type(why).__name__}: {why}"
+        if why is not None:
+            if is_local(url):
+                fix = ("put it on a shared filesystem mounted at the same path on every worker, or use an "
+                       "object-store URL such as s3://bucket/run.zarr")
+            else:
+                fix = ("install that URL's fsspec backend on every worker (pip install 'facecluster[s3]' for s3://) "
+                       "and give the workers credentials for it (e.g. AWS_* environment variables)")
+            raise StoreError(f"worker {addr} cannot open the run store {url} ({why}); {fix}")
+        out[addr] = "ok"
+    return out
+
+
+# -- connecting ------------------------------------------------------------------------
+def _client_for_address(address: str, cfg: DaskConfig):
+    from distributed import Client
+
+    security = tls_security(cfg)
+    if security is None and address.startswith("tls://"):
+        import dask
+
+        if not dask.config.get("distributed.comm.tls.ca-file", None):
+            raise BadInput(f"{address}: a tls:// scheduler needs certificates: give --tls-ca-file, --tls-cert and "
+                           "--tls-key (or set dask config distributed.comm.tls.*); see deploy/manual/README.md")
+    if security is not None and not address.startswith("tls://"):
+        raise BadInput(f"{address}: TLS certificates given but the address is not tls://; use tls://HOST:PORT")
+    timeout = cfg.connect_timeout
+    try:
+        client = Client(address, security=security, timeout=f"{timeout}s")
+    except (OSError, TimeoutError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} ({reason}); check the address, that "
+                           "`dask scheduler` is running there and the port is open"
+                           + (" and that the certificates match the scheduler's CA" if address.startswith("tls://") else "")) from None
+    try:
+        client.wait_for_workers(1, timeout=timeout)
+    except (TimeoutError, OSError):
+        client.close()
+        raise ClusterError(f"the Dask scheduler at {address} has no workers after {timeout:g}s; start some with "
+                           f"`dask worker {address}` (see deploy/)") from None
+    return client
+
+
+def _n_workers(client) -> int:
+    try:
+        return len(client.scheduler_info(n_workers=-1).get("workers", {}))
+    except TypeError:  # older distributed: no n_workers argument
+        return len(client.scheduler_info().get("workers", {}))
+
+
 @contextlib.contextmanager
-def connect(cfg: DaskConfig | None = None, quiet: bool = False) -> Iterator["distributed.Client"]:  # noqa: F821
-    """A ``distributed.Client`` for the configured cluster; closes what it started."""
+def connect(cfg: DaskConfig | None = None, quiet: bool = False, check: bool = True) -> Iterator["distributed.Client"]:  # noqa: F821
+    """A ``distributed.Client`` for the configured cluster; closes what it started.
+
+    Parameters
+    ----------
+    cfg : DaskConfig, optional
+        Where to run (see the module docstring); default: a LocalCluster.
+    quiet : bool
+        Do not print the one-line cluster summary (with the dashboard link) to stderr.
+    check : bool
+        Run :func:`check_workers` on the workers present at connect time.
+
+    Raises
+    ------
+    ClusterError
+        One line: the scheduler is unreachable, has no workers, or a worker lacks a package.
+    BadInput
+        TLS files missing or inconsistent with the address.
+    """
     from distributed import Client
 
     cfg = cfg or DaskConfig()
-    address = cfg.scheduler or os.environ.get("DASK_SCHEDULER_ADDRESS")
+    address = scheduler_address(cfg)
     cluster = None
     if address:
+        # The driver imports faiss too (small in-process steps); set its kernel first.
         configure_blas_env(cfg.openblas_coretype)
-        try:
-            client = Client(address, timeout="20s")
-        except (OSError, TimeoutError) as e:
-            raise RuntimeError(f"cannot reach the Dask scheduler at {address}: {e}; check the address and that `dask scheduler` is running") from None
+        client = _client_for_address(address, cfg)
         kind = f"scheduler {address}"
     elif cfg.jobqueue:
         cluster = _jobqueue_cluster(cfg)
-        client = Client(cluster)
-        kind = f"{cfg.jobqueue} ({cfg.jobs} jobs)"
+        client = Client(cluster, security=getattr(cluster, "security", None))
+        kind = f"{cfg.jobqueue} ({cfg.jobs} jobs of {cfg.job_cores} cores)"
     else:
         cluster = _local_cluster(cfg)
         client = Client(cluster)
         kind = "LocalCluster"
     try:
-        nworkers = len(client.scheduler_info(n_workers=-1).get("workers", {})) if address else len(cluster.workers)
-    except TypeError:
-        nworkers = len(client.scheduler_info().get("workers", {}))
-    msg = f"dask: {kind}, {nworkers} workers, dashboard {client.dashboard_link}"
-    log.info(msg)
-    if not quiet:
-        import sys
-
-        print(msg, file=sys.stderr)
+        nworkers = _n_workers(client)
+        if check and nworkers:
+            check_workers(client)
+        elif cfg.jobqueue and not address:
+            log.info("workers join as the %s jobs start; `squeue`/`qstat` shows them", cfg.jobqueue)
+        msg = f"dask: {kind}, {nworkers} workers, dashboard {client.dashboard_link}"
+        log.info(msg)
+        if not quiet:
+            print(msg, file=sys.stderr)
+    except BaseException:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+        raise
     try:
         yield client
     finally:

@@ -123,6 +123,20 @@ def is_local(url: str) -> bool:
     return "://" not in str(url) or str(url).startswith("file://")
 
 
+def normalize_url(url: str | os.PathLike) -> str:
+    """The form of a run store URL that workers get: local paths absolute, ``file://`` stripped.
+
+    Workers started by hand have their own working directory, so a relative path
+    would name a different (or no) store there; and zarr hands ``file://`` URLs to
+    fsspec's LocalFileSystem, which does not create parent directories. Remote
+    fsspec URLs (``s3://``, ``gs://``, ...) are passed through unchanged.
+    """
+    s = str(url)
+    if is_local(s):
+        return os.path.abspath(local_path(s))
+    return s
+
+
 def local_path(url: str) -> Path:
     s = str(url)
     return Path(s[len("file://"):] if s.startswith("file://") else s)
@@ -131,7 +145,7 @@ def local_path(url: str) -> Path:
 def open_array(url: str, name: str, mode: str = "r") -> zarr.Array:
     """Open one array of a run store; used on workers (they get the URL, not objects)."""
     try:
-        return zarr.open_array(store=str(url), path=name, mode=mode)
+        return zarr.open_array(store=normalize_url(url), path=name, mode=mode)
     except (FileNotFoundError, KeyError, ValueError) as e:  # zarr raises several kinds
         raise StoreError(
             f"{url}: array {name!r} is missing or unreadable ({type(e).__name__}); "
@@ -185,13 +199,13 @@ class RunStore:
     """A run's Zarr group plus its stage bookkeeping."""
 
     def __init__(self, url: str | os.PathLike, root: zarr.Group):
-        self.url = str(url)
+        self.url = normalize_url(url)
         self.root = root
 
     # -- opening ---------------------------------------------------------------
     @classmethod
     def create(cls, url: str | os.PathLike, overwrite: bool = False) -> "RunStore":
-        url = str(url)
+        url = normalize_url(url)
         if is_local(url):
             p = local_path(url)
             if p.exists() and not overwrite and any(p.iterdir()):
@@ -202,7 +216,7 @@ class RunStore:
 
     @classmethod
     def open(cls, url: str | os.PathLike, mode: str = "a") -> "RunStore":
-        url = str(url)
+        url = normalize_url(url)
         if is_local(url) and not local_path(url).exists():
             raise StoreError(f"{url}: no such run store; create one with `facecluster ingest FEATS -o {url}`")
         try:

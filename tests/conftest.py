@@ -37,3 +37,18 @@ def single_worker_client():
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit="4GiB") as cluster, Client(cluster) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def dask_subprocess_cluster(tmp_path_factory):
+    """`dask scheduler` + 2 `dask worker` subprocesses (tcp, nanny, 1 thread) on 127.0.0.1.
+
+    Yields a ``dask_procs.DaskProcs``: ``.address``, ``.cli_args()`` (flags for the
+    facecluster CLI), ``.dask_config()`` (for ``pipeline.cluster.connect``), ``.client()``.
+    Module-scoped: tests that kill workers should start their own with
+    ``dask_procs.dask_cluster(...)``.
+    """
+    from dask_procs import dask_cluster
+
+    with dask_cluster(n_workers=2, workdir=tmp_path_factory.mktemp("dask-procs")) as procs:
+        yield procs

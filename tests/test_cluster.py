@@ -1,0 +1,277 @@
+"""pipeline.cluster against real `dask scheduler`/`dask worker` subprocesses (tcp and TLS),
+store reachability from workers, dask-jobqueue job scripts, and the one-line errors."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dask_procs import dask_cluster, free_port, make_tls_files
+from pipeline.cluster import (ClusterError, _probe_store, check_store_reachable, check_workers, connect,
+                              local_cluster_size, make_jobqueue_cluster)
+from pipeline.config import DaskConfig
+from pipeline.errors import BadInput
+from pipeline.store import RunStore, StoreError, open_array
+
+needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
+
+
+def _kernel_check(client):
+    """A trivial task and a facecluster kernel (imported from the installed package on the worker)."""
+    from tasks.metrics import pairwise_f
+
+    assert client.submit(sum, [1, 2, 3], pure=False).result() == 6
+    gt = np.array([0, 0, 0, 1, 1, 2])
+    pred = np.array([0, 0, 1, 1, 1, 2])
+    remote = client.submit(pairwise_f, gt, pred, pure=False).result()
+    assert remote == pytest.approx(pairwise_f(gt, pred))
+    return remote
+
+
+def _one_line(e) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+# -- plain tcp subprocess cluster ----------------------------------------------------------
+def test_connect_scheduler_address_reports_workers(dask_subprocess_cluster, capsys, caplog):
+    procs = dask_subprocess_cluster
+    assert procs.address.startswith("tcp://127.0.0.1:")
+    with caplog.at_level("INFO", logger="pipeline.cluster"), connect(procs.dask_config()) as client:
+        # connect() logged one line per worker with its BLAS settings
+        assert sum("OPENBLAS_CORETYPE=" in r.message for r in caplog.records) == 2
+        _kernel_check(client)
+        reports = check_workers(client)
+    assert len(reports) == 2
+    for rep in reports.values():
+        assert rep["nthreads"] == 1
+        assert rep["missing"] == {}
+        assert rep["env"]["OMP_NUM_THREADS"] == "1"
+        assert rep["pid"] in set(procs.worker_pids().values())
+        if rep["cpu_coretype"]:  # faiss's OpenBLAS picked the kernel exported by the recipe
+            assert rep["env"]["OPENBLAS_CORETYPE"] == rep["cpu_coretype"]
+            assert rep["faiss_blas"]["architecture"] == rep["cpu_coretype"]
+    err = capsys.readouterr().err
+    assert f"scheduler {procs.address}, 2 workers" in err
+    assert "dashboard http://127.0.0.1:" in err
+
+
+def test_connect_from_env_variable(dask_subprocess_cluster, monkeypatch, capsys):
+    monkeypatch.setenv("DASK_SCHEDULER_ADDRESS", dask_subprocess_cluster.address)
+    with connect(DaskConfig(), check=False) as client:
+        assert client.scheduler.address == dask_subprocess_cluster.address
+        assert client.submit(len, "abc", pure=False).result() == 3
+    assert dask_subprocess_cluster.address in capsys.readouterr().err
+
+
+def test_store_reachable_shared_and_relative_path(dask_subprocess_cluster, tmp_path, monkeypatch):
+    procs = dask_subprocess_cluster
+    RunStore.create(tmp_path / "run.zarr")
+    with procs.client() as client:
+        ok = check_store_reachable(client, str(tmp_path / "run.zarr"))
+        assert sorted(ok) == sorted(procs.worker_pids()) and set(ok.values()) == {"ok"}
+        # Workers run in their own directories: a relative path only works because it
+        # is made absolute on the driver before it is sent.
+        monkeypatch.chdir(tmp_path)
+        assert len(check_store_reachable(client, "run.zarr")) == 2
+        assert len(check_store_reachable(client, f"file://{tmp_path}/run.zarr")) == 2
+
+
+def test_store_unreachable_one_line_error(dask_subprocess_cluster, tmp_path):
+    procs = dask_subprocess_cluster
+    missing = tmp_path / "only-on-another-host.zarr"
+    with procs.client() as client:
+        workers = set(procs.worker_pids())
+        with pytest.raises(StoreError) as e:
+            check_store_reachable(client, str(missing))
+        msg = _one_line(e)
+        assert str(missing) in msg and any(w in msg for w in workers) and "shared filesystem" in msg
+        # An object store whose fsspec backend is not installed on the workers.
+        with pytest.raises(StoreError) as e:
+            check_store_reachable(client, "s3://no-such-bucket/run.zarr")
+        msg = _one_line(e)
+        assert "s3://no-such-bucket/run.zarr" in msg and any(w in msg for w in workers) and "fsspec backend" in msg
+        # memory:// never crosses process boundaries.
+        with pytest.raises(StoreError, match="memory://"):
+            check_store_reachable(client, "memory://run.zarr")
+
+
+def test_probe_detects_a_different_store_at_the_same_path(dask_subprocess_cluster, tmp_path):
+    """Same path, different filesystem: the worker sees a store created at another time."""
+    store = RunStore.create(tmp_path / "run.zarr")
+    with dask_subprocess_cluster.client() as client:
+        same = client.run(_probe_store, store.url, store.meta["created"])
+        other = client.run(_probe_store, store.url, "1999-01-01T00:00:00.000+00:00")
+    assert set(same.values()) == {None}
+    assert all("not on a shared filesystem" in why for why in other.values())
+
+
+def test_runstore_file_url_roundtrip(dask_subprocess_cluster, tmp_path):
+    url = f"file://{tmp_path}/run.zarr"
+    store = RunStore.create(url)
+    assert store.url == str(tmp_path / "run.zarr")
+    with store.stage("demo", {"a": 1}) as w:
+        w.write_array("x", np.arange(10, dtype=np.int64))
+    again = RunStore.open(url)
+    assert again.is_complete("demo")
+    np.testing.assert_array_equal(open_array(url, "x")[:], np.arange(10))
+    with dask_subprocess_cluster.client() as client:
+        assert len(check_store_reachable(client, url)) == 2
+        # Workers read it (dask.array over the zarr array, computed on the cluster).
+        got = client.compute(RunStore.open(url).dask_array("x").sum()).result()
+    assert got == 45
+
+
+# -- TLS ------------------------------------------------------------------------------------
+@needs_openssl
+def test_tls_end_to_end(tmp_path, capsys):
+    tls = make_tls_files(tmp_path / "certs")
+    with dask_cluster(n_workers=1, nanny=False, tls=tls, workdir=tmp_path / "procs") as procs:
+        assert procs.address.startswith("tls://127.0.0.1:")
+        cfg = procs.dask_config()
+        with connect(cfg) as client:
+            _kernel_check(client)
+        assert f"scheduler {procs.address}, 1 workers" in capsys.readouterr().err
+        # The same through `facecluster`'s flags, as a user types them.
+        from pipeline.commands._common import build_config
+
+        flags = {"scheduler": procs.address, "tls_ca_file": str(tls.ca), "tls_cert": str(tls.cert),
+                 "tls_key": str(tls.key)}
+        with connect(build_config(None, flags).dask, quiet=True) as client:
+            assert client.submit(abs, -2, pure=False).result() == 2
+
+        # No certificates at all: a one-line BadInput naming the fix, before any network wait.
+        with pytest.raises(BadInput) as e:
+            with connect(DaskConfig(scheduler=procs.address)):
+                pass
+        assert "--tls-ca-file" in _one_line(e)
+        # Certificates from another CA: the scheduler refuses the handshake.
+        other = make_tls_files(tmp_path / "other-ca")
+        bad = DaskConfig(scheduler=procs.address, tls_ca_file=str(other.ca), tls_cert=str(other.cert),
+                         tls_key=str(other.key), connect_timeout=3.0)
+        with pytest.raises(ClusterError) as e:
+            with connect(bad):
+                pass
+        assert procs.address in _one_line(e) and "certificates" in str(e.value)
+
+
+def test_tls_missing_file_is_bad_input(tmp_path):
+    cfg = DaskConfig(scheduler="tls://127.0.0.1:1", tls_ca_file=str(tmp_path / "ca.pem"))
+    with pytest.raises(BadInput) as e:
+        with connect(cfg):
+            pass
+    assert "ca.pem" in _one_line(e) and "--tls-ca-file" in str(e.value)
+
+
+# -- failures at connect time -------------------------------------------------------------------
+def test_unreachable_scheduler_one_line():
+    address = f"tcp://127.0.0.1:{free_port()}"
+    with pytest.raises(ClusterError) as e:
+        with connect(DaskConfig(scheduler=address, connect_timeout=2.0)):
+            pass
+    msg = _one_line(e)
+    assert msg.startswith(f"cannot reach the Dask scheduler at {address}") and "dask scheduler" in msg
+
+
+def test_no_workers_then_worker_without_faiss(tmp_path):
+    """A scheduler with no workers, then a worker whose environment lacks faiss: one line each."""
+    fake = tmp_path / "shadow" / "faiss"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('simulated: faiss-cpu is not installed here')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(fake.parent)] + sys.path)}
+    with dask_cluster(n_workers=0, nanny=False, env=env, workdir=tmp_path / "procs") as procs:
+        cfg = DaskConfig(scheduler=procs.address, connect_timeout=2.0)
+        with pytest.raises(ClusterError) as e:
+            with connect(cfg):
+                pass
+        assert "has no workers" in _one_line(e) and f"dask worker {procs.address}" in str(e.value)
+        procs.add_workers(1)
+        with pytest.raises(ClusterError) as e:
+            with connect(cfg):
+                pass
+        msg = _one_line(e)
+        assert "cannot import faiss" in msg and "simulated" in msg and "pip install faiss-cpu" in msg
+        addr = next(iter(procs.worker_pids()))
+        assert addr in msg
+
+
+# -- LocalCluster and dask-jobqueue ---------------------------------------------------------------
+def test_local_cluster_default_size_and_dashboard(capsys):
+    n, threads, memory = local_cluster_size(DaskConfig())
+    assert (n, threads) == (os.cpu_count(), 1) and isinstance(memory, int) and memory > 0
+    assert local_cluster_size(DaskConfig(threads_per_worker=2, memory_limit="3GiB"))[1:] == (2, "3GiB")
+    with connect(DaskConfig(n_workers=1, memory_limit="2GiB")) as client:
+        _kernel_check(client)
+        assert len(client.scheduler_info()["workers"]) == 1
+    err = capsys.readouterr().err
+    assert "LocalCluster, 1 workers, dashboard http" in err
+
+
+@pytest.mark.parametrize("queue", ["slurm", "pbs"])
+def test_jobqueue_job_script(queue, tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    cfg = DaskConfig(jobqueue=queue, jobs=3, job_cores=8, threads_per_worker=2, job_memory="32GiB",
+                     job_walltime="01:30:00", job_queue="cpuq", job_account="proj42", openblas_coretype="SkylakeX")
+    cluster = make_jobqueue_cluster(cfg)
+    try:
+        script = cluster.job_script()
+        assert len(cluster.workers) == 0  # nothing submitted
+    finally:
+        cluster.close()
+    for line in ("export OPENBLAS_CORETYPE=SkylakeX", "export OMP_NUM_THREADS=2", "export OPENBLAS_NUM_THREADS=2",
+                 "export MKL_NUM_THREADS=2"):
+        assert line in script
+    assert f"{sys.executable} -m distributed.cli.dask_worker" in script
+    assert "--nworkers 4" in script and "--nthreads 2" in script and "--memory-limit 8.00GiB" in script
+    # the environment comes before the worker starts (faiss reads it at import)
+    assert script.index("export OPENBLAS_CORETYPE") < script.index("distributed.cli.dask_worker")
+    if queue == "slurm":
+        for line in ("#SBATCH -p cpuq", "#SBATCH -A proj42", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32G",
+                     "#SBATCH -t 01:30:00", "#SBATCH -J facecluster-worker"):
+            assert line in script
+    else:
+        for line in ("#PBS -q cpuq", "#PBS -A proj42", "#PBS -l walltime=01:30:00", "#PBS -N facecluster-worker"):
+            assert line in script
+        assert "ncpus=8" in script and "mem=" in script
+
+
+@needs_openssl
+def test_jobqueue_with_tls_puts_certificates_on_worker_command(tmp_path):
+    pytest.importorskip("dask_jobqueue")
+    tls = make_tls_files(tmp_path / "certs")
+    cfg = DaskConfig(jobqueue="slurm", job_cores=2, tls_ca_file=str(tls.ca), tls_cert=str(tls.cert),
+                     tls_key=str(tls.key))
+    cluster = make_jobqueue_cluster(cfg)
+    try:
+        script = cluster.job_script()
+        assert cluster.scheduler_address.startswith("tls://")
+    finally:
+        cluster.close()
+    assert f"--tls-ca-file {tls.ca}" in script and f"--tls-cert {tls.cert}" in script and f"--tls-key {tls.key}" in script
+    assert "--protocol tls://" in script
+
+
+def test_dask_procs_kill_worker_is_replaced_by_nanny(dask_subprocess_cluster):
+    """The helper later fault tests use: killing a worker process; the nanny brings a new one."""
+    procs = dask_subprocess_cluster
+    before = procs.worker_pids()
+    killed = procs.kill_worker()
+    assert killed in before.values()
+    procs.wait_for_workers(2, timeout=60)
+    import time
+
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = procs.worker_pids()
+        if len(after) == 2 and killed not in after.values():
+            break
+        time.sleep(0.2)
+    assert len(after) == 2 and killed not in after.values()
+    with procs.client() as client:
+        assert client.submit(sum, [4, 5], pure=False).result() == 9
