@@ -250,7 +250,12 @@ class FeatureReader:
 
 
 class NpyReader(FeatureReader):
-    """``.npy`` via a read-only memory map: only the rows of the current block are paged in."""
+    """``.npy``: the header via a read-only memory map, then one positional read per block.
+
+    Reading blocks with ``readinto`` (instead of slicing the map) keeps the process's
+    resident memory at one block: mapped file pages would otherwise count towards it
+    until the kernel reclaims them. Fortran-ordered files are sliced from the map.
+    """
 
     fmt = "npy"
 
@@ -260,20 +265,44 @@ class NpyReader(FeatureReader):
         except ValueError as e:
             if "pickle" in str(e).lower() or "object" in str(e).lower():
                 raise ValueError(f"{path}: the feature array holds Python objects, not numbers; save a 2-D float32 array") from None
-            raise ValueError(f"{path}: not a readable .npy file ({e}); re-save it with numpy.save") from None
+            raise ValueError(f"{path}: not a readable .npy file ({e}); the file may be truncated - re-save it with numpy.save") from None
         except OSError as e:
             raise ValueError(f"{path}: not a readable .npy file ({e}); re-save it with numpy.save") from None
         _check_numeric(path, arr.dtype)
         n, d = _check_2d(path, arr.shape)
         super().__init__(path, n, d, arr.dtype)
         self._arr = arr
+        self._offset = int(arr.offset) if arr.flags.c_contiguous else None
 
     def blocks(self, rows: int):
-        for r0 in range(0, self.n, rows):
-            yield r0, np.asarray(self._arr[r0:r0 + rows]), None
+        if self._offset is None:
+            for r0 in range(0, self.n, rows):
+                yield r0, np.ascontiguousarray(self._arr[r0:r0 + rows]), None
+            return
+        yield from _read_rows(self.path, self._offset, self.n, self.dim, self.dtype, rows)
 
     def close(self) -> None:
         self._arr = None
+
+
+def _read_rows(path, offset: int, n: int, dim: int, dtype, rows: int):
+    """Yield ``(row0, block, None)`` from a row-major array stored at ``offset`` in ``path``."""
+    row_bytes = dim * dtype.itemsize
+    with open(path, "rb", buffering=0) as fh:
+        fh.seek(offset)
+        for r0 in range(0, n, rows):
+            m = min(rows, n - r0)
+            block = np.empty((m, dim), dtype=dtype)
+            buf = memoryview(block.reshape(-1).view(np.uint8))
+            got = 0
+            while got < len(buf):  # a read may return less than asked (large reads, pipes)
+                k = fh.readinto(buf[got:])
+                if not k:
+                    break
+                got += k
+            if got != m * row_bytes:
+                raise ValueError(f"{path}: file ends inside row {r0 + got // row_bytes} of {n}; the file is truncated - re-export it")
+            yield r0, block, None
 
 
 class NpzReader(FeatureReader):
@@ -397,21 +426,16 @@ def bin_shape(path, dim: int | None = None, n: int | None = None) -> tuple[int, 
 
 
 class BinReader(FeatureReader):
-    """Raw little-endian float32 ``.bin`` (the reference implementation's format), memory-mapped."""
+    """Raw little-endian float32 ``.bin`` (the reference implementation's format), read by blocks."""
 
     fmt = "bin"
 
     def __init__(self, path, dim: int | None = None, n: int | None = None):
         rows, d = bin_shape(path, dim, n)
         super().__init__(path, rows, d, np.dtype("<f4"))
-        self._arr = np.memmap(path, dtype="<f4", mode="r", shape=(rows, d))
 
     def blocks(self, rows: int):
-        for r0 in range(0, self.n, rows):
-            yield r0, np.asarray(self._arr[r0:r0 + rows]), None
-
-    def close(self) -> None:
-        self._arr = None
+        yield from _read_rows(self.path, 0, self.n, self.dim, self.dtype, rows)
 
 
 class ParquetReader(FeatureReader):

@@ -34,7 +34,7 @@ from ..store import RunStore, StoreError, file_fingerprint, is_local, local_path
 log = logging.getLogger(__name__)
 
 STAGE = "ingest"
-READ_BLOCK_BYTES = 32 << 20  # float64 working copy per read block
+READ_BLOCK_BYTES = 32 << 20  # float32 rows per read block (the float64 working copy is twice that)
 
 
 class ZarrReader(FeatureReader):
@@ -259,7 +259,8 @@ def _stage(store: RunStore, reader, lab, cfg: IngestConfig, params: dict, extra:
         rows_arr = w.create_array("input_rows", (n,), (R,), np.int64)
         lab_arr = w.create_array("labels", (n,), (R,), np.int64) if lab is not None else None
         R = feats.chunks[0]  # create_array caps the chunk at N
-        read_rows = R * max(1, READ_BLOCK_BYTES // (R * d * 8))
+        # whole chunks per read, so each flush hands zarr several chunks to compress concurrently
+        read_rows = R * max(1, READ_BLOCK_BYTES // (R * d * 4))
 
         dropped: Counter = Counter()
         pend_f: list[np.ndarray] = []
@@ -274,16 +275,19 @@ def _stage(store: RunStore, reader, lab, cfg: IngestConfig, params: dict, extra:
             f = np.concatenate(pend_f)
             r = np.concatenate(pend_r)
             o = state["o"]
-            feats[o:o + m] = f[:m]
-            rows_arr[o:o + m] = r[:m]
-            if lab_arr is not None:
-                lab_arr[o:o + m] = lab[r[:m]]
+            writer.submit(o, f[:m], r[:m])
             pend_f[:] = [f[m:]] if m < len(f) else []
             pend_r[:] = [r[m:]] if m < len(r) else []
             state["o"] = o + m
             state["pending"] -= m
 
-        with _progress(n, f"ingest {reader.path.name}") as advance:
+        def write(o, f, r):
+            feats[o:o + len(f)] = f
+            rows_arr[o:o + len(r)] = r
+            if lab_arr is not None:
+                lab_arr[o:o + len(r)] = lab[r]
+
+        with _progress(n, f"ingest {reader.path.name}") as advance, _Writer(write) as writer:
             for r0, block, lengths in _guarded(reader.blocks(read_rows)):
                 normed, bad, reasons = validate_block(block, r0, d, lengths)
                 if bad.any():
@@ -322,6 +326,38 @@ def _stage(store: RunStore, reader, lab, cfg: IngestConfig, params: dict, extra:
         summary = dict(w.summary)
     summary["skipped"] = False
     return summary
+
+
+class _Writer:
+    """Runs zarr writes on one background thread, one write in flight, so reading and
+    normalising the next block overlaps compressing and writing this one (both
+    release the GIL). Errors surface on the next submit or on exit."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.pending = None
+
+    def __enter__(self):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ingest-write")
+        return self
+
+    def submit(self, *args) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self.fn, *args)
+
+    def wait(self) -> None:
+        if self.pending is not None:
+            fut, self.pending = self.pending, None
+            fut.result()
+
+    def __exit__(self, exc_type, *exc):
+        try:
+            if exc_type is None:
+                self.wait()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _fmt_counts(c: Counter) -> str:
