@@ -210,7 +210,8 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict | None = None, overrides: dict | None = None) -> "Config":
-        data = {k: dict(v) for k, v in (data or {}).items()}
+        # non-table values (`knn = 3`) are kept as they are and reported below with their key
+        data = {k: dict(v) if isinstance(v, dict) else v for k, v in (data or {}).items()}
         for key, value in (overrides or {}).items():
             if value is None:
                 continue
