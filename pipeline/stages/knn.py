@@ -1,0 +1,476 @@
+"""Stage ``knn``: chunk-wise cosine kNN on Dask workers (faiss exact blocks or IVF shards).
+
+Reads ``features`` (N x d float32, row chunks of R) written by ingest; writes
+``knn/index`` (N x k int64) and ``knn/sim`` (N x k float32), chunks (R, k), each row
+sorted by similarity descending then neighbour id ascending, self excluded.
+IVF mode also writes ``knn/ivf_list`` (N int64: the inverted list of every face).
+
+How the work is cut
+-------------------
+* The database is cut into *groups* of ``db_rows`` rows (whole chunks). When the
+  whole database fits the share ``knn.memory_fraction`` of the smallest worker's
+  memory limit, there is one group: each worker loads the database once (worker-level
+  cache) and tasks map over query blocks ("broadcast"). Otherwise every task is a
+  (query block, database group) pair and a tree of merges with fan-in ``knn.fan_in``
+  combines the groups' top-k lists ("blocks"); no task ever holds an N x N block and a
+  worker's memory is bounded by ``db_rows``, not N.
+* Query blocks are whole chunks (``q_rows``), sized so a task runs ~``task_seconds``
+  (a no-op task costs milliseconds) while leaving >= 2 tasks per worker thread.
+* Workers read features from the store by URL (nothing big is scattered from here)
+  and write their output chunks straight into the stage's temporary arrays; writes
+  cover whole chunks, so a recomputed task rewrites identical bytes.
+* IVF: a quantizer trained once (spherical k-means on a strided sample, one task);
+  a pass over the chunks assigns every face to its list (written to ``knn/ivf_list``)
+  so a shard is built by copying rows into lists; nprobe is tuned on a query sample
+  for the recall of above-threshold edges against exact search.
+
+The kernels (``tasks.knn``) re-score candidates exactly and certify them, so the
+arrays are identical for every chunk size, worker count, strategy and BLAS kernel.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from tasks import knn as K
+
+from ..cluster import worker_threads
+from ..config import Config
+from ..errors import BadInput
+from ..progress import wait_futures
+from ..store import RunStore, open_array
+
+log = logging.getLogger(__name__)
+
+STAGE = "knn"
+FEATURES = "features"
+# measured single-core speed of IndexFlatIP search (multiply-adds/s) with an AVX-512/AVX2
+# OpenBLAS kernel; used only to size tasks, never for results
+FLAT_MACS_PER_S = 3.0e10
+DEFAULT_WORKER_MEMORY = 4 << 30
+
+# -- worker side ---------------------------------------------------------------------------------
+_CACHE: "collections.OrderedDict[tuple, tuple[object, int]]" = collections.OrderedDict()
+_CACHE_LOCK = threading.Lock()
+_BLAS_LOGGED = False
+
+
+def _cached(key: tuple, budget: int, build):
+    """A per-worker LRU cache of databases/indexes: built once per worker, not once per task."""
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            _CACHE.move_to_end(key)
+            return _CACHE[key][0]
+        obj, nbytes = build()
+        while _CACHE and sum(b for _, b in _CACHE.values()) + nbytes > budget:
+            _CACHE.popitem(last=False)
+        _CACHE[key] = (obj, nbytes)
+        return obj
+
+
+def clear_cache() -> None:
+    """Drop this worker's cached databases (frees memory after a stage)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+def worker_blas() -> dict:
+    """Run on each worker: the OpenBLAS kernel faiss uses there (logged once per worker)."""
+    import os
+
+    import faiss  # noqa: F401  (loads faiss's OpenBLAS so threadpoolctl sees it)
+
+    global _BLAS_LOGGED
+    info = {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"), "libs": K.blas_info(),
+            "threads": worker_threads()}
+    if not _BLAS_LOGGED:
+        log.info("knn worker BLAS: %s", info)
+        _BLAS_LOGGED = True
+    return info
+
+
+def _rows(url: str, r0: int, r1: int) -> np.ndarray:
+    return np.ascontiguousarray(open_array(url, FEATURES)[r0:r1], dtype=np.float32)
+
+
+def _flat_group(url: str, g0: int, g1: int, budget: int):
+    def build():
+        index = K.flat_index(_rows(url, g0, g1))
+        return index, (g1 - g0) * index.d * 4
+
+    return _cached(("flat", url, g0, g1), budget, build)
+
+
+def _ivf_group(url: str, g0: int, g1: int, trained: np.ndarray, list_path: str, budget: int):
+    def build():
+        rows = _rows(url, g0, g1)
+        lists = np.asarray(open_array(url, list_path)[g0:g1], dtype=np.int64)
+        shard = K.ivf_shard(trained, rows, np.arange(g1 - g0, dtype=np.int64), lists)
+        return (shard, rows), 2 * rows.nbytes + 16 * len(rows)
+
+    return _cached(("ivf", url, g0, g1, list_path, hash(bytes(np.asarray(trained)[-4096:]))), budget, build)
+
+
+def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None):
+    """Top-k of query rows [q0, q1) (or the given ``queries``) against database rows [g0, g1)."""
+    K.set_threads(worker_threads())
+    if not _BLAS_LOGGED:
+        worker_blas()
+    if queries is None:
+        q, q_ids = _rows(url, q0, q1), np.arange(q0, q1, dtype=np.int64)
+    else:
+        q_ids, q = queries
+        q = np.ascontiguousarray(q, dtype=np.float32)
+    db_ids = np.arange(g0, g1, dtype=np.int64)
+    if ivf is None:
+        return K.knn_flat(_flat_group(url, g0, g1, budget), q, q_ids, db_ids, k, margin)
+    trained, list_path, probes = ivf["trained"], ivf["list_path"], ivf["probes"]
+    shard, rows = _ivf_group(url, g0, g1, trained, list_path, budget)
+    if isinstance(probes, int):
+        probes = K.ivf_assign(_index_of(trained), q, probes)
+    return K.knn_ivf(shard, rows, db_ids, q, q_ids, probes, k, margin)
+
+
+_TRAINED: dict = {}
+
+
+def _index_of(trained: np.ndarray):
+    key = hash(bytes(np.asarray(trained)[-4096:])), len(trained)
+    with _CACHE_LOCK:
+        if key not in _TRAINED:
+            _TRAINED.clear()
+            _TRAINED[key] = K.load_ivf(trained)
+        return _TRAINED[key]
+
+
+def _write(url, paths, q0, q1, result) -> dict:
+    sim, idx = result
+    open_array(url, paths["index"], "r+")[q0:q1] = idx
+    open_array(url, paths["sim"], "r+")[q0:q1] = sim
+    return {"rows": q1 - q0, "padded": int((idx[:, -1] < 0).sum())}
+
+
+def search_write_task(url, paths, q0, q1, g0, g1, k, margin, budget, ivf=None) -> dict:
+    """One query block against the whole database (broadcast); writes its output chunks."""
+    t0 = time.perf_counter()
+    out = _write(url, paths, q0, q1, _search(url, q0, q1, g0, g1, k, margin, budget, ivf))
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def search_task(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None):
+    """One (query block, database group) pair: its top-k lists, for the merge tree."""
+    return _search(url, q0, q1, g0, g1, k, margin, budget, ivf, queries)
+
+
+def merge_task(k, *parts):
+    """A node of the merge tree (fan-in = len(parts))."""
+    return K.merge_topk_many(parts, k)
+
+
+def merge_write_task(url, paths, q0, q1, k, *parts) -> dict:
+    """The root of a query block's merge tree: merge and write the output chunks."""
+    return _write(url, paths, q0, q1, K.merge_topk_many(parts, k))
+
+
+def sample_task(url, r0, r1, ids) -> np.ndarray:
+    """Rows ``ids`` (all inside [r0, r1)) of the features."""
+    return _rows(url, r0, r1)[np.asarray(ids) - r0]
+
+
+def train_task(nlist, seed, niter, *samples) -> np.ndarray:
+    """Train the IVF quantizer on the gathered sample (one task)."""
+    K.set_threads(worker_threads())
+    return K.train_ivf(np.concatenate(samples), nlist, seed=seed, niter=niter)
+
+
+def assign_task(url, list_path, r0, r1, trained) -> int:
+    """Write the inverted list of faces [r0, r1) into ``knn/ivf_list``."""
+    K.set_threads(worker_threads())
+    lists = K.ivf_assign(_index_of(trained), _rows(url, r0, r1), 1)[:, 0]
+    open_array(url, list_path, "r+")[r0:r1] = lists
+    return r1 - r0
+
+
+def _pair(a, b):
+    return a, b
+
+
+def probes_task(trained, x, nprobe) -> np.ndarray:
+    K.set_threads(worker_threads())
+    return K.ivf_assign(_index_of(trained), x, nprobe)
+
+
+# -- planning (driver) ------------------------------------------------------------------------------
+def _workers(client) -> list[dict]:
+    try:
+        info = client.scheduler_info(n_workers=-1)
+    except TypeError:
+        info = client.scheduler_info()
+    return list(info.get("workers", {}).values())
+
+
+def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, nprobe: int = 1, nlist: int = 1) -> dict:
+    """Database group and query block sizes from the workers' memory and thread counts.
+
+    Returns a dict with ``db_rows``, ``q_rows``, ``strategy`` ("broadcast" or "blocks"),
+    ``budget`` (bytes of database a worker may cache) and ``threads`` (cluster total).
+    """
+    mems = [int(w.get("memory_limit") or 0) for w in workers] or [0]
+    mem = min(m for m in mems) or DEFAULT_WORKER_MEMORY
+    threads = sum(int(w.get("nthreads", 1)) for w in workers) or 1
+    budget = int(cfg.memory_fraction * mem)
+    per_row = d * 4 * (2 if ivf else 1) + (16 if ivf else 0)
+    if cfg.db_rows:
+        db_rows = max(r, -(-cfg.db_rows // r) * r)
+    elif n * per_row <= budget:
+        db_rows = n
+    else:
+        db_rows = max(r, budget // per_row // r * r)
+        if budget // per_row < r:
+            log.warning("knn: one chunk (%d rows) exceeds the database memory budget (%d bytes); using one chunk per group",
+                        r, budget)
+    db_rows = min(db_rows, n)
+    strategy = "broadcast" if db_rows >= n else "blocks"
+    # multiply-adds per query in one task
+    macs = (min(db_rows, n) * nprobe / max(nlist, 1) + nlist) * d if ivf else db_rows * d
+    if cfg.q_rows:
+        q_rows = cfg.q_rows
+    else:
+        q_rows = int(cfg.task_seconds * FLAT_MACS_PER_S / max(macs, 1))
+        # enough tasks to keep every thread busy and balance at the end
+        q_rows = min(q_rows, -(-n // (4 * threads)) if strategy == "broadcast" else n)
+    q_rows = min(n, max(r, -(-q_rows // r) * r))
+    return {"db_rows": int(db_rows), "q_rows": int(q_rows), "strategy": strategy, "budget": budget,
+            "threads": threads, "worker_memory": mem}
+
+
+def _ranges(n: int, step: int) -> list[tuple[int, int]]:
+    return [(a, min(n, a + step)) for a in range(0, n, step)]
+
+
+def _tree(client, parts: list, k: int, fan_in: int, key: str, root):
+    """Merge ``parts`` with a tree of fan-in ``fan_in``; ``root(parts)`` submits the final node."""
+    level = 0
+    while len(parts) > fan_in:
+        parts = [client.submit(merge_task, k, *parts[i:i + fan_in], key=f"{key}-L{level}-{i // fan_in}")
+                 for i in range(0, len(parts), fan_in)]
+        level += 1
+    return root(parts)
+
+
+def _check_input(store: RunStore, k: int) -> tuple[int, int, int]:
+    store.require("ingest", f"run `facecluster ingest FEATS -o {store.url}` first")
+    feats = store.array(FEATURES)
+    if feats.ndim != 2:
+        raise BadInput(f"{store.url}: 'features' must be 2-D, has shape {feats.shape}; re-run `facecluster ingest`")
+    n, d = (int(x) for x in feats.shape)
+    if k >= n:
+        raise BadInput(f"{store.url}: k={k} neighbours asked but the store holds only {n} faces; "
+                       f"use -k smaller than N (at most {n - 1})")
+    return n, d, int(feats.chunks[0])
+
+
+def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
+    """Run the kNN stage (or skip it when up to date); returns its summary.
+
+    Parameters
+    ----------
+    store : RunStore with a completed ``ingest`` stage.
+    cfg : Config (section ``knn``; ``dask`` for the BLAS setting recorded).
+    client : distributed.Client.
+    force : recompute even when an identical result exists.
+
+    Returns
+    -------
+    dict: n, k, mode, strategy, db_rows, q_rows, tasks, seconds, queries_per_s
+    (IVF: nlist, nprobe, edge_th, edge_recall), worker BLAS kernels, skipped.
+    """
+    kc = cfg.knn
+    k = kc.k
+    n, d, r = _check_input(store, k)
+    mode = kc.mode if kc.mode != "auto" else ("ivf" if n >= kc.ivf_min_n else "exact")
+    params = {"k": k, "mode": mode, "margin": kc.margin}
+    if mode == "ivf":
+        params.update(nlist=kc.nlist or K.default_nlist(n, kc.nlist_factor), nprobe=kc.nprobe,
+                      train_size=kc.train_size, train_iter=kc.train_iter, tune_queries=kc.tune_queries,
+                      recall_target=kc.recall_target, edge_th=kc.edge_th)
+    with store.stage(STAGE, params, inputs=["ingest"], force=force) as w:
+        if w is None:
+            summary = dict(store.record(STAGE)["summary"])
+            summary["skipped"] = True
+            return summary
+        t0 = time.perf_counter()
+        blas = client.run(worker_blas)
+        kernels = sorted({str(v["libs"].get("faiss", {}).get("architecture")) for v in blas.values()})
+        log.info("knn: faiss OpenBLAS kernel on the workers: %s", ", ".join(kernels))
+        if any(kn in ("Prescott", "Core2", "None") for kn in kernels):
+            log.warning("knn: workers run faiss with the generic OpenBLAS kernel %s (exact search several times slower);"
+                        " set dask.openblas_coretype or export OPENBLAS_CORETYPE before starting the workers", kernels)
+        idx_arr = w.create_array("knn/index", (n, k), (r, k), np.int64, fill_value=-1)
+        w.create_array("knn/sim", (n, k), (r, k), np.float32, fill_value=float("-inf"))
+        paths = {"index": w.tmp_path("knn/index"), "sim": w.tmp_path("knn/sim")}
+        r = idx_arr.chunks[0]
+        workers = _workers(client)
+        token = uuid.uuid4().hex[:8]
+        summary = {"n": n, "dim": d, "k": k, "mode": mode, "chunk_rows": r, "workers": len(workers),
+                   "openblas": kernels}
+        ivf = None
+        if mode == "ivf":
+            ivf, info = _prepare_ivf(store, w, client, kc, n, d, r, token, params["nlist"])
+            summary.update(info)
+            pl = plan(n, d, r, k, kc, workers, True, ivf["probes"], params["nlist"])
+        else:
+            pl = plan(n, d, r, k, kc, workers, False)
+        summary.update({x: pl[x] for x in ("strategy", "db_rows", "q_rows")})
+        t_search = time.perf_counter()
+        n_tasks = _search_all(client, store.url, paths, n, k, kc, pl, ivf, token)
+        elapsed = time.perf_counter() - t_search
+        client.run(clear_cache)
+        summary.update(tasks=n_tasks, search_seconds=round(elapsed, 3), seconds=round(time.perf_counter() - t0, 3),
+                       queries_per_s=round(n / max(elapsed, 1e-9), 1))
+        w.summary.update(summary)
+    summary["skipped"] = False
+    return summary
+
+
+def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
+    groups = _ranges(n, pl["db_rows"])
+    qblocks = _ranges(n, pl["q_rows"])
+    budget = pl["budget"]
+    ivf_arg = None if ivf is None else {"trained": ivf["trained"], "list_path": ivf["list_path"], "probes": ivf["probes"]}
+    futures = []
+    if len(groups) == 1:
+        g0, g1 = groups[0]
+        for q0, q1 in qblocks:
+            futures.append(client.submit(search_write_task, url, paths, q0, q1, g0, g1, k, kc.margin, budget, ivf_arg,
+                                         key=f"knn-search-{token}-{q0}", pure=False))
+        wait_futures(futures, "knn")
+        return len(futures)
+    # blocks: waves of query blocks so the intermediate top-k lists stay within memory
+    per_q = len(groups) * k * 12
+    wave_rows = max(pl["q_rows"], int(0.25 * pl["worker_memory"] * max(1, len(_workers(client))) // per_q))
+    n_tasks = 0
+    for w0 in range(0, n, wave_rows):
+        wave = [(a, b) for a, b in qblocks if w0 <= a < w0 + wave_rows]
+        parts = {qb: [] for qb in wave}
+        # group-major order: every worker works through one database group at a time (cache hits)
+        for g0, g1 in groups:
+            for q0, q1 in wave:
+                parts[(q0, q1)].append(client.submit(search_task, url, q0, q1, g0, g1, k, kc.margin, budget, ivf_arg,
+                                                     key=f"knn-block-{token}-{q0}-{g0}", pure=False))
+        roots = []
+        for (q0, q1), ps in parts.items():
+            roots.append(_tree(client, ps, k, kc.fan_in, f"knn-merge-{token}-{q0}",
+                               lambda ps, q0=q0, q1=q1: client.submit(merge_write_task, url, paths, q0, q1, k, *ps,
+                                                                       key=f"knn-write-{token}-{q0}", pure=False)))
+        n_tasks += sum(len(p) for p in parts.values()) + len(roots)
+        wait_futures(roots, "knn")
+    return n_tasks
+
+
+# -- IVF preparation --------------------------------------------------------------------------------
+def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dict]:
+    """Train the quantizer, assign every face to a list, tune nprobe; returns (ivf spec, summary)."""
+    t0 = time.perf_counter()
+    url = store.url
+    nlist = int(min(nlist, n))
+    ns = int(min(n, max(kc.train_size if kc.train_size else 0, 1), max(nlist * 39, 1000)))
+    sample_ids = np.unique(np.linspace(0, n - 1, ns).astype(np.int64))
+    parts = []
+    for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))):
+        sel = sample_ids[(sample_ids >= a) & (sample_ids < b)]
+        if len(sel):
+            parts.append(client.submit(sample_task, url, a, b, sel, key=f"knn-ivf-sample-{token}-{a}"))
+    trained = client.submit(train_task, nlist, 1234, kc.train_iter, *parts, key=f"knn-ivf-train-{token}")
+    wait_futures([trained], "knn-train", gather=False)
+    t_train = time.perf_counter() - t0
+    w.create_array("knn/ivf_list", (n,), (r,), np.int64)
+    list_path = w.tmp_path("knn/ivf_list")
+    span = r * max(1, int(1e11 / max(nlist * d, 1)) // r)  # ~a few seconds of quantizer search per task
+    futs = [client.submit(assign_task, url, list_path, a, b, trained, key=f"knn-ivf-assign-{token}-{a}")
+            for a, b in _ranges(n, span)]
+    wait_futures(futs, "knn-assign", gather=False)
+    t_assign = time.perf_counter() - t0 - t_train
+    spec = {"trained": trained, "list_path": list_path, "probes": kc.nprobe or 1}
+    info = {"nlist": nlist, "train_rows": int(len(sample_ids)), "train_seconds": round(t_train, 2),
+            "assign_seconds": round(t_assign, 2)}
+    tune = tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token)
+    info.update(tune)
+    if kc.nprobe is None:
+        spec["probes"] = tune["nprobe"]
+    else:
+        info["nprobe"] = kc.nprobe
+    return spec, info
+
+
+def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> dict:
+    """Smallest nprobe (powers of 2) whose recall of above-threshold edges reaches the target.
+
+    Exact and IVF top-k lists of a strided query sample are computed with the same
+    database groups as the main pass; an "edge" is a (query, neighbour) pair of the
+    exact list with sim >= ``edge_th`` (default: Otsu's threshold of the sample's
+    exact similarities, the lowest threshold the proposals derive the same way).
+    """
+    from tasks.thresholds import auto_threshold
+
+    k = kc.k
+    workers = _workers(client)
+    pl = plan(n, d, r, k, kc, workers, True)
+    groups = _ranges(n, pl["db_rows"])
+    m = int(min(n, kc.tune_queries))
+    q_ids = np.unique(np.linspace(0, n - 1, m).astype(np.int64))
+    parts = []
+    for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))):
+        sel = q_ids[(q_ids >= a) & (q_ids < b)]
+        if len(sel):
+            parts.append(client.submit(sample_task, url, a, b, sel, key=f"knn-tune-sample-{token}-{a}"))
+    qx = client.submit(np.concatenate, parts, key=f"knn-tune-queries-{token}")
+    queries = client.submit(_pair, q_ids, qx, key=f"knn-tune-q-{token}")
+    budget = pl["budget"]
+
+    def run(ivf, tag):
+        ps = [client.submit(search_task, url, 0, 0, g0, g1, k, kc.margin, budget, ivf, queries,
+                            key=f"knn-tune-{tag}-{token}-{g0}") for g0, g1 in groups]
+        root = _tree(client, ps, k, kc.fan_in, f"knn-tune-merge-{tag}-{token}",
+                     lambda ps: client.submit(merge_task, k, *ps, key=f"knn-tune-root-{tag}-{token}"))
+        return wait_futures([root], "knn-tune")[0]
+
+    t0 = time.perf_counter()
+    ex_s, ex_i = run(None, "exact")
+    t_exact = time.perf_counter() - t0
+    edge_th = kc.edge_th if kc.edge_th is not None else float(auto_threshold(ex_s))
+    probes_all = client.submit(probes_task, trained, qx, min(nlist, 1024), key=f"knn-tune-probes-{token}")
+    probes_np = probes_all.result()
+    curve = []
+    chosen = None
+    p = 1
+    edges = ex_s >= edge_th
+    n_edges = int(edges.sum())
+    while True:
+        p = min(p, probes_np.shape[1])
+        ivf = {"trained": trained, "list_path": list_path, "probes": probes_np[:, :p]}
+        t1 = time.perf_counter()
+        s, i = run(ivf, f"p{p}")
+        dt = time.perf_counter() - t1
+        found = np.array([np.isin(ex_i[j][edges[j]], i[j]).sum() for j in range(len(q_ids))]).sum()
+        rec_edges = float(found / n_edges) if n_edges else 1.0
+        rec_k = float(np.mean([np.isin(ex_i[j], i[j]).mean() for j in range(len(q_ids))]))
+        curve.append({"nprobe": p, "edge_recall": round(rec_edges, 4), "recall_at_k": round(rec_k, 4),
+                      "seconds": round(dt, 3)})
+        log.info("knn tune: nprobe=%d edge recall %.4f recall@%d %.4f", p, rec_edges, k, rec_k)
+        if rec_edges >= kc.recall_target or p >= probes_np.shape[1]:
+            chosen = p
+            break
+        p *= 2
+    best = curve[-1]
+    return {"nprobe": chosen, "edge_th": round(edge_th, 4), "edge_recall": best["edge_recall"],
+            "recall_at_k": best["recall_at_k"], "tune_edges": n_edges, "tune_queries": int(len(q_ids)),
+            "tune_exact_seconds": round(t_exact, 3), "tune_curve": curve}

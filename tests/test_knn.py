@@ -1,0 +1,252 @@
+"""kNN: kernels against a numpy oracle, merge properties, the stage on a real LocalCluster."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tasks import knn as K
+
+
+def unit(x):
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def clustered(n, d, seed=0, centres=40, spread=0.35):
+    """Small clustered unit vectors with exact duplicates (ties) mixed in."""
+    rng = np.random.default_rng(seed)
+    c = unit(rng.standard_normal((centres, d)))
+    x = unit(c[rng.integers(0, centres, n)] + spread * rng.standard_normal((n, d)) / np.sqrt(d) * 3)
+    dup = rng.choice(n, size=n // 10, replace=False)
+    x[dup] = x[dup[0]]  # one large group of identical rows: many exact ties
+    return x
+
+
+def chunked_knn(x, k, q_step, db_step, margin=16):
+    n = len(x)
+    ids = np.arange(n)
+    out_s, out_i = [], []
+    for a in range(0, n, q_step):
+        parts = [K.knn_block(x[a:a + q_step], ids[a:a + q_step], x[b:b + db_step], ids[b:b + db_step], k, margin)
+                 for b in range(0, n, db_step)]
+        s, i = K.merge_topk_many(parts, k)
+        out_s.append(s)
+        out_i.append(i)
+    return np.concatenate(out_s), np.concatenate(out_i)
+
+
+def numpy_oracle(x, k):
+    """argsort oracle, independent of tasks.knn: float64 sims, order (sim desc, id asc), self excluded."""
+    n = len(x)
+    s = (x.astype(np.float64) @ x.astype(np.float64).T).astype(np.float32)
+    idx_out = np.full((n, k), -1, np.int64)
+    sim_out = np.full((n, k), -np.inf, np.float32)
+    for i in range(n):
+        cand = np.array([j for j in range(n) if j != i])
+        order = sorted(cand.tolist(), key=lambda j: (-s[i, j], j))[:k]
+        idx_out[i, :len(order)] = order
+        sim_out[i, :len(order)] = s[i, order]
+    return sim_out, idx_out
+
+
+# -- kernels -------------------------------------------------------------------------------
+def test_knn_block_equals_numpy_oracle_with_ties_and_duplicates():
+    x = clustered(400, 24, seed=3)
+    ss, si = numpy_oracle(x, 30)
+    for q_step, db_step in [(400, 400), (97, 61), (50, 400), (400, 7)]:
+        s, i = chunked_knn(x, 30, q_step, db_step, margin=2)
+        np.testing.assert_array_equal(i, si, err_msg=f"q_step={q_step} db_step={db_step}")
+        np.testing.assert_array_equal(s, ss)
+
+
+def test_knn_block_pads_and_excludes_self():
+    x = unit(np.random.default_rng(0).standard_normal((5, 8)))
+    ids = np.arange(5)
+    s, i = K.knn_block(x[:2], ids[:2], x[:3], ids[:3], k=4)
+    # query 0 sees rows 1, 2 (self removed) then padding
+    assert set(i[0, :2]) == {1, 2} and (i[0, 2:] == -1).all() and np.isneginf(s[0, 2:]).all()
+    assert 0 not in i[0] and 1 not in i[1]
+
+
+def test_certification_handles_more_ties_than_margin():
+    # 60 identical rows tie at the boundary; margin 0 must still give the id-ascending choice
+    rng = np.random.default_rng(1)
+    x = unit(rng.standard_normal((300, 16)))
+    x[100:160] = x[5]
+    ss, si = numpy_oracle(x, 10)
+    s, i = chunked_knn(x, 10, 300, 300, margin=0)
+    np.testing.assert_array_equal(i, si)
+    np.testing.assert_array_equal(s, ss)
+
+
+def topk_lists(n_rows=3, max_len=12):
+    ent = st.tuples(st.integers(-3, 3).map(lambda v: v / 4.0), st.integers(0, 40))
+
+    def build(rows):
+        k = max(len(r) for r in rows) if rows else 0
+        s = np.full((len(rows), k), -np.inf, np.float32)
+        i = np.full((len(rows), k), -1, np.int64)
+        for r, row in enumerate(rows):
+            for c, (v, j) in enumerate(row):
+                s[r, c], i[r, c] = v, j
+        return s, i
+
+    return st.lists(st.lists(ent, min_size=1, max_size=max_len), min_size=n_rows, max_size=n_rows).map(build)
+
+
+@settings(max_examples=150, deadline=None)
+@given(topk_lists(), topk_lists(), topk_lists(), st.integers(1, 15))
+def test_merge_topk_associative_commutative_and_equals_topk_of_concatenation(a, b, c, k):
+    ab_c = K.merge_topk(K.merge_topk(a, b, k), c, k)
+    a_bc = K.merge_topk(a, K.merge_topk(b, c, k), k)
+    ba = K.merge_topk(b, a, k)
+    ab = K.merge_topk(a, b, k)
+    for x, y in [(ab_c, a_bc), (ab, ba), (ab_c, K.merge_topk_many([c, b, a], k))]:
+        np.testing.assert_array_equal(x[0], y[0])
+        np.testing.assert_array_equal(x[1], y[1])
+    # oracle: python sort of the concatenation by (sim desc, id asc), padded
+    for r in range(3):
+        ent = sorted(zip(np.concatenate([a[0][r], b[0][r], c[0][r]]).tolist(),
+                         np.concatenate([a[1][r], b[1][r], c[1][r]]).tolist()), key=lambda e: (-e[0], e[1]))[:k]
+        ent += [(-np.inf, -1)] * (k - len(ent))
+        np.testing.assert_array_equal(ab_c[0][r], np.array([e[0] for e in ent], np.float32))
+        np.testing.assert_array_equal(ab_c[1][r], np.array([e[1] for e in ent], np.int64))
+
+
+def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
+    x = clustered(1200, 16, seed=5)
+    ids = np.arange(len(x))
+    trained = K.train_ivf(x, 20, niter=5)
+    index = K.load_ivf(trained)
+    lists = K.ivf_assign(index, x, 1)[:, 0]
+    one = K.ivf_shard(trained, x, ids, lists)
+    probes = K.ivf_assign(index, x, 3)
+    s1, i1 = K.knn_ivf(one, x, ids, x, ids, probes, 15)
+    parts = [K.knn_ivf(K.ivf_shard(trained, x[a:a + 250], np.arange(len(x[a:a + 250])), lists[a:a + 250]),
+                       x[a:a + 250], ids[a:a + 250], x, ids, probes, 15) for a in range(0, len(x), 250)]
+    s2, i2 = K.merge_topk_many(parts, 15)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+    # probing every list is exact search
+    s3, i3 = K.knn_ivf(one, x, ids, x, ids, K.ivf_assign(index, x, 20), 15)
+    es, ei = K.knn_block(x, ids, x, ids, 15)
+    np.testing.assert_array_equal(i3, ei)
+    np.testing.assert_array_equal(s3, es)
+
+
+# -- the stage on a real LocalCluster ---------------------------------------------------------------
+N_STAGE = 1200
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    try:
+        from tasks.synth import make_faces
+
+        x, _ = make_faces(N_STAGE, dim=32, seed=7)
+    except ImportError:  # the built-in dataset module is optional for this test
+        x = clustered(N_STAGE, 32, seed=7)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    x[10:40] = x[3]  # duplicates: ties across chunk boundaries
+    tmp = tmp_path_factory.mktemp("knnfeat")
+    path = tmp / "f.npy"
+    np.save(path, x)
+    # oracle on the stored features (ingest re-normalises the rows)
+    stored = make_store(tmp, path, N_STAGE).array("features")[...]
+    return path, K.brute_force_knn(stored, 25)
+
+
+def make_store(tmp_path, feats_path, chunk_rows):
+    from pipeline.config import IngestConfig
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.store import RunStore
+
+    url = str(tmp_path / f"run{chunk_rows}.zarr")
+    run_ingest(feats_path, url, cfg=IngestConfig(chunk_rows=chunk_rows))
+    return RunStore.open(url)
+
+
+def knn_cfg(**kw):
+    from pipeline.config import Config
+
+    cfg = Config()
+    return dataclasses.replace(cfg, knn=dataclasses.replace(cfg.knn, **kw))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chunk_rows,db_rows,client_name", [
+    (97, None, "local_client"),      # broadcast, many small query blocks
+    (500, None, "single_worker_client"),
+    (N_STAGE, None, "local_client"),  # one chunk
+    (97, 194, "local_client"),       # blocks: 7 database groups, merge tree with fan-in 2
+    (500, 500, "single_worker_client"),
+])
+def test_stage_equals_brute_force_for_any_chunking_and_workers(request, tmp_path, faces, chunk_rows, db_rows, client_name):
+    client = request.getfixturevalue(client_name)
+    path, (bs, bi) = faces
+    store = make_store(tmp_path, path, chunk_rows)
+    from pipeline.stages.knn import run_knn
+
+    cfg = knn_cfg(k=25, mode="exact", db_rows=db_rows, fan_in=2, margin=4)
+    summary = run_knn(store, cfg, client)
+    assert summary["strategy"] == ("broadcast" if db_rows is None else "blocks")
+    idx = store.array("knn/index")
+    assert idx.chunks == (min(chunk_rows, N_STAGE), 25)
+    np.testing.assert_array_equal(idx[...], bi)
+    np.testing.assert_array_equal(store.array("knn/sim")[...], bs)
+    # up to date: skipped on a re-run
+    assert run_knn(store, cfg, client)["skipped"] is True
+
+
+@pytest.mark.slow
+def test_ivf_stage_recall_and_chunking_invariance(tmp_path, faces, local_client, single_worker_client):
+    path, (bs, bi) = faces
+    from pipeline.stages.knn import run_knn
+
+    results = []
+    for chunk_rows, db_rows, client in [(97, None, local_client), (300, 600, single_worker_client)]:
+        store = make_store(tmp_path, path, chunk_rows)
+        cfg = knn_cfg(k=25, mode="ivf", nlist=24, tune_queries=200, recall_target=0.95, edge_th=0.5,
+                      db_rows=db_rows, fan_in=2)
+        summary = run_knn(store, cfg, client)
+        assert summary["mode"] == "ivf" and 1 <= summary["nprobe"] <= 24
+        assert summary["edge_recall"] >= 0.95
+        results.append((store.array("knn/index")[...], store.array("knn/sim")[...], summary["nprobe"]))
+    (i1, s1, p1), (i2, s2, p2) = results
+    assert p1 == p2
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+    # recall of above-threshold edges over all queries, against brute force
+    edges = bs >= 0.5
+    found = sum(np.isin(bi[r][edges[r]], i1[r]).sum() for r in range(len(bi)))
+    assert found / edges.sum() >= 0.9
+
+
+def test_cli_k_not_smaller_than_n_exits_2(tmp_path, capsys):
+    from pipeline.cli import main
+
+    x = unit(np.random.default_rng(0).standard_normal((20, 8)))
+    np.save(tmp_path / "f.npy", x)
+    url = str(tmp_path / "r.zarr")
+    from pipeline.stages.ingest import run_ingest
+
+    run_ingest(tmp_path / "f.npy", url)
+    with pytest.raises(SystemExit) as e:
+        main(["knn", url, "-k", "20"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "r.zarr" in err and "-k smaller than N" in err
+
+
+def test_missing_ingest_is_a_clear_error(tmp_path):
+    from pipeline.stages.knn import _check_input
+    from pipeline.store import RunStore, StoreError
+
+    store = RunStore.create(str(tmp_path / "empty.zarr"))
+    with pytest.raises(StoreError, match="ingest"):
+        _check_input(store, 5)
