@@ -33,12 +33,12 @@ def format_summary(summary: dict) -> str:
     """Human-readable proposal statistics: threshold, per-setting counts and size distributions."""
     th = summary.get("threshold", {})
     lines = [f"threshold anchor {th.get('anchor', float('nan')):.4f} ({th.get('source', '?')})",
-             f"{'set':>3} {'th0':>7} {'maxsz':>5} {'svmax':>5} {'SVs':>8} {'largest':>7} {'props':>7} "
+             f"{'set':>3} {'th0':>8} {'maxsz':>5} {'svmax':>5} {'SVs':>8} {'largest':>7} {'props':>7} "
              f"{'per level':>16} {'size med':>8} {'max':>5}"]
     for s in summary.get("settings", []):
         per_level = "/".join(str(v) for v in s["per_level"].values())
         sz = s["sizes"]
-        lines.append(f"{s['id']:>3} {s['th0']:>7.4f} {s['max_size']:>5} {s['sv_max_size']:>5} {s['super_vertices']:>8} "
+        lines.append(f"{s['id']:>3} {s['th0']:>8.5f} {s['max_size']:>5} {s['sv_max_size']:>5} {s['super_vertices']:>8} "
                      f"{s['largest_super_vertex']:>7} {s['proposals']:>7} {per_level:>16} "
                      f"{sz.get('median', 0):>8.1f} {sz.get('max', 0):>5}")
     sz = summary.get("sizes", {})

@@ -189,7 +189,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> 
                    "sizes": _size_stats(sizes[m])}
             per_setting.append(row)
             if sum(row["before_dedup"].values()) == 0:
-                msg = (f"setting {s['id']} (th0={s['th0']:.4g}, max_size={s['max_size']}, sv_max_size={s['sv_max_size']}) "
+                msg = (f"setting {s['id']} (th0={s['th0']:.6g}, max_size={s['max_size']}, sv_max_size={s['sv_max_size']}) "
                        f"yields no proposal of {pc.min_size}..{pc.max_proposal_size} faces")
                 warnings.append(msg)
                 log.warning(msg)

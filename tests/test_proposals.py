@@ -1,0 +1,186 @@
+"""Proposals (Algorithm 2), automatic thresholds and the threshold clustering, on real run stores and a real
+LocalCluster."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from pipeline.config import Config
+from pipeline.errors import BadInput
+from pipeline.stages.graph import read_forest, run_graph
+from pipeline.stages.proposals import read_proposals, run_proposals, run_threshold_clusters
+from pipeline.store import RunStore
+from tasks.components import super_vertices, threshold_components
+from tasks.proposals import from_csr, to_csr
+from tasks.thresholds import auto_threshold, make_settings
+
+from conftest import LFW
+from test_graph import clustered_features, make_run
+
+
+def faiss_knn(feats: np.ndarray, k: int):
+    """Exact kNN with faiss (self excluded, rows sorted by (sim desc, id asc)) for the larger sets."""
+    import faiss
+
+    index = faiss.IndexFlatIP(feats.shape[1])
+    index.add(feats)
+    sim, idx = index.search(feats, k + 1)
+    sim = np.where(idx == np.arange(len(feats))[:, None], -np.inf, sim)
+    order = np.lexsort((idx, -sim), axis=1)[:, :k]
+    return np.take_along_axis(idx, order, 1).astype(np.int64), np.take_along_axis(sim, order, 1).astype(np.float32)
+
+
+def make_big_run(path, feats, k, r, labels=None):
+    store = RunStore.create(path)
+    n, d = feats.shape
+    with store.stage("ingest", {"n": n}) as w:
+        w.write_array("features", feats, chunks=(r, d))
+        w.summary.update(n=n, dim=d, chunk_rows=r)
+    idx, sim = faiss_knn(feats, k)
+    with store.stage("knn", {"k": k}, inputs=["ingest"]) as w:
+        w.write_array("knn/index", idx, chunks=(r, k))
+        w.write_array("knn/sim", sim, chunks=(r, k))
+    return store
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 1000), max_size=8), max_size=10))
+def test_csr_round_trip(groups):
+    offsets, members = to_csr(groups)
+    assert offsets.dtype == np.int64 and members.dtype == np.int64 and offsets[0] == 0
+    assert [g.tolist() for g in from_csr(offsets, members)] == groups
+
+
+def test_make_settings_presets_and_explicit():
+    assert len(make_settings("fast", 0.6, 0.05, 300)) == 2
+    assert len(make_settings("default", 0.6, 0.05, 300)) == 8
+    assert len(make_settings("thorough", 0.6, 0.05, 300)) == 20
+    th0 = sorted({s["th0"] for s in make_settings("default", 0.6, 0.05, 300)})
+    np.testing.assert_allclose(th0, [0.6, 0.65, 0.7, 0.75])  # the reference's MS1M settings at anchor 0.6
+    s = make_settings("fast", 0.6, 0.05, 300, thresholds=[0.8, 0.7])
+    assert [x["th0"] for x in s] == [0.7, 0.8] and s[0]["sv_th"] == pytest.approx(1 - 1.5 * 0.3)
+    # scale-adaptive: anchors near 1 keep every threshold below 1
+    assert all(0.97 <= x["th0"] < 1 for x in make_settings("thorough", 0.97, 0.05, 300))
+
+
+@pytest.mark.slow
+def test_proposals_stage_invariance_and_structure(tmp_path, local_client, single_worker_client):
+    feats, _ = clustered_features(400, d=16, n_ids=15, spread=0.7, seed=3)
+    cfg = Config.from_dict({"proposals": {"preset": "fast", "max_size": 25, "levels": 3}})
+    outs = []
+    for i, (r, client) in enumerate([(400, single_worker_client), (57, local_client)]):
+        store = make_run(tmp_path / f"p{i}.zarr", feats, 8, r)
+        run_graph(store, cfg, client)
+        summary = run_proposals(store, cfg, client)
+        outs.append(read_proposals(store))
+    for key in ("offsets", "members", "setting", "level"):
+        np.testing.assert_array_equal(outs[0][key], outs[1][key])
+    p = outs[0]
+    assert p["offsets"].dtype == np.int64 and p["members"].dtype == np.int64
+    assert p["setting"].dtype == np.int32 and p["level"].dtype == np.int32
+    groups = from_csr(p["offsets"], p["members"])
+    assert len(groups) == summary["n_proposals"] > 0
+    assert summary["per_level"].get("1", 0) > 0  # higher levels produce proposals on this data
+    assert len({g.tobytes() for g in groups}) == len(groups)  # duplicates removed
+    for g in groups:
+        assert np.all(np.diff(g) > 0) and 3 <= len(g) <= 500
+    key = list(zip(p["setting"].tolist(), p["level"].tolist(), [int(g[0]) for g in groups]))
+    assert key == sorted(key)  # ordered by (setting, level, smallest member)
+    # each level-(i+1) proposal is a union of whole level-i groups; level 1 of level-0 super-vertices
+    forest = read_forest(store)
+    for s in summary["settings"]:
+        sv, _ = super_vertices(400, *forest, s["th0"], s["step"], s["max_size"])
+        assert np.bincount(sv).max() <= s["max_size"]
+        for g, st_, lv in zip(groups, p["setting"], p["level"]):
+            if st_ != s["id"]:
+                continue
+            labs = np.unique(sv[g])
+            assert np.isin(np.flatnonzero(np.isin(sv, labs)), g).all()
+            if lv == 0:
+                assert len(labs) == 1
+            elif lv == 1:
+                assert len(labs) >= 2
+
+
+@pytest.mark.slow
+def test_explicit_thresholds_warn_and_fail(tmp_path, local_client, caplog):
+    feats, _ = clustered_features(200, seed=4)
+    store = make_run(tmp_path / "w.zarr", feats, 6, 64)
+    run_graph(store, Config(), local_client)
+    cfg = Config.from_dict({"proposals": {"preset": "fast", "thresholds": [0.5, 0.99999], "levels": 1}})
+    summary = run_proposals(store, cfg, local_client)
+    assert len(summary["warnings"]) == 1 and "th0=0.99999" in summary["warnings"][0]
+    assert "yields no proposal" in caplog.text
+    cfg = Config.from_dict({"proposals": {"preset": "fast", "thresholds": [0.99998, 0.99999], "levels": 1}})
+    with pytest.raises(BadInput, match="no proposal from any"):
+        run_proposals(store, cfg, local_client)
+    assert not store.is_complete("proposals")
+
+
+@pytest.mark.slow
+def test_auto_thresholds_on_synthetic(tmp_path, local_client):
+    from tasks.synth import make_faces
+
+    feats, labels = make_faces(3000, dim=64, seed=0)
+    store = make_big_run(tmp_path / "s.zarr", feats.astype(np.float32), 20, 1024)
+    run_graph(store, Config(), local_client)
+    summary = run_proposals(store, Config.from_dict({"proposals": {"preset": "fast"}}), local_client)
+    assert summary["n_proposals"] > 50 and not summary["warnings"]
+    assert summary["threshold"]["source"].startswith("auto")
+    res = run_threshold_clusters(store, None, Config(), local_client)
+    clusters = store.array("clusters")[:]
+    assert len(clusters) == 3000 and clusters.min() == 0 and res["n_clusters"] == clusters.max() + 1
+    assert res["th"] == pytest.approx(summary["threshold"]["anchor"])
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not LFW.exists(), reason="LFW/SFace features not available")
+def test_auto_thresholds_on_lfw(tmp_path, local_client):
+    feats = np.load(LFW / "features.npy").astype(np.float32)
+    feats /= np.linalg.norm(feats, axis=1, keepdims=True)
+    store = make_big_run(tmp_path / "lfw.zarr", feats, 20, 4096)
+    anchor = auto_threshold(store.array("knn/sim")[:])
+    assert 0.45 < anchor < 0.65  # best single thresholds on this set: 0.54 (BCubed F), 0.63 (pairwise F)
+    run_graph(store, Config(), local_client)
+    summary = run_proposals(store, Config.from_dict({"proposals": {"preset": "fast"}}), local_client)
+    assert summary["n_proposals"] > 100 and not summary["warnings"]
+
+
+@pytest.mark.slow
+def test_threshold_clusters_equal_forest_cut(tmp_path, local_client):
+    feats, _ = clustered_features(150, seed=5)
+    store = make_run(tmp_path / "t.zarr", feats, 5, 40)
+    run_graph(store, Config(), local_client)
+    run_threshold_clusters(store, 0.6, Config(), local_client)
+    np.testing.assert_array_equal(store.array("clusters")[:], threshold_components(150, *read_forest(store), 0.6))
+    run_threshold_clusters(store, 0.6, Config(), local_client, max_size=10)
+    labels = store.array("clusters")[:]
+    assert np.bincount(labels).max() <= 10
+    assert store.record("clusters")["params"]["method"] == "threshold"
+
+
+@pytest.mark.slow
+def test_cli_threshold_and_proposals(tmp_path):
+    feats, _ = clustered_features(120, seed=6)
+    store = make_run(tmp_path / "c.zarr", feats, 5, 50)
+    env = {**os.environ, "FACECLUSTER_PROGRESS": "0"}
+    exe = os.path.join(os.path.dirname(sys.executable), "facecluster")
+    out = subprocess.run([exe, "cluster", store.url, "--method", "threshold", "--th", "0.6", "--workers", "1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "clusters" in out.stdout and "singletons" in out.stdout
+    labels = RunStore.open(store.url).array("clusters")[:]
+    np.testing.assert_array_equal(labels, threshold_components(120, *read_forest(RunStore.open(store.url)), 0.6))
+    out = subprocess.run([exe, "proposals", store.url, "--preset", "fast", "--th", "0.999999", "--levels", "1", "--workers", "1"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and "no proposal from any" in out.stderr
+    out = subprocess.run([exe, "cluster", str(tmp_path / "missing.zarr"), "--method", "threshold"],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 2 and "no such run store" in out.stderr
