@@ -378,7 +378,7 @@ def _knn(store: RunStore, out: Path) -> Section:
 
 
 def similarity_blocks(store: RunStore, labels: np.ndarray, n_clusters: int = 6, max_per_cluster: int = 40,
-                      seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                      seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Cosine similarity of the faces of the largest clusters, grouped by cluster.
 
     Parameters
@@ -400,6 +400,8 @@ def similarity_blocks(store: RunStore, labels: np.ndarray, n_clusters: int = 6, 
         (m, m) float32 cosine similarities, faces ordered cluster by cluster.
     cluster_of : numpy.ndarray
         (m,) cluster id of each row.
+    faces : numpy.ndarray
+        (m,) face id of each row (to look up e.g. true identities).
     """
     ids, sizes = np.unique(labels, return_counts=True)
     order = np.lexsort((ids, -sizes))[:n_clusters]
@@ -413,11 +415,27 @@ def similarity_blocks(store: RunStore, labels: np.ndarray, n_clusters: int = 6, 
         cl.append(np.full(members.size, c))
     idx = np.concatenate(pick) if pick else np.zeros(0, np.int64)
     feats = np.asarray(store.array("features").get_orthogonal_selection((idx, slice(None))), dtype=np.float32)
-    return feats @ feats.T, (np.concatenate(cl) if cl else np.zeros(0, np.int64))
+    return feats @ feats.T, (np.concatenate(cl) if cl else np.zeros(0, np.int64)), idx
 
 
-def plot_similarity_blocks(ax, sim: np.ndarray, cluster_of: np.ndarray, title: str = "") -> None:
-    """Draw :func:`similarity_blocks` output as a heat map with cluster boundaries."""
+def plot_similarity_blocks(ax, sim: np.ndarray, cluster_of: np.ndarray, title: str = "",
+                           identities: np.ndarray | None = None) -> None:
+    """Draw :func:`similarity_blocks` output as a heat map with cluster boundaries.
+
+    Parameters
+    ----------
+    ax : matplotlib.axes.Axes
+        Axes to draw into (a colour bar, and the identity strip, are appended beside it).
+    sim, cluster_of : numpy.ndarray
+        As returned by :func:`similarity_blocks`.
+    title : str
+        Axes title.
+    identities : numpy.ndarray, optional
+        True identity of each row: drawn as a colour strip on the left, so an impure
+        cluster shows several colours within its block.
+    """
+    from mpl_toolkits.axes_grid1 import make_axes_locatable
+
     im = ax.imshow(sim, vmin=-0.2, vmax=1.0, cmap="viridis", interpolation="nearest")
     bounds = np.flatnonzero(np.diff(cluster_of)) + 0.5
     for b in bounds:
@@ -427,7 +445,19 @@ def plot_similarity_blocks(ax, sim: np.ndarray, cluster_of: np.ndarray, title: s
     ax.set_yticks([])
     if title:
         ax.set_title(title, fontsize=10)
-    ax.figure.colorbar(im, ax=ax, shrink=0.8, label="cosine similarity")
+    # axes appended to this one share its height exactly, so strip rows line up with heat-map rows
+    divider = make_axes_locatable(ax)
+    if identities is not None and len(identities):
+        strip = divider.append_axes("left", size="4%", pad=0.04)
+        codes = np.unique(identities, return_inverse=True)[1]
+        strip.imshow(codes.reshape(-1, 1) % 20, aspect="auto", cmap="tab20", vmin=0, vmax=19, interpolation="nearest")
+        for b in bounds:
+            strip.axhline(b, color="k", lw=0.8)
+        strip.set_xticks([])
+        strip.set_yticks([])
+        strip.set_ylabel("true identity", fontsize=8)
+    cax = divider.append_axes("right", size="4%", pad=0.08)
+    ax.figure.colorbar(im, cax=cax, label="cosine similarity")
 
 
 def _structure(store: RunStore, methods: dict, gt: np.ndarray | None, out: Path) -> Section:
@@ -436,10 +466,11 @@ def _structure(store: RunStore, methods: dict, gt: np.ndarray | None, out: Path)
         return _not_run("structure", title, "no clustering in this run", "run `facecluster cluster RUN` first")
     m = next(iter(methods))
     lab = np.asarray(store.array(m)[...])
-    sim, cl = similarity_blocks(store, lab)
-    fig = _figure((6.2, 5.2))
+    sim, cl, faces = similarity_blocks(store, lab)
+    fig = _figure((6.4, 5.4))
     ax = fig.add_subplot()
-    plot_similarity_blocks(ax, sim, cl, f"largest clusters in '{m}' (≤40 faces each)")
+    plot_similarity_blocks(ax, sim, cl, f"largest clusters in '{m}' (≤40 faces each)",
+                           identities=gt[faces] if gt is not None else None)
     img = _save(fig, out, "similarity_structure.png")
     note = ""
     if gt is not None and cl.size:
@@ -451,7 +482,8 @@ def _structure(store: RunStore, methods: dict, gt: np.ndarray | None, out: Path)
         note = f'<p class="muted">Majority-identity share of these clusters: {", ".join(f"{p:.2f}" for p in pur)}.</p>'
     body = (_img(img, "cosine similarity within and between the largest clusters") +
             '<p class="muted">Bright blocks on the diagonal: faces of a cluster resemble each other; '
-            "bright off-diagonal blocks: clusters that may be one identity.</p>" + note)
+            "bright off-diagonal blocks: clusters that may be one identity. The strip on the left (with ground truth) "
+            "colours faces by true identity: several colours in one block = an impure cluster.</p>" + note)
     return Section("structure", title, body, [img])
 
 

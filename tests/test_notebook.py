@@ -1,0 +1,60 @@
+"""notebooks/quickstart.ipynb runs top to bottom (nbclient, python3 kernel) in a temp dir."""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+
+@pytest.mark.slow
+def test_quickstart_runs(tmp_path):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    shutil.copy(NOTEBOOK, tmp_path / NOTEBOOK.name)
+    env_progress = os.environ.get("FACECLUSTER_PROGRESS")
+    os.environ["FACECLUSTER_PROGRESS"] = "0"  # the kernel inherits it: no progress bars in outputs
+    try:
+        client = nbclient.NotebookClient(nb, kernel_name="python3", timeout=180,
+                                         resources={"metadata": {"path": str(tmp_path)}})
+        client.execute()
+    finally:
+        if env_progress is None:
+            os.environ.pop("FACECLUSTER_PROGRESS", None)
+        else:
+            os.environ["FACECLUSTER_PROGRESS"] = env_progress
+    out = tmp_path / "quickstart-output"
+    # what the notebook claims to have done is on disk
+    store_clusters = out / "run.zarr"
+    assert store_clusters.is_dir()
+    from pipeline.store import RunStore
+    from tasks.metrics import evaluate
+
+    store = RunStore.open(store_clusters, mode="r")
+    for stage in ("ingest", "knn", "graph", "proposals"):
+        assert store.is_complete(stage), stage
+    clusters = np.asarray(store.array("clusters")[:])
+    labels = np.load(out / "labels.npy")
+    m = evaluate(labels, clusters)
+    texts = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    # the printed quality is the stored clustering's, and it is better than chance
+    assert f"{m['pairwise_f']:10.4f}" in texts and f"NMI {m['nmi']:.4f}" in texts
+    assert m["bcubed_f"] > 0.5
+    # the similarity plot was drawn (an image output with real pixels)
+    pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+            if "data" in o and "image/png" in o["data"]]
+    assert pngs and len(base64.b64decode(pngs[0])) > 10_000
+    assert (out / "report" / "index.html").exists()
+    from tasks.io import read_labels
+
+    np.testing.assert_array_equal(read_labels(out / "clusters.meta"), clusters)
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
