@@ -187,7 +187,8 @@ def validate_block(block, row0: int, dim: int, lengths=None):
 
 
 # -- feature readers -------------------------------------------------------------------
-def _check_numeric(path, dtype, what="array") -> None:
+def check_feature_dtype(path, dtype, what="array") -> None:
+    """Raise ValueError (naming ``path``) unless ``dtype`` is a real numeric type."""
     if np.dtype(dtype).kind not in "fiu":
         raise ValueError(
             f"{path}: the feature {what} has dtype {np.dtype(dtype)}, not numbers; "
@@ -195,7 +196,8 @@ def _check_numeric(path, dtype, what="array") -> None:
         )
 
 
-def _check_2d(path, shape, what="array") -> tuple[int, int]:
+def check_feature_shape(path, shape, what="array") -> tuple[int, int]:
+    """Return ``(n, d)`` of a 2-D feature array; ValueError for other ranks, 0 rows or 0 dims."""
     if len(shape) != 2:
         raise ValueError(f"{path}: the feature {what} has shape {tuple(shape)}; expected a 2-D array (N faces x d dims)")
     n, d = int(shape[0]), int(shape[1])
@@ -268,8 +270,8 @@ class NpyReader(FeatureReader):
             raise ValueError(f"{path}: not a readable .npy file ({e}); the file may be truncated - re-save it with numpy.save") from None
         except OSError as e:
             raise ValueError(f"{path}: not a readable .npy file ({e}); re-save it with numpy.save") from None
-        _check_numeric(path, arr.dtype)
-        n, d = _check_2d(path, arr.shape)
+        check_feature_dtype(path, arr.dtype)
+        n, d = check_feature_shape(path, arr.shape)
         super().__init__(path, n, d, arr.dtype)
         self._arr = arr
         self._offset = int(arr.offset) if arr.flags.c_contiguous else None
@@ -351,8 +353,8 @@ class NpzReader(FeatureReader):
                                  "save the features as a 2-D array named 'features'")
         shape, fortran, dtype = header(chosen)
         try:
-            _check_numeric(f"{path}[{chosen}]", dtype)
-            n, d = _check_2d(f"{path}[{chosen}]", shape)
+            check_feature_dtype(f"{path}[{chosen}]", dtype)
+            n, d = check_feature_shape(f"{path}[{chosen}]", shape)
         except ValueError:
             self._zip.close()
             raise

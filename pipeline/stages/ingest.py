@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.io import FeatureReader, _check_2d, _check_numeric, feature_format, open_reader, read_labels, validate_block
+from tasks.io import FeatureReader, check_feature_shape, check_feature_dtype, feature_format, open_reader, read_labels, validate_block
 
 from ..config import IngestConfig
 from ..errors import BadInput
@@ -57,8 +57,8 @@ class ZarrReader(FeatureReader):
                 raise ValueError(f"{path}: no {'array ' + repr(key) if key else '2-D array'} in the Zarr group "
                                  f"(has: {', '.join(sorted(arrays)) or 'nothing'}); pass --column NAME or point at the array")
             obj = arrays[key]
-        _check_numeric(path, obj.dtype)
-        n, d = _check_2d(path, obj.shape)
+        check_feature_dtype(path, obj.dtype)
+        n, d = check_feature_shape(path, obj.shape)
         if dim is not None and d != dim:
             raise ValueError(f"{path}: features have {d} dims but --dim is {dim}; drop --dim or pass the right file")
         super().__init__(path, n, d, obj.dtype)
