@@ -55,6 +55,7 @@ table{border-collapse:collapse;margin:.6em 0;font-size:.92em} th,td{border:1px s
 th{background:#f3f3f3} td.num{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;height:auto;border:1px solid #eee} .notrun{color:#888;font-style:italic}
 .muted{color:#666;font-size:.9em} pre{margin:0;white-space:pre-wrap;font-size:.85em}
+.kv{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.8em;word-break:break-word} summary{cursor:pointer;color:#235}
 """
 
 
@@ -114,7 +115,7 @@ def _figure(figsize=(8, 3.6)):
 
 
 def _save(fig, out_dir: Path, name: str) -> str:
-    fig.savefig(out_dir / name, format="png")
+    fig.savefig(out_dir / name, format="png", bbox_inches="tight")  # tight: no clipped tick labels
     return name
 
 
@@ -508,11 +509,32 @@ def _times(store: RunStore, out: Path) -> Section:
     return Section("times", title, body, [img])
 
 
+def _rounded(v):
+    """Floats to 4 significant digits, recursively: for display only (records keep full precision)."""
+    if isinstance(v, float):
+        return float(f"{v:.4g}")
+    if isinstance(v, dict):
+        return {k: _rounded(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_rounded(x) for x in v]
+    return v
+
+
 def _kv(d) -> str:
-    """``key = value`` lines (values as compact JSON): readable in a narrow table cell."""
+    """HTML of ``key = value`` lines; long values fold into a <details> element so the table stays readable."""
     if not d:
         return ""
-    return "\n".join(f"{k} = {json.dumps(v, sort_keys=True, default=str)}" for k, v in sorted(d.items()))
+    lines = []
+    for k, v in sorted(d.items()):
+        v = _rounded(v)
+        text = json.dumps(v, sort_keys=True, default=str)
+        if len(text) <= 100:
+            lines.append(f"<div>{_esc(k)} = {_esc(text)}</div>")
+        else:
+            what = f"[{len(v)} items]" if isinstance(v, list) else f"{{{len(v)} keys}}" if isinstance(v, dict) else "..."
+            lines.append(f"<details><summary>{_esc(k)} = {_esc(what)}</summary>"
+                         f"<pre>{_esc(json.dumps(v, sort_keys=True, indent=1, default=str))}</pre></details>")
+    return "".join(lines)
 
 
 def _params(store: RunStore) -> Section:
@@ -526,8 +548,8 @@ def _params(store: RunStore) -> Section:
         versions.update(rec.get("versions") or {})
         secs = rec.get("seconds")
         rows.append([f"<b>{_esc(name)}</b>", _esc(rec.get("status", "?")), _esc(rec.get("started", "")),
-                     _fmt(float(secs)) if secs is not None else "", f"<pre>{_esc(_kv(rec.get('params')))}</pre>",
-                     f"<pre>{_esc(_kv(rec.get('summary')))}</pre>"])
+                     _fmt(float(secs)) if secs is not None else "", f'<div class="kv">{_kv(rec.get("params"))}</div>',
+                     f'<div class="kv">{_kv(rec.get("summary"))}</div>'])
     body = _table(["stage", "status", "started", "seconds", "parameters", "summary"], rows, numeric={3})
     if versions:
         body += "<h3>Package versions</h3>" + _table(["package", "version"], [[_esc(k), _esc(v)] for k, v in sorted(versions.items())])
