@@ -65,33 +65,45 @@ def knn_edges(index: np.ndarray, sim: np.ndarray, row0: int, min_sim: float | No
 
 
 def dedup_edges(src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> Forest:
-    """Keep each (src, dst) pair once, with its largest similarity; sorted by (src, dst)."""
+    """Keep each (src, dst) pair once, with its largest similarity; sorted by (src, dst).
+
+    Ids must be < 2**31 (both are packed into one int64 sort key: one argsort
+    instead of a lexsort over three keys, 3-4x faster).
+    """
     src = np.asarray(src, np.int64)
     dst = np.asarray(dst, np.int64)
     sim = np.asarray(sim, np.float32)
     if len(src) == 0:
         return empty_forest()
-    order = np.lexsort((-sim, dst, src))  # by src, dst, then largest sim first
-    src, dst, sim = src[order], dst[order], sim[order]
-    first = np.ones(len(src), bool)
-    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
-    return src[first], dst[first], sim[first]
+    key = (src << 32) | dst
+    order = np.argsort(key)  # stability not needed: the max similarity per key is taken below
+    key = key[order]
+    sim = sim[order]
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    smax = np.maximum.reduceat(sim, starts)
+    key = key[starts]
+    return key >> 32, key & 0xFFFFFFFF, smax
 
 
-def spanning_forest(src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> Forest:
+def spanning_forest(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, deduped: bool = False) -> Forest:
     """The unique maximum spanning forest of an edge list (order: sim desc, src asc, dst asc).
 
     Node ids are compressed to the nodes present, so memory is bounded by the
     number of edges, not by the largest id. Returns edges sorted by (src, dst).
+    ``deduped=True``: the input is already ``dedup_edges`` output (skips that pass).
     """
-    src, dst, sim = dedup_edges(np.minimum(src, dst), np.maximum(src, dst), sim)
+    if not deduped:
+        src, dst, sim = dedup_edges(np.minimum(src, dst), np.maximum(src, dst), sim)
     if len(src) == 0:
         return empty_forest()
-    nodes, inv = np.unique(np.concatenate([src, dst]), return_inverse=True)
-    ls, ld = inv[: len(src)], inv[len(src):]
+    # compress ids (sort + searchsorted: np.unique(return_inverse) is several times slower here)
+    ids = np.sort(np.concatenate([src, dst]))
+    nodes = ids[np.concatenate([[True], ids[1:] != ids[:-1]])]
+    del ids
+    ls, ld = np.searchsorted(nodes, src), np.searchsorted(nodes, dst)
     # Distinct integer weights = rank in the total order, so the MSF is unique
     # (scipy's Kruskal breaks ties arbitrarily). Ranks are exact in float64.
-    order = np.lexsort((dst, src, -sim))
+    order = np.argsort(-sim, kind="stable")  # edges are in (src, dst) order: ties stay by (src, dst)
     rank = np.empty(len(src), np.float64)
     rank[order] = np.arange(1, len(src) + 1, dtype=np.float64)
     g = sp.csr_matrix((rank, (ls, ld)), shape=(len(nodes), len(nodes)))
@@ -114,7 +126,7 @@ def merge_forests(*forests: Forest) -> Forest:
 
 def chunk_forest(index: np.ndarray, sim: np.ndarray, row0: int, min_sim: float | None = None) -> Forest:
     """MSF of one row chunk's kNN edges (memory bounded by the chunk)."""
-    return spanning_forest(*knn_edges(index, sim, row0, min_sim))
+    return spanning_forest(*knn_edges(index, sim, row0, min_sim), deduped=True)
 
 
 def canonical_labels(labels: np.ndarray) -> np.ndarray:
