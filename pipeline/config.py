@@ -197,15 +197,22 @@ class ProposalConfig(_Section):
 @dataclass(frozen=True)
 class GCNConfig(_Section):
     _section = "gcn"
-    hidden: tuple = opt([512, 64], lambda v: None if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and x > 0 for x in v) else f"must be a list of positive integers, got {v!r}", "graph-conv widths")
-    dropout: float = opt(0.5, _float(0.0, 0.99), "node dropout while training")
-    epochs: int = opt(30, _int(1), "training epochs")
-    lr: float = opt(0.01, _float(0.0, lo_open=True), "learning rate")
+    hidden: tuple = opt([128, 64], lambda v: None if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and x > 0 for x in v) else f"must be a list of positive integers, got {v!r}", "graph-conv widths")
+    dropout: float = opt(0.2, _float(0.0, 0.99), "node dropout while training (whole node rows)")
+    epochs: int = opt(12, _int(1), "training epochs (the best epoch on the validation identities is kept)")
+    lr: float = opt(0.001, _float(0.0, lo_open=True), "learning rate (AdamW, cosine decay)")
+    weight_decay: float = opt(1e-4, _float(0.0), "AdamW weight decay")
     batch_size: int = opt(32, _int(1), "proposals per training batch")
     seed: int = opt(0, _int(0), "training seed")
+    val_fraction: float = opt(0.2, _float(0.0, 0.9), "share of training identities held out for validation")
+    relative: str = opt("mean", _choice("mean", "raw", "none"), "vertex features: relative to the proposal mean, raw, or none")
+    boundary: bool = opt(True, _bool(), "boundary inputs (kNN edges leaving the proposal)")
+    structure: bool = opt(True, _bool(), "structure inputs (inside similarity, coverage, size)")
+    layout: str = opt("padded", _choice("padded", "block"), "training batch layout: size-sorted padded dense or block-diagonal sparse")
     score_batch: int = opt(512, _int(1), "proposals per inference task")
     iop_range: tuple = opt([0.3, 0.7], _range01(), "GCN-S runs on proposals whose predicted IoP is in this range")
     keep_prob: float = opt(0.5, _float(0.0, 1.0), "GCN-S removes vertices with P(member) <= this")
+    dedup_faces: int = opt(1 << 20, _int(1), "faces per dedup reduce task")
 
 
 @dataclass(frozen=True)
