@@ -76,6 +76,19 @@ def detect_openblas_coretype() -> str | None:
     return None
 
 
+def resolve_coretype(setting: str = "auto") -> str | None:
+    """The OPENBLAS_CORETYPE a setting means, without touching the environment.
+
+    "auto": an exported value, else the one detected from this CPU; "none": whatever
+    is exported (possibly None); anything else: that OpenBLAS core name.
+    """
+    if setting == "none":
+        return os.environ.get("OPENBLAS_CORETYPE")
+    if setting == "auto":
+        return os.environ.get("OPENBLAS_CORETYPE") or detect_openblas_coretype()
+    return setting
+
+
 def configure_blas_env(setting: str = "auto") -> str | None:
     """Set OPENBLAS_CORETYPE in this process's environment (before faiss is imported).
 
@@ -90,23 +103,19 @@ def configure_blas_env(setting: str = "auto") -> str | None:
     str or None
         The value in effect.
     """
-    if setting == "none":
-        return os.environ.get("OPENBLAS_CORETYPE")
-    if setting == "auto":
-        if os.environ.get("OPENBLAS_CORETYPE"):
-            return os.environ["OPENBLAS_CORETYPE"]
-        value = detect_openblas_coretype()
-    else:
-        value = setting
-    if value:
+    value = resolve_coretype(setting)
+    if value and setting != "none":
         os.environ["OPENBLAS_CORETYPE"] = value
     return value
 
 
 def worker_env(cfg: DaskConfig) -> dict[str, str]:
-    """Environment every worker process must start with (thread counts, OpenBLAS core type)."""
+    """Environment every worker process must start with (thread counts, OpenBLAS core type).
+
+    Pure: the driver's own environment is not changed (workers may run on other CPUs).
+    """
     env = {v: str(cfg.threads_per_worker) for v in THREAD_VARS}
-    core = configure_blas_env(cfg.openblas_coretype)
+    core = resolve_coretype(cfg.openblas_coretype)
     if core:
         env["OPENBLAS_CORETYPE"] = core
     return env
@@ -194,8 +203,13 @@ def make_jobqueue_cluster(cfg: DaskConfig):
         raise ClusterError("--slurm/--pbs need dask-jobqueue: pip install 'facecluster[hpc]'") from None
     if cfg.jobqueue not in ("slurm", "pbs"):
         raise ClusterError(f"unknown job queue {cfg.jobqueue!r}: use --slurm or --pbs")
+    import dask
+
     env = worker_env(cfg)
-    prologue = [f"export {k}={v}" for k, v in env.items()]
+    # Passing job_script_prologue replaces dask-jobqueue's configured one: keep the
+    # site's lines (module load, venv activation) first, then our exports.
+    site = dask.config.get(f"jobqueue.{cfg.jobqueue}.job-script-prologue", None) or []
+    prologue = list(site) + [f"export {k}={v}" for k, v in env.items()]
     cls = dask_jobqueue.SLURMCluster if cfg.jobqueue == "slurm" else dask_jobqueue.PBSCluster
     processes = max(1, cfg.job_cores // cfg.threads_per_worker)
     kwargs = dict(cores=cfg.job_cores, processes=processes, memory=cfg.job_memory, walltime=cfg.job_walltime,
@@ -447,6 +461,7 @@ def connect(cfg: DaskConfig | None = None, quiet: bool = False, check: bool = Tr
         client = _client_for_address(address, cfg)
         kind = f"scheduler {address}"
     elif cfg.jobqueue:
+        configure_blas_env(cfg.openblas_coretype)
         cluster = _jobqueue_cluster(cfg)
         client = Client(cluster, security=getattr(cluster, "security", None))
         kind = f"{cfg.jobqueue} ({cfg.jobs} jobs of {cfg.job_cores} cores)"

@@ -74,12 +74,12 @@ def free_port() -> int:
 
 
 def _subprocess_env(nthreads: int, extra: dict | None) -> dict:
-    from pipeline.cluster import THREAD_VARS, configure_blas_env
+    from pipeline.cluster import THREAD_VARS, resolve_coretype
 
     env = dict(os.environ)
     env.pop("DASK_SCHEDULER_ADDRESS", None)
     env["PYTHONUNBUFFERED"] = "1"
-    core = configure_blas_env("auto")  # what the deploy/ recipes tell users to export
+    core = resolve_coretype("auto")  # what deploy/common/worker-env.sh exports
     if core:
         env["OPENBLAS_CORETYPE"] = core
     for v in THREAD_VARS:
@@ -233,6 +233,16 @@ class DaskProcs:
 def _signal_group(p: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(p.pid, sig)
+
+
+def stop_process_group(p: subprocess.Popen, timeout: float = 10) -> None:
+    """SIGTERM the process group of ``p`` (started with ``start_new_session=True``), then SIGKILL it."""
+    _signal_group(p, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=timeout)
+    _signal_group(p, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        p.wait(timeout=5)
 
 
 def start_cluster(n_workers: int = 2, workdir: str | os.PathLike | None = None, nthreads: int = 1,

@@ -3,6 +3,7 @@ store reachability from workers, dask-jobqueue job scripts, and the one-line err
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -129,38 +130,6 @@ def test_runstore_file_url_roundtrip(dask_subprocess_cluster, tmp_path):
 
 
 # -- TLS ------------------------------------------------------------------------------------
-@needs_openssl
-def test_tls_end_to_end(tmp_path, capsys):
-    tls = make_tls_files(tmp_path / "certs")
-    with dask_cluster(n_workers=1, nanny=False, tls=tls, workdir=tmp_path / "procs") as procs:
-        assert procs.address.startswith("tls://127.0.0.1:")
-        cfg = procs.dask_config()
-        with connect(cfg) as client:
-            _kernel_check(client)
-        assert f"scheduler {procs.address}, 1 workers" in capsys.readouterr().err
-        # The same through `facecluster`'s flags, as a user types them.
-        from pipeline.commands._common import build_config
-
-        flags = {"scheduler": procs.address, "tls_ca_file": str(tls.ca), "tls_cert": str(tls.cert),
-                 "tls_key": str(tls.key)}
-        with connect(build_config(None, flags).dask, quiet=True) as client:
-            assert client.submit(abs, -2, pure=False).result() == 2
-
-        # No certificates at all: a one-line BadInput naming the fix, before any network wait.
-        with pytest.raises(BadInput) as e:
-            with connect(DaskConfig(scheduler=procs.address)):
-                pass
-        assert "--tls-ca-file" in _one_line(e)
-        # Certificates from another CA: the scheduler refuses the handshake.
-        other = make_tls_files(tmp_path / "other-ca")
-        bad = DaskConfig(scheduler=procs.address, tls_ca_file=str(other.ca), tls_cert=str(other.cert),
-                         tls_key=str(other.key), connect_timeout=3.0)
-        with pytest.raises(ClusterError) as e:
-            with connect(bad):
-                pass
-        assert procs.address in _one_line(e) and "certificates" in str(e.value)
-
-
 def test_tls_missing_file_is_bad_input(tmp_path):
     cfg = DaskConfig(scheduler="tls://127.0.0.1:1", tls_ca_file=str(tmp_path / "ca.pem"))
     with pytest.raises(BadInput) as e:
@@ -179,14 +148,20 @@ def test_unreachable_scheduler_one_line():
     assert msg.startswith(f"cannot reach the Dask scheduler at {address}") and "dask scheduler" in msg
 
 
-def test_no_workers_then_worker_without_faiss(tmp_path):
-    """A scheduler with no workers, then a worker whose environment lacks faiss: one line each."""
+@needs_openssl
+def test_no_workers_then_worker_without_faiss_over_tls(tmp_path):
+    """A TLS scheduler with no workers, then a worker whose environment lacks faiss: one line each.
+
+    (TLS connections with real work are covered by tests/test_deploy.py::test_manual_tls_recipe.)
+    """
     fake = tmp_path / "shadow" / "faiss"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("raise ImportError('simulated: faiss-cpu is not installed here')\n")
     env = {"PYTHONPATH": os.pathsep.join([str(fake.parent)] + sys.path)}
-    with dask_cluster(n_workers=0, nanny=False, env=env, workdir=tmp_path / "procs") as procs:
-        cfg = DaskConfig(scheduler=procs.address, connect_timeout=2.0)
+    tls = make_tls_files(tmp_path / "certs")
+    with dask_cluster(n_workers=0, nanny=False, env=env, tls=tls, workdir=tmp_path / "procs") as procs:
+        assert procs.address.startswith("tls://127.0.0.1:")
+        cfg = dataclasses.replace(procs.dask_config(), connect_timeout=2.0)
         with pytest.raises(ClusterError) as e:
             with connect(cfg):
                 pass
