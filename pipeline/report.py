@@ -286,6 +286,16 @@ def _scores(store: RunStore, out: Path) -> Section:
     img = _save(fig, out, "scores.png")
     body = _img(img, "predicted IoU and IoP histograms") + _table(
         ["array", "proposals", "mean", "median", "min", "max"], rows, numeric={1, 2, 3, 4, 5})
+    if store.has("score/segmented"):
+        seg = np.asarray(store.array("score/segmented")[...], dtype=bool)
+        text = f"GCN-S refined {int(seg.sum())} of {seg.size} proposals"
+        if store.has("score/keep"):
+            keep = np.asarray(store.array("score/keep")[...], dtype=bool)
+            text += f" and removed {int((~keep).sum())} of {keep.size} memberships"
+        rng = ((store.record("score") or {}).get("params") or {}).get("iop_range")
+        if rng:
+            text += f" (proposals with predicted IoP in {rng})"
+        body += f'<p class="muted">{_esc(text)}.</p>'
     return Section("scores", title, body, [img])
 
 

@@ -85,6 +85,8 @@ def build_run(path, stages=("ingest", "knn", "proposals", "score", "dedup", "bas
     with store.stage("score", {"model": "true-iou"}, inputs=["proposals"]) as w:
         w.write_array("score/iou", np.array(iou, np.float32))
         w.write_array("score/iop", np.array(iop, np.float32))
+        w.write_array("score/segmented", np.array(iop, np.float32) < 0.9)
+        w.write_array("score/keep", np.ones(offsets[-1], bool))
     clusters = np.full(N, -1, np.int64)
     score = np.full(N, np.nan, np.float32)
     for p in np.argsort(-np.array(iou), kind="stable"):
@@ -134,6 +136,8 @@ def test_all_sections_and_metrics(full_run):
     for stage in ("ingest", "knn", "proposals", "score", "dedup", "baseline"):
         assert f"<b>{stage}</b>" in page
     assert "numpy" in page and "zarr" in page  # versions table
+    n_seg = int(np.sum(np.asarray(store.array("score/iop")[...]) < 0.9))
+    assert f"GCN-S refined {n_seg} of {store.array('score/iou').shape[0]} proposals and removed 0 of" in page
 
 
 def test_partial_run_says_not_run(tmp_path, capsys):
