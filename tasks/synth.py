@@ -81,7 +81,10 @@ class SynthParams:
         Mean number of identities per look-alike family (1 + geometric); 1 disables families.
     family_cos : tuple of float
         Range of the cosine between the centres of two identities of one family
-        (uniform per family). Unrelated identities have ~0.05-0.1.
+        (uniform per family), before the common mean direction is added; with it
+        the centre cosine is ``(mean_weight + c) / (1 + mean_weight)`` (defaults:
+        0.54-0.75, unrelated identities ≈ 0.17). Faces are farther apart than
+        centres: divide by about ``1 + σ² + η²``.
     mean_weight : float
         Squared weight of the common mean direction added to every identity centre
         (real embeddings are not centred): sets the mean impostor cosine (0.2 -> 0.08).
