@@ -246,7 +246,12 @@ def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, np
     else:
         q_rows = int(cfg.task_seconds * FLAT_MACS_PER_S / max(macs, 1))
         # enough tasks to keep every thread busy and balance at the end
-        q_rows = min(q_rows, -(-n // (4 * threads)) if strategy == "broadcast" else n)
+        if strategy == "broadcast":
+            q_rows = min(q_rows, -(-n // (4 * threads)))
+        else:
+            # a task's queries, candidates and output stay within the size of a database group:
+            # worker memory is bounded by db_rows, not by N
+            q_rows = min(q_rows, db_rows)
     q_rows = min(n, max(r, -(-q_rows // r) * r))
     return {"db_rows": int(db_rows), "q_rows": int(q_rows), "strategy": strategy, "budget": budget,
             "threads": threads, "worker_memory": mem}
@@ -311,7 +316,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
         blas = client.run(worker_blas)
         kernels = sorted({str(v["libs"].get("faiss", {}).get("architecture")) for v in blas.values()})
         log.info("knn: faiss OpenBLAS kernel on the workers: %s", ", ".join(kernels))
-        if any(kn in ("Prescott", "Core2", "None") for kn in kernels):
+        if any(kn in ("Prescott", "Core2", "Katmai", "Atom") for kn in kernels):
             log.warning("knn: workers run faiss with the generic OpenBLAS kernel %s (exact search several times slower);"
                         " set dask.openblas_coretype or export OPENBLAS_CORETYPE before starting the workers", kernels)
         idx_arr = w.create_array("knn/index", (n, k), (r, k), np.int64, fill_value=-1)

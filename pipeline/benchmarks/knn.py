@@ -1,0 +1,262 @@
+"""`facecluster bench knn`: distributed exact kNN vs single-process faiss, IVF, memory, BLAS kernel.
+
+All numbers are measured in one run on the same data (the built-in dataset,
+``tasks.synth.make_faces``):
+
+* exact: the ``knn`` stage on a LocalCluster (2 workers x 1 thread) against one
+  process running faiss IndexFlatIP with 2 threads (same cores) -> queries/s, ratio;
+* IVF: the stage in IVF mode (nprobe tuned for the recall of edges with
+  sim >= edge_th) -> speed-up over exact and edge recall on the tuning sample;
+* memory: peak RSS of each worker (sampled every 0.25 s) in the "blocks" strategy with
+  a fixed database group at two sizes of N -> bounded by the group, not by N;
+* BLAS: the same exact search in subprocesses with different OPENBLAS_CORETYPE
+  values (time and a digest of the results, which must be identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import save_result
+
+log = logging.getLogger(__name__)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class PeakRSS:
+    """Samples every worker's RSS in a thread while a block runs; ``peak`` maps worker -> bytes."""
+
+    def __init__(self, client, interval: float = 0.25):
+        self.client, self.interval, self.peak = client, interval, {}
+        self._stop = threading.Event()
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                for w, v in self.client.run(_rss).items():
+                    self.peak[w] = max(self.peak.get(w, 0), v)
+            except Exception:  # a sample lost to a busy worker is fine
+                pass
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self.base = self.client.run(_rss)
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def summary(self) -> dict:
+        return {"peak_rss_mib": sorted(round(v / 2**20) for v in self.peak.values()),
+                "start_rss_mib": sorted(round(v / 2**20) for v in self.base.values())}
+
+
+def _store(tmp: Path, x: np.ndarray, chunk_rows: int, name: str):
+    from ..config import IngestConfig
+    from ..stages.ingest import run_ingest
+    from ..store import RunStore
+
+    src = tmp / f"{name}.npy"
+    np.save(src, x)
+    url = str(tmp / f"{name}.zarr")
+    run_ingest(src, url, cfg=IngestConfig(chunk_rows=chunk_rows))
+    src.unlink()
+    return RunStore.open(url)
+
+
+def _cfg(base, **knn):
+    return dataclasses.replace(base, knn=dataclasses.replace(base.knn, **knn))
+
+
+_BLAS_SCRIPT = r"""
+import json, sys, time, hashlib
+import numpy as np, faiss
+from tasks import knn as K
+x = np.load(sys.argv[1], mmap_mode="r")
+nq, k = int(sys.argv[2]), int(sys.argv[3])
+x = np.ascontiguousarray(x); ids = np.arange(len(x))
+K.set_threads(1)
+index = K.flat_index(x)
+t = time.perf_counter(); s, i = K.knn_flat(index, x[:nq], ids[:nq], ids, k); dt = time.perf_counter() - t
+t = time.perf_counter(); D, I = index.search(x[:nq], k + 1); dt_raw = time.perf_counter() - t
+arch = K.blas_info().get("faiss", {}).get("architecture")
+print(json.dumps({"architecture": arch, "seconds": dt, "raw_faiss_seconds": dt_raw,
+                  "digest": hashlib.sha256(i.tobytes() + s.tobytes()).hexdigest()[:16],
+                  "raw_digest": hashlib.sha256(I.tobytes()).hexdigest()[:16]}))
+"""
+
+
+def blas_comparison(x: np.ndarray, nq: int, k: int, tmp: Path, coretypes=("auto", "Prescott", "Haswell", "SkylakeX")) -> list[dict]:
+    """Exact search of ``nq`` queries against ``x`` (1 thread) under several OpenBLAS core types."""
+    from ..cluster import detect_openblas_coretype
+
+    src = tmp / "blas.npy"
+    np.save(src, x)
+    out = []
+    for ct in coretypes:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        env.pop("OPENBLAS_CORETYPE", None)
+        label = ct
+        if ct == "auto":
+            label = f"auto ({detect_openblas_coretype()})"
+            if detect_openblas_coretype():
+                env["OPENBLAS_CORETYPE"] = detect_openblas_coretype()
+        elif ct == "unset":
+            label = "unset (OpenBLAS's own detection)"
+        else:
+            env["OPENBLAS_CORETYPE"] = ct
+        res = subprocess.run([sys.executable, "-c", _BLAS_SCRIPT, str(src), str(nq), str(k)], env=env,
+                             capture_output=True, text=True, check=True)
+        row = json.loads(res.stdout.strip().splitlines()[-1])
+        row["setting"] = label
+        out.append(row)
+    src.unlink()
+    return out
+
+
+def single_process_faiss(x: np.ndarray, k: int, threads: int) -> tuple[float, np.ndarray]:
+    """Baseline: one process, faiss IndexFlatIP over all rows, ``threads`` OpenMP threads (k+1: self)."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    t = time.perf_counter()
+    _, idx = index.search(x, k + 1)
+    return time.perf_counter() - t, idx
+
+
+@click.command("knn")
+@click.option("--n", "n", type=int, default=100_000, show_default=True, help="Faces (built-in dataset).")
+@click.option("--dim", type=int, default=256, show_default=True)
+@click.option("--k", "k", type=int, default=80, show_default=True)
+@click.option("--chunk-rows", type=int, default=16384, show_default=True, help="R: rows per chunk.")
+@click.option("--edge-th", type=float, default=None, help="IVF: edges counted for recall (default: Otsu on the sample).")
+@click.option("--recall", "recall_target", type=float, default=0.97, show_default=True, help="IVF edge-recall target.")
+@click.option("--ivf-n", type=int, default=None, help="Also run IVF alone at this larger N (exact time extrapolated from the tuning sample).")
+@click.option("--mem-sizes", default="50000,100000", show_default=True, help="Two N for peak worker memory (blocks strategy).")
+@click.option("--mem-db-rows", type=int, default=16384, show_default=True, help="Database group for the memory runs.")
+@click.option("--blas-queries", type=int, default=4096, show_default=True, help="Queries for the OpenBLAS comparison (0: skip).")
+@click.option("--skip", multiple=True, type=click.Choice(["exact", "ivf", "memory", "blas"]), help="Parts to skip.")
+@click.option("--out", default=None, help="JSON output (default bench-knn.json).")
+def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem_db_rows, blas_queries, skip, out):
+    """kNN: distributed exact vs single-process faiss (queries/s, ratio), IVF speed-up and edge recall,
+    peak memory per worker at two sizes, OpenBLAS kernel comparison."""
+    from ..cluster import configure_blas_env, connect
+    from ..config import Config, DaskConfig
+
+    base = Config(dask=DaskConfig(n_workers=2, threads_per_worker=1))
+    configure_blas_env(base.dask.openblas_coretype)  # before faiss loads in this process
+    from tasks.synth import make_faces
+
+    from ..stages.knn import run_knn
+
+    result: dict = {"n": n, "dim": dim, "k": k, "chunk_rows": chunk_rows, "workers": 2, "threads_per_worker": 1}
+    rows = []
+    t0 = time.perf_counter()
+    x, _ = make_faces(n, dim=dim, seed=0)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    click.echo(f"data: {n} x {dim} built-in faces in {time.perf_counter() - t0:.1f}s", err=True)
+    with tempfile.TemporaryDirectory(prefix="bench-knn-") as td:
+        tmp = Path(td)
+        store = _store(tmp, x, chunk_rows, "main")
+        x = store.array("features")[...]  # the stored (re-normalised) rows, for the baseline
+        with connect(base.dask, quiet=True) as client:
+            exact = None
+            if "exact" not in skip:
+                with PeakRSS(client) as mem:
+                    exact = run_knn(store, _cfg(base, k=k, mode="exact"), client, force=True)
+                exact.update(mem.summary())
+                result["exact_distributed"] = exact
+                rows.append(("exact, Dask 2x1 (" + exact["strategy"] + ")", exact["search_seconds"],
+                             exact["queries_per_s"], "", f"peak RSS/worker {exact['peak_rss_mib']} MiB"))
+                dist_idx = store.array("knn/index")[...]
+                secs, base_idx = single_process_faiss(x, k, threads=2)
+                # baseline includes self in its k+1: compare neighbour sets without it
+                agree = float(np.mean([np.isin(dist_idx[i], base_idx[i]).mean() for i in range(0, n, max(1, n // 2000))]))
+                result["exact_single_process"] = {"seconds": round(secs, 3), "queries_per_s": round(n / secs, 1),
+                                                  "threads": 2, "neighbour_agreement": round(agree, 5)}
+                ratio = exact["queries_per_s"] / (n / secs)
+                result["exact_ratio"] = round(ratio, 3)
+                rows.append(("exact, 1 process faiss 2 threads", secs, n / secs, "", f"agreement {agree:.4f}"))
+                click.echo(f"exact: distributed {exact['queries_per_s']:.0f} q/s vs single-process {n / secs:.0f} q/s "
+                           f"-> ratio {ratio:.3f}", err=True)
+            if "ivf" not in skip:
+                with PeakRSS(client) as mem:
+                    ivf = run_knn(store, _cfg(base, k=k, mode="ivf", edge_th=edge_th, recall_target=recall_target),
+                                  client, force=True)
+                ivf.update(mem.summary())
+                result["ivf"] = ivf
+                ex_secs = exact["search_seconds"] if exact else None
+                ivf["speedup_search"] = round(ex_secs / ivf["search_seconds"], 2) if ex_secs else None
+                ivf["speedup_total"] = round(ex_secs / ivf["seconds"], 2) if ex_secs else None
+                rows.append((f"ivf nlist={ivf['nlist']} nprobe={ivf['nprobe']}", ivf["search_seconds"], ivf["queries_per_s"],
+                             f"x{ivf['speedup_search']} (x{ivf['speedup_total']} incl. train/assign/tune)",
+                             f"edge recall {ivf['edge_recall']:.4f} @ sim>={ivf['edge_th']:.3f}"))
+            if ivf_n and "ivf" not in skip:
+                xl, _ = make_faces(ivf_n, dim=dim, seed=1)
+                big = _store(tmp, np.ascontiguousarray(xl, np.float32), chunk_rows, "big")
+                del xl
+                with PeakRSS(client) as mem:
+                    iv = run_knn(big, _cfg(base, k=k, mode="ivf", edge_th=edge_th, recall_target=recall_target),
+                                 client, force=True)
+                iv.update(mem.summary())
+                # exact time at this N, extrapolated from the tuning sample's exact pass (same workers)
+                est = iv["tune_exact_seconds"] / iv["tune_queries"] * ivf_n
+                iv["exact_seconds_extrapolated"] = round(est, 1)
+                iv["speedup_search_vs_extrapolated_exact"] = round(est / iv["search_seconds"], 2)
+                iv["speedup_total_vs_extrapolated_exact"] = round(est / iv["seconds"], 2)
+                result["ivf_large"] = iv
+                rows.append((f"ivf N={ivf_n} nlist={iv['nlist']} nprobe={iv['nprobe']}", iv["search_seconds"],
+                             iv["queries_per_s"], f"x{iv['speedup_search_vs_extrapolated_exact']} vs extrapolated exact "
+                             f"(x{iv['speedup_total_vs_extrapolated_exact']} total)",
+                             f"edge recall {iv['edge_recall']:.4f}"))
+                big.root.store.close() if hasattr(big.root.store, "close") else None
+            if "memory" not in skip:
+                mem_rows = []
+                for m in (int(v) for v in mem_sizes.split(",")):
+                    st = store if m == n else _store(tmp, x[:m], chunk_rows, f"mem{m}")
+                    with PeakRSS(client) as mem:
+                        s = run_knn(st, _cfg(base, k=k, mode="exact", db_rows=mem_db_rows), client, force=True)
+                    s.update(mem.summary())
+                    mem_rows.append({"n": m, "db_rows": s["db_rows"], "q_rows": s["q_rows"], "strategy": s["strategy"],
+                                     "peak_rss_mib": s["peak_rss_mib"], "start_rss_mib": s["start_rss_mib"],
+                                     "queries_per_s": s["queries_per_s"]})
+                    rows.append((f"memory N={m} blocks db_rows={s['db_rows']}", s["search_seconds"], s["queries_per_s"],
+                                 "", f"peak RSS/worker {s['peak_rss_mib']} MiB"))
+                result["memory"] = mem_rows
+        if blas_queries and "blas" not in skip:
+            bl = blas_comparison(x[: min(n, 50_000)], blas_queries, k, tmp)
+            result["openblas"] = {"database_rows": int(min(n, 50_000)), "queries": blas_queries, "runs": bl,
+                                  "identical_results": len({r["digest"] for r in bl}) == 1}
+            for r in bl:
+                rows.append((f"OpenBLAS {r['setting']} -> {r['architecture']}", r["seconds"],
+                             blas_queries / r["seconds"], "", f"digest {r['digest']} (raw faiss {r['raw_digest']})"))
+    click.echo(f"{'run':<52} {'seconds':>9} {'queries/s':>10}  notes")
+    for name, secs, qps, sp, note in rows:
+        click.echo(f"{name:<52} {secs:>9.2f} {qps:>10.0f}  {' '.join(x for x in (sp, note) if x)}")
+    if "exact_ratio" in result:
+        click.echo(f"exact ratio distributed / single-process: {result['exact_ratio']:.3f} (goal >= 0.85)")
+    path = save_result("knn", result, out)
+    click.echo(f"saved {path}")
