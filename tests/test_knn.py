@@ -250,3 +250,17 @@ def test_missing_ingest_is_a_clear_error(tmp_path):
     store = RunStore.create(str(tmp_path / "empty.zarr"))
     with pytest.raises(StoreError, match="ingest"):
         _check_input(store, 5)
+
+
+@pytest.mark.slow
+def test_workers_use_the_openblas_kernel_set_in_the_driver(local_client):
+    import os
+
+    from pipeline.stages.knn import worker_blas
+
+    want = os.environ.get("OPENBLAS_CORETYPE")  # set by configure_blas_env in the fixture
+    if not want:
+        pytest.skip("no OpenBLAS core type detected for this CPU")
+    for info in local_client.run(worker_blas).values():
+        assert info["OPENBLAS_CORETYPE"] == want
+        assert info["libs"]["faiss"]["architecture"].lower() == want.lower()
