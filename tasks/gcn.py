@@ -272,14 +272,19 @@ class Block:
 
 # -- models ----------------------------------------------------------------------
 class GraphConv(nn.Module):
-    """H <- ReLU([H, Â H] W): the vertex keeps its own state beside the neighbourhood mean."""
+    """H <- ReLU(H W_self + Â H W_nb + b): the vertex keeps its own state beside the neighbourhood mean.
+
+    Equal to ``[H, Â H] W``, but the (narrow) projection is aggregated instead of
+    the (wide) input: Â(H W) costs n² x dout instead of n² x din per proposal.
+    """
 
     def __init__(self, din: int, dout: int):
         super().__init__()
-        self.lin = nn.Linear(2 * din, dout)
+        self.self_lin = nn.Linear(din, dout)
+        self.nb_lin = nn.Linear(din, dout, bias=False)
 
     def forward(self, h, g):
-        return torch.relu(self.lin(torch.cat([h, g.agg(h)], -1)))
+        return torch.relu(self.self_lin(h) + g.agg(self.nb_lin(h)))
 
 
 class Trunk(nn.Module):
@@ -389,13 +394,15 @@ def score_batch(model_d: GCND, batch: ProposalBatch, model_s: GCNS | None = None
     -------
     dict
         ``iou``, ``iop`` (B float32); ``keep`` (n bool, per member; all True where
-        GCN-S did not run); ``segmented`` (B bool: GCN-S ran).
+        GCN-S did not run); ``segmented`` (B bool: GCN-S ran); ``p_member`` (n float32,
+        GCN-S probability of membership, NaN where it did not run).
     """
     model_d.eval()
     B = len(batch.sizes)
     iou = np.zeros(B, np.float32)
     iop = np.zeros(B, np.float32)
     keep = np.ones(len(batch.members), dtype=bool)
+    p_mem = np.full(len(batch.members), np.nan, dtype=np.float32)
     buckets = np.array([bucket_of(int(s)) for s in batch.sizes], dtype=np.int64)
     eoff = edge_offsets(batch)
     groups = []
@@ -424,7 +431,8 @@ def score_batch(model_d: GCND, batch: ProposalBatch, model_s: GCNS | None = None
             k[sub.seed] = True  # the seed defines the identity: never pruned
             nodes = np.concatenate([np.arange(starts[i], starts[i] + batch.sizes[i]) for i in ids])
             keep[nodes] = k
-    return {"iou": iou, "iop": iop, "keep": keep, "segmented": segmented}
+            p_mem[nodes] = p_member
+    return {"iou": iou, "iop": iop, "keep": keep, "segmented": segmented, "p_member": p_mem}
 
 
 # -- training ----------------------------------------------------------------------
@@ -503,7 +511,7 @@ def fit_gcnd(batch: ProposalBatch, targets: np.ndarray, train_ids: np.ndarray, v
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += float(loss) * len(ids)
+            tot += loss.item() * len(ids)
             cnt += len(ids)
         sched.step()
         rec = {"epoch": ep + 1, "loss": tot / max(cnt, 1)}
@@ -587,7 +595,7 @@ def fit_gcns(batch: ProposalBatch, node_labels: np.ndarray, train_ids: np.ndarra
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += float(loss) * len(y)
+            tot += loss.item() * len(y)
             cnt += len(y)
         sched.step()
         rec = {"epoch": ep + 1, "loss": tot / max(cnt, 1)}

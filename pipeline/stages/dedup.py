@@ -1,0 +1,117 @@
+"""Stage "dedup": Algorithm 3 as a distributed group-by argmax, written to ``clusters``.
+
+1. map: one task per range of proposals (about ``gcn.dedup_faces`` memberships)
+   reads its CSR slice, ``score/iou`` and ``score/keep``, reduces its (face, tier,
+   score, pid) triples to one winner per face and splits them by face range;
+2. reduce: one task per face range ``[lo, hi)`` combines the partial winners of
+   every map task (argmax is associative, so any partition gives the same winner)
+   and turns them into cluster keys (proposal / pruned part / singleton);
+3. numbering: the driver merges each range's distinct keys with their smallest
+   face (one entry per cluster) into ids 0..C-1 ordered by smallest face, and one
+   task per range writes its slice of ``clusters`` (chunks = face ranges).
+
+See ``tasks.dedup`` for the exact semantics; ``tasks.dedup.dedup_sequential`` is
+the paper's loop, tested to agree.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import numpy as np
+
+from ..config import Config
+from ..progress import wait_futures
+from ..store import RunStore, open_array
+
+log = logging.getLogger(__name__)
+
+STAGE = "dedup"
+
+
+def map_task(url: str, p0: int, p1: int, bounds: np.ndarray) -> list:
+    """Partial winners of proposals ``[p0, p1)``, split by face range."""
+    from tasks.dedup import argmax_by_face, proposal_triples, split_by_face
+
+    off = open_array(url, "proposals/offsets")[p0:p1 + 1]
+    a, b = int(off[0]), int(off[-1])
+    members = open_array(url, "proposals/members")[a:b]
+    keep = open_array(url, "score/keep")[a:b]
+    iou = open_array(url, "score/iou")[p0:p1]
+    t = argmax_by_face(proposal_triples(off - a, members, iou, keep, pid0=p0))
+    return split_by_face(t, bounds)
+
+
+def pick(parts: list, i: int):
+    return parts[i]
+
+
+def reduce_task(lo: int, hi: int, *parts):
+    """Cluster keys of faces ``[lo, hi)`` and their (key, first face) list."""
+    from tasks.dedup import argmax_by_face, first_faces, range_keys
+
+    keys = range_keys(argmax_by_face(*parts), lo, hi)
+    return keys, first_faces(keys, lo)
+
+
+def first_of(res):
+    return res[1]
+
+
+def write_task(url: str, path: str, lo: int, hi: int, res, table_keys: np.ndarray, table_ids: np.ndarray) -> int:
+    """Write ``clusters[lo:hi]`` (one whole chunk)."""
+    from tasks.dedup import apply_numbering
+
+    ids = apply_numbering(res[0], table_keys, table_ids)
+    open_array(url, path, mode="r+")[lo:hi] = ids
+    return int(hi - lo)
+
+
+def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
+    """Ranges of proposals with about ``per`` memberships each."""
+    n_prop = len(offsets) - 1
+    if n_prop == 0:
+        return []
+    cuts = np.searchsorted(offsets, np.arange(0, int(offsets[-1]), per), side="right") - 1
+    cuts = np.unique(np.concatenate([np.clip(cuts, 0, n_prop), [n_prop]]))
+    return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+
+
+def run_dedup(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
+    """Labels every face from the scored proposals (stage "dedup", input "score"); writes ``clusters``."""
+    from tasks.dedup import global_numbering
+
+    store.require("score", f"run `facecluster cluster {store.url} --model DIR` (it scores proposals) first")
+    n = int(store.array("features").shape[0])
+    per = int(cfg.gcn.dedup_faces)
+    params = {"faces_per_task": None}  # results do not depend on the partitioning
+    with store.stage(STAGE, params, inputs=["score"], force=force) as w:
+        if w is None:
+            return store.record(STAGE).get("summary", {})
+        offsets = store.array("proposals/offsets")[:]
+        bounds = np.unique(np.concatenate([np.arange(0, n, per), [n]])).astype(np.int64)
+        token = uuid.uuid4().hex[:8]
+        maps = [client.submit(map_task, store.url, a, b, bounds, key=f"dedup-map-{a}-{token}")
+                for a, b in _proposal_ranges(offsets, per)]
+        reds = []
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            parts = [client.submit(pick, m, i, key=f"dedup-pick-{j}-{i}-{token}") for j, m in enumerate(maps)]
+            reds.append(client.submit(reduce_task, int(lo), int(hi), *parts, key=f"dedup-reduce-{lo}-{token}"))
+        firsts = wait_futures([client.submit(first_of, r, key=f"dedup-first-{i}-{token}") for i, r in enumerate(reds)],
+                              "dedup")
+        tk, tid = global_numbering(firsts)
+        arr = w.create_array("clusters", (n,), (per,), np.int64)
+        del arr
+        tk_f, tid_f = client.scatter([tk, tid], broadcast=True)
+        writes = [client.submit(write_task, store.url, w.tmp_path("clusters"), int(lo), int(hi), r, tk_f, tid_f,
+                                key=f"dedup-write-{lo}-{token}") for lo, hi, r in zip(bounds[:-1], bounds[1:], reds)]
+        wait_futures(writes, "clusters")
+        n_clusters = int(len(tk))
+        singles = int((tk < 0).sum())
+        pruned_parts = int(((tk >= 0) & (tk % 2 == 1)).sum())
+        summary = {"n": n, "n_clusters": n_clusters, "singletons_uncovered": singles,
+                   "pruned_clusters": pruned_parts, "proposal_clusters": n_clusters - singles - pruned_parts,
+                   "face_ranges": int(len(bounds) - 1), "map_tasks": len(maps)}
+        w.summary.update(summary)
+        return summary

@@ -1,0 +1,122 @@
+"""Stage "score": GCN-D (predicted IoU, IoP) on every proposal, then GCN-S on the uncertain ones.
+
+One Dask task per batch of ``gcn.score_batch`` proposals. A task reads only what it
+needs from the store by URL: its slice of ``proposals/offsets`` and ``members``, and
+the ``features`` / ``knn`` rows of those members (orthogonal selection of the sorted
+unique ids), so no worker holds the feature matrix. The models are loaded once per
+worker process (module-level cache keyed by model directory + digest) and torch
+uses the worker's thread count.
+
+Determinism: ``tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
+(size bucket x fixed proposal count), so a proposal's scores are bitwise the same
+for any batch size or worker count (tested), which dedup's tie-breaking needs.
+
+Outputs: ``score/iou``, ``score/iop`` (P float32), ``score/segmented`` (P bool: GCN-S
+ran on it), ``score/keep`` (M bool, aligned with ``proposals/members``: False where
+GCN-S removed the member).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import numpy as np
+
+from ..config import Config
+from ..progress import wait_futures
+from ..store import RunStore, open_array
+
+log = logging.getLogger(__name__)
+
+STAGE = "score"
+_MODELS: dict = {}  # (model_dir, digest) -> (gcnd, gcns, meta); one load per worker process
+
+
+def _models(model_dir: str, digest: str):
+    key = (os.path.abspath(model_dir), digest)
+    if key not in _MODELS:
+        from ..train import load_models
+
+        _MODELS.clear()  # one model per worker at a time
+        _MODELS[key] = load_models(model_dir)
+        log.info("score: loaded model %s (%s) in pid %d", model_dir, digest[:12], os.getpid())
+    return _MODELS[key]
+
+
+def model_loads() -> int:
+    """Models currently cached in this process (tests check one load per worker)."""
+    return len(_MODELS)
+
+
+def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_range, keep_prob: float) -> dict:
+    """Worker task: score proposals ``[p0, p1)``; returns their outputs (small arrays)."""
+    import torch
+
+    from tasks.gcn import build_batch, score_batch
+
+    from ..cluster import worker_threads
+
+    torch.set_num_threads(worker_threads())
+    gcnd, gcns, meta = _models(model_dir, digest)
+    off = open_array(url, "proposals/offsets")[p0:p1 + 1]
+    members = open_array(url, "proposals/members")[int(off[0]):int(off[-1])]
+    ids, inv = np.unique(members, return_inverse=True)  # sorted: row locality in the store
+    feats = open_array(url, "features").get_orthogonal_selection((ids, slice(None)))
+    kidx = open_array(url, "knn/index").get_orthogonal_selection((ids, slice(None)))
+    ksim = open_array(url, "knn/sim").get_orthogonal_selection((ids, slice(None)))
+    batch = build_batch(np.diff(off), members, feats[inv], kidx[inv], ksim[inv], meta["spec"])
+    out = score_batch(gcnd, batch, gcns, tuple(iop_range), keep_prob)
+    return {"p0": p0, "iou": out["iou"], "iop": out["iop"], "segmented": out["segmented"], "keep": out["keep"]}
+
+
+def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
+    """Score every proposal with the model in ``model_dir`` (stage "score", input "proposals").
+
+    Raises
+    ------
+    BadInput : when the model directory is incomplete or its feature dimension
+        differs from the run's.
+    """
+    from ..train import check_dim, model_digest, read_model_config
+
+    store.require("proposals", f"run `facecluster proposals {store.url}` first")
+    meta = read_model_config(model_dir)
+    check_dim(meta, store.array("features").shape[1], model_dir, store.url)
+    digest = model_digest(model_dir)
+    g = cfg.gcn
+    params = {"iop_range": list(g.iop_range), "keep_prob": g.keep_prob}
+    extra = {"model": os.path.abspath(model_dir), "model_digest": digest}
+    with store.stage(STAGE, params, inputs=["proposals"], extra=extra, force=force) as w:
+        if w is None:
+            return store.record(STAGE).get("summary", {})
+        n_prop = store.array("proposals/offsets").shape[0] - 1
+        token = uuid.uuid4().hex[:8]
+        bounds = list(range(0, n_prop, g.score_batch)) + [n_prop]
+        model_dir = os.path.abspath(model_dir)
+        futs = [client.submit(score_task, store.url, model_dir, digest, a, b, list(g.iop_range), g.keep_prob,
+                              key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
+        import time
+
+        t0 = time.perf_counter()
+        res = wait_futures(futs, "score")
+        seconds = time.perf_counter() - t0
+        cat = (lambda k: np.concatenate([r[k] for r in res]) if res else np.zeros(0))
+        iou = cat("iou").astype(np.float32)
+        iop = cat("iop").astype(np.float32)
+        seg = cat("segmented").astype(bool)
+        keep = cat("keep").astype(bool)
+        w.write_array("score/iou", iou)
+        w.write_array("score/iop", iop)
+        w.write_array("score/segmented", seg)
+        w.write_array("score/keep", keep)
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        summary = {"n_proposals": int(n_prop), "tasks": len(futs), "seconds": round(seconds, 3),
+                   "proposals_per_s": round(n_prop / max(seconds, 1e-9), 1),
+                   "proposals_per_s_per_worker": round(n_prop / max(seconds, 1e-9) / n_workers, 1),
+                   "segmented": int(seg.sum()), "members_removed": int((~keep).sum()),
+                   "mean_iou": float(iou.mean()) if len(iou) else None, "model": model_dir,
+                   "model_metrics": meta.get("metrics", {})}
+        w.summary.update(summary)
+        return summary

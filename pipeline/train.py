@@ -1,0 +1,218 @@
+"""Training GCN-D and GCN-S on a labelled run, and the model directory format.
+
+``train(store, out_dir, cfg, client)``:
+
+1. runs (or reuses) the knn -> graph -> proposals stages on the run;
+2. computes each proposal's IoU / IoP from the labels (``tasks.targets``);
+3. splits proposals by the identity of their majority label into train and
+   validation (disjoint identities, ``gcn.val_fraction``), so the validation
+   metrics measure transfer to unseen identities, not memorisation;
+4. trains GCN-D then GCN-S (``tasks.gcn``), keeping the epoch with the best
+   validation metric, and writes ``MODEL_DIR/gcnd.pt``, ``gcns.pt`` (state_dicts)
+   and ``config.json`` (dims, widths, input spec, proposal settings, metrics).
+
+Training runs in this process (the proposals of a training set fit in memory:
+the rows of ~20K faces); the upstream stages run on the Dask cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .config import Config
+from .errors import BadInput
+from .store import RunStore
+
+log = logging.getLogger(__name__)
+
+MODEL_FILES = ("gcnd.pt", "gcns.pt", "config.json")
+FORMAT = 1
+
+
+def input_spec(cfg: Config) -> dict:
+    """The node-input spec of ``tasks.gcn`` from the [gcn] section."""
+    g = cfg.gcn
+    return {"x": g.relative, "boundary": g.boundary, "structure": g.structure}
+
+
+def identity_split(majority: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Proposal ids for training and validation; no identity (majority label) is in both."""
+    ids = np.unique(majority)
+    rng = np.random.default_rng(seed)
+    n_val = int(round(len(ids) * val_fraction))
+    if val_fraction > 0 and len(ids) >= 2:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    val_ids = rng.permutation(ids)[:n_val]
+    is_val = np.isin(majority, val_ids)
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def model_digest(model_dir: str | os.PathLike) -> str:
+    """Digest of a model directory's files (part of the score stage's identity)."""
+    h = hashlib.sha256()
+    for name in MODEL_FILES:
+        p = Path(model_dir) / name
+        if p.exists():
+            h.update(name.encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()[:32]
+
+
+def read_model_config(model_dir: str | os.PathLike) -> dict:
+    """``config.json`` of a model directory; BadInput when missing or incomplete."""
+    d = Path(model_dir)
+    missing = [n for n in MODEL_FILES if not (d / n).exists()]
+    if missing:
+        raise BadInput(f"{d}: not a facecluster model directory (missing {', '.join(missing)}); "
+                       f"train one with `facecluster train RUN.zarr --out {d}`")
+    try:
+        meta = json.loads((d / "config.json").read_text())
+        meta["dim"], meta["hidden"], meta["spec"]  # noqa: B018 - presence check
+    except (ValueError, KeyError) as e:
+        raise BadInput(f"{d / 'config.json'}: unreadable model configuration ({e}); re-train the model") from None
+    return meta
+
+
+def check_dim(meta: dict, dim: int, model_dir, run_url: str) -> None:
+    """BadInput when a model was trained on features of another dimension than the run's."""
+    if int(meta["dim"]) != int(dim):
+        raise BadInput(f"{model_dir}: model was trained on {meta['dim']}-d features but {run_url} has {dim}-d features; "
+                       f"train a model on a run with {dim}-d features (`facecluster train`) or use a matching model")
+
+
+def load_models(model_dir: str | os.PathLike, dim: int | None = None, run_url: str = "the run"):
+    """(gcnd, gcns, meta) in eval mode, loaded with ``torch.load(weights_only=True)``."""
+    import torch
+
+    from tasks.gcn import GCND, GCNS, input_dim
+
+    meta = read_model_config(model_dir)
+    if dim is not None:
+        check_dim(meta, dim, model_dir, run_url)
+    in_dim = input_dim(int(meta["dim"]), meta["spec"])
+    d = Path(model_dir)
+    gd = GCND(in_dim, tuple(meta["hidden"]), 0.0)
+    gs = GCNS(in_dim + 2, tuple(meta["hidden"]), 0.0)
+    try:
+        gd.load_state_dict(torch.load(d / "gcnd.pt", weights_only=True, map_location="cpu"))
+        gs.load_state_dict(torch.load(d / "gcns.pt", weights_only=True, map_location="cpu"))
+    except (RuntimeError, OSError, ValueError) as e:
+        raise BadInput(f"{d}: model weights do not match its config.json ({str(e).splitlines()[0]}); re-train the model") from None
+    gd.eval()
+    gs.eval()
+    return gd, gs, meta
+
+
+def save_models(out_dir: str | os.PathLike, gcnd, gcns, meta: dict) -> Path:
+    """Write the state_dicts and config.json (config last: its presence marks a complete directory)."""
+    import torch
+
+    d = Path(out_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").unlink(missing_ok=True)
+    torch.save(gcnd.state_dict(), d / "gcnd.pt")
+    torch.save(gcns.state_dict(), d / "gcns.pt")
+    tmp = d / "config.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
+    os.replace(tmp, d / "config.json")
+    return d
+
+
+def load_training_data(store: RunStore, spec: dict):
+    """Proposals, their targets and the batch of all proposals' inputs (in memory)."""
+    from tasks.gcn import build_batches
+    from tasks.targets import proposal_targets
+
+    if not store.has("labels"):
+        raise BadInput(f"{store.url}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L`)")
+    labels = store.array("labels")[:]
+    offsets = store.array("proposals/offsets")[:]
+    members = store.array("proposals/members")[:]
+    feats = store.array("features")[:]
+    kidx = store.array("knn/index")[:]
+    ksim = store.array("knn/sim")[:]
+    targets = proposal_targets(offsets, members, labels)
+    batch = build_batches(offsets, members, lambda ids: (feats[ids], kidx[ids], ksim[ids]), spec)
+    return {"labels": labels, "offsets": offsets, "members": members, "targets": targets, "batch": batch,
+            "dim": int(feats.shape[1]), "k": int(kidx.shape[1])}
+
+
+def ensure_proposals(store: RunStore, cfg: Config, client) -> None:
+    """knn -> graph -> proposals (each skipped when up to date)."""
+    from .stages.graph import run_graph
+    from .stages.knn import run_knn
+    from .stages.proposals import run_proposals
+
+    run_knn(store, cfg, client)
+    run_graph(store, cfg, client)
+    run_proposals(store, cfg, client)
+
+
+def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None, echo=None) -> dict:
+    """Train GCN-D and GCN-S on a labelled run; returns the metadata written to ``config.json``.
+
+    Parameters
+    ----------
+    store : RunStore with ``labels`` (and ingest complete).
+    out_dir : model directory to write.
+    cfg : Config; [gcn] for the models and training, [knn]/[proposals] for the stages.
+    client : distributed.Client for the upstream stages (None: they must be complete).
+    echo : callable(str) for per-epoch progress lines (default: logging).
+    """
+    import torch
+
+    from tasks.gcn import eval_gcns, fit_gcnd, fit_gcns, predict_d, _spearman
+
+    echo = echo or log.info
+    g = cfg.gcn
+    if client is not None:
+        ensure_proposals(store, cfg, client)
+    else:
+        store.require("proposals", f"run `facecluster proposals {store.url}` first")
+    torch.manual_seed(g.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    threads = cfg.dask.threads_per_worker if cfg.dask.n_workers == 1 else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, threads))
+    spec = input_spec(cfg)
+    t0 = time.perf_counter()
+    data = load_training_data(store, spec)
+    tg, batch = data["targets"], data["batch"]
+    n_prop = len(batch.sizes)
+    if n_prop < 10:
+        raise BadInput(f"{store.url}: only {n_prop} proposals to train on; use a larger labelled set or lower "
+                       "[proposals] thresholds")
+    tr, va = identity_split(tg["majority"], g.val_fraction, g.seed)
+    echo(f"training on {len(tr)} proposals, validating on {len(va)} (disjoint identities); "
+         f"{len(batch.members)} vertices, input width {batch.x.shape[1]}; built in {time.perf_counter() - t0:.1f}s")
+    y = np.stack([tg["iou"], tg["iop"]], 1)
+    common = dict(hidden=tuple(g.hidden), dropout=g.dropout, epochs=g.epochs, lr=g.lr, batch_size=g.batch_size,
+                  weight_decay=g.weight_decay, seed=g.seed, layout=g.layout, log=echo)
+    t1 = time.perf_counter()
+    gcnd, hist_d = fit_gcnd(batch, y, tr, va, **common)
+    t2 = time.perf_counter()
+    node_labels = data["labels"][data["members"]]
+    gcns, hist_s = fit_gcns(batch, node_labels, tr, va, **common)
+    t3 = time.perf_counter()
+    metrics = {"train_proposals": int(len(tr)), "val_proposals": int(len(va)),
+               "gcnd_seconds": round(t2 - t1, 2), "gcns_seconds": round(t3 - t2, 2)}
+    if len(va):
+        p = predict_d(gcnd, batch, va)
+        metrics.update(val_spearman_iou=_spearman(p[:, 0], y[va, 0]), val_spearman_iop=_spearman(p[:, 1], y[va, 1]),
+                       val_mse_iou=float(((p[:, 0] - y[va, 0]) ** 2).mean()),
+                       val_mse_iou_constant=float(y[va, 0].var()), val_mean_iop=float(y[va, 1].mean()))
+        metrics.update({f"val_gcns_{k}": v for k, v in eval_gcns(gcns, batch, node_labels, va).items()})
+    meta = {"format": FORMAT, "dim": data["dim"], "k": data["k"], "hidden": list(g.hidden), "spec": spec,
+            "gcn": g.to_dict(), "knn": cfg.knn.to_dict(),
+            "proposals": (store.record("proposals") or {}).get("params", {}),
+            "run": store.url, "metrics": metrics, "history": {"gcnd": hist_d, "gcns": hist_s},
+            "seconds": round(time.perf_counter() - t0, 2)}
+    save_models(out_dir, gcnd, gcns, meta)
+    echo(f"saved {out_dir}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    return meta
