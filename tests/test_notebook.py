@@ -33,20 +33,25 @@ def test_quickstart_runs(tmp_path):
             os.environ["FACECLUSTER_PROGRESS"] = env_progress
     out = tmp_path / "quickstart-output"
     # what the notebook claims to have done is on disk
-    store_clusters = out / "run.zarr"
+    store_clusters = out / "test.zarr"
     assert store_clusters.is_dir()
     from pipeline.store import RunStore
     from tasks.metrics import evaluate
 
     store = RunStore.open(store_clusters, mode="r")
-    for stage in ("ingest", "knn", "graph", "proposals"):
+    for stage in ("ingest", "knn", "graph", "proposals", "clusters", "score", "dedup"):
         assert store.is_complete(stage), stage
+    assert (out / "model" / "config.json").exists()
+    # the learned chain wrote `clusters` last (after the threshold baseline)
+    assert store.record("dedup")["finished"] > store.record("clusters")["finished"]
     clusters = np.asarray(store.array("clusters")[:])
-    labels = np.load(out / "labels.npy")
+    labels = np.load(out / "test_labels.npy")
     m = evaluate(labels, clusters)
     texts = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     # the printed quality is the stored clustering's, and it is better than chance
-    assert f"{m['pairwise_f']:10.4f}" in texts and f"NMI {m['nmi']:.4f}" in texts
+    row = next(line for line in texts.splitlines() if line.startswith("GCN-D + GCN-S"))
+    assert f"{m['pairwise_f']:13.4f}" in row and f"{m['bcubed_f']:13.4f}" in row and f"{m['nmi']:13.4f}" in row
+    assert any(line.startswith("threshold 0.") for line in texts.splitlines())
     assert m["bcubed_f"] > 0.5
     # the similarity plot was drawn (an image output with real pixels)
     pngs = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
