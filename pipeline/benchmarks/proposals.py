@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -37,9 +36,47 @@ from . import save_result
 log = logging.getLogger(__name__)
 
 
-def peak_rss_bytes() -> int:
-    """Peak resident set size of this process (ru_maxrss is KiB on Linux)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+class RssSampler:
+    """Peak RSS of this process, sampled every ``interval`` s by a daemon thread.
+
+    (``ru_maxrss`` is inherited across fork/exec on Linux, so spawned workers
+    would report the driver's peak; sampling measures the process itself.)
+    """
+
+    def __init__(self, interval: float = 0.02):
+        import threading
+
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = self.proc.memory_info().rss
+        self.start = self.peak
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval):
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.proc.memory_info().rss)
+        return {"start": int(self.start), "peak": int(self.peak)}
+
+
+_SAMPLER: RssSampler | None = None
+
+
+def _start_sampler() -> int:
+    global _SAMPLER
+    _SAMPLER = RssSampler()
+    return _SAMPLER.start
+
+
+def _stop_sampler() -> dict:
+    return _SAMPLER.stop()
 
 
 def build_run(path: Path, n: int, k: int, dim: int, chunk_rows: int, nprobe: int, seed: int) -> dict:
@@ -96,7 +133,7 @@ def scipy_baseline(url: str, th0: float, step: float, max_size: int) -> dict:
 
     from ..store import open_array
 
-    rss0 = peak_rss_bytes()
+    sampler = RssSampler()
     idx = open_array(url, "knn/index")[:]
     sim = open_array(url, "knn/sim")[:]
     n, k = idx.shape
@@ -118,11 +155,7 @@ def scipy_baseline(url: str, th0: float, step: float, max_size: int) -> dict:
     t_alg1 = time.perf_counter() - t0
     return {"edges_thresholded": int(len(src)), "edge_list_s": round(t_edges, 2), "cc_s": round(t_cc, 2),
             "components_at_th0": int(ncomp), "algorithm1_full_edges_s": round(t_alg1, 2),
-            "peak_rss_bytes": peak_rss_bytes(), "start_rss_bytes": rss0, "labels": labels}
-
-
-def _worker_peak() -> int:
-    return peak_rss_bytes()
+            **{f"{k}_rss_bytes": v for k, v in sampler.stop().items()}, "labels": labels}
 
 
 @click.command("proposals")
@@ -135,10 +168,12 @@ def _worker_peak() -> int:
 @click.option("--max-size", type=int, default=300, show_default=True, help="Algorithm 1 max_size.")
 @click.option("--step", type=float, default=0.05, show_default=True, help="Algorithm 1 ladder step.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--all-edges", is_flag=True, help="Build the forest from every kNN edge (default: edges >= th0, "
+              "the lowest threshold used, as proposals.min_edge_sim).")
 @click.option("--store", "store_path", type=click.Path(file_okay=False), default=None,
               help="Run store to write (default: bench-proposals.zarr in the current directory); reused if complete.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result file.")
-def command(n, k, dim, chunk_rows, nprobe, workers, max_size, step, seed, store_path, out):
+def command(n, k, dim, chunk_rows, nprobe, workers, max_size, step, seed, all_edges, store_path, out):
     """Graph (maximum spanning forest) + super-vertices on N faces vs scipy CC on the full edge list."""
     from ..cluster import configure_blas_env
 
@@ -165,43 +200,53 @@ def command(n, k, dim, chunk_rows, nprobe, workers, max_size, step, seed, store_
         store = RunStore.open(path)
         click.echo(f"  setup: {setup}")
     edges_total = int(n) * int(k)
-    cfg = Config.from_dict({"dask": {"n_workers": workers}})
     result = {"n": n, "k": k, "dim": dim, "chunk_rows": int(store.array("knn/index").chunks[0]), "workers": workers,
               "knn": "faiss IVF (nlist ~ sqrt(N), seeded training); not exact", "setup": setup}
     with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
-        idle = client.run(_worker_peak)
+        t0 = time.perf_counter()
+        th0 = float(client.submit(anchor_task, store.url, pure=False).result()["anchor"])
+        t_anchor = time.perf_counter() - t0
+        cfg = Config.from_dict({"dask": {"n_workers": workers},
+                                "proposals": {"min_edge_sim": None if all_edges else th0}})
+        client.run(_start_sampler)
         t0 = time.perf_counter()
         graph = run_graph(store, cfg, client, force=True)
         t_graph = time.perf_counter() - t0
-        th0 = float(client.submit(anchor_task, store.url, pure=False).result()["anchor"])
         t0 = time.perf_counter()
         labels = client.submit(threshold_task, store.url, th0, step, max_size, pure=False).result()
         t_sv = time.perf_counter() - t0
-        peaks = client.run(_worker_peak)
+        rss = client.run(_stop_sampler)
+        peaks = {w: r["peak"] for w, r in rss.items()}
+        idle = {w: r["start"] for w, r in rss.items()}
     sizes = np.bincount(labels)
     result["distributed"] = {
+        "anchor_threshold_s": round(t_anchor, 2), "min_edge_sim": None if all_edges else th0,
         "graph_s": round(t_graph, 2), "super_vertices_s": round(t_sv, 2), "total_s": round(t_graph + t_sv, 2),
         "forest_edges": graph["forest_edges"], "th0": th0, "super_vertices": int(len(sizes)),
         "largest": int(sizes.max()), "peak_rss_per_worker_bytes": sorted(peaks.values()),
         "idle_rss_per_worker_bytes": sorted(idle.values()),
-        "peak_bytes_per_knn_edge_per_worker": round(max(peaks.values()) / edges_total, 2),
-        "edges_per_worker_chunk": int(result["chunk_rows"]) * k,
+        "edges_per_task_chunk": int(result["chunk_rows"]) * k,
+        "peak_rss_growth_per_worker_bytes": sorted(peaks[w] - idle[w] for w in peaks),
+        "bytes_per_chunk_knn_entry": round(max(peaks[w] - idle[w] for w in peaks) / (int(result["chunk_rows"]) * k), 1),
     }
     click.echo(f"distributed ({workers} workers): graph {t_graph:.1f}s + super-vertices {t_sv:.1f}s; "
                f"forest {graph['forest_edges']} edges from {edges_total} kNN entries; "
-               f"peak RSS per worker {[round(p / 2**20) for p in sorted(peaks.values())]} MiB")
+               f"peak RSS per worker {[round(p / 2**20) for p in sorted(peaks.values())]} MiB "
+               f"(growth {[round((peaks[w] - idle[w]) / 2**20) for w in sorted(peaks)]} MiB)")
     with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
         base = pool.submit(scipy_baseline, store.url, th0, step, max_size).result()
     same = bool(np.array_equal(base.pop("labels"), labels))
-    base["bytes_per_thresholded_edge"] = round(base["peak_rss_bytes"] / max(base["edges_thresholded"], 1), 1)
-    base["bytes_per_knn_edge"] = round(base["peak_rss_bytes"] / edges_total, 1)
+    growth = base["peak_rss_bytes"] - base["start_rss_bytes"]
+    base["bytes_per_thresholded_edge"] = round(growth / max(base["edges_thresholded"], 1), 1)
+    base["bytes_per_knn_entry"] = round(growth / edges_total, 1)
     result["scipy_single_process"] = base
     result["labels_identical"] = same
     result["speedup_vs_scipy_alg1"] = round((base["edge_list_s"] + base["algorithm1_full_edges_s"]) / (t_graph + t_sv), 2)
     click.echo(f"scipy single process: edge list {base['edge_list_s']}s, CC at th0 {base['cc_s']}s, "
                f"Algorithm 1 on full edges {base['algorithm1_full_edges_s']}s ({base['edges_thresholded']} edges >= {th0:.4f}); "
-               f"peak RSS {base['peak_rss_bytes'] / 2**20:.0f} MiB = {base['bytes_per_thresholded_edge']} B/edge")
+               f"peak RSS {base['peak_rss_bytes'] / 2**20:.0f} MiB (growth {growth / 2**20:.0f} MiB = "
+               f"{base['bytes_per_thresholded_edge']} B per thresholded edge, {base['bytes_per_knn_entry']} B per kNN entry)")
     click.echo(f"labels identical: {same}")
     p = save_result("proposals", result, out)
     click.echo(f"saved {p}")
