@@ -1,0 +1,112 @@
+"""Training, model files, scoring and dedup stages on real stores and a real LocalCluster."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import Config, IngestConfig
+from pipeline.errors import BadInput
+from pipeline.store import RunStore
+
+
+def _cfg(**gcn):
+    base = {"hidden": [16, 8], "epochs": 2, "lr": 0.003, "dropout": 0.1, "score_batch": 64, "iop_range": [0.0, 1.0],
+            "keep_prob": 0.99}  # a strict keep threshold: the 2-epoch GCN-S prunes some members
+    return Config.from_dict({"knn": {"k": 20}, "proposals": {"preset": "fast"}, "gcn": {**base, **gcn}})
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, local_client):
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.train import train
+    from tasks.synth import make_splits
+
+    tmp = tmp_path_factory.mktemp("gcn")
+    stores = {}
+    for name, (feats, labels) in make_splits(2400, dim=32, seed=5).items():
+        np.save(tmp / f"{name}_f.npy", feats)
+        np.save(tmp / f"{name}_l.npy", labels)
+        run_ingest(tmp / f"{name}_f.npy", str(tmp / f"{name}.zarr"), labels=tmp / f"{name}_l.npy",
+                   cfg=IngestConfig(chunk_rows=500))
+        stores[name] = RunStore.open(str(tmp / f"{name}.zarr"))
+    cfg = _cfg()
+    lines = []
+    meta = train(stores["train"], tmp / "model", cfg, local_client, echo=lines.append)
+    return {"tmp": tmp, "stores": stores, "cfg": cfg, "meta": meta, "lines": lines, "model": tmp / "model"}
+
+
+def test_train_writes_loadable_model(runs):
+    from pipeline.train import load_models
+
+    d = runs["model"]
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "gcnd.pt", "gcns.pt"]
+    meta = json.loads((d / "config.json").read_text())
+    assert meta["dim"] == 32 and meta["hidden"] == [16, 8] and meta["spec"]["x"] == "mean"
+    assert set(meta["metrics"]) >= {"val_spearman_iou", "val_spearman_iop", "val_gcns_node_acc"}
+    assert len(meta["history"]["gcnd"]) == 2
+    assert any(line.startswith("GCN-D epoch 1/2") for line in runs["lines"])
+    gd, gs, _ = load_models(d, dim=32)
+    sd = torch.load(d / "gcnd.pt", weights_only=True)
+    assert all(torch.equal(sd[k], v) for k, v in gd.state_dict().items())
+    assert all(torch.equal(torch.load(d / "gcns.pt", weights_only=True)[k], v) for k, v in gs.state_dict().items())
+
+
+def test_training_is_reproducible(runs):
+    from pipeline.train import train
+
+    meta2 = train(runs["stores"]["train"], runs["tmp"] / "model2", runs["cfg"], None, echo=lambda s: None)
+    a = torch.load(runs["model"] / "gcnd.pt", weights_only=True)
+    b = torch.load(runs["tmp"] / "model2" / "gcnd.pt", weights_only=True)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert meta2["history"] == runs["meta"]["history"]
+
+
+def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
+    from pipeline.train import load_models
+
+    with pytest.raises(BadInput, match="32-d features but .* 16-d"):
+        load_models(runs["model"], dim=16, run_url="x.zarr")
+    with pytest.raises(BadInput, match="not a facecluster model directory"):
+        load_models(tmp_path)
+
+
+def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client, single_worker_client):
+    from pipeline.stages.dedup import run_dedup
+    from pipeline.stages.score import run_score
+    from tasks.dedup import dedup, dedup_sequential
+
+    store, cfg = runs["stores"]["test"], runs["cfg"]
+    ensure = __import__("pipeline.train", fromlist=["ensure_proposals"]).ensure_proposals
+    ensure(store, cfg, local_client)
+    s1 = run_score(store, str(runs["model"]), cfg, local_client)
+    assert s1["n_proposals"] > 20 and s1["segmented"] == s1["n_proposals"]
+    out1 = {k: store.array(f"score/{k}")[:] for k in ("iou", "iop", "keep", "segmented")}
+    assert not out1["keep"].all()  # GCN-S pruned something on the whole-range setting
+    d1 = run_dedup(store, Config.from_dict({"gcn": {**cfg.gcn.to_dict(), "dedup_faces": 97}}), local_client)
+    c1 = store.array("clusters")[:]
+    cfg2 = Config.from_dict({**cfg.to_dict(), "gcn": {**cfg.gcn.to_dict(), "score_batch": 7}})
+    run_score(store, str(runs["model"]), cfg2, single_worker_client, force=True)
+    out2 = {k: store.array(f"score/{k}")[:] for k in out1}
+    for k in out1:
+        assert np.array_equal(out1[k], out2[k]), k
+    run_dedup(store, cfg2, single_worker_client, force=True)
+    c2 = store.array("clusters")[:]
+    assert np.array_equal(c1, c2)
+    off, mem = store.array("proposals/offsets")[:], store.array("proposals/members")[:]
+    n = store.array("features").shape[0]
+    assert np.array_equal(c1, dedup(n, off, mem, out1["iou"], out1["keep"]))
+    assert np.array_equal(c1, dedup_sequential(n, off, mem, out1["iou"], out1["keep"]))
+    assert d1["n_clusters"] == len(np.unique(c1)) and c1.min() == 0 and c1.max() == d1["n_clusters"] - 1
+    # the up-to-date stage is skipped
+    assert run_dedup(store, cfg2, local_client) == store.record("dedup")["summary"]
+
+
+def test_model_loaded_once_per_worker(runs, local_client):
+    from pipeline.stages.score import model_loads
+
+    counts = local_client.run(model_loads)
+    assert all(v <= 1 for v in counts.values())
