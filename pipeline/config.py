@@ -190,7 +190,7 @@ class ProposalConfig(_Section):
     levels: int = opt(2, _int(1, 4), "proposal levels per setting (1 = super-vertices only; 2 adds groups of super-vertices)")
     sv_k: int = opt(3, _int(1, 16), "neighbours of each super-vertex at levels >= 1")
     sv_th: float | None = opt(None, _float(-1.0, 1.0, none=True), "threshold at levels >= 1 (default: 1 - 1.5 * (1 - anchor threshold))")
-    min_edge_sim: float | None = opt(None, _float(-1.0, 1.0, none=True), "graph stage: drop kNN edges below this (default: keep all; the forest has <= N-1 edges anyway)")
+    min_edge_sim: float | None = opt(None, _float(-1.0, 1.0, none=True), "graph stage: drop kNN edges below this (default: 1 - 1.5 * (1 - anchor), below every automatic threshold; -1 keeps all)")
     fan_in: int = opt(4, _int(2), "forests merged per task in the graph stage's tree reduction")
 
 
@@ -199,7 +199,7 @@ class GCNConfig(_Section):
     _section = "gcn"
     hidden: tuple = opt([128, 64], lambda v: None if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and x > 0 for x in v) else f"must be a list of positive integers, got {v!r}", "graph-conv widths")
     dropout: float = opt(0.2, _float(0.0, 0.99), "node dropout while training (whole node rows)")
-    epochs: int = opt(12, _int(1), "training epochs (the best epoch on the validation identities is kept)")
+    epochs: int = opt(20, _int(1), "training epochs (the best epoch on the validation identities is kept)")
     lr: float = opt(0.001, _float(0.0, lo_open=True), "learning rate (AdamW, cosine decay)")
     weight_decay: float = opt(1e-4, _float(0.0), "AdamW weight decay")
     batch_size: int = opt(32, _int(1), "proposals per training batch")
@@ -210,6 +210,7 @@ class GCNConfig(_Section):
     structure: bool = opt(True, _bool(), "structure inputs (inside similarity, coverage, size)")
     layout: str = opt("padded", _choice("padded", "block"), "training batch layout: size-sorted padded dense or block-diagonal sparse")
     score_batch: int = opt(512, _int(1), "proposals per inference task")
+    segment: bool = opt(True, _bool(), "run GCN-S (false: GCN-D only)")
     iop_range: tuple = opt([0.3, 0.7], _range01(), "GCN-S runs on proposals whose predicted IoP is in this range")
     keep_prob: float = opt(0.5, _float(0.0, 1.0), "GCN-S removes vertices with P(member) <= this")
     dedup_faces: int = opt(1 << 20, _int(1), "faces per dedup reduce task")

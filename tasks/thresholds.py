@@ -34,6 +34,20 @@ PRESETS = {
 SV_TH_FACTOR = 1.5  # higher levels: 1 - 1.5 * (1 - anchor) (reference: 0.4 for anchor 0.6)
 
 
+EDGE_FLOOR_FACTOR = 1.5  # graph keeps edges >= 1 - 1.5 * (1 - anchor): below every level-0 threshold
+
+
+def edge_floor(anchor: float) -> float:
+    """Lowest kNN similarity the graph keeps by default, for a data anchor threshold.
+
+    Level-0 thresholds are ``>= anchor`` in every preset, so the floor sits a
+    margin below the anchor (in units of ``1 - threshold``), leaving room for
+    explicit thresholds somewhat under the anchor; lower ones need an explicit
+    ``min_edge_sim``.
+    """
+    return float(1.0 - EDGE_FLOOR_FACTOR * (1.0 - anchor))
+
+
 def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of a 1-d sample (maximises the between-class variance)."""
     v = np.asarray(values, np.float64)

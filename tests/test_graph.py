@@ -67,7 +67,7 @@ def scipy_cc_at(idx, sim, tau):
 def test_forest_invariant_to_chunks_and_workers(tmp_path, local_client, single_worker_client):
     feats, _ = clustered_features(300, seed=1)
     k = 6
-    cfg = Config.from_dict({"proposals": {"fan_in": 2}})
+    cfg = Config.from_dict({"proposals": {"fan_in": 2, "min_edge_sim": -1.0}})  # every edge: cuts at any tau
     forests = []
     for i, (r, client) in enumerate([(300, single_worker_client), (37, local_client), (64, single_worker_client)]):
         store = make_run(tmp_path / f"r{i}.zarr", feats, k, r)

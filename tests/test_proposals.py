@@ -114,6 +114,13 @@ def test_explicit_thresholds_warn_and_fail(tmp_path, local_client, caplog):
     feats, _ = clustered_features(200, seed=4)
     store = make_run(tmp_path / "w.zarr", feats, 6, 64)
     run_graph(store, Config(), local_client)
+    floor = store.record("graph")["summary"]["min_edge_sim"]
+    low = Config.from_dict({"proposals": {"preset": "fast", "thresholds": [floor - 0.05], "levels": 1}})
+    with pytest.raises(BadInput, match="below the graph's edge floor"):  # its cut would miss dropped edges
+        run_proposals(store, low, local_client)
+    with pytest.raises(BadInput, match="below the graph's edge floor"):
+        run_threshold_clusters(store, floor - 0.05, Config(), local_client)
+    run_graph(store, Config.from_dict({"proposals": {"min_edge_sim": -1.0}}), local_client)  # keep every edge
     cfg = Config.from_dict({"proposals": {"preset": "fast", "thresholds": [0.5, 0.99999], "levels": 1}})
     summary = run_proposals(store, cfg, local_client)
     assert len(summary["warnings"]) == 1 and "th0=0.99999" in summary["warnings"][0]
@@ -160,7 +167,7 @@ def test_auto_thresholds_on_lfw(tmp_path, local_client):
 def test_threshold_clusters_equal_forest_cut(tmp_path, local_client):
     feats, _ = clustered_features(150, seed=5)
     store = make_run(tmp_path / "t.zarr", feats, 5, 40)
-    run_graph(store, Config(), local_client)
+    run_graph(store, Config.from_dict({"proposals": {"min_edge_sim": -1.0}}), local_client)
     run_threshold_clusters(store, 0.6, Config(), local_client)
     np.testing.assert_array_equal(store.array("clusters")[:], threshold_components(150, *read_forest(store), 0.6))
     run_threshold_clusters(store, 0.6, Config(), local_client, max_size=10)

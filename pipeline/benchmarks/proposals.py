@@ -181,8 +181,8 @@ def command(n, k, dim, chunk_rows, nprobe, workers, max_size, step, seed, all_ed
     from distributed import Client, LocalCluster
 
     from ..config import Config
-    from ..stages.graph import run_graph
-    from ..stages.proposals import anchor_task, threshold_task
+    from ..stages.graph import anchor_task, run_graph
+    from ..stages.proposals import threshold_task
     from ..store import RunStore
 
     path = Path(store_path or "bench-proposals.zarr")
@@ -208,7 +208,7 @@ def command(n, k, dim, chunk_rows, nprobe, workers, max_size, step, seed, all_ed
         th0 = float(client.submit(anchor_task, store.url, pure=False).result()["anchor"])
         t_anchor = time.perf_counter() - t0
         cfg = Config.from_dict({"dask": {"n_workers": workers},
-                                "proposals": {"min_edge_sim": None if all_edges else th0}})
+                                "proposals": {"min_edge_sim": -1.0 if all_edges else th0}})
         client.run(_start_sampler)
         t0 = time.perf_counter()
         graph = run_graph(store, cfg, client, force=True)

@@ -18,6 +18,15 @@ def cluster_threshold(store, cfg, client, options: dict) -> dict:
     from ..stages.proposals import run_threshold_clusters
 
     ensure_graph(store, cfg, client)
+    th = options.get("th")
+    floor = store.record("graph")["summary"].get("min_edge_sim")
+    if th is not None and floor is not None and th < floor and cfg.proposals.min_edge_sim is None:
+        # An explicit threshold under the automatic edge floor: rebuild the graph down to it
+        # rather than fail (an explicit [proposals] min_edge_sim is respected and checked).
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, proposals=dataclasses.replace(cfg.proposals, min_edge_sim=float(th)))
+        ensure_graph(store, cfg, client)
     return run_threshold_clusters(store, options.get("th"), cfg, client, max_size=options.get("max_size"),
                                   force=options.get("force", False))
 

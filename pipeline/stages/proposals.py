@@ -31,30 +31,12 @@ log = logging.getLogger(__name__)
 
 STAGE = "proposals"
 CLUSTERS_STAGE = "clusters"
-SAMPLE_ROWS = 20_000  # kNN rows sampled (by a fixed stride) for the automatic threshold
 
 
 # -- worker tasks -------------------------------------------------------------------------
 def _forest(url: str):
     return (open_array(url, "graph/forest_src")[:], open_array(url, "graph/forest_dst")[:],
             open_array(url, "graph/forest_sim")[:])
-
-
-def anchor_task(url: str, sample_rows: int = SAMPLE_ROWS) -> dict:
-    """Worker task: the automatic anchor threshold from a stride sample of ``knn/sim`` rows."""
-    from tasks.thresholds import auto_threshold
-
-    z = open_array(url, "knn/sim")
-    idx = open_array(url, "knn/index")
-    n = z.shape[0]
-    stride = max(1, -(-n // sample_rows))
-    rows = np.arange(0, n, stride)
-    sim = z.get_orthogonal_selection((rows, slice(None)))
-    nb = idx.get_orthogonal_selection((rows, slice(None)))
-    sim = np.where(nb >= 0, sim, -np.inf)
-    ok = sim[np.isfinite(sim)]
-    return {"anchor": auto_threshold(sim), "rows_sampled": int(len(rows)),
-            "sim_quantiles": {str(q): float(np.quantile(ok, q)) for q in (0.1, 0.5, 0.9, 0.99)} if len(ok) else {}}
 
 
 def setting_task(url: str, setting: dict, min_size: int, max_proposal_size: int) -> dict:
@@ -124,6 +106,20 @@ def threshold_task(url: str, th: float, step: float, max_size: int | None) -> np
     return threshold_components(n, src, dst, sim, th)
 
 
+def graph_anchor(store: RunStore) -> dict:
+    """The anchor threshold recorded by the graph stage ({"anchor", "rows_sampled", "sim_quantiles", "source"})."""
+    return dict(store.require("graph")["summary"]["anchor"])
+
+
+def check_threshold(store: RunStore, th: float) -> None:
+    """BadInput when ``th`` lies below the edge floor the graph was built with (its cut would be wrong)."""
+    floor = store.require("graph")["summary"].get("min_edge_sim")
+    if floor is not None and th < floor:
+        raise BadInput(f"{store.url}: threshold {th:.4g} is below the graph's edge floor {floor:.4g} (edges below it were "
+                       f"not kept); rebuild the graph with `--min-edge-sim {th:.4g}` (or -1 to keep every edge)")
+
+
+
 # -- driver ---------------------------------------------------------------------------------
 def resolve_settings(store: RunStore, cfg: Config, client) -> tuple[list[dict], dict]:
     """The settings to run (explicit thresholds, or placed around the data's anchor threshold)."""
@@ -131,10 +127,10 @@ def resolve_settings(store: RunStore, cfg: Config, client) -> tuple[list[dict], 
 
     pc = cfg.proposals
     if pc.thresholds:
-        info = {"anchor": min(pc.thresholds), "source": "explicit thresholds"}
+        info = {**graph_anchor(store), "anchor": min(pc.thresholds), "source": "explicit thresholds"}
+        check_threshold(store, min(pc.thresholds))
     else:
-        info = client.submit(anchor_task, store.url, key=f"proposals-anchor-{uuid.uuid4().hex[:8]}").result()
-        info["source"] = "auto (Otsu threshold of kNN similarities)"
+        info = graph_anchor(store)
     settings = make_settings(pc.preset, info["anchor"], pc.step, pc.max_size, pc.thresholds, pc.sv_k, pc.levels,
                              pc.sv_th)
     return settings, info
@@ -230,8 +226,8 @@ def run_threshold_clusters(store: RunStore, th: float | None, cfg: Config, clien
     store.require("graph", f"run the graph stage first (facecluster proposals {store.url} runs it)")
     info = {"anchor": th, "source": "explicit"}
     if th is None:
-        info = client.submit(anchor_task, store.url, key=f"clusters-anchor-{uuid.uuid4().hex[:8]}").result()
-        info["source"] = "auto (Otsu threshold of kNN similarities)"
+        info = graph_anchor(store)
+    check_threshold(store, float(info["anchor"]))
     th = float(info["anchor"])
     params = {"method": "threshold", "th": th, "max_size": max_size, "step": cfg.proposals.step if max_size else None}
     with store.stage(CLUSTERS_STAGE, params, inputs=["graph"], force=force) as w:
