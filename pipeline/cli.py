@@ -72,6 +72,11 @@ def cli(ctx, verbose, debug):
     ctx.obj["debug"] = debug
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    # Dask's own INFO chatter (scheduler/nanny start and stop) drowns our one-line output;
+    # it is shown from -vv on.
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
+                 "distributed.http.proxy", "distributed.worker"):
+        logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
 
 
 def main(argv=None):
