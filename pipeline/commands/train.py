@@ -10,7 +10,7 @@ from ._common import config_option, dask_options, pass_config
 @click.command("train")
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--epochs", type=int, default=None, help="Training epochs (default from [gcn], 12).")
+@click.option("--epochs", type=int, default=None, help="Training epochs (default from [gcn], 20).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default from [gcn], 0.001).")
 @click.option("--hidden", default=None, help="Graph-conv widths, comma-separated (default 128,64).")
 @click.option("--seed", type=int, default=None, help="Training seed (default 0).")

@@ -50,7 +50,8 @@ def model_loads() -> int:
     return len(_MODELS)
 
 
-def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_range, keep_prob: float) -> dict:
+def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_range, keep_prob: float,
+               segment: bool = True) -> dict:
     """Worker task: score proposals ``[p0, p1)``; returns their outputs (small arrays)."""
     import torch
 
@@ -67,7 +68,7 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     kidx = open_array(url, "knn/index").get_orthogonal_selection((ids, slice(None)))
     ksim = open_array(url, "knn/sim").get_orthogonal_selection((ids, slice(None)))
     batch = build_batch(np.diff(off), members, feats[inv], kidx[inv], ksim[inv], meta["spec"])
-    out = score_batch(gcnd, batch, gcns, tuple(iop_range), keep_prob)
+    out = score_batch(gcnd, batch, gcns if segment else None, tuple(iop_range), keep_prob)
     return {"p0": p0, "iou": out["iou"], "iop": out["iop"], "segmented": out["segmented"], "keep": out["keep"]}
 
 
@@ -86,7 +87,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
     check_dim(meta, store.array("features").shape[1], model_dir, store.url)
     digest = model_digest(model_dir)
     g = cfg.gcn
-    params = {"iop_range": list(g.iop_range), "keep_prob": g.keep_prob}
+    params = {"segment": g.segment, "iop_range": list(g.iop_range), "keep_prob": g.keep_prob}
     extra = {"model": os.path.abspath(model_dir), "model_digest": digest}
     with store.stage(STAGE, params, inputs=["proposals"], extra=extra, force=force) as w:
         if w is None:
@@ -96,7 +97,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         bounds = list(range(0, n_prop, g.score_batch)) + [n_prop]
         model_dir = os.path.abspath(model_dir)
         futs = [client.submit(score_task, store.url, model_dir, digest, a, b, list(g.iop_range), g.keep_prob,
-                              key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
+                              g.segment, key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
         import time
 
         t0 = time.perf_counter()
@@ -105,7 +106,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         cat = (lambda k: np.concatenate([r[k] for r in res]) if res else np.zeros(0))
         iou = cat("iou").astype(np.float32)
         iop = cat("iop").astype(np.float32)
-        seg = cat("segmented").astype(bool)
+        seg = cat("segmented").astype(bool) & g.segment
         keep = cat("keep").astype(bool)
         w.write_array("score/iou", iou)
         w.write_array("score/iop", iop)

@@ -1,0 +1,83 @@
+"""`facecluster bench cluster`: proposals scored per second per worker, time by stage, worker memory.
+
+Setup: the built-in dataset: a labelled training split (``--train-n`` faces) on
+which a model is trained (``--epochs``, not part of the timed chain), and
+``--n`` faces of other identities to cluster. Timed: the learned chain
+knn -> graph -> proposals -> score (GCN-D + GCN-S) -> dedup on a fresh
+LocalCluster, each stage's wall time, the score stage's proposals per second per
+worker, and each worker's resident memory after every stage (``psutil``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+from . import save_result
+
+log = logging.getLogger(__name__)
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+@click.command("cluster")
+@click.option("--n", type=int, default=100_000, show_default=True, help="Faces to cluster.")
+@click.option("--train-n", type=int, default=20_000, show_default=True, help="Faces of the training split.")
+@click.option("--dim", type=int, default=256, show_default=True)
+@click.option("--epochs", type=int, default=5, show_default=True, help="Training epochs (setup, not timed).")
+@click.option("--workers", type=int, default=2, show_default=True)
+@click.option("--workdir", type=click.Path(file_okay=False), default="bench-cluster", show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result (default bench-cluster.json).")
+def command(n, train_n, dim, epochs, workers, workdir, out):
+    """Throughput of the learned chain by stage; proposals scored per second per worker."""
+    from ..cluster import connect
+    from ..config import Config
+    from ..run import _stage_runners, run_stages
+    from ..stages.ingest import run_ingest
+    from ..store import RunStore
+    from ..train import train
+    from tasks.synth import make_faces, make_splits
+
+    wd = Path(workdir)
+    wd.mkdir(parents=True, exist_ok=True)
+    cfg = Config.from_dict({"dask": {"n_workers": workers}, "gcn": {"epochs": epochs}})
+    feats, labels = make_splits(2 * train_n, dim=dim, seed=1)["train"]
+    np.save(wd / "train_f.npy", feats)
+    np.save(wd / "train_l.npy", labels)
+    feats, labels = make_faces(n, dim=dim, seed=2)
+    np.save(wd / "test_f.npy", feats)
+    del feats
+    run_ingest(wd / "train_f.npy", str(wd / "train.zarr"), labels=wd / "train_l.npy", overwrite=True)
+    run_ingest(wd / "test_f.npy", str(wd / "test.zarr"), overwrite=True)
+    result = {"n": n, "train_n": train_n, "dim": dim, "workers": workers}
+    with connect(cfg.dask, quiet=True) as client:
+        t0 = time.perf_counter()
+        meta = train(RunStore.open(str(wd / "train.zarr")), wd / "model", cfg, client, echo=log.info)
+        result["train_seconds_incl_stages"] = round(time.perf_counter() - t0, 1)
+        result["train_metrics"] = meta["metrics"]
+        store = RunStore.open(str(wd / "test.zarr"))
+        stages, memory = {}, {}
+        for name, runner in _stage_runners(str(wd / "model")).items():
+            rep = run_stages(store, cfg, client, {name: runner}, echo=log.info)[name]
+            stages[name] = rep["seconds"]
+            memory[name] = sorted(client.run(_rss).values())
+            if name == "score":
+                s = rep["summary"]
+                result["score"] = {k: s.get(k) for k in ("n_proposals", "seconds", "proposals_per_s",
+                                                         "proposals_per_s_per_worker", "segmented")}
+        result["stage_seconds"] = stages
+        result["total_seconds"] = round(sum(stages.values()), 2)
+        result["worker_rss_bytes_after_stage"] = memory
+    path = save_result("cluster", result, out)
+    click.echo(f"{n} faces, {workers} workers: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
+    sc = result.get("score", {})
+    click.echo(f"score: {sc.get('n_proposals')} proposals, {sc.get('proposals_per_s_per_worker')} proposals/s/worker")
+    click.echo(f"peak worker RSS seen: {max(max(v) for v in memory.values()) / 2**20:.0f} MiB; result in {path}")
