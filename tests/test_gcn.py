@@ -214,8 +214,11 @@ def test_training_beats_constant_on_held_out_identities():
     assert rho_iou > 0.5, rho_iou
     assert rho_iop > 0.5, rho_iop
     assert mse < 0.9 * tt["iou"].var()
-    ms, hs = gcn.fit_gcns(b, data["train"][2], ids, np.zeros(0, np.int64), hidden=(64, 32), dropout=0.1, epochs=6,
+    ms, hs = gcn.fit_gcns(b, data["train"][2], ids, np.zeros(0, np.int64), hidden=(64, 32), dropout=0.1, epochs=10,
                           lr=3e-3, layout="padded", seed=0)
     acc = gcn.eval_gcns(ms, bt, nl, np.arange(len(bt.sizes)))
     assert hs[-1]["loss"] < 0.9 * np.log(2)
-    assert acc["node_acc"] > 0.85, acc
+    all_ones = (nl == nl[bt.seed[bt.seg]]).mean()  # "everyone is a member": 0.82 here
+    # observed (seeded): node accuracy 0.98, 0.97 on impure proposals
+    assert acc["node_acc"] > all_ones + 0.08, (acc, all_ones)
+    assert acc["node_acc_impure"] > 0.85, acc
