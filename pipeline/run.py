@@ -30,24 +30,25 @@ def _stage_runners(model_dir: str | None):
         "knn": run_knn,
         "graph": run_graph,
         "proposals": run_proposals,
-        "score": lambda store, cfg, client: run_score(store, model_dir, cfg, client),
+        "score": lambda store, cfg, client, force=False: run_score(store, model_dir, cfg, client, force=force),
         "dedup": run_dedup,
     }
 
 
 def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable],
-               echo: Callable[[str], None] | None = None) -> dict:
+               echo: Callable[[str], None] | None = None, force: bool = False) -> dict:
     """Run ``stages`` in order; returns {stage: {"ran": bool, "seconds": float, "summary": dict}}.
 
     A stage counts as skipped when its record was already complete with the same
     ``finished`` time before the call (the stage returned its stored summary).
+    ``force`` recomputes every stage.
     """
     echo = echo or log.info
     report = {}
     for name, runner in stages.items():
         before = store.record(name) or {}
         t0 = time.perf_counter()
-        summary = runner(store, cfg, client)
+        summary = runner(store, cfg, client, force=force)
         seconds = time.perf_counter() - t0
         after = store.record(name) or {}
         ran = not (before.get("complete") and before.get("finished") == after.get("finished"))
@@ -57,10 +58,10 @@ def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable]
 
 
 def run_cluster(store: RunStore, cfg: Config, client, model_dir: str,
-                echo: Callable[[str], None] | None = None) -> dict:
+                echo: Callable[[str], None] | None = None, force: bool = False) -> dict:
     """The whole learned chain on one run store; writes ``clusters``."""
     from .train import check_dim, read_model_config
 
     # Fail on a model/run mismatch before spending minutes on kNN.
     check_dim(read_model_config(model_dir), store.array("features").shape[1], model_dir, store.url)
-    return run_stages(store, cfg, client, _stage_runners(model_dir), echo)
+    return run_stages(store, cfg, client, _stage_runners(model_dir), echo, force=force)

@@ -27,6 +27,7 @@ sparse adjacency with segment pooling). Both run the same module weights.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -247,7 +248,9 @@ class Block:
         r, c, w = batch.edges
         n = len(batch.members)
         idx = torch.from_numpy(np.stack([r, c]).astype(np.int64))
-        A = torch.sparse_coo_tensor(idx, torch.from_numpy(w), (n, n)).coalesce().to_sparse_csr()
+        with warnings.catch_warnings():  # torch's "sparse CSR is beta" / invariant-check notices
+            warnings.simplefilter("ignore", UserWarning)
+            A = torch.sparse_coo_tensor(idx, torch.from_numpy(w), (n, n)).coalesce().to_sparse_csr()
         return cls(torch.from_numpy(np.ascontiguousarray(x)), A, torch.from_numpy(batch.seg), len(batch.sizes))
 
     def agg(self, h):

@@ -37,15 +37,35 @@ def format_threshold(summary: dict) -> str:
             f"{summary['n_singletons']} singletons, largest {summary['largest']} faces")
 
 
-# method name -> (runner, formatter). Other methods (the learned GCN path) register here.
-METHODS = {"threshold": (cluster_threshold, format_threshold)}
-DEFAULT_METHOD = "threshold"
+def cluster_gcn(store, cfg, client, options: dict) -> dict:
+    """``--method gcn`` (default): knn -> graph -> proposals -> GCN-D -> GCN-S -> dedup."""
+    from ..run import run_cluster
+
+    model = options["model"]
+    report = run_cluster(store, cfg, client, model, echo=lambda s: click.echo(s, err=True),
+                         force=options.get("force", False))
+    return {**report["dedup"]["summary"], "stages": report}
+
+
+def format_gcn(summary: dict) -> str:
+    ran = [name for name, r in summary["stages"].items() if r["ran"]]
+    skipped = [name for name, r in summary["stages"].items() if not r["ran"]]
+    return (f"gcn: {summary['n_clusters']} clusters ({summary['proposal_clusters']} from proposals, "
+            f"{summary['pruned_clusters']} of GCN-S-pruned faces, {summary['singletons_uncovered']} singletons); "
+            f"stages run: {', '.join(ran) or 'none'}; skipped (up to date): {', '.join(skipped) or 'none'}")
+
+
+# method name -> (runner, formatter)
+METHODS = {"gcn": (cluster_gcn, format_gcn), "threshold": (cluster_threshold, format_threshold)}
+DEFAULT_METHOD = "gcn"
 
 
 @click.command("cluster")
 @click.argument("run", type=click.Path(file_okay=False))
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="Clustering method.")
+@click.option("--model", type=click.Path(file_okay=False), default=None,
+              help="gcn method: model directory written by `facecluster train`.")
 @click.option("--th", type=float, default=None,
               help="threshold method: similarity threshold (default: derived from the data's kNN similarities).")
 @click.option("--max-size", type=int, default=None,
@@ -54,11 +74,16 @@ DEFAULT_METHOD = "threshold"
 @config_option
 @dask_options
 @pass_config()
-def command(run, method, th, max_size, force, cfg):
+def command(run, method, model, th, max_size, force, cfg):
     """Cluster the faces of RUN; writes `clusters` (every face labelled).
+
+    The default (gcn) runs the learned chain; stages whose inputs and parameters
+    are unchanged are skipped, so re-running after a crash resumes.
 
     \b
     Examples:
+      facecluster cluster run.zarr --model model/                 # learned: GCN-D + GCN-S
+      facecluster cluster run.zarr --model model/ --scheduler tcp://host:8786
       facecluster cluster run.zarr --method threshold            # automatic threshold
       facecluster cluster run.zarr --method threshold --th 0.6
     """
@@ -67,6 +92,15 @@ def command(run, method, th, max_size, force, cfg):
 
     runner, fmt = METHODS[method]
     store = RunStore.open(run)
+    if method == "gcn":  # bad model input fails before a cluster is started
+        from ..train import check_dim, read_model_config
+
+        if not model:
+            from ..errors import BadInput
+
+            raise BadInput(f"{run}: the learned method needs a model: pass --model DIR (train one with "
+                           "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method threshold")
+        check_dim(read_model_config(model), store.array("features").shape[1], model, store.url)
     with connect(cfg.dask) as client:
-        summary = runner(store, cfg, client, {"th": th, "max_size": max_size, "force": force})
+        summary = runner(store, cfg, client, {"th": th, "max_size": max_size, "force": force, "model": model})
     click.echo(fmt(summary))

@@ -30,14 +30,14 @@ log = logging.getLogger(__name__)
 STAGE = "dedup"
 
 
-def map_task(url: str, p0: int, p1: int, bounds: np.ndarray) -> list:
-    """Partial winners of proposals ``[p0, p1)``, split by face range."""
+def map_task(url: str, p0: int, p1: int, bounds: np.ndarray, use_gcns: bool = True) -> list:
+    """Partial winners of proposals ``[p0, p1)``, split by face range (``use_gcns=False``: ignore GCN-S)."""
     from tasks.dedup import argmax_by_face, proposal_triples, split_by_face
 
     off = open_array(url, "proposals/offsets")[p0:p1 + 1]
     a, b = int(off[0]), int(off[-1])
     members = open_array(url, "proposals/members")[a:b]
-    keep = open_array(url, "score/keep")[a:b]
+    keep = open_array(url, "score/keep")[a:b] if use_gcns else None
     iou = open_array(url, "score/iou")[p0:p1]
     t = argmax_by_face(proposal_triples(off - a, members, iou, keep, pid0=p0))
     return split_by_face(t, bounds)
@@ -48,23 +48,31 @@ def pick(parts: list, i: int):
 
 
 def reduce_task(lo: int, hi: int, *parts):
-    """Cluster keys of faces ``[lo, hi)`` and their (key, first face) list."""
+    """Cluster keys of faces ``[lo, hi)``, their (key, first face) list, and each face's winning score."""
     from tasks.dedup import argmax_by_face, first_faces, range_keys
 
-    keys = range_keys(argmax_by_face(*parts), lo, hi)
-    return keys, first_faces(keys, lo)
+    t = argmax_by_face(*parts)
+    keys = range_keys(t, lo, hi)
+    # The predicted IoU of the proposal that labelled each face (NaN: singleton, no proposal).
+    score = np.full(hi - lo, np.nan, np.float32)
+    face, tier, sc, _pid = t
+    won = tier == 0
+    score[face[won] - lo] = sc[won]
+    return keys, first_faces(keys, lo), score
 
 
 def first_of(res):
     return res[1]
 
 
-def write_task(url: str, path: str, lo: int, hi: int, res, table_keys: np.ndarray, table_ids: np.ndarray) -> int:
-    """Write ``clusters[lo:hi]`` (one whole chunk)."""
+def write_task(url: str, path: str, score_path: str, lo: int, hi: int, res, table_keys: np.ndarray,
+               table_ids: np.ndarray) -> int:
+    """Write ``clusters[lo:hi]`` and the faces' winning scores (one whole chunk each)."""
     from tasks.dedup import apply_numbering
 
     ids = apply_numbering(res[0], table_keys, table_ids)
     open_array(url, path, mode="r+")[lo:hi] = ids
+    open_array(url, score_path, mode="r+")[lo:hi] = res[2]
     return int(hi - lo)
 
 
@@ -78,21 +86,30 @@ def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-def run_dedup(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
-    """Labels every face from the scored proposals (stage "dedup", input "score"); writes ``clusters``."""
+def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcns: bool = True,
+              out: str = "clusters") -> dict:
+    """Labels every face from the scored proposals (stage "dedup", input "score"); writes ``clusters``.
+
+    ``use_gcns=False`` ignores GCN-S's pruning (GCN-D alone). ``out`` names the
+    output array (``clusters`` by default; another name is its own stage,
+    ``dedup:<out>``, e.g. the demo's ``clusters_gcnd`` beside ``clusters``). The
+    predicted IoU of the proposal that labelled each face goes to ``<out>_score``
+    (NaN for faces no proposal claimed).
+    """
     from tasks.dedup import global_numbering
 
     store.require("score", f"run `facecluster cluster {store.url} --model DIR` (it scores proposals) first")
     n = int(store.array("features").shape[0])
     per = int(cfg.gcn.dedup_faces)
-    params = {"faces_per_task": None}  # results do not depend on the partitioning
-    with store.stage(STAGE, params, inputs=["score"], force=force) as w:
+    stage = STAGE if out == "clusters" else f"{STAGE}:{out}"
+    params = {"faces_per_task": None, "use_gcns": bool(use_gcns), "out": out}  # partitioning never changes results
+    with store.stage(stage, params, inputs=["score"], force=force) as w:
         if w is None:
-            return store.record(STAGE).get("summary", {})
+            return store.record(stage).get("summary", {})
         offsets = store.array("proposals/offsets")[:]
         bounds = np.unique(np.concatenate([np.arange(0, n, per), [n]])).astype(np.int64)
         token = uuid.uuid4().hex[:8]
-        maps = [client.submit(map_task, store.url, a, b, bounds, key=f"dedup-map-{a}-{token}")
+        maps = [client.submit(map_task, store.url, a, b, bounds, bool(use_gcns), key=f"dedup-map-{a}-{token}")
                 for a, b in _proposal_ranges(offsets, per)]
         reds = []
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -101,10 +118,11 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False) -> dict
         firsts = wait_futures([client.submit(first_of, r, key=f"dedup-first-{i}-{token}") for i, r in enumerate(reds)],
                               "dedup")
         tk, tid = global_numbering(firsts)
-        arr = w.create_array("clusters", (n,), (per,), np.int64)
-        del arr
+        w.create_array(out, (n,), (per,), np.int64)
+        w.create_array(f"{out}_score", (n,), (per,), np.float32, fill_value=np.nan)
         tk_f, tid_f = client.scatter([tk, tid], broadcast=True)
-        writes = [client.submit(write_task, store.url, w.tmp_path("clusters"), int(lo), int(hi), r, tk_f, tid_f,
+        writes = [client.submit(write_task, store.url, w.tmp_path(out), w.tmp_path(f"{out}_score"), int(lo), int(hi),
+                                r, tk_f, tid_f,
                                 key=f"dedup-write-{lo}-{token}") for lo, hi, r in zip(bounds[:-1], bounds[1:], reds)]
         wait_futures(writes, "clusters")
         n_clusters = int(len(tk))
@@ -112,6 +130,7 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False) -> dict
         pruned_parts = int(((tk >= 0) & (tk % 2 == 1)).sum())
         summary = {"n": n, "n_clusters": n_clusters, "singletons_uncovered": singles,
                    "pruned_clusters": pruned_parts, "proposal_clusters": n_clusters - singles - pruned_parts,
-                   "face_ranges": int(len(bounds) - 1), "map_tasks": len(maps)}
+                   "face_ranges": int(len(bounds) - 1), "map_tasks": len(maps), "use_gcns": bool(use_gcns),
+                   "out": out}
         w.summary.update(summary)
         return summary
