@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,6 +13,8 @@ from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import pair_confusion_matrix
 
 from tasks.metrics import bcubed_f, evaluate, nmi, pairwise_f
+
+FACECLUSTER = os.path.join(os.path.dirname(sys.executable), "facecluster")
 
 
 @st.composite
@@ -116,7 +121,7 @@ def test_bad_inputs():
 def _run(*args):
     import subprocess
 
-    return subprocess.run(["facecluster", "evaluate", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run([FACECLUSTER, "evaluate", *map(str, args)], capture_output=True, text=True)
 
 
 def test_cli_evaluate_label_files_and_run_store(tmp_path):

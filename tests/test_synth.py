@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,6 +14,8 @@ from scipy.sparse.csgraph import connected_components
 
 from tasks.metrics import evaluate
 from tasks.synth import SynthParams, make_faces, make_identities, make_splits, split_identities
+
+FACECLUSTER = os.path.join(os.path.dirname(sys.executable), "facecluster")
 
 THRESHOLDS = np.round(np.arange(0.30, 0.91, 0.025), 3)
 
@@ -159,7 +163,7 @@ def test_best_single_threshold_is_clearly_below_perfect_and_beatable(faces8k):
 
 def test_cli_synth_writes_streamed_splits_identical_to_api(tmp_path):
     out = tmp_path / "ds"
-    r = subprocess.run(["facecluster", "synth", "5000", "-o", str(out), "--dim", "48", "--seed", "4",
+    r = subprocess.run([FACECLUSTER, "synth", "5000", "-o", str(out), "--dim", "48", "--seed", "4",
                         "--test-fraction", "0.4"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     ref = make_splits(5000, 48, seed=4, test_fraction=0.4)
@@ -174,7 +178,7 @@ def test_cli_synth_writes_streamed_splits_identical_to_api(tmp_path):
 
     # meta format: raw float32 .bin + one label per line, same content
     out2 = tmp_path / "ds_meta"
-    r = subprocess.run(["facecluster", "synth", "5000", "-o", str(out2), "--dim", "48", "--seed", "4",
+    r = subprocess.run([FACECLUSTER, "synth", "5000", "-o", str(out2), "--dim", "48", "--seed", "4",
                         "--test-fraction", "0.4", "--format", "meta"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     from tasks.io import read_labels
@@ -185,8 +189,8 @@ def test_cli_synth_writes_streamed_splits_identical_to_api(tmp_path):
     assert raw.tobytes() == ref["test"][0].tobytes()
 
     # a non-empty folder is refused with exit 2 (bad input), and a knob can be overridden
-    r = subprocess.run(["facecluster", "synth", "100", "-o", str(out)], capture_output=True, text=True)
+    r = subprocess.run([FACECLUSTER, "synth", "100", "-o", str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "not empty" in r.stderr
-    r = subprocess.run(["facecluster", "synth", "100", "-o", str(tmp_path / "p"), "--param", "family_cos=0.9,0.5"],
+    r = subprocess.run([FACECLUSTER, "synth", "100", "-o", str(tmp_path / "p"), "--param", "family_cos=0.9,0.5"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "family_cos" in r.stderr
