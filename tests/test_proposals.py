@@ -66,6 +66,12 @@ def test_make_settings_presets_and_explicit():
     np.testing.assert_allclose(th0, [0.6, 0.65, 0.7, 0.75])  # the reference's MS1M settings at anchor 0.6
     s = make_settings("fast", 0.6, 0.05, 300, thresholds=[0.8, 0.7])
     assert [x["th0"] for x in s] == [0.7, 0.8] and s[0]["sv_th"] == pytest.approx(1 - 1.5 * 0.3)
+    # whole-component cuts: one level, max_size = whole_size, around the anchor
+    s = make_settings("default", 0.6, 0.05, 300, whole_size=2000)
+    whole = [x for x in s if x["max_size"] == 2000]
+    assert len(s) == 8 + len(whole) and len(whole) == 5 and all(x["levels"] == 1 for x in whole)
+    np.testing.assert_allclose(sorted(x["th0"] for x in whole), [0.6, 0.625, 0.65, 0.675, 0.7])
+    assert len(make_settings("default", 0.6, 0.05, 300, whole_size=300)) == 8  # not above max_size: none
     # scale-adaptive: anchors near 1 keep every threshold below 1
     assert all(0.97 <= x["th0"] < 1 for x in make_settings("thorough", 0.97, 0.05, 300))
 
@@ -90,7 +96,7 @@ def test_proposals_stage_invariance_and_structure(tmp_path, local_client, single
     assert summary["per_level"].get("1", 0) > 0  # higher levels produce proposals on this data
     assert len({g.tobytes() for g in groups}) == len(groups)  # duplicates removed
     for g in groups:
-        assert np.all(np.diff(g) > 0) and 3 <= len(g) <= 500
+        assert np.all(np.diff(g) > 0) and cfg.proposals.min_size <= len(g) <= cfg.proposals.whole_size
     key = list(zip(p["setting"].tolist(), p["level"].tolist(), [int(g[0]) for g in groups]))
     assert key == sorted(key)  # ordered by (setting, level, smallest member)
     # each level-(i+1) proposal is a union of whole level-i groups; level 1 of level-0 super-vertices
@@ -123,7 +129,8 @@ def test_explicit_thresholds_warn_and_fail(tmp_path, local_client, caplog):
     run_graph(store, Config.from_dict({"proposals": {"min_edge_sim": -1.0}}), local_client)  # keep every edge
     cfg = Config.from_dict({"proposals": {"preset": "fast", "thresholds": [0.5, 0.99999], "levels": 1}})
     summary = run_proposals(store, cfg, local_client)
-    assert len(summary["warnings"]) == 1 and "th0=0.99999" in summary["warnings"][0]
+    # the split setting and the whole-component cut at 0.99999 both yield nothing
+    assert len(summary["warnings"]) == 2 and all("th0=0.99999" in w for w in summary["warnings"])
     assert "yields no proposal" in caplog.text
     cfg = Config.from_dict({"proposals": {"preset": "fast", "thresholds": [0.99998, 0.99999], "levels": 1}})
     with pytest.raises(BadInput, match="no proposal from any"):
@@ -142,7 +149,8 @@ def test_auto_thresholds_on_synthetic(tmp_path, local_client):
     assert summary["n_proposals"] > 50 and not summary["warnings"]
     assert summary["threshold"]["source"].startswith("auto")
     text = format_summary(summary)  # what `facecluster proposals` prints
-    assert f"{summary['n_proposals']} proposals" in text and len(text.splitlines()) == 2 + 2 + 1
+    assert f"{summary['n_proposals']} proposals" in text and len(text.splitlines()) == 2 + len(summary["settings"]) + 1
+    assert len(summary["settings"]) == 2 + 2  # fast: 2 split settings + 2 whole-component cuts
     res = run_threshold_clusters(store, None, Config(), local_client)
     clusters = store.array("clusters")[:]
     assert len(clusters) == 3000 and clusters.min() == 0 and res["n_clusters"] == clusters.max() + 1

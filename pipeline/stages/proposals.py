@@ -56,7 +56,9 @@ def setting_task(url: str, setting: dict, min_size: int, max_proposal_size: int)
     n_groups = int(labels.max()) + 1 if n else 0
     out = {"levels": [], "n_super_vertices": n_groups,
            "largest_super_vertex": int(np.bincount(labels).max()) if n else 0}
-    out["levels"].append((0,) + P.to_csr(P.select_proposals(labels, min_size, max_proposal_size)))
+    # whole-component settings (max_size above the proposal cap) keep components up to their own max_size
+    cap0 = max(int(max_proposal_size), int(setting["max_size"]))
+    out["levels"].append((0,) + P.to_csr(P.select_proposals(labels, min_size, cap0)))
     if setting["levels"] > 1 and n_groups > 1:
         r = int(feats.chunks[0])
         sums = np.zeros((n_groups, feats.shape[1]), np.float64)
@@ -132,7 +134,7 @@ def resolve_settings(store: RunStore, cfg: Config, client) -> tuple[list[dict], 
     else:
         info = graph_anchor(store)
     settings = make_settings(pc.preset, info["anchor"], pc.step, pc.max_size, pc.thresholds, pc.sv_k, pc.levels,
-                             pc.sv_th)
+                             pc.sv_th, pc.whole_size)
     return settings, info
 
 
