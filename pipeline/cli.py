@@ -79,7 +79,39 @@ def cli(ctx, verbose, debug):
         logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
 
 
+def _stop_zarr_loop(timeout: float = 10.0) -> None:
+    """Stop zarr's background event loop before interpreter exit.
+
+    zarr's own atexit hook joins its I/O thread for only 0.2 s and then closes the
+    loop; on a loaded machine the thread is still running and the exit prints
+    "RuntimeError: Cannot close a running event loop" after our one-line message.
+    Stopping it here with a longer join leaves zarr's hook nothing to do.
+    """
+    try:
+        from zarr.core import sync
+    except ImportError:
+        return
+    loop, thread = sync.loop[0], sync.iothread[0]
+    if loop is None:
+        return
+    loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join(timeout=timeout)
+    if thread is None or not thread.is_alive():
+        loop.close()
+        sync.loop[0] = None
+        sync.iothread[0] = None
+
+
 def main(argv=None):
+    """Console-script entry point (see :func:`_main`); stops zarr's I/O loop cleanly on the way out."""
+    try:
+        _main(argv)
+    finally:
+        _stop_zarr_loop()
+
+
+def _main(argv=None):
     """Console-script entry point: maps exceptions to one-line messages and exit codes."""
     from .config import ConfigError
     from .store import StoreError
