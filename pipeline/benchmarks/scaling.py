@@ -163,6 +163,18 @@ def _tasks(summary: dict):
     return summary.get("map_tasks")  # dedup
 
 
+def _sizes(name: str, summary: dict) -> dict:
+    """What the driver gathers in a stage (for the README's memory figures)."""
+    if name == "graph":
+        return {"forest_edges": summary.get("forest_edges")}
+    if name == "proposals":
+        return {"proposals": summary.get("n_proposals"), "before_dedup": summary.get("before_dedup"),
+                "memberships": (summary.get("sizes") or {}).get("faces"), "settings": len(summary.get("settings") or [])}
+    if name == "dedup":
+        return {"clusters": summary.get("n_clusters")}
+    return {}
+
+
 def run_once(store, cfg, model_dir: Path) -> dict:
     """The chain on one store with ``cfg.dask.n_workers`` workers: per-stage seconds and memory."""
     from ..cluster import connect
@@ -178,7 +190,7 @@ def run_once(store, cfg, model_dir: Path) -> dict:
                 summary = runners[name](store, cfg, client)
                 seconds = time.perf_counter() - t0
             out[name] = {"seconds": round(seconds, 3), **mem.summary(),
-                         "tasks": _tasks(summary or {})}
+                         "tasks": _tasks(summary or {}), "sizes": _sizes(name, summary or {})}
             log.info("%d worker(s): %s %.2fs", len(pids), name, seconds)
     return out
 
@@ -251,12 +263,16 @@ def command(n, dim, k, chunk_rows, train_n, epochs, hidden, model_dir, memory_li
                      "speedup": round(a["seconds"] / max(b["seconds"], 1e-9), 2), "tasks": b["tasks"],
                      "worker_cpu_seconds_1": a["worker_cpu_seconds"], "worker_cpu_seconds_2": b["worker_cpu_seconds"],
                      "driver_cpu_seconds_2": b["driver_cpu_seconds"],
+                     # share of the workers' wall time spent computing (1.0 = every worker busy all along)
+                     "worker_busy_1": round(a["worker_cpu_seconds"] / max(a["seconds"], 1e-9), 2),
+                     "worker_busy_2": round(b["worker_cpu_seconds"] / max(2 * b["seconds"], 1e-9), 2),
                      "load_avg_1": a["load_avg_1min_after"], "load_avg_2": b["load_avg_1min_after"],
                      "peak_rss_mib_1": a["peak_rss_mib_per_worker"], "peak_rss_mib_2": b["peak_rss_mib_per_worker"],
                      "driver_peak_rss_mib_1": a["driver_peak_rss_mib"], "driver_peak_rss_mib_2": b["driver_peak_rss_mib"]})
     tot1 = sum(r["seconds_1"] for r in rows)
     tot2 = sum(r["seconds_2"] for r in rows)
     result["stages"] = rows
+    result["sizes"] = {name: runs[2][name]["sizes"] for name in STAGES if runs[2][name]["sizes"]}
     result["total"] = {"seconds_1": round(tot1, 3), "seconds_2": round(tot2, 3), "speedup": round(tot1 / max(tot2, 1e-9), 2)}
     click.echo(f"N={result['n']} d={dim} k={k} R={chunk_rows}; LocalCluster 1 vs 2 processes x 1 thread")
     click.echo(f"{'stage':<10} {'1 worker s':>10} {'2 workers s':>11} {'speed-up':>8} {'tasks':>6} "
