@@ -44,6 +44,7 @@ def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable]
     ``force`` recomputes every stage.
     """
     echo = echo or log.info
+    store.clean_tmp()  # leftovers of a killed run: never results, only disk
     report = {}
     for name, runner in stages.items():
         before = store.record(name) or {}
