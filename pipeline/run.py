@@ -43,7 +43,10 @@ def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable]
     ``finished`` time before the call (the stage returned its stored summary).
     ``force`` recomputes every stage.
     """
+    from .cluster import check_store_reachable
+
     echo = echo or log.info
+    check_store_reachable(client, store.url)  # one line naming the worker that cannot open the store
     store.clean_tmp()  # leftovers of a killed run: never results, only disk
     report = {}
     for name, runner in stages.items():
