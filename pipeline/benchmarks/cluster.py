@@ -37,7 +37,13 @@ def _rss() -> int:
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-cluster", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result (default bench-cluster.json).")
 def command(n, train_n, dim, epochs, workers, workdir, out):
-    """Throughput of the learned chain by stage; proposals scored per second per worker."""
+    """Throughput of the learned chain by stage; proposals scored per second per worker.
+
+    \b
+    Examples:
+      facecluster bench cluster --n 100000
+      facecluster bench cluster --n 1000000 --train-n 20000 --workdir /scratch/bench
+    """
     from ..cluster import connect
     from ..config import Config
     from ..run import _stage_runners, run_stages

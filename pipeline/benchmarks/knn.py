@@ -162,7 +162,13 @@ def single_process_faiss(x: np.ndarray, k: int, threads: int) -> tuple[float, np
 @click.option("--out", default=None, help="JSON output (default bench-knn.json).")
 def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem_db_rows, blas_queries, skip, out):
     """kNN: distributed exact vs single-process faiss (queries/s, ratio), IVF speed-up and edge recall,
-    peak memory per worker at two sizes, OpenBLAS kernel comparison."""
+    peak memory per worker at two sizes, OpenBLAS kernel comparison.
+
+    \b
+    Examples:
+      facecluster bench knn                      # 100k x 256: exact distributed vs single process, IVF, memory
+      facecluster bench knn --n 20000 --dim 64 --ivf-n 1000000 --out knn.json
+    """
     from ..cluster import configure_blas_env, connect
     from ..config import Config, DaskConfig
 

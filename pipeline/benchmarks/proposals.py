@@ -174,7 +174,13 @@ def scipy_baseline(url: str, th0: float, step: float, max_size: int) -> dict:
               help="Run store to write (default: bench-proposals.zarr in the current directory); reused if complete.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result file.")
 def command(n, k, dim, chunk_rows, nprobe, workers, max_size, step, seed, all_edges, store_path, out):
-    """Graph (maximum spanning forest) + super-vertices on N faces vs scipy CC on the full edge list."""
+    """Graph (maximum spanning forest) + super-vertices on N faces vs scipy CC on the full edge list.
+
+    \b
+    Examples:
+      facecluster bench proposals --n 1000000 --k 80
+      facecluster bench proposals --n 200000 --store /tmp/bp.zarr   # keep the kNN lists for re-runs
+    """
     from ..cluster import configure_blas_env
 
     configure_blas_env("auto")  # before faiss is imported

@@ -211,7 +211,13 @@ def run_once(store, cfg, model_dir: Path) -> dict:
               help="Runs per worker count (alternating 1,2 / 2,1 order); the fastest run of each stage is reported.")
 @click.option("--out", default=None, help="JSON output (default bench-scaling.json).")
 def command(n, dim, k, chunk_rows, train_n, epochs, hidden, model_dir, memory_limit, workdir, repeat, out):
-    """Seconds per stage with 1 vs 2 worker processes (1 thread each), the speed-up and peak memory."""
+    """Seconds per stage with 1 vs 2 worker processes (1 thread each), the speed-up and peak memory.
+
+    \b
+    Examples:
+      facecluster bench scaling --n 50000
+      facecluster bench scaling --n 20000 --repeat 3 --out scaling.json
+    """
     from ..cluster import configure_blas_env
 
     configure_blas_env("auto")  # before faiss loads here or in the LocalCluster workers

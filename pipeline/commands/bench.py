@@ -32,4 +32,12 @@ class BenchGroup(click.Group):
 
 @click.group("bench", cls=BenchGroup)
 def command():
-    """Benchmarks: throughput and ratios measured in one run, printed and saved as JSON."""
+    """Benchmarks: throughput and ratios measured in one run, printed and saved as JSON.
+
+    \b
+    Examples:
+      facecluster bench knn
+      facecluster bench proposals --n 1000000
+      facecluster bench cluster --n 100000
+      facecluster bench scaling --n 50000
+    """

@@ -11,7 +11,13 @@ from ..config import Config
 
 @click.group("config")
 def command():
-    """Inspect the configuration (defaults < TOML file < flags)."""
+    """Inspect the configuration (defaults < TOML file < flags).
+
+    \b
+    Examples:
+      facecluster config show > run.toml          # a documented starting point
+      facecluster config show --config run.toml --set knn.k=30
+    """
 
 
 @command.command("show")
