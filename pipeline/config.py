@@ -87,8 +87,10 @@ def _float_list(lo=None, hi=None, none=True):
     return check
 
 
-def _range01():
+def _range01(none=False):
     def check(v):
+        if v is None and none:
+            return None
         if not isinstance(v, (list, tuple)) or len(v) != 2:
             return f"must be a [low, high] pair, got {v!r}"
         lo, hi = v
@@ -204,6 +206,7 @@ class GCNConfig(_Section):
     lr: float = opt(0.001, _float(0.0, lo_open=True), "learning rate (AdamW, cosine decay)")
     weight_decay: float = opt(1e-4, _float(0.0), "AdamW weight decay")
     batch_size: int = opt(32, _int(1), "proposals per training batch")
+    size_weight: float = opt(1.0, _float(0.0, 2.0), "GCN-D loss weight per proposal: size ** size_weight (large identities dominate pairwise F)")
     seed: int = opt(0, _int(0), "training seed")
     val_fraction: float = opt(0.2, _float(0.0, 0.9), "share of training identities held out for validation")
     relative: str = opt("mean", _choice("mean", "raw", "none"), "vertex features: relative to the proposal mean, raw, or none")
@@ -212,8 +215,8 @@ class GCNConfig(_Section):
     layout: str = opt("padded", _choice("padded", "block"), "training batch layout: size-sorted padded dense or block-diagonal sparse")
     score_batch: int = opt(512, _int(1), "proposals per inference task")
     segment: bool = opt(True, _bool(), "run GCN-S (false: GCN-D only)")
-    iop_range: tuple = opt([0.3, 0.7], _range01(), "GCN-S runs on proposals whose predicted IoP is in this range")
-    keep_prob: float = opt(0.5, _float(0.0, 1.0), "GCN-S removes vertices with P(member) <= this")
+    iop_range: tuple | None = opt(None, _range01(none=True), "GCN-S runs on proposals whose predicted IoP is in this range (default: the range tuned on the validation identities in training, recorded in the model)")
+    keep_prob: float | None = opt(None, _float(0.0, 1.0, none=True), "GCN-S removes vertices with P(member) <= this (default: the model's tuned value)")
     dedup_faces: int = opt(1 << 20, _int(1), "faces per dedup reduce task")
 
 

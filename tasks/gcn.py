@@ -489,8 +489,15 @@ def predict_d(model: GCND, batch: ProposalBatch, ids: np.ndarray, eoff=None, lay
 
 def fit_gcnd(batch: ProposalBatch, targets: np.ndarray, train_ids: np.ndarray, val_ids: np.ndarray,
              hidden=(512, 64), dropout: float = 0.5, epochs: int = 30, lr: float = 1e-3, batch_size: int = 32,
-             weight_decay: float = 1e-4, seed: int = 0, layout: str = "block", log=None):
+             weight_decay: float = 1e-4, seed: int = 0, layout: str = "block", log=None, size_weight: float = 0.0):
     """Train GCN-D (IoU, IoP heads, MSE) and keep the epoch with the best validation Spearman(IoU).
+
+    ``size_weight``: each proposal's squared error is weighted by ``size ** size_weight``
+    (normalised to mean 1 over the training proposals). Pairwise F is dominated by
+    large identities, and unweighted MSE, fitted mostly on the many small
+    proposals, under-predicts the IoU of large ones (measured on the synthetic
+    test split: bias -0.07 at 50-200 faces, -0.13 above 200), so dedup prefers
+    their fragments.
 
     Returns
     -------
@@ -504,13 +511,15 @@ def fit_gcnd(batch: ProposalBatch, targets: np.ndarray, train_ids: np.ndarray, v
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     eoff = edge_offsets(batch)
     y = torch.from_numpy(np.asarray(targets, np.float32))
+    wts = batch.sizes.astype(np.float64) ** float(size_weight)
+    wts = torch.from_numpy((wts / max(wts[np.asarray(train_ids, np.int64)].mean(), 1e-12)).astype(np.float32))
     best, best_state, history = -np.inf, None, []
     for ep in range(epochs):
         model.train()
         tot, cnt = 0.0, 0
         for ids in _batches(np.asarray(train_ids), batch.sizes, batch_size, rng, layout):
             pred = model(_layout(subbatch(batch, ids, eoff), layout))
-            loss = ((pred - y[ids]) ** 2).mean()
+            loss = (wts[ids, None] * (pred - y[ids]) ** 2).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -110,3 +110,24 @@ def test_model_loaded_once_per_worker(runs, local_client):
 
     counts = local_client.run(model_loads)
     assert all(v <= 1 for v in counts.values())
+
+
+def test_segmentation_tuned_on_validation_and_overridable(runs):
+    from pipeline.stages.score import segmentation_params
+    from pipeline.train import IOP_RANGES, KEEP_PROBS, MIN_SEG_GAIN
+
+    meta = json.loads((runs["model"] / "config.json").read_text())
+    seg, m = meta["segmentation"], meta["metrics"]
+    # GCN-S is only enabled when it beat GCN-D alone on the validation identities
+    assert m["val_pairwise_f_ds"] >= m["val_pairwise_f_d"] > 0
+    if seg["iop_range"] is None:
+        assert m["val_pairwise_f_ds"] == m["val_pairwise_f_d"]
+    else:
+        assert tuple(seg["iop_range"]) in IOP_RANGES and seg["keep_prob"] in KEEP_PROBS
+        assert m["val_pairwise_f_ds"] > m["val_pairwise_f_d"] + MIN_SEG_GAIN
+    # unset [gcn] values -> the model's; set ones win; models without a record -> the paper's range
+    default = Config.from_dict({"gcn": {}})
+    assert segmentation_params(default, meta) == (seg["iop_range"], seg["keep_prob"])
+    assert segmentation_params(runs["cfg"], meta) == ([0.0, 1.0], 0.99)
+    assert segmentation_params(default, {}) == ([0.3, 0.7], 0.5)
+    assert segmentation_params(default, {"segmentation": {"iop_range": None, "keep_prob": 0.5}}) == (None, 0.5)

@@ -68,8 +68,23 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     kidx = open_array(url, "knn/index").get_orthogonal_selection((ids, slice(None)))
     ksim = open_array(url, "knn/sim").get_orthogonal_selection((ids, slice(None)))
     batch = build_batch(np.diff(off), members, feats[inv], kidx[inv], ksim[inv], meta["spec"])
+    if iop_range is None:  # the model's validation tuning found GCN-S does not help
+        segment, iop_range = False, (1.0, 0.0)
     out = score_batch(gcnd, batch, gcns if segment else None, tuple(iop_range), keep_prob)
     return {"p0": p0, "iou": out["iou"], "iop": out["iop"], "segmented": out["segmented"], "keep": out["keep"]}
+
+
+def segmentation_params(cfg: Config, meta: dict) -> tuple[list | None, float]:
+    """GCN-S (iop_range, keep_prob): [gcn] values when set, else the model's validation-tuned ones.
+
+    ``iop_range`` None means GCN-S is skipped (training found it did not help on the
+    validation identities). Models without a tuned record fall back to (0.3, 0.7) / 0.5.
+    """
+    tuned = meta.get("segmentation") or {"iop_range": [0.3, 0.7], "keep_prob": 0.5}
+    g = cfg.gcn
+    rng = list(g.iop_range) if g.iop_range is not None else tuned.get("iop_range")
+    kp = float(g.keep_prob) if g.keep_prob is not None else float(tuned.get("keep_prob", 0.5))
+    return (None if rng is None else [float(x) for x in rng]), kp
 
 
 def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
@@ -87,7 +102,8 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
     check_dim(meta, store.array("features").shape[1], model_dir, store.url)
     digest = model_digest(model_dir)
     g = cfg.gcn
-    params = {"segment": g.segment, "iop_range": list(g.iop_range), "keep_prob": g.keep_prob}
+    iop_range, keep_prob = segmentation_params(cfg, meta)
+    params = {"segment": g.segment, "iop_range": iop_range, "keep_prob": keep_prob}
     extra = {"model": os.path.abspath(model_dir), "model_digest": digest}
     with store.stage(STAGE, params, inputs=["proposals"], extra=extra, force=force) as w:
         if w is None:
@@ -96,7 +112,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         token = uuid.uuid4().hex[:8]
         bounds = list(range(0, n_prop, g.score_batch)) + [n_prop]
         model_dir = os.path.abspath(model_dir)
-        futs = [client.submit(score_task, store.url, model_dir, digest, a, b, list(g.iop_range), g.keep_prob,
+        futs = [client.submit(score_task, store.url, model_dir, digest, a, b, iop_range, keep_prob,
                               g.segment, key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
         import time
 
@@ -106,7 +122,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         cat = (lambda k: np.concatenate([r[k] for r in res]) if res else np.zeros(0))
         iou = cat("iou").astype(np.float32)
         iop = cat("iop").astype(np.float32)
-        seg = cat("segmented").astype(bool) & g.segment
+        seg = cat("segmented").astype(bool) & g.segment & (iop_range is not None)
         keep = cat("keep").astype(bool)
         w.write_array("score/iou", iou)
         w.write_array("score/iop", iop)
@@ -118,6 +134,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
                    "proposals_per_s_per_worker": round(n_prop / max(seconds, 1e-9) / n_workers, 1),
                    "segmented": int(seg.sum()), "members_removed": int((~keep).sum()),
                    "mean_iou": float(iou.mean()) if len(iou) else None, "model": model_dir,
+                   "iop_range": iop_range, "keep_prob": keep_prob,
                    "model_metrics": meta.get("metrics", {})}
         w.summary.update(summary)
         return summary
