@@ -206,7 +206,7 @@ class GCNConfig(_Section):
     lr: float = opt(0.001, _float(0.0, lo_open=True), "learning rate (AdamW, cosine decay)")
     weight_decay: float = opt(1e-4, _float(0.0), "AdamW weight decay")
     batch_size: int = opt(32, _int(1), "proposals per training batch")
-    size_weight: float = opt(1.0, _float(0.0, 2.0), "GCN-D loss weight per proposal: size ** size_weight (large identities dominate pairwise F)")
+    size_weight: tuple = opt([0.0, 1.0], _float_list(0.0, 2.0, none=False), "GCN-D loss weight per proposal: size ** w; one GCN-D per candidate w, the best on the validation identities (dedup pairwise F) is kept")
     seed: int = opt(0, _int(0), "training seed")
     val_fraction: float = opt(0.2, _float(0.0, 0.9), "share of training identities held out for validation")
     relative: str = opt("mean", _choice("mean", "raw", "none"), "vertex features: relative to the proposal mean, raw, or none")
