@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
-from .store import RunStore, StoreError, is_local, local_path
+from .store import RunStore, is_local, local_path
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,6 @@ class ExportResult:
     columns: list[str] = field(default_factory=list)
     score_array: str | None = None
     notes: list[str] = field(default_factory=list)
-
-
-def _open(run: str | os.PathLike | RunStore) -> RunStore:
-    if isinstance(run, RunStore):
-        return run
-    try:
-        return RunStore.open(run, mode="r")
-    except StoreError as e:
-        raise BadInput(str(e)) from None
 
 
 def owning_record(store: RunStore, array: str) -> tuple[str, dict] | None:
@@ -166,7 +157,7 @@ def export_clusters(run: str | os.PathLike | RunStore, fmt: str, out: str | os.P
     """
     if fmt not in FORMATS:
         raise BadInput(f"unknown export format {fmt!r}; use one of {', '.join(FORMATS)}")
-    store = _open(run)
+    store = RunStore.coerce(run)
     lab = load_clusters(store, array)
     n = int(lab.shape[0])
     path = Path(out) if out is not None else default_path(store.url, fmt, array)

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
-from .store import RunStore, StoreError, is_local, local_path
+from .store import RunStore, is_local, local_path
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +68,6 @@ class Section:
     body: str = ""
     images: list[str] = field(default_factory=list)
     ran: bool = True
-
-
-def _open(run) -> RunStore:
-    if isinstance(run, RunStore):
-        return run
-    try:
-        return RunStore.open(run, mode="r")
-    except StoreError as e:
-        raise BadInput(str(e)) from None
 
 
 def _esc(x) -> str:
@@ -632,7 +623,7 @@ def write_report(run, out_dir: str | os.PathLike | None = None, gt: str | os.Pat
     BadInput
         Unreadable store, bad ``--gt`` file, or an output folder holding something else.
     """
-    store = _open(run)
+    store = RunStore.coerce(run)
     out = Path(out_dir) if out_dir is not None else default_dir(store.url)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "index.html").exists())):
         raise BadInput(f"{out}: exists and is not an earlier facecluster report; choose another folder with -o DIR")

@@ -215,6 +215,11 @@ class RunStore:
         return cls(url, root)
 
     @classmethod
+    def coerce(cls, run: "str | os.PathLike | RunStore", mode: str = "r") -> "RunStore":
+        """``run`` itself when it is a RunStore, else the store opened at that path/URL."""
+        return run if isinstance(run, RunStore) else cls.open(run, mode=mode)
+
+    @classmethod
     def open(cls, url: str | os.PathLike, mode: str = "a") -> "RunStore":
         url = normalize_url(url)
         if is_local(url) and not local_path(url).exists():

@@ -106,7 +106,6 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     n, k = knn_idx.shape
     B = len(sizes)
     seg = np.repeat(np.arange(B, dtype=np.int64), sizes)
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
     big = int(max(members.max(initial=0), knn_idx.max(initial=0))) + 1
     mkey = seg * big + members  # ascending: seg ascending, members sorted inside
     nkey = seg[:, None] * big + np.maximum(knn_idx, 0)

@@ -16,7 +16,6 @@ All numbers are measured in one run on the same data (the built-in dataset,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import threading
 import time
 import uuid
