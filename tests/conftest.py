@@ -13,30 +13,28 @@ LFW = SHARED_DATA / "lfw-sface"
 os.environ.setdefault("FACECLUSTER_PROGRESS", "0")
 
 
-@pytest.fixture(scope="session")
-def local_client():
-    """A real distributed.LocalCluster with 2 worker processes x 1 thread."""
+def _local_client(n_workers: int):
+    """A real distributed.LocalCluster of ``n_workers`` processes x 1 thread, and its client."""
     from distributed import Client, LocalCluster
 
     from pipeline.cluster import configure_blas_env
 
     configure_blas_env("auto")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+    with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit="4GiB") as cluster, Client(cluster) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def local_client():
+    """A real LocalCluster with 2 worker processes x 1 thread."""
+    yield from _local_client(2)
 
 
 @pytest.fixture(scope="session")
 def single_worker_client():
     """A real LocalCluster with 1 worker process (worker-count invariance tests)."""
-    from distributed import Client, LocalCluster
-
-    from pipeline.cluster import configure_blas_env
-
-    configure_blas_env("auto")
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="4GiB") as cluster, Client(cluster) as client:
-        yield client
+    yield from _local_client(1)
 
 
 @pytest.fixture(scope="module")
