@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import threading
 import time
 from pathlib import Path
 
@@ -28,3 +29,69 @@ def save_result(name: str, result: dict, out: str | os.PathLike | None) -> Path:
         "openblas_coretype": os.environ.get("OPENBLAS_CORETYPE")}, **result}
     path.write_text(json.dumps(payload, indent=2, default=str))
     return path
+
+
+def process_rss() -> int:
+    """Resident memory of this process (run on workers with ``client.run``)."""
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def process_cpu() -> float:
+    """User + system CPU seconds of this process."""
+    import psutil
+
+    t = psutil.Process().cpu_times()
+    return t.user + t.system
+
+
+class MemorySampler:
+    """Peak RSS of every worker and of this (driver) process while a block runs, and their CPU seconds.
+
+    CPU seconds (user + system of the worker processes) show the work done; on a
+    shared machine other processes steal cores, so wall-time ratios understate what
+    the stage would get from idle cores, and the load average is recorded with them.
+    """
+
+    def __init__(self, client, interval: float = 0.2):
+        self.client, self.interval = client, interval
+        self.workers: dict[str, int] = {}
+        self.driver = 0
+        self._stop = threading.Event()
+
+    def _sample(self):
+        self.driver = max(self.driver, process_rss())
+        try:
+            for w, v in self.client.run(process_rss, on_error="ignore").items():
+                self.workers[w] = max(self.workers.get(w, 0), v)
+        except Exception:  # a sample lost to a busy or restarting worker is fine
+            pass
+
+    def _loop(self):
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def __enter__(self):
+        self.start = self.client.run(process_rss, on_error="ignore")
+        self._sample()
+        self._cpu0 = self.client.run(process_cpu)
+        self._driver_cpu0 = process_cpu()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self._sample()
+        cpu1 = self.client.run(process_cpu)
+        self.worker_cpu = sum(cpu1[w] - self._cpu0[w] for w in cpu1 if w in self._cpu0)
+        self.driver_cpu = process_cpu() - self._driver_cpu0
+        self.load = os.getloadavg()[0]
+
+    def summary(self) -> dict:
+        return {"peak_rss_mib_per_worker": sorted(round(v / 2**20) for v in self.workers.values()),
+                "start_rss_mib_per_worker": sorted(round(v / 2**20) for v in self.start.values()),
+                "driver_peak_rss_mib": round(self.driver / 2**20), "worker_cpu_seconds": round(self.worker_cpu, 2),
+                "driver_cpu_seconds": round(self.driver_cpu, 2), "load_avg_1min_after": round(self.load, 2)}

@@ -17,15 +17,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import save_result
+from . import process_rss, save_result
 
 log = logging.getLogger(__name__)
-
-
-def _rss() -> int:
-    import psutil
-
-    return int(psutil.Process().memory_info().rss)
 
 
 @click.command("cluster")
@@ -74,7 +68,7 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
         for name, runner in _stage_runners(str(wd / "model")).items():
             rep = run_stages(store, cfg, client, {name: runner}, echo=log.info)[name]
             stages[name] = rep["seconds"]
-            memory[name] = sorted(client.run(_rss).values())
+            memory[name] = sorted(client.run(process_rss).values())
             if name == "score":
                 s = rep["summary"]
                 result["score"] = {k: s.get(k) for k in ("n_proposals", "seconds", "proposals_per_s",

@@ -22,53 +22,15 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import click
 import numpy as np
 
-from . import save_result
+from . import MemorySampler, save_result
 
 log = logging.getLogger(__name__)
-
-
-def _rss() -> int:
-    import psutil
-
-    return psutil.Process().memory_info().rss
-
-
-class PeakRSS:
-    """Samples every worker's RSS in a thread while a block runs; ``peak`` maps worker -> bytes."""
-
-    def __init__(self, client, interval: float = 0.25):
-        self.client, self.interval, self.peak = client, interval, {}
-        self._stop = threading.Event()
-
-    def _loop(self):
-        while not self._stop.is_set():
-            try:
-                for w, v in self.client.run(_rss).items():
-                    self.peak[w] = max(self.peak.get(w, 0), v)
-            except Exception:  # a sample lost to a busy worker is fine
-                pass
-            self._stop.wait(self.interval)
-
-    def __enter__(self):
-        self.base = self.client.run(_rss)
-        self._t = threading.Thread(target=self._loop, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
-
-    def summary(self) -> dict:
-        return {"peak_rss_mib": sorted(round(v / 2**20) for v in self.peak.values()),
-                "start_rss_mib": sorted(round(v / 2**20) for v in self.base.values())}
 
 
 def _store(tmp: Path, x: np.ndarray, chunk_rows: int, name: str):
@@ -190,12 +152,12 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
         with connect(base.dask, quiet=True) as client:
             exact = None
             if "exact" not in skip:
-                with PeakRSS(client) as mem:
+                with MemorySampler(client) as mem:
                     exact = run_knn(store, _cfg(base, k=k, mode="exact"), client, force=True)
                 exact.update(mem.summary())
                 result["exact_distributed"] = exact
                 rows.append(("exact, Dask 2x1 (" + exact["strategy"] + ")", exact["search_seconds"],
-                             exact["queries_per_s"], "", f"peak RSS/worker {exact['peak_rss_mib']} MiB"))
+                             exact["queries_per_s"], "", f"peak RSS/worker {exact['peak_rss_mib_per_worker']} MiB"))
                 dist_idx = store.array("knn/index")[...]
                 secs, base_idx = single_process_faiss(x, k, threads=2)
                 # baseline includes self in its k+1: compare neighbour sets without it
@@ -208,7 +170,7 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
                 click.echo(f"exact: distributed {exact['queries_per_s']:.0f} q/s vs single-process {n / secs:.0f} q/s "
                            f"-> ratio {ratio:.3f}", err=True)
             if "ivf" not in skip:
-                with PeakRSS(client) as mem:
+                with MemorySampler(client) as mem:
                     ivf = run_knn(store, _cfg(base, k=k, mode="ivf", edge_th=edge_th, recall_target=recall_target),
                                   client, force=True)
                 ivf.update(mem.summary())
@@ -223,7 +185,7 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
                 xl, _ = make_faces(ivf_n, dim=dim, seed=1)
                 big = _store(tmp, np.ascontiguousarray(xl, np.float32), chunk_rows, "big")
                 del xl
-                with PeakRSS(client) as mem:
+                with MemorySampler(client) as mem:
                     iv = run_knn(big, _cfg(base, k=k, mode="ivf", edge_th=edge_th, recall_target=recall_target),
                                  client, force=True)
                 iv.update(mem.summary())
@@ -242,14 +204,14 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
                 mem_rows = []
                 for m in (int(v) for v in mem_sizes.split(",")):
                     st = store if m == n else _store(tmp, x[:m], chunk_rows, f"mem{m}")
-                    with PeakRSS(client) as mem:
+                    with MemorySampler(client) as mem:
                         s = run_knn(st, _cfg(base, k=k, mode="exact", db_rows=mem_db_rows), client, force=True)
                     s.update(mem.summary())
                     mem_rows.append({"n": m, "db_rows": s["db_rows"], "q_rows": s["q_rows"], "strategy": s["strategy"],
-                                     "peak_rss_mib": s["peak_rss_mib"], "start_rss_mib": s["start_rss_mib"],
+                                     "peak_rss_mib": s["peak_rss_mib_per_worker"], "start_rss_mib": s["start_rss_mib_per_worker"],
                                      "queries_per_s": s["queries_per_s"]})
                     rows.append((f"memory N={m} blocks db_rows={s['db_rows']}", s["search_seconds"], s["queries_per_s"],
-                                 "", f"peak RSS/worker {s['peak_rss_mib']} MiB"))
+                                 "", f"peak RSS/worker {s['peak_rss_mib_per_worker']} MiB"))
                 result["memory"] = mem_rows
         if blas_queries and "blas" not in skip:
             bl = blas_comparison(x[: min(n, 50_000)], blas_queries, k, tmp)
