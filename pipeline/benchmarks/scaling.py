@@ -169,6 +169,8 @@ def command(n, dim, k, chunk_rows, train_n, epochs, hidden, model_dir, memory_li
                f"({time.perf_counter() - t0:.1f}s)", err=True)
     result: dict = {"dim": dim, "k": k, "chunk_rows": chunk_rows, "threads_per_worker": 1,
                     "memory_limit": memory_limit, "cpu_count": os.cpu_count()}
+    if workdir:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench-scaling-", dir=workdir) as td:
         tmp = Path(td)
         if model_dir is None:
