@@ -506,37 +506,54 @@ def fit_gcnd(batch: ProposalBatch, targets: np.ndarray, train_ids: np.ndarray, v
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = GCND(batch.x.shape[1], tuple(hidden), dropout)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     eoff = edge_offsets(batch)
     y = torch.from_numpy(np.asarray(targets, np.float32))
     wts = batch.sizes.astype(np.float64) ** float(size_weight)
     wts = torch.from_numpy((wts / max(wts[np.asarray(train_ids, np.int64)].mean(), 1e-12)).astype(np.float32))
+
+    def batch_loss(ids):
+        pred = model(_layout(subbatch(batch, ids, eoff), layout))
+        return (wts[ids, None] * (pred - y[ids]) ** 2).mean(), len(ids)
+
+    def validate(rec):
+        p = predict_d(model, batch, np.asarray(val_ids), eoff, layout)
+        t = y[val_ids].numpy()
+        rec.update(val_mse=float(((p - t) ** 2).mean()), val_spearman_iou=_spearman(p[:, 0], t[:, 0]),
+                   val_spearman_iop=_spearman(p[:, 1], t[:, 1]))
+        return rec["val_spearman_iou"] + 0.5 * rec["val_spearman_iop"]
+
+    return _train_best_epoch(model, batch, train_ids, val_ids, batch_loss, validate, rng, epochs=epochs, lr=lr,
+                             weight_decay=weight_decay, batch_size=batch_size, layout=layout, name="GCN-D", log=log)
+
+
+def _train_best_epoch(model, batch: ProposalBatch, train_ids, val_ids, batch_loss, validate, rng, epochs: int,
+                      lr: float, weight_decay: float, batch_size: int, layout: str, name: str, log=None):
+    """The training loop GCN-D and GCN-S share: AdamW + cosine decay, keep the best validation epoch.
+
+    ``batch_loss(ids) -> (loss, count)`` is one step's loss over proposals ``ids``;
+    ``validate(rec) -> score`` adds validation metrics to the epoch record and
+    returns the score to maximise (without validation proposals: minus the loss).
+    Returns (model with the best epoch's weights, in eval mode; per-epoch history).
+    """
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     best, best_state, history = -np.inf, None, []
     for ep in range(epochs):
         model.train()
         tot, cnt = 0.0, 0
         for ids in _batches(np.asarray(train_ids), batch.sizes, batch_size, rng, layout):
-            pred = model(_layout(subbatch(batch, ids, eoff), layout))
-            loss = (wts[ids, None] * (pred - y[ids]) ** 2).mean()
+            loss, count = batch_loss(ids)
             opt.zero_grad()
             loss.backward()
             opt.step()
-            tot += loss.item() * len(ids)
-            cnt += len(ids)
+            tot += loss.item() * count
+            cnt += count
         sched.step()
         rec = {"epoch": ep + 1, "loss": tot / max(cnt, 1)}
-        if len(val_ids):
-            p = predict_d(model, batch, np.asarray(val_ids), eoff, layout)
-            t = y[val_ids].numpy()
-            rec.update(val_mse=float(((p - t) ** 2).mean()), val_spearman_iou=_spearman(p[:, 0], t[:, 0]),
-                       val_spearman_iop=_spearman(p[:, 1], t[:, 1]))
-            score = rec["val_spearman_iou"] + 0.5 * rec["val_spearman_iop"]
-        else:
-            score = -rec["loss"]
+        score = validate(rec) if len(val_ids) else -rec["loss"]
         history.append(rec)
         if log:
-            log(f"GCN-D epoch {ep + 1}/{epochs} " + " ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
+            log(f"{name} epoch {ep + 1}/{epochs} " + " ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
         if score > best:
             best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(best_state)
@@ -589,37 +606,18 @@ def fit_gcns(batch: ProposalBatch, node_labels: np.ndarray, train_ids: np.ndarra
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed + 1)
     model = GCNS(batch.x.shape[1] + 2, tuple(hidden), dropout)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs))
     eoff = edge_offsets(batch)
-    best, best_state, history = -np.inf, None, []
-    for ep in range(epochs):
-        model.train()
-        tot, cnt = 0.0, 0
-        for ids in _batches(np.asarray(train_ids), batch.sizes, batch_size, rng, layout):
-            sub = subbatch(batch, ids, eoff)
-            seed_v = sub.starts + (rng.random(len(ids)) * sub.sizes).astype(np.int64)
-            y = torch.from_numpy(_seg_targets(sub, _sub_labels(batch, node_labels, ids), seed_v))
-            xs = np.concatenate([sub.x, seed_inputs(sub, seed_v)], 1)
-            logp = model(_layout(sub, layout, xs))
-            loss = torch.nn.functional.nll_loss(logp, y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            tot += loss.item() * len(y)
-            cnt += len(y)
-        sched.step()
-        rec = {"epoch": ep + 1, "loss": tot / max(cnt, 1)}
-        if len(val_ids):
-            rec.update(eval_gcns(model, batch, node_labels, np.asarray(val_ids), eoff, layout))
-            score = rec["node_acc_impure"] + rec["node_acc"]
-        else:
-            score = -rec["loss"]
-        history.append(rec)
-        if log:
-            log(f"GCN-S epoch {ep + 1}/{epochs} " + " ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "epoch"))
-        if score > best:
-            best, best_state = score, {k: v.clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
-    model.eval()
-    return model, history
+
+    def batch_loss(ids):
+        sub = subbatch(batch, ids, eoff)
+        seed_v = sub.starts + (rng.random(len(ids)) * sub.sizes).astype(np.int64)
+        y = torch.from_numpy(_seg_targets(sub, _sub_labels(batch, node_labels, ids), seed_v))
+        xs = np.concatenate([sub.x, seed_inputs(sub, seed_v)], 1)
+        return torch.nn.functional.nll_loss(model(_layout(sub, layout, xs)), y), len(y)
+
+    def validate(rec):
+        rec.update(eval_gcns(model, batch, node_labels, np.asarray(val_ids), eoff, layout))
+        return rec["node_acc_impure"] + rec["node_acc"]
+
+    return _train_best_epoch(model, batch, train_ids, val_ids, batch_loss, validate, rng, epochs=epochs, lr=lr,
+                             weight_decay=weight_decay, batch_size=batch_size, layout=layout, name="GCN-S", log=log)
