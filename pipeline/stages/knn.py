@@ -381,6 +381,16 @@ def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
 
 
 # -- IVF preparation --------------------------------------------------------------------------------
+def _gather_rows(client, url: str, n: int, d: int, r: int, ids: np.ndarray, key: str) -> list:
+    """Futures of the feature rows ``ids`` (sorted), read in ~64 MiB whole-chunk spans, in id order."""
+    parts = []
+    for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))):
+        sel = ids[(ids >= a) & (ids < b)]
+        if len(sel):
+            parts.append(client.submit(sample_task, url, a, b, sel, key=f"{key}-{a}"))
+    return parts
+
+
 def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dict]:
     """Train the quantizer, assign every face to a list, tune nprobe; returns (ivf spec, summary)."""
     t0 = time.perf_counter()
@@ -388,11 +398,7 @@ def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dic
     nlist = int(min(nlist, n))
     ns = int(min(n, max(kc.train_size if kc.train_size else 0, 1), max(nlist * 39, 1000)))
     sample_ids = np.unique(np.linspace(0, n - 1, ns).astype(np.int64))
-    parts = []
-    for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))):
-        sel = sample_ids[(sample_ids >= a) & (sample_ids < b)]
-        if len(sel):
-            parts.append(client.submit(sample_task, url, a, b, sel, key=f"knn-ivf-sample-{token}-{a}"))
+    parts = _gather_rows(client, url, n, d, r, sample_ids, f"knn-ivf-sample-{token}")
     trained = client.submit(train_task, nlist, 1234, kc.train_iter, *parts, key=f"knn-ivf-train-{token}")
     wait_futures([trained], "knn-train", gather=False)
     t_train = time.perf_counter() - t0
@@ -431,11 +437,7 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
     groups = _ranges(n, pl["db_rows"])
     m = int(min(n, kc.tune_queries))
     q_ids = np.unique(np.linspace(0, n - 1, m).astype(np.int64))
-    parts = []
-    for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))):
-        sel = q_ids[(q_ids >= a) & (q_ids < b)]
-        if len(sel):
-            parts.append(client.submit(sample_task, url, a, b, sel, key=f"knn-tune-sample-{token}-{a}"))
+    parts = _gather_rows(client, url, n, d, r, q_ids, f"knn-tune-sample-{token}")
     qx = client.submit(np.concatenate, parts, key=f"knn-tune-queries-{token}")
     queries = client.submit(_pair, q_ids, qx, key=f"knn-tune-q-{token}")
     budget = pl["budget"]
