@@ -38,8 +38,11 @@ def clustered_features(n: int, d: int = 16, n_ids: int = 12, spread: float = 0.6
     return f.astype(np.float32), labels.astype(np.int64)
 
 
-def make_run(path, feats: np.ndarray, k: int, r: int, labels=None) -> RunStore:
-    """A run store with real "ingest" and "knn" stages (brute-force kNN) in chunks of ``r`` rows."""
+def make_run(path, feats: np.ndarray, k: int, r: int, labels=None, knn=None) -> RunStore:
+    """A run store with real "ingest" and "knn" stages in chunks of ``r`` rows.
+
+    ``knn(feats, k) -> (index, sim)`` builds the lists (default: brute-force numpy).
+    """
     store = RunStore.create(path)
     n, d = feats.shape
     with store.stage("ingest", {"n": n, "chunk_rows": r}) as w:
@@ -47,7 +50,7 @@ def make_run(path, feats: np.ndarray, k: int, r: int, labels=None) -> RunStore:
         if labels is not None:
             w.write_array("labels", labels, chunks=(r,))
         w.summary.update(n=n, dim=d, chunk_rows=r)
-    idx, sim = brute_knn(feats, k)
+    idx, sim = (knn or brute_knn)(feats, k)
     with store.stage("knn", {"k": k}, inputs=["ingest"]) as w:
         w.write_array("knn/index", idx, chunks=(r, k))
         w.write_array("knn/sim", sim, chunks=(r, k))

@@ -37,19 +37,6 @@ def faiss_knn(feats: np.ndarray, k: int):
     return np.take_along_axis(idx, order, 1).astype(np.int64), np.take_along_axis(sim, order, 1).astype(np.float32)
 
 
-def make_big_run(path, feats, k, r, labels=None):
-    store = RunStore.create(path)
-    n, d = feats.shape
-    with store.stage("ingest", {"n": n}) as w:
-        w.write_array("features", feats, chunks=(r, d))
-        w.summary.update(n=n, dim=d, chunk_rows=r)
-    idx, sim = faiss_knn(feats, k)
-    with store.stage("knn", {"k": k}, inputs=["ingest"]) as w:
-        w.write_array("knn/index", idx, chunks=(r, k))
-        w.write_array("knn/sim", sim, chunks=(r, k))
-    return store
-
-
 @settings(max_examples=30, deadline=None)
 @given(st.lists(st.lists(st.integers(0, 1000), max_size=8), max_size=10))
 def test_csr_round_trip(groups):
@@ -143,7 +130,7 @@ def test_auto_thresholds_on_synthetic(tmp_path, local_client):
     from tasks.synth import make_faces
 
     feats, labels = make_faces(3000, dim=64, seed=0)
-    store = make_big_run(tmp_path / "s.zarr", feats.astype(np.float32), 20, 1024)
+    store = make_run(tmp_path / "s.zarr", feats.astype(np.float32), 20, 1024, knn=faiss_knn)
     run_graph(store, Config(), local_client)
     summary = run_proposals(store, Config.from_dict({"proposals": {"preset": "fast"}}), local_client)
     assert summary["n_proposals"] > 50 and not summary["warnings"]
@@ -163,7 +150,7 @@ def test_auto_thresholds_on_synthetic(tmp_path, local_client):
 def test_auto_thresholds_on_lfw(tmp_path, local_client):
     feats = np.load(LFW / "features.npy").astype(np.float32)
     feats /= np.linalg.norm(feats, axis=1, keepdims=True)
-    store = make_big_run(tmp_path / "lfw.zarr", feats, 20, 4096)
+    store = make_run(tmp_path / "lfw.zarr", feats, 20, 4096, knn=faiss_knn)
     anchor = auto_threshold(store.array("knn/sim")[:])
     assert 0.45 < anchor < 0.65  # best single thresholds on this set: 0.54 (BCubed F), 0.63 (pairwise F)
     run_graph(store, Config(), local_client)
