@@ -78,6 +78,12 @@ def setting_task(url: str, setting: dict, min_size: int, max_proposal_size: int)
     return out
 
 
+def setting_counts(res: dict) -> dict:
+    """Worker task: a setting's result without its proposal lists (level -> number of proposals)."""
+    return {"n_super_vertices": res["n_super_vertices"], "largest_super_vertex": res["largest_super_vertex"],
+            "levels": [(int(lv), int(len(o) - 1)) for lv, o, _ in res["levels"]]}
+
+
 def combine_task(settings: list[dict], results: list[dict]) -> dict:
     """Worker task: order, de-duplicate and flatten every setting's proposals into CSR."""
     from tasks import proposals as P
@@ -174,7 +180,9 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> 
         token = uuid.uuid4().hex[:8]
         futs = [client.submit(setting_task, store.url, s, pc.min_size, pc.max_proposal_size,
                               key=f"proposals-setting-{s['id']}-{token}") for s in settings]
-        results = wait_futures(futs, "proposals")
+        # Only each setting's counts come to the driver; its proposal lists go straight to the combine task.
+        results = wait_futures([client.submit(setting_counts, f, key=f"proposals-counts-{s['id']}-{token}")
+                                for s, f in zip(settings, futs)], "proposals")
         comb = client.submit(combine_task, settings, futs, key=f"proposals-combine-{token}").result()
         sizes = np.diff(comb["offsets"])
         per_setting, warnings = [], []
@@ -182,8 +190,8 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> 
             m = comb["setting"] == s["id"]
             row = {**s, "super_vertices": res["n_super_vertices"], "largest_super_vertex": res["largest_super_vertex"],
                    "proposals": int(m.sum()),
-                   "before_dedup": {str(lv): int(len(o) - 1) for lv, o, _ in res["levels"]},
-                   "per_level": {str(lv): int((m & (comb["level"] == lv)).sum()) for lv, _, _ in res["levels"]},
+                   "before_dedup": {str(lv): cnt for lv, cnt in res["levels"]},
+                   "per_level": {str(lv): int((m & (comb["level"] == lv)).sum()) for lv, _ in res["levels"]},
                    "sizes": _size_stats(sizes[m])}
             per_setting.append(row)
             if sum(row["before_dedup"].values()) == 0:
