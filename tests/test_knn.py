@@ -118,14 +118,17 @@ def test_merge_topk_associative_commutative_and_equals_topk_of_concatenation(a, 
         np.testing.assert_array_equal(ab_c[1][r], np.array([e[1] for e in ent], np.int64))
 
 
-def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
-    x = clustered(1200, 16, seed=5)
-    ids = np.arange(len(x))
-    trained = K.train_ivf(x, 20, niter=5)
+def ivf_setup(n, nlist, nprobe, seed):
+    """Clustered rows, a trained quantizer, each row's list and its ``nprobe`` probed lists."""
+    x = clustered(n, 16, seed=seed)
+    trained = K.train_ivf(x, nlist, niter=5)
     index = K.load_ivf(trained)
-    lists = K.ivf_assign(index, x, 1)[:, 0]
+    return x, np.arange(len(x)), trained, index, K.ivf_assign(index, x, 1)[:, 0], K.ivf_assign(index, x, nprobe)
+
+
+def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
+    x, ids, trained, index, lists, probes = ivf_setup(1200, 20, 3, seed=5)
     one = K.ivf_shard(trained, x, ids, lists)
-    probes = K.ivf_assign(index, x, 3)
     s1, i1 = K.knn_ivf(one, x, ids, x, ids, probes, 15)
     parts = [K.knn_ivf(K.ivf_shard(trained, x[a:a + 250], np.arange(len(x[a:a + 250])), lists[a:a + 250]),
                        x[a:a + 250], ids[a:a + 250], x, ids, probes, 15) for a in range(0, len(x), 250)]
@@ -137,6 +140,73 @@ def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
     es, ei = K.knn_block(x, ids, x, ids, 15)
     np.testing.assert_array_equal(i3, ei)
     np.testing.assert_array_equal(s3, es)
+
+
+def probed_oracle(x, ids, lists, q, q_ids, probes, k):
+    """Numpy oracle: exact top-k (sim desc, id asc) of each query among rows in its probed lists."""
+    out_s = np.full((len(q), k), -np.inf, np.float32)
+    out_i = np.full((len(q), k), -1, np.int64)
+    for j in range(len(q)):
+        cand = np.flatnonzero(np.isin(lists, probes[j]) & (ids != q_ids[j]))
+        sims = (x[cand].astype(np.float64) @ q[j].astype(np.float64)).astype(np.float32)
+        order = np.lexsort((ids[cand], -sims))[:k]
+        out_s[j, :len(order)] = sims[order]
+        out_i[j, :len(order)] = ids[cand][order]
+    return out_s, out_i
+
+
+def test_list_major_ivf_equals_faiss_ivf_and_any_grouping():
+    x, ids, trained, _, lists, probes = ivf_setup(1500, 24, 4, seed=7)
+    s_faiss, i_faiss = K.knn_ivf(K.ivf_shard(trained, x, ids, lists), x, ids, x, ids, probes, 15)
+    one = K.IvfLists(x, ids, lists, 24)
+    s1, i1 = K.knn_ivf_lists(one, x, ids, probes, 15)
+    np.testing.assert_array_equal(i1, i_faiss)
+    np.testing.assert_array_equal(s1, s_faiss)
+    # database groups of any size merged, queries in any blocks: the same arrays
+    for step in (1, 97, 700):
+        parts = [K.knn_ivf_lists(K.IvfLists(x[a:a + step], ids[a:a + step], lists[a:a + step], 24), x, ids, probes, 15)
+                 for a in range(0, len(x), step)] if step > 1 else None
+        if parts is not None:
+            s2, i2 = K.merge_topk_many(parts, 15)
+            np.testing.assert_array_equal(i2, i1)
+            np.testing.assert_array_equal(s2, s1)
+        blocks = [K.knn_ivf_lists(one, x[a:a + max(step, 50)], ids[a:a + max(step, 50)], probes[a:a + max(step, 50)], 15)
+                  for a in range(0, len(x), max(step, 50))]
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in blocks]), i1)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 160), nlist=st.integers(1, 12), nprobe=st.integers(1, 12), k=st.integers(1, 30),
+       first=st.integers(0, 5), seed=st.integers(0, 10_000), dup=st.booleans())
+def test_list_major_search_equals_probed_oracle(n, nlist, nprobe, k, first, seed, dup):
+    rng = np.random.default_rng(seed)
+    x = unit(rng.standard_normal((n, 8)))
+    if dup:
+        x[: n // 2] = x[0]  # exact ties
+    ids = rng.permutation(n).astype(np.int64) * 3  # arbitrary global ids
+    lists = rng.integers(0, nlist, n)
+    probes = np.stack([rng.permutation(nlist)[:min(nprobe, nlist)] for _ in range(n)])
+    group = K.IvfLists(x, ids, lists, nlist)
+    np.testing.assert_array_equal(group.candidates(probes), [np.isin(lists, p).sum() for p in probes])
+    s, i = K.knn_ivf_lists(group, x, ids, probes, k)
+    es, ei = probed_oracle(x, ids, lists, x, ids, probes, k)
+    np.testing.assert_array_equal(i, ei)
+    np.testing.assert_array_equal(s, es)
+    # the raw search alone: its top-kk similarities match the oracle's within float32 GEMM error
+    D, L = group.search(x, probes, k + 1, first=first)
+    raw = np.full_like(D, -np.inf)
+    ok = L >= 0
+    raw[ok] = np.einsum("qd,qd->q", np.repeat(x, k + 1, axis=0).reshape(n, k + 1, 8)[ok], group.rows[L[ok]])
+    np.testing.assert_allclose(np.where(ok, D, 0), np.where(ok, raw, 0), atol=1e-5)
+    assert (np.diff(D, axis=1) <= 1e-6).all() or not np.isfinite(D).all()
+
+
+def test_ivf_lists_rejects_bad_assignments():
+    x = unit(np.random.default_rng(0).standard_normal((10, 4)))
+    with pytest.raises(ValueError, match="list ids"):
+        K.IvfLists(x, np.arange(10), np.full(10, 5), 5)
+    with pytest.raises(ValueError, match="assignments"):
+        K.IvfLists(x, np.arange(10), np.zeros(9, int), 5)
 
 
 # -- the stage on a real LocalCluster ---------------------------------------------------------------

@@ -108,11 +108,13 @@ def _flat_group(url: str, g0: int, g1: int, budget: int):
 
 
 def _ivf_group(url: str, g0: int, g1: int, trained: np.ndarray, list_path: str, budget: int):
+    nlist = _index_of(trained).nlist  # outside build(): _cached holds _CACHE_LOCK while building
+
     def build():
         rows = _rows(url, g0, g1)
         lists = np.asarray(open_array(url, list_path)[g0:g1], dtype=np.int64)
-        shard = K.ivf_shard(trained, rows, np.arange(g1 - g0, dtype=np.int64), lists)
-        return (shard, rows), 2 * rows.nbytes + 16 * len(rows)
+        group = K.IvfLists(rows, np.arange(g0, g1, dtype=np.int64), lists, nlist)
+        return group, group.nbytes
 
     return _cached(("ivf", url, g0, g1, list_path, hash(bytes(np.asarray(trained)[-4096:]))), budget, build)
 
@@ -131,10 +133,10 @@ def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None):
     if ivf is None:
         return K.knn_flat(_flat_group(url, g0, g1, budget), q, q_ids, db_ids, k, margin)
     trained, list_path, probes = ivf["trained"], ivf["list_path"], ivf["probes"]
-    shard, rows = _ivf_group(url, g0, g1, trained, list_path, budget)
+    group = _ivf_group(url, g0, g1, trained, list_path, budget)
     if isinstance(probes, int):
         probes = K.ivf_assign(_index_of(trained), q, probes)
-    return K.knn_ivf(shard, rows, db_ids, q, q_ids, probes, k, margin)
+    return K.knn_ivf_lists(group, q, q_ids, probes, k, margin)
 
 
 _TRAINED: dict = {}
