@@ -5,7 +5,7 @@ which a model is trained (``--epochs``, not part of the timed chain), and
 ``--n`` faces of other identities to cluster. Timed: the learned chain
 knn -> graph -> proposals -> score (GCN-D + GCN-S) -> dedup on a fresh
 LocalCluster, each stage's wall time, the score stage's proposals per second per
-worker, and each worker's resident memory after every stage (``psutil``).
+worker, and each worker's peak resident memory during every stage (sampled every 0.2 s).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from . import process_rss, save_result
+from . import MemorySampler, save_result
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +66,22 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
         store = RunStore.open(str(wd / "test.zarr"))
         stages, memory = {}, {}
         for name, runner in _stage_runners(str(wd / "model")).items():
-            rep = run_stages(store, cfg, client, {name: runner}, echo=log.info)[name]
+            with MemorySampler(client) as mem:
+                rep = run_stages(store, cfg, client, {name: runner}, echo=log.info)[name]
             stages[name] = rep["seconds"]
-            memory[name] = sorted(client.run(process_rss).values())
+            memory[name] = mem.summary()
+            click.echo(f"{name}: {rep['seconds']:.1f}s, peak RSS per worker {memory[name]['peak_rss_mib_per_worker']} MiB,"
+                       f" driver {memory[name]['driver_peak_rss_mib']} MiB", err=True)
             if name == "score":
                 s = rep["summary"]
                 result["score"] = {k: s.get(k) for k in ("n_proposals", "seconds", "proposals_per_s",
                                                          "proposals_per_s_per_worker", "segmented")}
         result["stage_seconds"] = stages
         result["total_seconds"] = round(sum(stages.values()), 2)
-        result["worker_rss_bytes_after_stage"] = memory
+        result["memory_by_stage"] = memory
     path = save_result("cluster", result, out)
     click.echo(f"{n} faces, {workers} workers: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
     sc = result.get("score", {})
     click.echo(f"score: {sc.get('n_proposals')} proposals, {sc.get('proposals_per_s_per_worker')} proposals/s/worker")
-    click.echo(f"peak worker RSS seen: {max(max(v) for v in memory.values()) / 2**20:.0f} MiB; result in {path}")
+    peak = max(max(v["peak_rss_mib_per_worker"] or [0]) for v in memory.values())
+    click.echo(f"peak worker RSS (sampled every 0.2 s): {peak} MiB; result in {path}")
