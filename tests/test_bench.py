@@ -28,13 +28,17 @@ def _bench(tmp_path, *args):
 
 def test_bench_knn_exact_ratio_and_list_major_ivf(tmp_path):
     out = _bench(tmp_path, "knn", "--n", "6000", "--dim", "32", "--k", "10", "--chunk-rows", "1024",
-                 "--skip", "memory", "--skip", "blas", "--out", "knn.json")
+                 "--skip", "memory", "--skip", "blas", "--ivf-n", "8000", "--out", "knn.json")
     r = json.loads((tmp_path / "knn.json").read_text())
     assert r["exact_single_process"]["neighbour_agreement"] > 0.99
     assert r["exact_ratio"] > 0
     ivf = r["ivf"]
     assert ivf["mode"] == "ivf" and ivf["nprobe"] >= 1 and ivf["edge_recall"] >= 0.97
     assert ivf["speedup_search"] > 0 and ivf["tune_curve"][-1]["edge_recall"] == ivf["edge_recall"]
+    big = r["ivf_large"]  # IVF alone at the larger N, against extrapolated exact and plain faiss
+    assert big["n"] == 8000 and big["edge_recall"] >= 0.97
+    assert big["exact_seconds_extrapolated"] > 0 and big["faiss_flat_seconds_extrapolated"] > 0
+    assert big["speedup_total_vs_faiss_flat"] > 0
     assert "exact ratio distributed / single-process" in out.stdout
 
 

@@ -96,28 +96,20 @@ def blas_comparison(x: np.ndarray, nq: int, k: int, tmp: Path, coretypes=("auto"
     return out
 
 
-def single_process_faiss(x: np.ndarray, k: int, threads: int) -> tuple[float, np.ndarray]:
-    """Baseline: one process, faiss IndexFlatIP over all rows, ``threads`` OpenMP threads (k+1: self)."""
+def single_process_faiss(x: np.ndarray, k: int, threads: int, q: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Baseline: one process, faiss IndexFlatIP over all rows of ``x``, ``threads`` OpenMP threads.
+
+    Searches ``q`` (default: every row of ``x``) for k+1 neighbours (self included);
+    returns (search seconds, neighbour ids).
+    """
     import faiss
 
     faiss.omp_set_num_threads(threads)
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     t = time.perf_counter()
-    _, idx = index.search(x, k + 1)
+    _, idx = index.search(x if q is None else np.ascontiguousarray(q), k + 1)
     return time.perf_counter() - t, idx
-
-
-def single_process_faiss_queries(x: np.ndarray, q: np.ndarray, k: int, threads: int) -> float:
-    """Seconds for one process (faiss IndexFlatIP, ``threads`` threads) to search ``q`` against ``x``."""
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    t = time.perf_counter()
-    index.search(np.ascontiguousarray(q), k + 1)
-    return time.perf_counter() - t
 
 
 @click.command("knn")
@@ -213,7 +205,7 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
                 xb = big.array("features")[...]
                 nq = int(min(ivf_n, iv["tune_queries"]))
                 sample = np.linspace(0, ivf_n - 1, nq).astype(np.int64)
-                secs_fs = single_process_faiss_queries(xb, xb[sample], k, threads=threads)
+                secs_fs, _ = single_process_faiss(xb, k, threads, q=xb[sample])
                 del xb
                 est_fs = secs_fs / nq * ivf_n
                 iv["faiss_flat_seconds_extrapolated"] = round(est_fs, 1)
