@@ -207,6 +207,7 @@ class GCNConfig(_Section):
     weight_decay: float = opt(1e-4, _float(0.0), "AdamW weight decay")
     batch_size: int = opt(32, _int(1), "proposals per training batch")
     size_weight: tuple = opt([0.0, 1.0], _float_list(0.0, 2.0, none=False), "GCN-D loss weight per proposal: size ** w; one GCN-D per candidate w, the best on the validation identities (dedup pairwise F) is kept")
+    ensemble: int = opt(1, _int(1, 16), "GCN-D models averaged at scoring; member i trains with seed + i on its own identity split (training and GCN-D cost x this)")
     seed: int = opt(0, _int(0), "training seed")
     val_fraction: float = opt(0.2, _float(0.0, 0.9), "share of training identities held out for validation")
     relative: str = opt("mean", _choice("mean", "raw", "none"), "vertex features: relative to the proposal mean, raw, or none")

@@ -65,6 +65,56 @@ def test_training_is_reproducible(runs):
     assert meta2["history"] == runs["meta"]["history"]
 
 
+def test_ensemble_members_average_and_member0_is_the_single_model(runs):
+    """gcn.ensemble=2: member 0 is exactly the single model (same seed and split), member 1 trains with
+    seed+1 on its own identity split, and the loaded scorer predicts the members' mean."""
+    from dataclasses import replace
+
+    from pipeline.train import load_models, train
+    from tasks.gcn import GCNDEnsemble, Padded, build_batches
+
+    cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, ensemble=2))
+    out = runs["tmp"] / "model_ens"
+    meta = train(runs["stores"]["train"], out, cfg, None, echo=lambda s: None)
+    assert meta["ensemble"] == 2 and [m["seed"] for m in meta["metrics"]["ensemble"]] == [0, 1]
+    assert len(meta["history"]["gcnd_members"]) == 2
+    gd, _, _ = load_models(out, dim=32)
+    assert isinstance(gd, GCNDEnsemble) and len(gd.members) == 2
+    single = torch.load(runs["model"] / "gcnd.pt", weights_only=True)
+    ens = gd.state_dict()
+    assert all(torch.equal(single[k], ens[k]) for k in single)  # members.0.* == the ensemble-1 model
+    assert not torch.equal(ens["members.0.head.2.weight"], ens["members.1.head.2.weight"])
+    st = runs["stores"]["train"]
+    off, mem = st.array("proposals/offsets")[:50], st.array("proposals/members")[:]
+    f, ki, ks = st.array("features")[:], st.array("knn/index")[:], st.array("knn/sim")[:]
+    b = build_batches(off, mem[:off[-1]], lambda ids: (f[ids], ki[ids], ks[ids]), meta["spec"])
+    with torch.no_grad():
+        g = Padded.from_batch(b)
+        assert torch.allclose(gd(g), (gd.members[0](g) + gd.members[1](g)) / 2)
+
+
+def test_format1_model_directory_still_loads(runs, tmp_path):
+    """A model written before ensembles (format 1: gcnd.pt is one GCND) loads and scores the same."""
+    import shutil
+
+    from pipeline.train import load_models
+    from tasks.gcn import GCND
+
+    d = tmp_path / "old"
+    shutil.copytree(runs["model"], d)
+    sd = torch.load(d / "gcnd.pt", weights_only=True)
+    torch.save({k.removeprefix("members.0."): v for k, v in sd.items()}, d / "gcnd.pt")
+    meta = json.loads((d / "config.json").read_text())
+    meta["format"] = 1
+    del meta["ensemble"]
+    (d / "config.json").write_text(json.dumps(meta))
+    old, _, _ = load_models(d, dim=32)
+    new, _, _ = load_models(runs["model"], dim=32)
+    assert isinstance(old, GCND)
+    x = {k.removeprefix("members.0."): v for k, v in new.state_dict().items()}
+    assert all(torch.equal(old.state_dict()[k], x[k]) for k in x)
+
+
 def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
     from pipeline.train import load_models
 
