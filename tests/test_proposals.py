@@ -186,3 +186,61 @@ def test_cli_threshold(tmp_path):
     out = subprocess.run([exe, "cluster", str(tmp_path / "missing.zarr"), "--method", "threshold"],
                          capture_output=True, text=True, env=env, timeout=60)
     assert out.returncode == 2 and "no such run store" in out.stderr
+
+
+def test_small_knn_ivf_path_equals_faiss_ivf_and_finds_near_neighbours():
+    """Above ``exact_max`` rows the level graph is IVF searched list-major: the same neighbours as
+    faiss's IVF on the same lists (nprobe 16), self excluded, sorted, and close to exact."""
+    from tasks.knn import brute_force_knn, ivf_assign, ivf_shard, knn_ivf, load_ivf, train_ivf
+    from tasks.proposals import small_knn
+    from tasks.synth import make_faces
+
+    x, _ = make_faces(3000, dim=32, seed=2)
+    k = 4
+    idx, sim = small_knn(x, k, exact_max=1000, seed=7)
+    assert idx.shape == (3000, k) and sim.dtype == np.float32
+    assert not (idx == np.arange(3000)[:, None]).any()
+    assert (np.diff(sim, axis=1) <= 0).all()
+    # reference: faiss IndexIVFFlat on the same trained lists
+    nlist = int(4 * np.sqrt(3000))
+    rng = np.random.default_rng(7)
+    sample = x[np.sort(rng.choice(3000, size=min(3000, 64 * nlist), replace=False))]
+    trained = train_ivf(sample, nlist, 7)
+    index = load_ivf(trained)
+    ids = np.arange(3000, dtype=np.int64)
+    ref_s, ref_i = knn_ivf(ivf_shard(trained, x, ids), x, ids, x, ids, ivf_assign(index, x, 16), k)
+    assert np.array_equal(idx, np.where(np.isfinite(ref_s), ref_i, -1))
+    ex_s, ex_i = brute_force_knn(x, k)
+    recall = np.mean([len(set(a) & set(b)) / k for a, b in zip(idx, ex_i)])
+    assert recall > 0.9, recall
+    again = small_knn(x, k, exact_max=1000, seed=7, threads=2)
+    assert np.array_equal(again[0], idx) and np.array_equal(again[1], sim)
+
+
+def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local_client):
+    """The stage runs settings with one cut_key (same level-0 cut, differing sv_max_size / sv_th) in one
+    task that computes the cut, the sums and the level-1 kNN once: each setting's levels must equal
+    what it gives when run alone."""
+    from pipeline.stages.proposals import cut_key, resolve_settings, setting_task, settings_task
+
+    feats, _ = clustered_features(600, d=16, n_ids=20, spread=0.7, seed=4)
+    cfg = Config.from_dict({"proposals": {"preset": "default", "max_size": 25, "levels": 3}})
+    store = make_run(tmp_path / "g.zarr", feats, 8, 128)
+    run_graph(store, cfg, local_client)
+    settings, _ = resolve_settings(store, cfg, local_client)
+    groups = {}
+    for s in settings:
+        groups.setdefault(cut_key(s), []).append(s)
+    shared = [g for g in groups.values() if len(g) > 1]
+    assert shared and all(g[0]["levels"] == 3 for g in shared)
+    for g in shared:
+        together = settings_task(store.url, g, 2, 500)
+        assert len({s["sv_max_size"] for s in g}) == len(g)
+        for s, res in zip(g, together):
+            alone = setting_task(store.url, s, 2, 500)
+            assert [lv for lv, _, _ in res["levels"]] == [lv for lv, _, _ in alone["levels"]]
+            for (_, o1, m1), (_, o2, m2) in zip(res["levels"], alone["levels"]):
+                np.testing.assert_array_equal(o1, o2)
+                np.testing.assert_array_equal(m1, m2)
+    with pytest.raises(ValueError, match="cut_key"):
+        settings_task(store.url, [settings[0], settings[1]], 2, 500)
