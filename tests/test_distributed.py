@@ -195,8 +195,9 @@ def setup(tmp_path_factory, procs):
     fc(["synth", N_FACES, "--dim", DIM, "--seed", 3, "-o", data])
     train = ingest(data, "train", tmp / "train.zarr", cfg_path)
     model = tmp / "model"
-    fc(["train", train, "--out", model, "--config", cfg_path] + procs.cli_args(), procs)
-    assert (model / "config.json").exists()
+    # an ensemble of 2 GCN-D models: the invariance tests below then cover its scoring on every cluster
+    fc(["train", train, "--out", model, "--config", cfg_path, "--ensemble", 2] + procs.cli_args(), procs)
+    assert json.loads((model / "config.json").read_text())["ensemble"] == 2
     return {"tmp": tmp, "cfg": cfg_path, "data": data, "model": model}
 
 

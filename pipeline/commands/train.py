@@ -14,9 +14,11 @@ from ._common import config_option, dask_options, pass_config
 @click.option("--lr", type=float, default=None, help="Learning rate (default from [gcn], 0.001).")
 @click.option("--hidden", default=None, help="Graph-conv widths, comma-separated (default 128,64).")
 @click.option("--seed", type=int, default=None, help="Training seed (default 0).")
+@click.option("--ensemble", type=click.IntRange(1, 16), default=None,
+              help="GCN-D models averaged (default from [gcn], 1); N x training and GCN-D scoring time.")
 @config_option
 @dask_options
-@pass_config({"epochs": "gcn.epochs", "lr": "gcn.lr", "seed": "gcn.seed"})
+@pass_config({"epochs": "gcn.epochs", "lr": "gcn.lr", "seed": "gcn.seed", "ensemble": "gcn.ensemble"})
 def command(run, out, hidden, cfg):
     """Train GCN-D and GCN-S on RUN (needs labels); runs knn/graph/proposals first when needed.
 
@@ -28,6 +30,7 @@ def command(run, out, hidden, cfg):
     Examples:
       facecluster train train.zarr --out model/
       facecluster train train.zarr --out model/ --epochs 20 --lr 0.002
+      facecluster train train.zarr --out model/ --ensemble 4
     """
     from ..cluster import connect
     from ..store import RunStore
