@@ -214,7 +214,7 @@ class GCNConfig(_Section):
     boundary: bool = opt(True, _bool(), "boundary inputs (kNN edges leaving the proposal)")
     structure: bool = opt(True, _bool(), "structure inputs (inside similarity, coverage, size)")
     layout: str = opt("padded", _choice("padded", "block"), "training batch layout: size-sorted padded dense or block-diagonal sparse")
-    score_batch: int = opt(512, _int(1), "proposals per inference task")
+    score_batch: int | None = opt(None, _int(1, none=True), "proposals per inference task (default: P / (4 x workers), within 512..4096)")
     segment: bool = opt(True, _bool(), "run GCN-S (false: GCN-D only)")
     iop_range: tuple | None = opt(None, _range01(none=True), "GCN-S runs on proposals whose predicted IoP is in this range (default: the range tuned on the validation identities in training, recorded in the model)")
     keep_prob: float | None = opt(None, _float(0.0, 1.0, none=True), "GCN-S removes vertices with P(member) <= this (default: the model's tuned value)")

@@ -181,3 +181,14 @@ def test_segmentation_tuned_on_validation_and_overridable(runs):
     assert segmentation_params(runs["cfg"], meta) == ([0.0, 1.0], 0.99)
     assert segmentation_params(default, {}) == ([0.3, 0.7], 0.5)
     assert segmentation_params(default, {"segmentation": {"iop_range": None, "keep_prob": 0.5}}) == (None, 0.5)
+
+
+def test_auto_score_batch():
+    """About 4 score tasks per worker, never below 512 (small runs) nor above 4096 proposals per task."""
+    from pipeline.stages.score import auto_batch
+
+    assert auto_batch(100, 2) == 512
+    assert auto_batch(8000, 2) == 1000
+    assert auto_batch(310_054, 2) == 4096
+    assert auto_batch(310_054, 64) == 1212
+    assert auto_batch(0, 0) == 512
