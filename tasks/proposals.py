@@ -69,6 +69,9 @@ def unit_means(sums: np.ndarray) -> np.ndarray:
     return (sums / norm).astype(np.float32)
 
 
+QUERY_BLOCK = 32768  # level-graph queries per list-major search call
+
+
 def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = 50_000, seed: int = 1234):
     """kNN among ``x`` rows (self excluded): (index int64, sim float32), rows sorted (sim desc, id asc).
 
@@ -94,7 +97,11 @@ def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = 50_000, 
         ids = np.arange(n, dtype=np.int64)
         probes = ivf_assign(index, x, 16)  # ranked by (similarity, list id): column 0 = the row's own list
         lists = IvfLists(x, ids, probes[:, 0], nlist)
-        sim, idx = knn_ivf_lists(lists, x, ids, probes, k)
+        # query blocks bound the search's temporaries (results do not depend on the blocking)
+        parts = [knn_ivf_lists(lists, x[a:a + QUERY_BLOCK], ids[a:a + QUERY_BLOCK], probes[a:a + QUERY_BLOCK], k)
+                 for a in range(0, n, QUERY_BLOCK)]
+        sim = np.concatenate([p[0] for p in parts])
+        idx = np.concatenate([p[1] for p in parts])
         ok = np.isfinite(sim)
         return np.where(ok, idx, -1).astype(np.int64), np.where(ok, sim, 0).astype(np.float32)
     kk = min(k + 1, n)

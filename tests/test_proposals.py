@@ -217,6 +217,17 @@ def test_small_knn_ivf_path_equals_faiss_ivf_and_finds_near_neighbours():
     assert np.array_equal(again[0], idx) and np.array_equal(again[1], sim)
 
 
+def test_small_knn_query_blocks_do_not_change_results(monkeypatch):
+    import tasks.proposals as P
+    from tasks.synth import make_faces
+
+    x, _ = make_faces(3000, dim=32, seed=2)
+    whole = P.small_knn(x, 4, exact_max=1000, seed=7)
+    monkeypatch.setattr(P, "QUERY_BLOCK", 700)
+    blocked = P.small_knn(x, 4, exact_max=1000, seed=7)
+    assert np.array_equal(whole[0], blocked[0]) and np.array_equal(whole[1], blocked[1])
+
+
 def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local_client):
     """The stage runs settings with one cut_key (same level-0 cut, differing sv_max_size / sv_th) in one
     task that computes the cut, the sums and the level-1 kNN once: each setting's levels must equal
