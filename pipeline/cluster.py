@@ -121,6 +121,11 @@ def worker_env(cfg: DaskConfig) -> dict[str, str]:
     return env
 
 
+def pick(results, i: int):
+    """Task: item ``i`` of another task's list result (one future per item, without the driver)."""
+    return results[i]
+
+
 def worker_threads() -> int:
     """Threads this task may use: the Dask worker's thread count (1 outside a worker)."""
     try:

@@ -99,7 +99,8 @@ def load_models(model_dir: str | os.PathLike, dim: int | None = None, run_url: s
     in_dim = input_dim(int(meta["dim"]), meta["spec"])
     d = Path(model_dir)
     n_members = int(meta.get("ensemble", 0))  # 0: a format-1 directory, one plain GCND
-    gd = GCNDEnsemble(in_dim, tuple(meta["hidden"]), n_members) if n_members else GCND(in_dim, tuple(meta["hidden"]), 0.0)
+    hidden = tuple(meta["hidden"])
+    gd = GCNDEnsemble([GCND(in_dim, hidden, 0.0) for _ in range(n_members)]) if n_members else GCND(in_dim, hidden, 0.0)
     gs = GCNS(in_dim + 2, tuple(meta["hidden"]), 0.0)
     try:
         gd.load_state_dict(torch.load(d / "gcnd.pt", weights_only=True, map_location="cpu"))
@@ -276,7 +277,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
     members, member_metrics = [], []
     for i in range(g.ensemble):
         seed_i = g.seed + i
-        tr_i, va_i = (tr, va) if i == 0 else identity_split(tg["majority"], g.val_fraction, seed_i)
+        tr_i, va_i = identity_split(tg["majority"], g.val_fraction, seed_i)  # member 0: tr, va above
         best_f, best_m, best_h, best_sw, tried = -1.0, None, None, None, {}
         for sw in g.size_weight:
             m, h = fit_gcnd(batch, y, tr_i, va_i, size_weight=sw, **{**common, "seed": seed_i})
@@ -289,7 +290,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
         member_metrics.append({"seed": seed_i, "size_weight": best_sw, "val_pairwise_f_by_size_weight": tried,
                                "val_proposals": int(len(va_i)), "history": best_h})
     gcnd0, hist_d, size_weight = members[0], member_metrics[0]["history"], member_metrics[0]["size_weight"]
-    gcnd = GCNDEnsemble.of(members)
+    gcnd = GCNDEnsemble(members).eval()
     t2 = time.perf_counter()
     node_labels = data["labels"][data["members"]]
     gcns, hist_s = fit_gcns(batch, node_labels, tr, va, **common)

@@ -326,17 +326,9 @@ class GCNDEnsemble(nn.Module):
     identities decides it); the average of 4 members ranks them more reliably.
     """
 
-    def __init__(self, in_dim: int, hidden=(512, 64), n: int = 1):
+    def __init__(self, members):
         super().__init__()
-        self.members = nn.ModuleList(GCND(in_dim, hidden, 0.0) for _ in range(n))
-
-    @classmethod
-    def of(cls, models) -> "GCNDEnsemble":
-        ens = cls.__new__(cls)
-        nn.Module.__init__(ens)
-        ens.members = nn.ModuleList(models)
-        ens.eval()
-        return ens
+        self.members = nn.ModuleList(members)
 
     def forward(self, g) -> torch.Tensor:
         """(B, 2): the members' mean prediction."""

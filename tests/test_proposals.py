@@ -232,7 +232,7 @@ def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local
     """The stage runs settings with one cut_key (same level-0 cut, differing sv_max_size / sv_th) in one
     task that computes the cut, the sums and the level-1 kNN once: each setting's levels must equal
     what it gives when run alone."""
-    from pipeline.stages.proposals import cut_key, resolve_settings, setting_task, settings_task
+    from pipeline.stages.proposals import cut_key, resolve_settings, settings_task
 
     feats, _ = clustered_features(600, d=16, n_ids=20, spread=0.7, seed=4)
     cfg = Config.from_dict({"proposals": {"preset": "default", "max_size": 25, "levels": 3}})
@@ -248,7 +248,7 @@ def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local
         together = settings_task(store.url, g, 2, 500)
         assert len({s["sv_max_size"] for s in g}) == len(g)
         for s, res in zip(g, together):
-            alone = setting_task(store.url, s, 2, 500)
+            alone = settings_task(store.url, [s], 2, 500)[0]
             assert [lv for lv, _, _ in res["levels"]] == [lv for lv, _, _ in alone["levels"]]
             for (_, o1, m1), (_, o2, m2) in zip(res["levels"], alone["levels"]):
                 np.testing.assert_array_equal(o1, o2)

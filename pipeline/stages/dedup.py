@@ -21,6 +21,7 @@ import uuid
 
 import numpy as np
 
+from ..cluster import pick
 from ..config import Config
 from ..progress import wait_futures
 from ..store import RunStore, open_array
@@ -41,10 +42,6 @@ def map_task(url: str, p0: int, p1: int, bounds: np.ndarray, use_gcns: bool = Tr
     iou = open_array(url, "score/iou")[p0:p1]
     t = argmax_by_face(proposal_triples(off - a, members, iou, keep, pid0=p0))
     return split_by_face(t, bounds)
-
-
-def pick(parts: list, i: int):
-    return parts[i]
 
 
 def reduce_task(lo: int, hi: int, *parts):

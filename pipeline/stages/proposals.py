@@ -24,6 +24,7 @@ import uuid
 
 import numpy as np
 
+from ..cluster import pick
 from ..config import Config
 from ..errors import BadInput
 from ..progress import wait_futures
@@ -97,15 +98,6 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
                 break  # nothing merged: higher levels would repeat this one
             sums = P.aggregate_sums(sums, g, ng)
     return outs
-
-
-def setting_task(url: str, setting: dict, min_size: int, max_proposal_size: int) -> dict:
-    """Worker task: all levels of one proposal setting (``settings_task`` of a group of one)."""
-    return settings_task(url, [setting], min_size, max_proposal_size)[0]
-
-
-def pick(results: list, i: int):
-    return results[i]
 
 
 def setting_counts(res: dict) -> dict:
