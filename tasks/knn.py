@@ -310,6 +310,10 @@ def train_ivf(sample: np.ndarray, nlist: int, seed: int = 1234, niter: int = 10)
     index.cp.niter = int(niter)
     index.cp.seed = int(seed)
     index.cp.max_points_per_centroid = max(1, -(-len(sample) // nlist))  # use the whole sample, no warning
+    # The sample size is a cost choice ([knn] train_size: 200k rows for 8,000 lists at 1M faces)
+    # and nprobe is then tuned against exact search, so faiss's "please provide at least 39
+    # points per centroid" warning (it only warns) would tell a user nothing actionable.
+    index.cp.min_points_per_centroid = max(1, min(39, len(sample) // max(nlist, 1)))
     index.train(sample)
     index.own_fields = True
     quantizer.this.disown()
