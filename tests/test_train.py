@@ -169,18 +169,47 @@ def test_segmentation_tuned_on_validation_and_overridable(runs):
     meta = json.loads((runs["model"] / "config.json").read_text())
     seg, m = meta["segmentation"], meta["metrics"]
     # GCN-S is only enabled when it beat GCN-D alone on the validation identities
-    assert m["val_pairwise_f_ds"] >= m["val_pairwise_f_d"] > 0
+    assert m["val_pairwise_f_ds"] >= m["val_pairwise_f_d"] > 0 and m["val_bcubed_f_d"] > 0
     if seg["iop_range"] is None:
-        assert m["val_pairwise_f_ds"] == m["val_pairwise_f_d"]
+        assert (m["val_pairwise_f_ds"], m["val_bcubed_f_ds"]) == (m["val_pairwise_f_d"], m["val_bcubed_f_d"])
     else:
         assert tuple(seg["iop_range"]) in IOP_RANGES and seg["keep_prob"] in KEEP_PROBS
-        assert m["val_pairwise_f_ds"] > m["val_pairwise_f_d"] + MIN_SEG_GAIN
+        assert (m["val_pairwise_f_ds"] >= m["val_pairwise_f_d"] + MIN_SEG_GAIN
+                or m["val_bcubed_f_ds"] >= m["val_bcubed_f_d"] + MIN_SEG_GAIN)
     # unset [gcn] values -> the model's; set ones win; models without a record -> the paper's range
     default = Config.from_dict({"gcn": {}})
     assert segmentation_params(default, meta) == (seg["iop_range"], seg["keep_prob"])
     assert segmentation_params(runs["cfg"], meta) == ([0.0, 1.0], 0.99)
     assert segmentation_params(default, {}) == ([0.3, 0.7], 0.5)
     assert segmentation_params(default, {"segmentation": {"iop_range": None, "keep_prob": 0.5}}) == (None, 0.5)
+
+
+@pytest.mark.parametrize("bc_gain, want", [(0.01, ([0.3, 0.7], 0.5)), (0.004, (None, 0.5))])
+def test_segmentation_gate_bcubed_gain_without_pairwise_loss(monkeypatch, bc_gain, want):
+    """The GCN-S gate on a fixed validation outcome: a BCubed gain alone enables it, any pairwise loss vetoes."""
+    import types
+
+    import pipeline.train as T
+
+    # two proposals of 2 nodes (seeds 0 and 2): predicted IoP 0.5 and 0.95; P(member) of nodes 1, 3: 0.4, 0.6
+    out = {"iop": np.array([0.5, 0.95]), "p_member": np.array([1.0, 0.4, 1.0, 0.6])}
+    sub = types.SimpleNamespace(sizes=np.array([2, 2]), seed=np.array([0, 2]), members=np.arange(4))
+    base = (0.90, 0.80)
+
+    def score(keep=None):
+        keep = np.ones(4, bool) if keep is None else keep
+        pw, bc = base
+        if not keep[1]:  # pruning node 1: BCubed gain only
+            bc += bc_gain
+        if not keep[3]:  # pruning node 3: a large BCubed gain at a small pairwise loss
+            pw, bc = pw - 0.001, bc + 0.03
+        return pw, bc
+
+    monkeypatch.setattr(T, "_val_dedup", lambda *a: (out, sub, score))
+    res = T.tune_segmentation(None, None, None, None, None, np.arange(2))
+    assert (res["iop_range"], res["keep_prob"]) == want
+    assert res["val_pairwise_f_ds"] == base[0]
+    assert res["val_bcubed_f_ds"] == (base[1] + bc_gain if want[0] else base[1])
 
 
 def test_auto_score_batch():
