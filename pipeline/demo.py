@@ -27,7 +27,9 @@ from .store import RunStore
 
 log = logging.getLogger(__name__)
 
-THRESHOLD_GRID = np.round(np.arange(0.30, 0.951, 0.025), 3)
+# step 0.01: a coarser grid flatters the learned method (built-in split: best of a 0.025 grid
+# 0.852 at 0.600, of this grid 0.862 at 0.58)
+THRESHOLD_GRID = np.round(np.arange(0.20, 0.9501, 0.01), 3)
 
 
 def oracle_threshold(store: RunStore, cfg: Config, client, grid=THRESHOLD_GRID) -> tuple[float, np.ndarray, list]:

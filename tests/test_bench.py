@@ -51,3 +51,65 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
     for stage, mem in r["memory_by_stage"].items():
         assert len(mem["peak_rss_mib_per_worker"]) == 2 and min(mem["peak_rss_mib_per_worker"]) > 0, stage
     assert "proposals/s/worker" in out.stdout
+
+
+def test_split_by_identity_is_disjoint_deterministic_and_keeps_row_order():
+    import numpy as np
+
+    from pipeline.benchmarks.quality import split_by_identity
+
+    labels = np.random.default_rng(3).integers(0, 50, 400)
+    tr, te = split_by_identity(labels, 0.5, 0)
+    assert np.array_equal(np.sort(np.concatenate([tr, te])), np.arange(400))
+    assert not set(labels[tr]) & set(labels[te])
+    assert len(set(labels[tr])) == int(len(set(labels)) * 0.5)
+    assert np.all(np.diff(tr) > 0) and np.all(np.diff(te) > 0)
+    tr2, te2 = split_by_identity(labels, 0.5, 0)
+    assert np.array_equal(tr, tr2) and np.array_equal(te, te2)
+    assert not np.array_equal(split_by_identity(labels, 0.5, 1)[0], tr)
+
+
+def test_bench_quality_own_labelled_features_over_seeds(tmp_path):
+    import numpy as np
+
+    from pipeline.store import RunStore
+    from tasks.metrics import evaluate
+    from tasks.synth import make_faces
+
+    feats, labels = make_faces(3000, dim=32, seed=4)
+    np.save(tmp_path / "f.npy", feats)
+    np.save(tmp_path / "l.npy", labels)
+    (tmp_path / "tiny.toml").write_text('[knn]\nk = 20\n[proposals]\npreset = "fast"\n'
+                                        '[gcn]\nhidden = [16, 8]\nepochs = 2\nsize_weight = [0.0]\n')
+    out = _bench(tmp_path, "quality", "--features", "f.npy", "--labels", "l.npy", "--seeds", "0,1",
+                 "--config", "tiny.toml", "--workdir", "w", "--out", "q.json")
+    r = json.loads((tmp_path / "q.json").read_text())
+    tr = RunStore.open(str(tmp_path / "w" / "train.zarr")).array("labels")[:]
+    te = RunStore.open(str(tmp_path / "w" / "test.zarr")).array("labels")[:]
+    assert r["n_train"] + r["n_test"] == 3000 and len(te) == r["n_test"]
+    assert not set(tr.tolist()) & set(te.tolist())
+    assert [row["seed"] for row in r["by_seed"]] == [0, 1]
+    names = list(r["baselines"])
+    assert names[0].startswith("threshold (best th=") and any(n.startswith("dedup ranked by the true IoU") for n in names)
+    for m in ("GCN-D", "GCN-D + GCN-S"):
+        f = [row[m]["pairwise_f"] for row in r["by_seed"]]
+        assert all(0 < v <= 1 for v in f)
+        assert abs(r["summary"][m]["pairwise_f"]["mean"] - sum(f) / 2) < 1e-12
+    # the last seed's row is what its stores hold
+    store = RunStore.open(str(tmp_path / "w" / "test.zarr"))
+    assert evaluate(te, store.array("clusters")[:]) == r["by_seed"][-1]["GCN-D + GCN-S"]
+    bar = r["baselines"][names[0]]["pairwise_f"]
+    assert r["seeds_above_threshold_pairwise"] == sum(row["GCN-D + GCN-S"]["pairwise_f"] > bar for row in r["by_seed"])
+    assert "over 2 seeds" in out.stdout
+
+
+def test_bench_quality_features_without_labels_is_bad_input(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "f.npy", np.eye(8, dtype=np.float32))
+    exe = shutil.which("facecluster")
+    cmd = [exe, "bench", "quality", "--features", "f.npy", "--workdir", "w"] if exe else \
+        [sys.executable, "-m", "pipeline", "bench", "quality", "--features", "f.npy", "--workdir", "w"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "f.npy" in out.stderr and "--labels" in out.stderr
