@@ -44,7 +44,8 @@ def split_by_identity(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     return np.flatnonzero(is_train), np.flatnonzero(~is_train)
 
 
-def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float, split_seed: int) -> dict:
+def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float, split_seed: int,
+             ingest_cfg=None) -> dict:
     """Write the train/test features and labels as .npy under ``wd/data``; returns their paths."""
     from ..commands.synth import write_dataset
     from ..errors import BadInput
@@ -56,7 +57,7 @@ def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float,
         write_dataset(data, n, dim=dim, seed=0, test_fraction=test_fraction, overwrite=True)
         return {s: (data / s / "features.npy", data / s / "labels.npy") for s in ("train", "test")}
     # ingest validates and L2-normalises any supported input format once; the split reads it back
-    run_ingest(features, str(wd / "all.zarr"), labels=labels, overwrite=True)
+    run_ingest(features, str(wd / "all.zarr"), labels=labels, cfg=ingest_cfg, overwrite=True)  # e.g. drop_invalid
     full = RunStore.open(str(wd / "all.zarr"))
     feats, labs = full.array("features")[:], full.array("labels")[:]
     tr, te = split_by_identity(labs, test_fraction, split_seed)
@@ -106,8 +107,8 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
 
     from ..cluster import connect
     from ..config import Config
-    from ..errors import BadInput
     from ..demo import format_table, infomap_peer, oracle_threshold
+    from ..errors import BadInput
     from ..stages.dedup import run_dedup
     from ..stages.ingest import run_ingest
     from ..stages.score import run_score
@@ -128,7 +129,7 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    paths = _prepare(wd, features, labels, n, dim, test_fraction, split_seed)
+    paths = _prepare(wd, features, labels, n, dim, test_fraction, split_seed, cfg.ingest)
     stores = {}
     for s, (f, lab) in paths.items():
         run_ingest(f, str(wd / f"{s}.zarr"), labels=lab, cfg=cfg.ingest, overwrite=True)
