@@ -101,6 +101,18 @@ def test_bench_quality_own_labelled_features_over_seeds(tmp_path):
     bar = r["baselines"][names[0]]["pairwise_f"]
     assert r["seeds_above_threshold_pairwise"] == sum(row["GCN-D + GCN-S"]["pairwise_f"] > bar for row in r["by_seed"])
     assert "over 2 seeds" in out.stdout
+    # held-out scorer metrics of the last seed: recomputed here from the stores with scipy
+    from scipy.stats import spearmanr
+
+    from tasks.targets import proposal_targets
+
+    t = proposal_targets(store.array("proposals/offsets")[:], store.array("proposals/members")[:], te)
+    h = r["by_seed"][-1]["held_out"]
+    assert abs(h["spearman_iou"] - spearmanr(store.array("score/iou")[:], t["iou"]).statistic) < 1e-9
+    assert abs(h["spearman_iop"] - spearmanr(store.array("score/iop")[:], t["iop"]).statistic) < 1e-9
+    assert h["proposals"] == len(t["iou"]) and h["impure_proposals"] == int((t["iop"] < 1).sum()) > 0
+    assert 0.0 <= h["gcns_node_acc_impure"] <= 1.0 and 0.5 < h["gcns_node_acc"] <= 1.0
+    assert "held-out proposals, mean (min-max) over seeds: Spearman(pred, true IoU)" in out.stdout
 
 
 def test_bench_quality_features_without_labels_is_bad_input(tmp_path):

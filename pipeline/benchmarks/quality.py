@@ -10,6 +10,9 @@ and clusters the test identities with each, beside:
   when installed,
 * dedup ranked by the *true* IoU (the bound of a perfect GCN-D on these proposals).
 
+Per seed it also measures the scorer itself on the test proposals (issue 5's goals):
+Spearman between predicted and true IoU and IoP, and GCN-S node accuracy.
+
 Why seeds: on small real sets pairwise F is decided by where a few faces of the
 largest identities go, and one retraining moves it by up to ±0.01 on LFW; a
 single-seed comparison says little. The test set's kNN, graph and proposals are
@@ -74,6 +77,32 @@ def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float,
     return out
 
 
+HELD_OUT_KEYS = {"spearman_iou": "Spearman(pred, true IoU)", "spearman_iop": "Spearman(pred, true IoP)",
+                 "gcns_node_acc": "GCN-S node accuracy", "gcns_node_acc_impure": "on impure proposals"}
+
+
+def held_out_scorer(store, model_dir, data: dict) -> dict:
+    """How well the models score proposals of identities they never saw (issue 5's goals).
+
+    ``spearman_iou`` / ``spearman_iop``: between the score stage's stored predictions
+    (the deterministic scorer dedup ranks by) and the true IoU / IoP from the labels;
+    ``gcns_node_acc`` (every proposal) and ``gcns_node_acc_impure`` (proposals with
+    more than one identity): GCN-S membership with the deterministic seed vertex, the
+    measures training validates on. ``data`` is ``load_training_data`` of ``store``.
+    """
+    from tasks.gcn import _spearman, eval_gcns
+
+    from ..train import load_models
+
+    tg = data["targets"]
+    iou, iop = store.array("score/iou")[:], store.array("score/iop")[:]
+    _, gcns, _ = load_models(model_dir, data["dim"], store.url)
+    acc = eval_gcns(gcns, data["batch"], data["labels"][data["members"]], np.arange(len(iou)))
+    return {"spearman_iou": _spearman(iou, tg["iou"]), "spearman_iop": _spearman(iop, tg["iop"]),
+            "gcns_node_acc": acc["node_acc"], "gcns_node_acc_impure": acc["node_acc_impure"],
+            "proposals": int(len(iou)), "impure_proposals": int((tg["iop"] < 1.0).sum())}
+
+
 def _summary(rows: list[dict], key: str) -> dict:
     v = np.array([r[key] for r in rows], dtype=np.float64)
     return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "std": float(v.std())}
@@ -114,7 +143,7 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
     from ..stages.ingest import run_ingest
     from ..stages.score import run_score
     from ..store import RunStore
-    from ..train import ensure_proposals, train
+    from ..train import ensure_proposals, input_spec, load_training_data, train
 
     try:
         seed_list = [int(s) for s in str(seeds).split(",") if s.strip()]
@@ -157,6 +186,7 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
         base["dedup ranked by the true IoU (perfect GCN-D bound)"] = evaluate(gt, dedup(len(gt), off, mem, true_iou))
         result["baselines"] = base
         result["threshold"] = {"th": th, "curve": curve}
+        test_data = load_training_data(test, input_spec(cfg))  # test proposals' inputs and true targets, once
         for seed in seed_list:
             scfg = dataclasses.replace(cfg, gcn=dataclasses.replace(cfg.gcn, seed=seed))
             model = wd / f"model_seed{seed}"
@@ -169,13 +199,18 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
             row = {"seed": seed, "train_seconds": round(t_train, 1),
                    "segmentation": meta["segmentation"], "val_pairwise_f_d": meta["metrics"].get("val_pairwise_f_d"),
                    "GCN-D": evaluate(gt, test.array("clusters_gcnd")[:]),
-                   "GCN-D + GCN-S": evaluate(gt, test.array("clusters")[:])}
+                   "GCN-D + GCN-S": evaluate(gt, test.array("clusters")[:]),
+                   "held_out": held_out_scorer(test, model, test_data)}
             result["by_seed"].append(row)
+            h = row["held_out"]
             click.echo(f"seed {seed}: GCN-D pairwise F {row['GCN-D']['pairwise_f']:.4f}, GCN-D + GCN-S "
-                       f"{row['GCN-D + GCN-S']['pairwise_f']:.4f} (trained in {t_train:.0f}s)", err=True)
+                       f"{row['GCN-D + GCN-S']['pairwise_f']:.4f}; test proposals: Spearman IoU {h['spearman_iou']:.3f}, "
+                       f"IoP {h['spearman_iop']:.3f}, GCN-S node accuracy {h['gcns_node_acc']:.3f} "
+                       f"(impure {h['gcns_node_acc_impure']:.3f}) (trained in {t_train:.0f}s)", err=True)
     rows = result["by_seed"]
     result["summary"] = {m: {k: _summary([r[m] for r in rows], k) for k in ("pairwise_f", "bcubed_f")}
                          for m in ("GCN-D", "GCN-D + GCN-S")}
+    result["summary"]["held_out"] = {k: _summary([r["held_out"] for r in rows], k) for k in HELD_OUT_KEYS}
     result["seeds_above_threshold_pairwise"] = int(sum(r["GCN-D + GCN-S"]["pairwise_f"] > bar["pairwise_f"] for r in rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     path = save_result("quality", result, out)
@@ -184,9 +219,13 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
         table[f"GCN-D, seed {r['seed']}"] = r["GCN-D"]
         table[f"GCN-D + GCN-S, seed {r['seed']}"] = r["GCN-D + GCN-S"]
     click.echo(format_table(table))
-    for m, s in result["summary"].items():
+    for m in ("GCN-D", "GCN-D + GCN-S"):
+        s = result["summary"][m]
         click.echo(f"{m} over {len(rows)} seeds: pairwise F mean {s['pairwise_f']['mean']:.4f} "
                    f"(min {s['pairwise_f']['min']:.4f}, max {s['pairwise_f']['max']:.4f}), "
                    f"BCubed F mean {s['bcubed_f']['mean']:.4f}")
+    ho = result["summary"]["held_out"]
+    click.echo("held-out proposals, mean (min-max) over seeds: " + ", ".join(
+        f"{name} {ho[k]['mean']:.3f} ({ho[k]['min']:.3f}-{ho[k]['max']:.3f})" for k, name in HELD_OUT_KEYS.items()))
     click.echo(f"GCN-D + GCN-S above the label-chosen threshold's pairwise F {bar['pairwise_f']:.4f} in "
                f"{result['seeds_above_threshold_pairwise']} of {len(rows)} seeds; result in {path}")

@@ -26,7 +26,7 @@ def format_summary(s: dict) -> str:
 @click.option("--mode", type=click.Choice(["auto", "exact", "ivf"]), default=None,
               help="exact (faiss IndexFlatIP blocks), ivf, or auto (ivf from knn.ivf_min_n faces).")
 @click.option("--nprobe", type=int, default=None, help="IVF lists probed per query (default: tuned for edge recall).")
-@click.option("--nlist", type=int, default=None, help="IVF lists (default 4*sqrt(N)).")
+@click.option("--nlist", type=int, default=None, help="IVF lists (default nlist_factor * sqrt(N), nlist_factor 8).")
 @click.option("--db-rows", type=int, default=None, help="Database rows per task (default: by worker memory).")
 @click.option("--force", is_flag=True, help="Recompute even if the stored kNN is up to date.")
 @config_option

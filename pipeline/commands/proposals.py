@@ -58,7 +58,7 @@ def format_summary(summary: dict) -> str:
               help="Explicit level-0 threshold, repeatable (default: derived from the data's kNN similarities).")
 @click.option("--max-size", type=int, default=None, help="Largest super-vertex in faces (default 300).")
 @click.option("--step", type=float, default=None, help="Threshold ladder step (default 0.05).")
-@click.option("--min-size", type=int, default=None, help="Smallest proposal kept (default 3).")
+@click.option("--min-size", type=int, default=None, help="Smallest proposal kept (default 2: pairs can cluster).")
 @click.option("--max-proposal-size", type=int, default=None, help="Largest proposal kept (default 500).")
 @click.option("--levels", type=int, default=None, help="Levels per setting (default 2).")
 @click.option("--force", is_flag=True, help="Recompute even if the stored proposals are up to date.")
