@@ -113,6 +113,23 @@ def test_bench_quality_own_labelled_features_over_seeds(tmp_path):
     assert h["proposals"] == len(t["iou"]) and h["impure_proposals"] == int((t["iop"] < 1).sum()) > 0
     assert 0.0 <= h["gcns_node_acc_impure"] <= 1.0 and 0.5 < h["gcns_node_acc"] <= 1.0
     assert "held-out proposals, mean (min-max) over seeds: Spearman(pred, true IoU)" in out.stdout
+    assert 0 < r["held_out_ceiling"]["spearman_iop"] < 1.0 and "ceiling without ties" in out.stdout
+
+
+def test_spearman_ceiling_is_what_ties_allow():
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from pipeline.benchmarks.quality import spearman_ceiling
+
+    distinct = np.linspace(0, 1, 50)
+    assert abs(spearman_ceiling(distinct) - 1.0) < 1e-12
+    tied = np.concatenate([np.linspace(0.2, 0.9, 10), np.ones(90)])  # 90% pure proposals
+    c = spearman_ceiling(tied)
+    # any tie-free prediction ranks the 90 tied ones somehow; ordering them arbitrarily is the best it can do
+    arbitrary = np.concatenate([np.linspace(0.2, 0.9, 10), 1.0 + np.arange(90) / 1000])
+    assert abs(c - spearmanr(tied, arbitrary).statistic) < 1e-9
+    assert abs(c - np.sqrt(1 - 0.9 ** 3)) < 0.01  # about sqrt(1 - share of ties ** 3)
 
 
 def test_bench_quality_features_without_labels_is_bad_input(tmp_path):
