@@ -109,10 +109,37 @@ def test_boundary_inputs_match_direct_computation(toy):
     assert len(np.intersect1d(r[r == c], np.arange(len(seg)))) == len(seg)
 
 
+def test_outside_inputs_count_distinct_outside_faces(toy):
+    """The last 4 inputs: |P| / (|P| + D) with D = distinct outside faces reached (any / in a first-10
+    neighbour / by >= 2 members / at least as similar as P's mean inside edge), the same on every vertex."""
+    b, kidx, ksim = toy["batch"], toy["kidx"], toy["ksim"]
+    starts = b.starts
+    checked_strong = 0
+    for p in range(len(b.sizes)):
+        mem = b.members[starts[p]:starts[p] + b.sizes[p]]
+        P = set(mem.tolist())
+        reached, top10, best = Counter(), set(), {}
+        ins = [s for v in mem for u, s in zip(kidx[v], ksim[v]) if u in P]
+        for v in mem:
+            for j, (u, s) in enumerate(zip(kidx[v], ksim[v])):
+                if u >= 0 and u not in P:
+                    reached[u] += 1
+                    best[u] = max(best.get(u, -2.0), s)
+                    if j < 10:
+                        top10.add(u)
+        mean_in = np.mean(ins)
+        d = [len(reached), len(top10), sum(c >= 2 for c in reached.values()), sum(s >= mean_in for s in best.values())]
+        want = [len(P) / (len(P) + x) for x in d]
+        rows = b.x[starts[p]:starts[p] + b.sizes[p], -len(gcn.OUTSIDE):]
+        assert np.allclose(rows, np.array(want, np.float32)[None, :], atol=1e-6), p
+        checked_strong += 0 < d[3] < d[0]
+    assert checked_strong > 10  # the strong count is neither empty nor everything on many proposals
+
+
 def test_input_spec_widths(toy):
     f, ki, ks = toy["feats"], toy["kidx"], toy["ksim"]
     off, mem = toy["offsets"][:6], toy["members"][:toy["offsets"][5]]
-    for spec in ({"x": "none"}, {"boundary": False}, {"structure": False}, {"x": "raw"}):
+    for spec in ({"x": "none"}, {"boundary": False}, {"structure": False}, {"x": "raw"}, {"outside": False}):
         b = gcn.build_batch(np.diff(off), mem, f[mem], ki[mem], ks[mem], spec)
         assert b.x.shape[1] == gcn.input_dim(f.shape[1], spec)
 

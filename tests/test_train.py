@@ -115,6 +115,35 @@ def test_format1_model_directory_still_loads(runs, tmp_path):
     assert all(torch.equal(old.state_dict()[k], x[k]) for k in x)
 
 
+def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, local_client):
+    """A model from before 0.1.4 (spec without "outside") is read as outside = False: it loads with
+    the narrower input and the score stage builds matching inputs."""
+    from dataclasses import replace
+
+    from pipeline.stages.score import run_score
+    from pipeline.train import ensure_proposals, load_models, read_model_config, train
+    from tasks.gcn import input_dim
+
+    cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False))
+    d = tmp_path / "old"
+    train(runs["stores"]["train"], d, cfg, None, echo=lambda s: None)
+    meta = json.loads((d / "config.json").read_text())
+    del meta["spec"]["outside"]
+    (d / "config.json").write_text(json.dumps(meta))
+    assert read_model_config(d)["spec"]["outside"] is False
+    gd, _, _ = load_models(d, dim=32)
+    assert gd.members[0].trunk.convs[0].self_lin.in_features == input_dim(32, {"outside": False}) == 32 + 12
+    assert read_model_config(runs["model"])["spec"]["outside"] is True  # the default now
+    import shutil
+
+    shutil.copytree(runs["tmp"] / "test.zarr", tmp_path / "test.zarr")  # the other tests' store stays as it is
+    test = RunStore.open(str(tmp_path / "test.zarr"))
+    ensure_proposals(test, cfg, local_client)
+    run_score(test, str(d), cfg, local_client)
+    iou = test.array("score/iou")[:]
+    assert len(iou) == test.array("proposals/offsets").shape[0] - 1 and np.isfinite(iou).all()
+
+
 def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
     from pipeline.train import load_models
 
