@@ -214,6 +214,7 @@ class GCNConfig(_Section):
     boundary: bool = opt(True, _bool(), "boundary inputs (kNN edges leaving the proposal)")
     structure: bool = opt(True, _bool(), "structure inputs (inside similarity, coverage, size)")
     outside: bool = opt(True, _bool(), "proposal inputs: |P| / (|P| + distinct outside faces its members reach), four ways")
+    connectivity: bool = opt(True, _bool(), "proposal inputs: algebraic connectivity (lambda_2) of the proposal's inside kNN graph")
     layout: str = opt("padded", _choice("padded", "block"), "training batch layout: size-sorted padded dense or block-diagonal sparse")
     score_batch: int | None = opt(None, _int(1, none=True), "proposals per inference task (default: P / (4 x workers), within 512..4096)")
     segment: bool = opt(True, _bool(), "run GCN-S (false: GCN-D only)")

@@ -39,7 +39,8 @@ FORMAT = 2  # 2: gcnd.pt holds a GCNDEnsemble (config.json "ensemble" members); 
 def input_spec(cfg: Config) -> dict:
     """The node-input spec of ``tasks.gcn`` from the [gcn] section."""
     g = cfg.gcn
-    return {"x": g.relative, "boundary": g.boundary, "structure": g.structure, "outside": g.outside}
+    return {"x": g.relative, "boundary": g.boundary, "structure": g.structure, "outside": g.outside,
+            "connectivity": g.connectivity}
 
 
 def identity_split(majority: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +76,8 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
     try:
         meta = json.loads((d / "config.json").read_text())
         meta["dim"], meta["hidden"], meta["spec"]  # noqa: B018 - presence check
-        meta["spec"].setdefault("outside", False)  # models from before 0.1.4 have no outside inputs
+        for key in ("outside", "connectivity"):  # models from before 0.1.4 have neither input group
+            meta["spec"].setdefault(key, False)
     except (ValueError, KeyError) as e:
         raise BadInput(f"{d / 'config.json'}: unreadable model configuration ({e}); re-train the model") from None
     return meta

@@ -130,16 +130,63 @@ def test_outside_inputs_count_distinct_outside_faces(toy):
         mean_in = np.mean(ins)
         d = [len(reached), len(top10), sum(c >= 2 for c in reached.values()), sum(s >= mean_in for s in best.values())]
         want = [len(P) / (len(P) + x) for x in d]
-        rows = b.x[starts[p]:starts[p] + b.sizes[p], -len(gcn.OUTSIDE):]
+        o = b.x.shape[1] - len(gcn.CONNECTIVITY) - len(gcn.OUTSIDE)  # the outside columns come before these
+        rows = b.x[starts[p]:starts[p] + b.sizes[p], o:o + len(gcn.OUTSIDE)]
         assert np.allclose(rows, np.array(want, np.float32)[None, :], atol=1e-6), p
         checked_strong += 0 < d[3] < d[0]
     assert checked_strong > 10  # the strong count is neither empty nor everything on many proposals
 
 
+def test_connectivity_inputs_are_lambda2_of_the_inside_graph(toy):
+    """The last 2 inputs: lambda_2 of the normalised Laplacian of the inside kNN graph (scipy), and
+    lambda_2 * sqrt(|P|); the same on every vertex of a proposal."""
+    from scipy.sparse.csgraph import laplacian
+
+    b, kidx, ksim = toy["batch"], toy["kidx"], toy["ksim"]
+    starts = b.starts
+    vals = []
+    for p in np.flatnonzero(b.sizes >= 3):
+        mem = b.members[starts[p]:starts[p] + b.sizes[p]]
+        pos = {int(v): i for i, v in enumerate(mem)}
+        A = np.zeros((len(mem), len(mem)))
+        for i, v in enumerate(mem):
+            for u, s in zip(kidx[v], ksim[v]):
+                if int(u) in pos:
+                    j = pos[int(u)]
+                    A[i, j] = A[j, i] = max(A[i, j], max(float(s), 0.0))
+        lam2 = np.sort(np.linalg.eigvalsh(laplacian(A, normed=True)))[1]
+        rows = b.x[starts[p]:starts[p] + b.sizes[p], -len(gcn.CONNECTIVITY):]
+        assert np.allclose(rows, [[lam2, lam2 * np.sqrt(len(mem))]], atol=1e-5), p
+        vals.append(lam2)
+    assert np.ptp(vals) > 0.3  # the toy's impure unions are far less connected than its pure proposals
+
+
+def test_connectivity_of_known_graphs():
+    """K_n has lambda_2 = n / (n - 1); two cliques joined by no edge have 0; one weak bridge, a small value."""
+    n = 6
+
+    def lambda2(m, pairs):
+        kidx = np.full((m, m - 1), -1, np.int64)
+        ksim = np.zeros((m, m - 1), np.float32)
+        fill = [0] * m
+        for a, c, s in pairs:
+            kidx[a, fill[a]], ksim[a, fill[a]] = c, s
+            fill[a] += 1
+        b = gcn.build_batch(np.array([m]), np.arange(m), np.eye(m, dtype=np.float32), kidx, ksim)
+        return b.x[0, -2]
+
+    clique = [(a, c, 0.9) for a in range(n) for c in range(n) if a != c]
+    assert lambda2(n, clique) == pytest.approx(n / (n - 1), abs=1e-5)
+    two = clique + [(a + n, c + n, s) for a, c, s in clique]
+    assert lambda2(2 * n, two) == pytest.approx(0.0, abs=1e-6)
+    assert 0.0 < lambda2(2 * n, two + [(0, n, 0.5)]) < 0.2
+
+
 def test_input_spec_widths(toy):
     f, ki, ks = toy["feats"], toy["kidx"], toy["ksim"]
     off, mem = toy["offsets"][:6], toy["members"][:toy["offsets"][5]]
-    for spec in ({"x": "none"}, {"boundary": False}, {"structure": False}, {"x": "raw"}, {"outside": False}):
+    for spec in ({"x": "none"}, {"boundary": False}, {"structure": False}, {"x": "raw"}, {"outside": False},
+                 {"connectivity": False}):
         b = gcn.build_batch(np.diff(off), mem, f[mem], ki[mem], ks[mem], spec)
         assert b.x.shape[1] == gcn.input_dim(f.shape[1], spec)
 

@@ -116,24 +116,26 @@ def test_format1_model_directory_still_loads(runs, tmp_path):
 
 
 def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, local_client):
-    """A model from before 0.1.4 (spec without "outside") is read as outside = False: it loads with
-    the narrower input and the score stage builds matching inputs."""
+    """A model from before 0.1.4 (spec without "outside" and "connectivity") is read with both False:
+    it loads with the narrower input and the score stage builds matching inputs."""
     from dataclasses import replace
 
     from pipeline.stages.score import run_score
     from pipeline.train import ensure_proposals, load_models, read_model_config, train
     from tasks.gcn import input_dim
 
-    cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False))
+    cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False, connectivity=False))
     d = tmp_path / "old"
     train(runs["stores"]["train"], d, cfg, None, echo=lambda s: None)
     meta = json.loads((d / "config.json").read_text())
-    del meta["spec"]["outside"]
+    del meta["spec"]["outside"], meta["spec"]["connectivity"]
     (d / "config.json").write_text(json.dumps(meta))
-    assert read_model_config(d)["spec"]["outside"] is False
+    assert read_model_config(d)["spec"]["outside"] is False and read_model_config(d)["spec"]["connectivity"] is False
     gd, _, _ = load_models(d, dim=32)
-    assert gd.members[0].trunk.convs[0].self_lin.in_features == input_dim(32, {"outside": False}) == 32 + 12
-    assert read_model_config(runs["model"])["spec"]["outside"] is True  # the default now
+    narrow = input_dim(32, {"outside": False, "connectivity": False})
+    assert gd.members[0].trunk.convs[0].self_lin.in_features == narrow == 32 + 12
+    spec = read_model_config(runs["model"])["spec"]
+    assert spec["outside"] is True and spec["connectivity"] is True  # the defaults now
     import shutil
 
     shutil.copytree(runs["tmp"] / "test.zarr", tmp_path / "test.zarr")  # the other tests' store stays as it is
