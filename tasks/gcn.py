@@ -235,8 +235,17 @@ def _connectivity(rows, cols, ws, sizes, starts) -> np.ndarray:
     ``rows``/``cols``/``ws`` are the batch's deduplicated edges (self loops included,
     sorted by row), before row normalisation.
     """
+    from threadpoolctl import threadpool_limits
+
     out = np.ones((len(sizes), 2), np.float64)
     bounds = np.searchsorted(rows, np.append(starts, starts[-1] + sizes[-1] if len(sizes) else 0))
+    with threadpool_limits(1, user_api="blas"):  # one LAPACK thread: the same bits whatever the worker's threads
+        _lambda2(out, rows, cols, ws, sizes, starts, bounds)
+    return out.astype(np.float32)
+
+
+def _lambda2(out, rows, cols, ws, sizes, starts, bounds) -> None:
+    """Fill ``out[p]`` for every proposal p of 3 or more faces (dense, like the padded scorer: <= 2,000 faces)."""
     for p in np.flatnonzero(sizes >= 3):
         a, b, s0, m = bounds[p], bounds[p + 1], starts[p], int(sizes[p])
         r, c, w = rows[a:b] - s0, cols[a:b] - s0, ws[a:b]
@@ -250,7 +259,6 @@ def _connectivity(rows, cols, ws, sizes, starts) -> np.ndarray:
         di = 1.0 / np.sqrt(d)
         lam2 = np.linalg.eigvalsh(np.eye(m) - di[:, None] * A * di[None, :])[1]
         out[p] = (lam2, lam2 * math.sqrt(m))
-    return out.astype(np.float32)
 
 
 def seed_inputs(batch: ProposalBatch, seed: np.ndarray) -> np.ndarray:
