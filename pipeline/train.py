@@ -78,8 +78,8 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
         meta["dim"], meta["hidden"], meta["spec"]  # noqa: B018 - presence check
         for key in ("outside", "connectivity"):  # models from before 0.1.4 have neither input group
             meta["spec"].setdefault(key, False)
-    except (ValueError, KeyError) as e:
-        raise BadInput(f"{d / 'config.json'}: unreadable model configuration ({e}); re-train the model") from None
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, a key missing, "spec" not a table
+        raise BadInput(f"{d / 'config.json'}: unreadable model configuration ({e!r}); re-train the model") from None
     return meta
 
 

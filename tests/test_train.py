@@ -146,6 +146,19 @@ def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, loc
     assert len(iou) == test.array("proposals/offsets").shape[0] - 1 and np.isfinite(iou).all()
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"dim": 32, "hidden": [16, 8]}', '{"dim": 32, "hidden": [16, 8], "spec": []}'])
+def test_unreadable_model_config_is_bad_input(runs, tmp_path, text):
+    import shutil
+
+    from pipeline.train import read_model_config
+
+    d = tmp_path / "bad"
+    shutil.copytree(runs["model"], d)
+    (d / "config.json").write_text(text)
+    with pytest.raises(BadInput, match="config.json: unreadable model configuration .*re-train the model"):
+        read_model_config(d)
+
+
 def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
     from pipeline.train import load_models
 
