@@ -213,7 +213,8 @@ def _outside_estimates(seg, knn_idx, sim, out, sizes, mean_in, big, k10) -> np.n
     key, s, top = key[order], sim[r, c][order], (c < k10)[order]
     d = np.zeros((B, 4))
     if len(key):
-        uniq, first, count = np.unique(key, return_index=True, return_counts=True)
+        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])  # runs of one (proposal, face) in the sorted keys
+        uniq, count = key[first], np.diff(np.r_[first, len(key)])
         best = np.maximum.reduceat(s, first)  # the outside face's best similarity to a member
         in_top = np.logical_or.reduceat(top, first)
         p = uniq // big
@@ -231,34 +232,30 @@ def _connectivity(rows, cols, ws, sizes, starts) -> np.ndarray:
     lambda_2 is the second-smallest eigenvalue of the normalised Laplacian
     I - D^-1/2 A D^-1/2, A the symmetric inside kNN adjacency (max(cos, 0), no self
     loops). Two identities joined by a few edges have a small one. Proposals under 3
-    faces get (1, 1); one with a vertex without inside weight gets (0, 0).
+    faces get (1, 1); one with a vertex without inside weight gets (0, 0). Dense per
+    proposal, like the padded scorer (proposals hold at most ``whole_size`` faces).
     ``rows``/``cols``/``ws`` are the batch's deduplicated edges (self loops included,
     sorted by row), before row normalisation.
     """
     from threadpoolctl import threadpool_limits
 
     out = np.ones((len(sizes), 2), np.float64)
-    bounds = np.searchsorted(rows, np.append(starts, starts[-1] + sizes[-1] if len(sizes) else 0))
+    bounds = _edge_bounds(rows, starts, int(sizes.sum()))
     with threadpool_limits(1, user_api="blas"):  # one LAPACK thread: the same bits whatever the worker's threads
-        _lambda2(out, rows, cols, ws, sizes, starts, bounds)
+        for p in np.flatnonzero(sizes >= 3):
+            a, b, s0, m = bounds[p], bounds[p + 1], starts[p], int(sizes[p])
+            r, c, w = rows[a:b] - s0, cols[a:b] - s0, ws[a:b]
+            off = r != c
+            A = np.zeros((m, m))
+            A[r[off], c[off]] = w[off]
+            d = A.sum(1)
+            if (d <= 0).any():
+                out[p] = 0.0
+                continue
+            di = 1.0 / np.sqrt(d)
+            lam2 = np.linalg.eigvalsh(np.eye(m) - di[:, None] * A * di[None, :])[1]
+            out[p] = (lam2, lam2 * math.sqrt(m))
     return out.astype(np.float32)
-
-
-def _lambda2(out, rows, cols, ws, sizes, starts, bounds) -> None:
-    """Fill ``out[p]`` for every proposal p of 3 or more faces (dense, like the padded scorer: <= 2,000 faces)."""
-    for p in np.flatnonzero(sizes >= 3):
-        a, b, s0, m = bounds[p], bounds[p + 1], starts[p], int(sizes[p])
-        r, c, w = rows[a:b] - s0, cols[a:b] - s0, ws[a:b]
-        off = r != c
-        A = np.zeros((m, m))
-        A[r[off], c[off]] = w[off]
-        d = A.sum(1)
-        if (d <= 0).any():
-            out[p] = 0.0
-            continue
-        di = 1.0 / np.sqrt(d)
-        lam2 = np.linalg.eigvalsh(np.eye(m) - di[:, None] * A * di[None, :])[1]
-        out[p] = (lam2, lam2 * math.sqrt(m))
 
 
 def seed_inputs(batch: ProposalBatch, seed: np.ndarray) -> np.ndarray:
@@ -448,11 +445,14 @@ def props_per_forward(n_pad: int, node_budget: int = 4096) -> int:
     return max(1, node_budget // n_pad)
 
 
+def _edge_bounds(rows: np.ndarray, starts: np.ndarray, n: int) -> np.ndarray:
+    """(B+1,) offsets of each proposal's edges, given edges sorted by row and its first node ``starts``."""
+    return np.searchsorted(rows, np.append(starts, n)).astype(np.int64)
+
+
 def edge_offsets(batch: ProposalBatch) -> np.ndarray:
     """(B+1,) offsets of each proposal's edges (edges are sorted by row, rows grouped by proposal)."""
-    rows = batch.edges[0]
-    starts = np.append(batch.starts, len(batch.members))
-    return np.searchsorted(rows, starts).astype(np.int64)
+    return _edge_bounds(batch.edges[0], batch.starts, len(batch.members))
 
 
 def subbatch(batch: ProposalBatch, idx: np.ndarray, eoff: np.ndarray | None = None) -> ProposalBatch:

@@ -147,7 +147,6 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
     """
     from tasks.dedup import dedup
     from tasks.metrics import evaluate
-    from tasks.targets import proposal_targets
 
     from ..cluster import connect
     from ..config import Config
@@ -195,12 +194,11 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
         peer = infomap_peer(test, client)
         if peer is not None:
             base[f"kNN + Infomap (best min_sim={peer[0]:.2f}, chosen with labels)"] = evaluate(gt, peer[1])
-        off, mem = test.array("proposals/offsets")[:], test.array("proposals/members")[:]
-        true_iou = proposal_targets(off, mem, gt)["iou"]
-        base["dedup ranked by the true IoU (perfect GCN-D bound)"] = evaluate(gt, dedup(len(gt), off, mem, true_iou))
+        test_data = load_training_data(test, input_spec(cfg))  # test proposals' inputs and true targets, once
+        base["dedup ranked by the true IoU (perfect GCN-D bound)"] = evaluate(gt, dedup(
+            len(gt), test_data["offsets"], test_data["members"], test_data["targets"]["iou"]))
         result["baselines"] = base
         result["threshold"] = {"th": th, "curve": curve}
-        test_data = load_training_data(test, input_spec(cfg))  # test proposals' inputs and true targets, once
         result["held_out_ceiling"] = {f"spearman_{k}": spearman_ceiling(test_data["targets"][k]) for k in ("iou", "iop")}
         for seed in seed_list:
             scfg = dataclasses.replace(cfg, gcn=dataclasses.replace(cfg.gcn, seed=seed))
