@@ -13,7 +13,8 @@ import pytest
 
 from dask_procs import dask_cluster, free_port, make_tls_files
 from pipeline.cluster import (ClusterError, _probe_store, check_store_reachable, check_workers, connect,
-                              local_cluster_size, make_jobqueue_cluster)
+                              detect_openblas_coretype, local_cluster_size, make_jobqueue_cluster, resolve_coretype,
+                              worker_env)
 from pipeline.config import DaskConfig
 from pipeline.errors import BadInput
 from pipeline.store import RunStore, StoreError, open_array
@@ -54,12 +55,30 @@ def test_connect_scheduler_address_reports_workers(dask_subprocess_cluster, caps
         assert rep["missing"] == {}
         assert rep["env"]["OMP_NUM_THREADS"] == "1"
         assert rep["pid"] in set(procs.worker_pids().values())
-        if rep["cpu_coretype"]:  # faiss's OpenBLAS picked the kernel exported by the recipe
-            assert rep["env"]["OPENBLAS_CORETYPE"] == rep["cpu_coretype"]
-            assert rep["faiss_blas"]["architecture"] == rep["cpu_coretype"]
+        # The recipe exports a preset OPENBLAS_CORETYPE as it is (some machines preset one because
+        # older OpenBLAS builds miscompute on them), else the type detected from the CPU; faiss's
+        # OpenBLAS then runs that kernel.
+        exported = resolve_coretype("auto")
+        assert rep["env"].get("OPENBLAS_CORETYPE") == exported
+        if exported:
+            assert rep["faiss_blas"]["architecture"] == exported
     err = capsys.readouterr().err
     assert f"scheduler {procs.address}, 2 workers" in err
     assert "dashboard http://127.0.0.1:" in err
+
+
+@pytest.mark.parametrize("preset", [None, "Haswell", "Prescott"])
+def test_exported_coretype_with_and_without_a_preset(monkeypatch, preset):
+    """A preset OPENBLAS_CORETYPE is kept for the driver and every worker; unset, the CPU's type is used."""
+    if preset is None:
+        monkeypatch.delenv("OPENBLAS_CORETYPE", raising=False)
+    else:
+        monkeypatch.setenv("OPENBLAS_CORETYPE", preset)
+    want = preset or detect_openblas_coretype()
+    assert resolve_coretype("auto") == want
+    assert worker_env(DaskConfig()).get("OPENBLAS_CORETYPE") == want
+    assert worker_env(DaskConfig(openblas_coretype="Zen"))["OPENBLAS_CORETYPE"] == "Zen"
+    assert resolve_coretype("none") == preset
 
 
 def test_connect_from_env_variable(dask_subprocess_cluster, monkeypatch, capsys):
