@@ -224,14 +224,27 @@ class GCNConfig(_Section):
 
 
 @dataclass(frozen=True)
+class EdgesConfig(_Section):
+    """[edges]: the learned affinity (edge scorer, communities, attach) trained beside GCN-D/GCN-S."""
+    learn: bool = opt(True, _bool(), "train an edge scorer (P(same identity) per kNN edge) with GCN-D/GCN-S; false: the 0.1 chain")
+    hidden: tuple = opt([64, 64], lambda v: None if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and x > 0 for x in v) else f"must be a list of positive integers, got {v!r}", "edge scorer MLP widths")
+    epochs: int = opt(6, _int(1), "edge scorer training epochs (the best validation loss is kept)")
+    lr: float = opt(0.001, _float(0.0, lo_open=True), "edge scorer learning rate (Adam)")
+    batch_size: int = opt(4096, _int(1), "edges per training step")
+    communities: bool = opt(True, _bool(), "add Infomap communities of the learned-affinity graph to the proposals")
+    attach: bool = opt(True, _bool(), "attach faces no proposal claims to their most probable neighbour's cluster (level chosen in training)")
+
+
+@dataclass(frozen=True)
 class Config:
     dask: DaskConfig = field(default_factory=DaskConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     knn: KnnConfig = field(default_factory=KnnConfig)
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     gcn: GCNConfig = field(default_factory=GCNConfig)
+    edges: EdgesConfig = field(default_factory=EdgesConfig)
 
-    SECTIONS = ("dask", "ingest", "knn", "proposals", "gcn")
+    SECTIONS = ("dask", "ingest", "knn", "proposals", "gcn", "edges")
 
     @classmethod
     def from_dict(cls, data: dict | None = None, overrides: dict | None = None) -> "Config":

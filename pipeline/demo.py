@@ -121,7 +121,7 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     stamp = model_dir / "trained-on.json"
     if not (stamp.exists() and json.loads(stamp.read_text()).get("proposals") == train_digest
             and json.loads(stamp.read_text()).get("gcn") == cfg.gcn.to_dict()):
-        train(runs["train"], model_dir, cfg, None, echo=lambda s: echo(f"  train: {s}"))
+        train(runs["train"], model_dir, cfg, client, echo=lambda s: echo(f"  train: {s}"))
         stamp.write_text(json.dumps({"proposals": train_digest, "gcn": cfg.gcn.to_dict(), "model": model_digest(model_dir)}))
     else:
         echo("  train: model up to date (skipped)")

@@ -1,4 +1,4 @@
-"""The learned clustering chain: knn -> graph -> proposals -> score (GCN-D, GCN-S) -> dedup.
+"""The learned clustering chain: knn -> [edges -> communities] -> graph -> proposals -> score (GCN-D, GCN-S) -> dedup.
 
 Each stage is skipped when its record says its inputs and parameters are
 unchanged, so re-running after a crash resumes at the first incomplete stage.
@@ -16,23 +16,41 @@ from .store import RunStore
 
 log = logging.getLogger(__name__)
 
-CLUSTER_STAGES = ("knn", "graph", "proposals", "score", "dedup")
+CLUSTER_STAGES = ("knn", "edges", "communities", "graph", "proposals", "score", "dedup")
 
 
-def _stage_runners(model_dir: str | None):
+def _stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None]):
+    """The chain for a model: with an edge scorer, the learned affinity's stages join it."""
+    from .model_files import RETRAIN_NOTE, edge_meta
     from .stages.dedup import run_dedup
     from .stages.graph import run_graph
     from .stages.knn import run_knn
     from .stages.proposals import run_proposals
     from .stages.score import run_score
 
-    return {
-        "knn": run_knn,
-        "graph": run_graph,
-        "proposals": run_proposals,
-        "score": lambda store, cfg, client, force=False: run_score(store, model_dir, cfg, client, force=force),
-        "dedup": run_dedup,
-    }
+    edges = edge_meta(model_dir) if model_dir else None
+    runners = {"knn": run_knn}
+    communities = False
+    attach = None
+    if edges is None:
+        if model_dir:
+            echo(RETRAIN_NOTE.format(model=model_dir))
+    else:
+        from .stages.communities import run_communities
+        from .stages.edges import run_edges
+
+        runners["edges"] = lambda store, cfg, client, force=False: run_edges(store, model_dir, cfg, client, force=force)
+        communities = cfg.edges.communities
+        if communities:
+            runners["communities"] = lambda store, cfg, client, force=False: run_communities(store, model_dir, cfg, client,
+                                                                                           force=force)
+        attach = edges.get("attach") if cfg.edges.attach else None
+    runners["graph"] = run_graph
+    runners["proposals"] = lambda store, cfg, client, force=False: run_proposals(store, cfg, client, force=force,
+                                                                                 communities=communities)
+    runners["score"] = lambda store, cfg, client, force=False: run_score(store, model_dir, cfg, client, force=force)
+    runners["dedup"] = lambda store, cfg, client, force=False: run_dedup(store, cfg, client, force=force, attach=attach)
+    return runners
 
 
 def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable],
@@ -68,4 +86,5 @@ def run_cluster(store: RunStore, cfg: Config, client, model_dir: str,
 
     # Fail on a model/run mismatch before spending minutes on kNN.
     check_dim(read_model_config(model_dir), store.array("features").shape[1], model_dir, store.url)
-    return run_stages(store, cfg, client, _stage_runners(model_dir), echo, force=force)
+    echo = echo or log.info
+    return run_stages(store, cfg, client, _stage_runners(model_dir, cfg, echo), echo, force=force)

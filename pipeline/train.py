@@ -17,7 +17,6 @@ the rows of ~20K faces); the upstream stages run on the Dask cluster.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -28,11 +27,11 @@ import numpy as np
 
 from .config import Config
 from .errors import BadInput
+from .model_files import MODEL_FILES, model_digest  # noqa: F401 - model_digest: part of this module's API
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ("gcnd.pt", "gcns.pt", "config.json")
 FORMAT = 2  # 2: gcnd.pt holds a GCNDEnsemble (config.json "ensemble" members); 1: one GCND
 
 
@@ -53,17 +52,6 @@ def identity_split(majority: np.ndarray, val_fraction: float, seed: int) -> tupl
     val_ids = rng.permutation(ids)[:n_val]
     is_val = np.isin(majority, val_ids)
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
-
-
-def model_digest(model_dir: str | os.PathLike) -> str:
-    """Digest of a model directory's files (part of the score stage's identity)."""
-    h = hashlib.sha256()
-    for name in MODEL_FILES:
-        p = Path(model_dir) / name
-        if p.exists():
-            h.update(name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:32]
 
 
 def read_model_config(model_dir: str | os.PathLike) -> dict:
@@ -231,15 +219,81 @@ def tune_segmentation(gcnd, gcns, batch, labels, majority, val_ids) -> dict:
     return res
 
 
-def ensure_proposals(store: RunStore, cfg: Config, client) -> None:
-    """knn -> graph -> proposals (each skipped when up to date)."""
+def ensure_proposals(store: RunStore, cfg: Config, client, model_dir: str | None = None) -> None:
+    """knn -> [edges -> communities, with a model that has an edge scorer] -> graph -> proposals.
+
+    Each stage is skipped when up to date.
+    """
+    from .model_files import edge_meta
     from .stages.graph import run_graph
     from .stages.knn import run_knn
     from .stages.proposals import run_proposals
 
     run_knn(store, cfg, client)
+    if model_dir is not None and edge_meta(model_dir) is not None:
+        from .stages.communities import run_communities
+        from .stages.edges import run_edges
+
+        run_edges(store, str(model_dir), cfg, client)
+        communities = cfg.edges.communities
+        if communities:
+            run_communities(store, str(model_dir), cfg, client)
+    else:
+        communities = False
     run_graph(store, cfg, client)
-    run_proposals(store, cfg, client)
+    run_proposals(store, cfg, client, communities=communities)
+
+
+def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, echo=None) -> dict:
+    """Learn P(same identity) of the run's kNN edges; writes ``edges.pt`` and returns the ``edges`` table.
+
+    The identities are split as for GCN-D (``gcn.val_fraction``, ``gcn.seed``): the
+    scorer trains on edges leaving training identities' faces, keeps the epoch with
+    the best loss on the validation identities' edges, and the communities floor
+    and attach level are chosen there (``tasks.edges.choose_levels``).
+    """
+    import torch
+
+    from tasks.edges import (INPUT_NAMES, calibration, choose_levels, fit_edge_scorer, predict_edges, roc_auc,
+                             run_edge_inputs)
+
+    from .model_files import save_edge_scorer
+
+    echo = echo or log.info
+    e, g = cfg.edges, cfg.gcn
+    t0 = time.perf_counter()
+    labels = store.array("labels")[:]
+    index = store.array("knn/index")[:]
+    sim = store.array("knn/sim")[:]
+    x, stats = run_edge_inputs(index, sim)
+    n, k = index.shape
+    dst = index.reshape(-1)
+    ok = dst >= 0
+    same = (labels.repeat(k) == labels[np.maximum(dst, 0)]) & ok
+    tr_faces, va_faces = identity_split(labels, g.val_fraction, g.seed)
+    row_of_edge = np.repeat(np.arange(n), k)
+    is_val_face = np.zeros(n, bool)
+    is_val_face[va_faces] = True
+    tr = np.flatnonzero(ok & ~is_val_face[row_of_edge])
+    va = np.flatnonzero(ok & is_val_face[row_of_edge])
+    flat = x.reshape(-1, x.shape[-1])
+    torch.manual_seed(g.seed)
+    model, history = fit_edge_scorer(flat, same, tr, va, tuple(e.hidden), e.epochs, e.lr, e.batch_size, g.seed, echo)
+    prob = predict_edges(model, x)
+    levels = choose_levels(index, prob, labels, va_faces) if len(va_faces) else {"floor": 0.5, "attach": None}
+    pv = prob.reshape(-1)[va]
+    table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "floor": levels["floor"],
+             "attach": levels["attach"] if e.attach else None,
+             "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
+                         "val_auc_cosine": roc_auc(sim.reshape(-1)[va], same[va]) if len(va) else None,
+                         "val_calibration": calibration(pv, same[va]) if len(va) else [],
+                         "train_edges": int(len(tr)), "val_edges": int(len(va)), "history": history,
+                         "levels": levels, "seconds": round(time.perf_counter() - t0, 2)},
+             "train_scale": stats.to_dict()}
+    save_edge_scorer(out_dir, model)
+    echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f} (cosine {table['metrics']['val_auc_cosine']:.4f}); "
+         f"communities floor {table['floor']}, attach level {table['attach']} (chosen on validation identities)")
+    return table
 
 
 def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None, echo=None) -> dict:
@@ -259,7 +313,23 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
 
     echo = echo or log.info
     g = cfg.gcn
-    if client is not None:
+    edges = None
+    if cfg.edges.learn:
+        if client is None:
+            raise ValueError("train: learning the edge scorer needs a Dask client (it runs the edges stages)")
+        from .stages.knn import run_knn
+
+        run_knn(store, cfg, client)
+        if not store.has("labels"):
+            raise BadInput(f"{store.url}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L`)")
+        edges = train_edge_scorer(store, out_dir, cfg, echo)
+        # the edges and communities stages read the scorer from the model directory before GCN-D exists
+        d = Path(out_dir)
+        (d / "config.json").unlink(missing_ok=True)
+        (d / "config.json.tmp").write_text(json.dumps({"edges": edges}, default=str))
+        os.replace(d / "config.json.tmp", d / "config.json")
+        ensure_proposals(store, cfg, client, out_dir)
+    elif client is not None:
         ensure_proposals(store, cfg, client)
     else:
         store.require("proposals", f"run `facecluster proposals {store.url}` first")
@@ -331,7 +401,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
             # GCN-S settings tuned on the validation identities; the score stage uses them unless
             # [gcn] iop_range / keep_prob are set (iop_range None: GCN-S did not help, skip it)
             "segmentation": {"iop_range": seg["iop_range"], "keep_prob": seg["keep_prob"]},
-            "run": store.url, "metrics": metrics,
+            "run": store.url, "metrics": metrics, **({"edges": edges} if edges else {}),
             "history": {"gcnd": hist_d, "gcnd_members": [m["history"] for m in member_metrics], "gcns": hist_s},
             "seconds": round(time.perf_counter() - t0, 2)}
     save_models(out_dir, gcnd, gcns, meta)

@@ -53,3 +53,53 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     rank = np.empty(len(first_idx), dtype=np.int64)
     rank[np.argsort(first_idx, kind="stable")] = np.arange(len(first_idx))
     return rank[inv]
+
+
+def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,
+                         floor: float, seed: int = 42) -> np.ndarray:
+    """Infomap run separately on each connected component of a group of whole components.
+
+    Parameters
+    ----------
+    nodes : (n,) ascending global ids of every node of the components.
+    comp : (n,) component id of each node.
+    index, weight : (n, k) the nodes' kNN rows and edge weights; edges with
+        ``weight >= floor`` are used (at the floor the components are closed: every
+        such edge joins two nodes of one component).
+    seed : Infomap's seed, the same for every component.
+
+    Returns
+    -------
+    (n,) int64 module of each node, numbered 0.. within its component. Each
+    component is its own Infomap problem, so any grouping of components into
+    calls gives the same modules (and, components being disconnected, the same
+    partition as one whole-graph run up to Infomap's search).
+    """
+    nodes = np.asarray(nodes, np.int64)
+    comp = np.asarray(comp, np.int64)
+    n, k = np.shape(index)
+    src = np.repeat(np.arange(n, dtype=np.int64), k)
+    dst = np.asarray(index, np.int64).reshape(-1)
+    w = np.asarray(weight, np.float64).reshape(-1)
+    keep = (dst >= 0) & (w >= floor)
+    src, dst, w = src[keep], dst[keep], w[keep]
+    pos = np.searchsorted(nodes, dst)
+    inside = (pos < n) & (nodes[np.minimum(pos, n - 1)] == dst)
+    if not inside.all():
+        raise ValueError("infomap_by_component: an edge above the floor leaves the components given")
+    dst = pos
+    module = np.zeros(n, np.int64)
+    order = np.argsort(comp, kind="stable")
+    bounds = np.flatnonzero(np.diff(comp[order])) + 1
+    e_order = np.argsort(comp[src], kind="stable")
+    src, dst, w = src[e_order], dst[e_order], w[e_order]
+    e_comp = comp[src]
+    for members in np.split(order, bounds):
+        if len(members) < 2:
+            continue
+        c = comp[members[0]]
+        a, b = np.searchsorted(e_comp, c, "left"), np.searchsorted(e_comp, c, "right")
+        local = np.full(n, -1, np.int64)
+        local[members] = np.arange(len(members))
+        module[members] = infomap_clusters(len(members), local[src[a:b]], local[dst[a:b]], w[a:b], seed=seed)
+    return module

@@ -204,7 +204,7 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
             scfg = dataclasses.replace(cfg, gcn=dataclasses.replace(cfg.gcn, seed=seed))
             model = wd / f"model_seed{seed}"
             t = time.perf_counter()
-            meta = train(stores["train"], model, scfg, None, echo=log.info)
+            meta = train(stores["train"], model, scfg, client, echo=log.info)
             t_train = time.perf_counter() - t
             run_score(test, str(model), scfg, client)
             run_dedup(test, scfg, client, use_gcns=False, out="clusters_gcnd")

@@ -49,11 +49,8 @@ def command(run, out, hidden, cfg):
         from ..errors import BadInput
 
         raise BadInput(f"{run}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L -o {run}`)")
-    with connect(cfg.dask) as client:
-        from ..train import ensure_proposals
-
-        ensure_proposals(store, cfg, client)
-    meta = train(store, out, cfg, None, echo=lambda s: click.echo(s, err=True))
+    with connect(cfg.dask) as client:  # the upstream stages (and the edge scorer's) run on the cluster
+        meta = train(store, out, cfg, client, echo=lambda s: click.echo(s, err=True))
     m = meta["metrics"]
     click.echo(f"model written to {out}: validation Spearman IoU {m.get('val_spearman_iou', float('nan')):.3f}, "
                f"IoP {m.get('val_spearman_iop', float('nan')):.3f}, GCN-S node accuracy "

@@ -63,14 +63,28 @@ def first_of(res):
 
 
 def write_task(url: str, path: str, score_path: str, lo: int, hi: int, res, table_keys: np.ndarray,
-               table_ids: np.ndarray) -> int:
-    """Write ``clusters[lo:hi]`` and the faces' winning scores (one whole chunk each)."""
+               table_ids: np.ndarray) -> np.ndarray:
+    """Write ``clusters[lo:hi]`` and the faces' winning scores (one whole chunk each); returns the range's singletons."""
     from tasks.dedup import apply_numbering
 
     ids = apply_numbering(res[0], table_keys, table_ids)
     open_array(url, path, mode="r+")[lo:hi] = ids
     open_array(url, score_path, mode="r+")[lo:hi] = res[2]
-    return int(hi - lo)
+    return lo + np.flatnonzero(np.asarray(res[0]) < 0)  # singleton keys are negative (tasks.dedup.range_keys)
+
+
+def attach_task(url: str, score_path: str, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Worker task: each singleton face's most probable neighbour among faces a proposal claimed, and its P."""
+    from tasks.edges import best_claimed_neighbour
+
+    idx = open_array(url, "knn/index").get_orthogonal_selection((faces, slice(None)))
+    prob = open_array(url, "edges/prob").get_orthogonal_selection((faces, slice(None)))
+    nb = np.unique(idx[idx >= 0])
+    claimed_nb = np.isfinite(open_array(url, score_path).get_orthogonal_selection((nb,)))  # NaN: no proposal won it
+    pos = np.searchsorted(nb, np.maximum(idx, 0))
+    claimed = (idx >= 0) & claimed_nb[np.minimum(pos, max(len(nb) - 1, 0))] if len(nb) else np.zeros(idx.shape, bool)
+    target, p = best_claimed_neighbour(idx, prob, claimed)
+    return faces, target, p
 
 
 def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
@@ -84,7 +98,7 @@ def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
 
 
 def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcns: bool = True,
-              out: str = "clusters") -> dict:
+              out: str = "clusters", attach: float | None = None) -> dict:
     """Labels every face from the scored proposals (stage "dedup", input "score"); writes ``clusters``.
 
     ``use_gcns=False`` ignores GCN-S's pruning (GCN-D alone). ``out`` names the
@@ -92,6 +106,11 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
     ``dedup:<out>``, e.g. the demo's ``clusters_gcnd`` beside ``clusters``). The
     predicted IoU of the proposal that labelled each face goes to ``<out>_score``
     (NaN for faces no proposal claimed).
+
+    ``attach``: a level of P(same identity) (the model's, chosen in training): a face
+    no proposal claimed joins the cluster of its most probable neighbour among the
+    claimed faces when that probability is at least the level (needs stage "edges");
+    clusters are then renumbered 0..C-1 by smallest face. None: they stay singletons.
     """
     from tasks.dedup import global_numbering
 
@@ -99,8 +118,11 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
     n = int(store.array("features").shape[0])
     per = int(cfg.gcn.dedup_faces)
     stage = STAGE if out == "clusters" else f"{STAGE}:{out}"
-    params = {"faces_per_task": None, "use_gcns": bool(use_gcns), "out": out}  # partitioning never changes results
-    with store.stage(stage, params, inputs=["score"], force=force) as w:
+    params = {"faces_per_task": None, "use_gcns": bool(use_gcns), "out": out,  # partitioning never changes results
+              "attach": None if attach is None else float(attach)}
+    if attach is not None:
+        store.require("edges", "attaching faces needs the edge scorer's probabilities (stage 'edges')")
+    with store.stage(stage, params, inputs=["score"] + (["edges"] if attach is not None else []), force=force) as w:
         if w is None:
             return store.record(stage).get("summary", {})
         offsets = store.array("proposals/offsets")[:]
@@ -121,11 +143,34 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
         writes = [client.submit(write_task, store.url, w.tmp_path(out), w.tmp_path(f"{out}_score"), int(lo), int(hi),
                                 r, tk_f, tid_f,
                                 key=f"dedup-write-{lo}-{token}") for lo, hi, r in zip(bounds[:-1], bounds[1:], reds)]
-        wait_futures(writes, "clusters")
+        singletons = wait_futures(writes, "clusters")
         n_clusters = int(len(tk))
         singles = int((tk < 0).sum())
+        attached = 0
+        if attach is not None and singles:
+            from tasks.components import canonical_labels
+            from tasks.edges import attach as attach_faces
+
+            parts = wait_futures([client.submit(attach_task, store.url, w.tmp_path(f"{out}_score"), f,
+                                                key=f"dedup-attach-{i}-{token}")
+                                  for i, f in enumerate(singletons) if len(f)], "attach")
+            faces, target, p = (np.concatenate(x) for x in zip(*parts))
+            arr = store.root[w.tmp_path(out)]
+            labels = arr[:]
+            unclaimed = np.zeros(n, bool)
+            unclaimed[faces] = True
+            tgt = np.full(n, -1, np.int64)
+            tgt[faces] = target
+            pr = np.zeros(n, np.float32)
+            pr[faces] = p
+            new = canonical_labels(attach_faces(labels, unclaimed, tgt, pr, float(attach)))
+            attached = int(((tgt >= 0) & (pr >= attach)).sum())
+            arr[:] = new
+            n_clusters = int(new.max()) + 1 if n else 0
+            singles -= attached
         pruned_parts = int(((tk >= 0) & (tk % 2 == 1)).sum())
-        summary = {"n": n, "n_clusters": n_clusters, "singletons_uncovered": singles,
+        summary = {"n": n, "n_clusters": n_clusters, "singletons_uncovered": singles, "attached": attached,
+                   "attach_level": attach,
                    "pruned_clusters": pruned_parts, "proposal_clusters": n_clusters - singles - pruned_parts,
                    "face_ranges": int(len(bounds) - 1), "map_tasks": len(maps), "use_gcns": bool(use_gcns),
                    "out": out}

@@ -21,7 +21,7 @@ import uuid
 import numpy as np
 
 from ..config import Config
-from ..progress import wait_futures
+from ..forest import row_chunks, spanning_forest
 from ..store import RunStore, open_array
 
 log = logging.getLogger(__name__)
@@ -45,37 +45,6 @@ def anchor_task(url: str, sample_rows: int = SAMPLE_ROWS) -> dict:
     ok = sim[np.isfinite(sim)]
     return {"anchor": auto_threshold(sim), "rows_sampled": int(len(rows)),
             "sim_quantiles": {str(q): float(np.quantile(ok, q)) for q in (0.1, 0.5, 0.9, 0.99)} if len(ok) else {}}
-
-
-def chunk_forest_task(url: str, r0: int, r1: int, min_sim: float | None):
-    """Worker task: MSF of rows r0..r1 of the kNN lists."""
-    from tasks.components import chunk_forest
-
-    idx = open_array(url, "knn/index")[r0:r1]
-    sim = open_array(url, "knn/sim")[r0:r1]
-    return chunk_forest(idx, sim, r0, min_sim)
-
-
-def merge_task(*forests):
-    """Worker task: MSF of the union of several forests."""
-    from tasks.components import merge_forests
-
-    return merge_forests(*forests)
-
-
-def tree_reduce(client, futures: list, fan_in: int, name: str = "graph-merge"):
-    """Reduce futures of forests by ``fan_in`` at a time until one is left; returns its future."""
-    token = uuid.uuid4().hex[:8]
-    level = 0
-    while len(futures) > 1:
-        futures = [client.submit(merge_task, *futures[i:i + fan_in], key=f"{name}-{level}-{i // fan_in}-{token}")
-                   for i in range(0, len(futures), fan_in)]
-        level += 1
-    return futures[0]
-
-
-def row_chunks(n: int, r: int) -> list[tuple[int, int]]:
-    return [(a, min(a + r, n)) for a in range(0, n, r)]
 
 
 def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
@@ -112,27 +81,15 @@ def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict
             min_sim = edge_floor(anchor["anchor"])
         else:
             min_sim = None if configured <= -1.0 else float(configured)
-        chunks = row_chunks(n, r)
-        token = uuid.uuid4().hex[:8]
-        futs = [client.submit(chunk_forest_task, store.url, a, b, min_sim, key=f"graph-chunk-{a}-{b}-{token}")
-                for a, b in chunks]
-        wait_futures(futs, "graph", gather=False)
-        final = tree_reduce(client, futs, cfg.proposals.fan_in) if futs else None
-        if final is not None:
-            wait_futures([final], "graph-merge", gather=False)
-            src, dst, sim = final.result()
-        else:
-            from tasks.components import empty_forest
-
-            src, dst, sim = empty_forest()
+        src, dst, sim = spanning_forest(client, store.url, n, r, min_sim, cfg.proposals.fan_in)
         w.write_array("graph/forest_src", src)
         w.write_array("graph/forest_dst", dst)
         w.write_array("graph/forest_sim", sim)
-        summary = {"n": int(n), "k": int(k), "chunks": len(chunks), "forest_edges": int(len(src)),
+        summary = {"n": int(n), "k": int(k), "chunks": len(row_chunks(n, r)), "forest_edges": int(len(src)),
                    "min_edge_sim": min_sim, "anchor": anchor,
                    "forest_sim_quantiles": {str(q): float(np.quantile(sim, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)} if len(sim) else {}}
         w.summary.update(summary)
-        log.info("graph: %d faces, %d forest edges from %d chunks", n, len(src), len(chunks))
+        log.info("graph: %d faces, %d forest edges from %d chunks", n, len(src), summary["chunks"])
         return summary
 
 

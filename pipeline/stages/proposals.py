@@ -100,6 +100,16 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
     return outs
 
 
+def communities_task(url: str, min_size: int, max_size: int) -> dict:
+    """Worker task: the stored Infomap communities of ``min_size``..``max_size`` faces, as one setting's result."""
+    from tasks import proposals as P
+
+    labels = open_array(url, "communities/labels")[:]
+    sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
+    return {"levels": [(0,) + P.to_csr(P.select_proposals(labels, min_size, max_size))],
+            "n_super_vertices": int(len(sizes)), "largest_super_vertex": int(sizes.max()) if len(sizes) else 0}
+
+
 def setting_counts(res: dict) -> dict:
     """Worker task: a setting's result without its proposal lists (level -> number of proposals)."""
     return {"n_super_vertices": res["n_super_vertices"], "largest_super_vertex": res["largest_super_vertex"],
@@ -174,7 +184,7 @@ def _size_stats(sizes: np.ndarray) -> dict:
             "median": float(q[2]), "p75": float(q[3]), "max": int(q[4]), "mean": float(sizes.mean())}
 
 
-def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
+def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, communities: bool = False) -> dict:
     """Compute and store the multi-scale proposals (stage "proposals").
 
     Needs the "graph" stage (the forest) and ``features``. Writes
@@ -182,6 +192,11 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> 
     proposal's members ascending), ``proposals/setting`` and ``proposals/level``
     (P int32). Proposals are ordered by (setting, level, smallest member); a
     member set produced by several settings is kept once (first occurrence).
+
+    ``communities``: also propose every Infomap community of the learned-affinity
+    graph (stage "communities", which must be complete) of ``min_size`` up to
+    ``max(max_proposal_size, whole_size)`` faces, as one more setting
+    (``"source": "communities"``).
 
     Returns
     -------
@@ -195,8 +210,10 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> 
     store.require("graph", f"run the graph stage first (facecluster proposals {store.url} runs it)")
     settings, info = resolve_settings(store, cfg, client)
     pc = cfg.proposals
-    params = {"settings": settings, "min_size": pc.min_size, "max_proposal_size": pc.max_proposal_size}
-    with store.stage(STAGE, params, inputs=["graph"], force=force) as w:
+    params = {"settings": settings, "min_size": pc.min_size, "max_proposal_size": pc.max_proposal_size,
+              "communities": bool(communities)}
+    inputs = ["graph"] + (["communities"] if communities else [])
+    with store.stage(STAGE, params, inputs=inputs, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
         token = uuid.uuid4().hex[:8]
@@ -209,6 +226,10 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> 
                                 pc.max_proposal_size, key=f"proposals-group-{j}-{token}")
             for pos, i in enumerate(members):
                 futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
+        if communities:
+            cap = max(pc.max_proposal_size, pc.whole_size)
+            settings = settings + [{"id": len(settings), "source": "communities", "max_size": cap, "levels": 1}]
+            futs.append(client.submit(communities_task, store.url, pc.min_size, cap, key=f"proposals-communities-{token}"))
         # Only each setting's counts come to the driver; its proposal lists go straight to the combine task.
         results = wait_futures([client.submit(setting_counts, f, key=f"proposals-counts-{s['id']}-{token}")
                                 for s, f in zip(settings, futs)], "proposals")
@@ -224,8 +245,9 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False) -> 
                    "sizes": _size_stats(sizes[m])}
             per_setting.append(row)
             if sum(row["before_dedup"].values()) == 0:
-                msg = (f"setting {s['id']} (th0={s['th0']:.6g}, max_size={s['max_size']}, sv_max_size={s['sv_max_size']}) "
-                       f"yields no proposal of {pc.min_size}..{pc.max_proposal_size} faces")
+                what = ("the communities" if s.get("source") == "communities" else
+                        f"setting {s['id']} (th0={s['th0']:.6g}, max_size={s['max_size']}, sv_max_size={s['sv_max_size']})")
+                msg = f"{what} yield no proposal of {pc.min_size}..{pc.max_proposal_size} faces"
                 warnings.append(msg)
                 log.warning(msg)
         if len(sizes) == 0:

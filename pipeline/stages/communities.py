@@ -1,0 +1,106 @@
+"""Stage "communities": Infomap on the learned-affinity graph, one Dask task per group of components.
+
+The graph is the kNN edges with P(same identity) >= the model's floor (chosen on
+validation identities in training). Its connected components are independent
+Infomap problems: they come from the maximum spanning forest of ``edges/prob``
+(:mod:`pipeline.forest`, cut at the floor), are packed into tasks of about
+``NODES_PER_TASK`` nodes (a component larger than that is a task of its own: the
+one part that stays in one process, reported as ``largest_component``), and each
+task reads only its nodes' kNN rows and runs Infomap per component
+(:func:`tasks.peers.infomap_by_component`), so the partition does not depend on
+how components are packed, on the chunk size or on the worker count.
+
+Output ``communities/labels`` (N int64, ids 0..C-1 by smallest member). The
+proposals stage adds every community of ``min_size`` faces or more to the
+proposals that GCN-D scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+
+import numpy as np
+
+from ..config import Config
+from ..forest import spanning_forest
+from ..model_files import edge_meta, model_digest
+from ..progress import wait_futures
+from ..store import RunStore, open_array
+
+log = logging.getLogger(__name__)
+
+STAGE = "communities"
+NODES_PER_TASK = 200_000
+INFOMAP_SEED = 42
+
+
+def component_task(url: str, nodes: np.ndarray, comp: np.ndarray, floor: float) -> np.ndarray:
+    """Worker task: Infomap modules of whole components (``nodes`` ascending), numbered within each."""
+    from tasks.peers import infomap_by_component
+
+    idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
+    prob = open_array(url, "edges/prob").get_orthogonal_selection((nodes, slice(None)))
+    return infomap_by_component(nodes, comp, idx, prob, floor, seed=INFOMAP_SEED)
+
+
+def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
+    """Component ids (of size >= 2) packed in id order into groups of about ``budget`` nodes."""
+    groups, cur, filled = [], [], 0
+    for c in np.flatnonzero(sizes >= 2):
+        cur.append(c)
+        filled += int(sizes[c])
+        if filled >= budget:
+            groups.append(np.asarray(cur, np.int64))
+            cur, filled = [], 0
+    if cur:
+        groups.append(np.asarray(cur, np.int64))
+    return groups
+
+
+def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
+    """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
+    from tasks.components import canonical_labels, components
+
+    store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
+    meta = edge_meta(model_dir)
+    floor = float(meta["floor"])
+    index = store.array("knn/index")
+    n, _ = index.shape
+    r = int(index.chunks[0])
+    params = {"floor": floor, "seed": INFOMAP_SEED, "model_digest": model_digest(model_dir)}
+    with store.stage(STAGE, params, inputs=["edges"], extra={"model": os.path.abspath(model_dir)}, force=force) as w:
+        if w is None:
+            return store.record(STAGE).get("summary", {})
+        src, dst, _ = spanning_forest(client, store.url, n, r, floor, cfg.proposals.fan_in, weights="edges/prob",
+                                      name="communities-forest")
+        comp = components(n, src, dst)
+        sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
+        order = np.argsort(comp, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        token = uuid.uuid4().hex[:8]
+        groups = pack_components(sizes, NODES_PER_TASK)
+        futs, node_sets = [], []
+        for g_i, cids in enumerate(groups):
+            nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
+            node_sets.append(nodes)
+            futs.append(client.submit(component_task, store.url, nodes, comp[nodes], floor,
+                                      key=f"communities-infomap-{g_i}-{token}"))
+        modules = wait_futures(futs, "communities")
+        # community key: (component, module); canonical ids by smallest member
+        module = np.zeros(n, np.int64)
+        for nodes, mod in zip(node_sets, modules):
+            module[nodes] = mod
+        width = int(module.max()) + 1 if n else 1
+        labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
+        w.write_array("communities/labels", labels.astype(np.int64))
+        csizes = np.bincount(labels) if n else np.zeros(0, np.int64)
+        summary = {"n": int(n), "floor": floor, "components": int(len(sizes)),
+                   "components_multi": int((sizes >= 2).sum()), "largest_component": int(sizes.max()) if n else 0,
+                   "tasks": len(groups), "communities": int(len(csizes)), "singletons": int((csizes == 1).sum()),
+                   "largest_community": int(csizes.max()) if n else 0}
+        w.summary.update(summary)
+        log.info("communities: %d communities (%d singletons) in %d components, largest component %d faces",
+                 summary["communities"], summary["singletons"], summary["components"], summary["largest_component"])
+        return summary

@@ -1,0 +1,378 @@
+"""The learned affinity: P(same identity) for every kNN edge, from inputs free of the face model's scale.
+
+Face models put cosines on very different scales (SFace: genuine pairs around
+0.72, impostors 0.33; dlib: 0.96 and 0.92), so a similarity threshold learned on
+one model means nothing on another. Every input here is either a rank, a position
+of the cosine inside one end's own neighbour list, or the cosine mapped through
+the data's own distribution of kNN similarities (its empirical CDF and its
+median first / last neighbour similarity, :func:`sim_stats`):
+
+* where ``s = cos(i, j)`` sits in the data (global CDF; scaled between the data's
+  median last- and first-neighbour similarity),
+* where ``s`` sits in i's list and in j's list (scaled between that row's first and
+  last similarity; z-score in the row),
+* the rank of j in i's list and of i in j's (the rank j's list would give i: the
+  lists are sorted, so it is the count of j's similarities above ``s``; k when i
+  would not be listed),
+* each end's local density (mean of its first 10 similarities) and crowding (its
+  k-th similarity), scaled as above (NDDe-like),
+* shared neighbours: ``|({i} u N_m(i)) n ({j} u N_m(j))| / (m + 1)``.
+
+Inputs come in (min, max) pairs over the two ends, so an edge listed from both
+sides gets the same inputs, hence the same probability, from either side.
+
+A row block needs its own kNN rows and the rows of its neighbours (their
+similarities and first ``m`` ids): never the whole matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+QUANTILE_GRID = np.linspace(0.0, 1.0, 201)
+SNN_M = 10  # neighbours compared for the shared-neighbour input (cost: R * k * m^2 compares per block)
+DENSITY_M = 10
+INPUT_NAMES = ("cdf", "global", "local_min", "local_max", "z_min", "z_max", "rank_min", "rank_max",
+               "density_min", "density_max", "crowd_min", "crowd_max", "top1_min", "top1_max", "snn")
+N_INPUTS = len(INPUT_NAMES)
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class SimStats:
+    """The data's distribution of kNN similarities (from a row sample): the scale every input is read on.
+
+    Attributes
+    ----------
+    quantiles : (201,) similarity quantiles at ``QUANTILE_GRID`` (the empirical CDF).
+    top1, last : median first- and last-neighbour similarity of the sampled rows.
+    """
+
+    quantiles: np.ndarray
+    top1: float
+    last: float
+
+    def to_dict(self) -> dict:
+        return {"quantiles": [float(v) for v in self.quantiles], "top1": float(self.top1), "last": float(self.last)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SimStats":
+        return cls(np.asarray(d["quantiles"], np.float64), float(d["top1"]), float(d["last"]))
+
+    def cdf(self, s: np.ndarray) -> np.ndarray:
+        q = self.quantiles
+        # strictly increasing abscissae for interp (equal quantiles: a plateau of identical similarities)
+        x = q + np.arange(len(q)) * 1e-12
+        return np.interp(s, x, QUANTILE_GRID).astype(np.float32)
+
+    def scale(self, s: np.ndarray) -> np.ndarray:
+        return ((s - self.last) / max(self.top1 - self.last, _EPS)).astype(np.float32)
+
+
+def sim_stats(index: np.ndarray, sim: np.ndarray) -> SimStats:
+    """:class:`SimStats` of a sample of kNN rows (padding: index < 0)."""
+    sim = np.asarray(sim, np.float64)
+    ok = np.asarray(index) >= 0
+    vals = sim[ok]
+    if len(vals) == 0:
+        raise ValueError("no kNN similarity to derive the data's scale from")
+    has = ok.any(1)
+    last = np.where(ok, sim, np.inf).min(1)[has]
+    top1 = sim[has, 0]
+    return SimStats(np.quantile(vals, QUANTILE_GRID), float(np.median(top1)), float(np.median(last)))
+
+
+def _row_summaries(sim: np.ndarray, valid: np.ndarray) -> dict:
+    """Per-row first, last, mean, std, density (mean of the first DENSITY_M) of valid similarities."""
+    cnt = np.maximum(valid.sum(1), 1)
+    s = np.where(valid, sim, 0.0).astype(np.float64)
+    mean = s.sum(1) / cnt
+    var = (np.where(valid, (sim - mean[:, None]) ** 2, 0.0)).sum(1) / cnt
+    top = np.where(valid[:, 0], sim[:, 0], np.nan)
+    last = np.where(valid, sim, np.inf).min(1)
+    last = np.where(np.isfinite(last), last, np.nan)
+    m = min(DENSITY_M, sim.shape[1])
+    dcnt = np.maximum(valid[:, :m].sum(1), 1)
+    dens = np.where(valid[:, :m], sim[:, :m], 0.0).sum(1) / dcnt
+    return {"top": top, "last": last, "mean": mean, "std": np.sqrt(var), "dens": dens}
+
+
+def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.minimum(a, b), np.maximum(a, b)
+
+
+def edge_inputs(row_ids: np.ndarray, index: np.ndarray, sim: np.ndarray, nbr_pos: np.ndarray,
+                nbr_sim: np.ndarray, nbr_index: np.ndarray, stats: SimStats, block: int = 1024) -> np.ndarray:
+    """Inputs of every kNN edge of a row block: (R, k, N_INPUTS) float32 (NaN rows where index < 0).
+
+    Parameters
+    ----------
+    row_ids : (R,) global ids of the rows.
+    index, sim : (R, k) the rows' kNN lists (sorted by similarity, padding index -1).
+    nbr_pos : (R, k) row of ``nbr_sim`` / ``nbr_index`` holding neighbour ``index[r, c]`` (-1 for padding).
+    nbr_sim : (U, k) kNN similarities of the distinct neighbours, non-finite (-inf or NaN) at padding.
+    nbr_index : (U, >= SNN_M) their first neighbour ids.
+    stats : the data's similarity scale (:func:`sim_stats`).
+    block : rows per vectorised step (memory ~ block * k * max(k, m^2) bytes).
+    """
+    index = np.asarray(index)
+    sim = np.asarray(sim, np.float32)
+    r_n, k = index.shape
+    out = np.full((r_n, k, N_INPUTS), np.nan, np.float32)
+    if r_n == 0 or k == 0:
+        return out
+    u_valid = np.isfinite(nbr_sim)  # padding: the store fills knn/sim with -inf
+    u_sum = _row_summaries(nbr_sim, u_valid)
+    row_valid = index >= 0
+    r_sum = _row_summaries(np.where(row_valid, sim, -np.inf), row_valid)
+    m = min(SNN_M, k, nbr_index.shape[1])
+    for a in range(0, r_n, block):
+        b = min(a + block, r_n)
+        idx, s, ok = index[a:b], sim[a:b].astype(np.float64), row_valid[a:b]
+        pos = np.where(ok, nbr_pos[a:b], 0)
+        feats = out[a:b]
+        # ends' summaries, broadcast to edges
+        ri = {key: v[a:b, None] for key, v in r_sum.items()}
+        rj = {key: v[pos] for key, v in u_sum.items()}
+        local = [(s - e["last"]) / np.maximum(e["top"] - e["last"], _EPS) for e in (ri, rj)]
+        zs = [(s - e["mean"]) / np.maximum(e["std"], _EPS) for e in (ri, rj)]
+        rank_i = np.broadcast_to(np.arange(k, dtype=np.float64)[None, :], s.shape)
+        js = nbr_sim[pos]  # (B, k, k) the neighbours' own similarity rows (NaN > s is False)
+        rank_j = (js > s[:, :, None]).sum(2).astype(np.float64)
+        ends = [(stats.scale(np.broadcast_to(ri[key], s.shape)), stats.scale(rj[key])) for key in ("dens", "last", "top")]
+        cols = [stats.cdf(s), stats.scale(s), *_pair(*local), *_pair(*zs), *_pair(rank_i / k, rank_j / k),
+                *(v for pair in ends for v in _pair(*pair))]
+        # shared neighbours: {i} u N_m(i) against {j} u N_m(j)
+        own = np.concatenate([np.asarray(row_ids[a:b], np.int64)[:, None], idx[:, :m].astype(np.int64)], 1)
+        theirs = np.concatenate([np.where(ok, idx, -2)[:, :, None].astype(np.int64),
+                                 nbr_index[pos][:, :, :m].astype(np.int64)], 2)
+        own = np.where(own >= 0, own, -3)  # padding never matches padding
+        shared = (theirs[:, :, :, None] == own[:, None, None, :]).sum((2, 3))
+        cols.append(shared / (m + 1.0))
+        feats[...] = np.stack([np.asarray(c, np.float32) for c in cols], -1)
+        feats[~ok] = np.nan
+    return out
+
+
+def sample_rows(n: int, max_rows: int = 20_000) -> np.ndarray:
+    """The stride sample of rows the data's similarity scale is read from (every row up to ``max_rows``)."""
+    return np.arange(0, n, max(1, -(-n // max_rows)))
+
+
+def run_edge_inputs(index: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, SimStats]:
+    """Inputs of every edge of an in-memory run (training): the same computation as the edges stage's tasks."""
+    index = np.asarray(index)
+    rows = sample_rows(len(index))
+    stats = sim_stats(index[rows], sim[rows])
+    uniq, pos = gather_positions(index)
+    x = edge_inputs(np.arange(len(index)), index, sim, pos, np.asarray(sim)[uniq], index[uniq, :SNN_M], stats)
+    return x, stats
+
+
+def gather_positions(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct neighbour ids of a row block and, per edge, the row of that id among them (-1: padding)."""
+    flat = np.asarray(index).reshape(-1)
+    ok = flat >= 0
+    uniq, inv = np.unique(flat[ok], return_inverse=True)
+    pos = np.full(flat.shape, -1, np.int64)
+    pos[ok] = inv
+    return uniq, pos.reshape(np.shape(index))
+
+
+def mask_padding(index: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    """``sim`` as float32 with NaN where ``index`` is padding (< 0)."""
+    return np.where(np.asarray(index) >= 0, np.asarray(sim, np.float32), np.float32(np.nan))
+
+
+# -- the scorer ---------------------------------------------------------------------------------
+class EdgeScorer(nn.Module):
+    """MLP from an edge's inputs to the logit of P(same identity); input standardisation inside."""
+
+    def __init__(self, n_in: int = N_INPUTS, hidden=(64, 64)):
+        super().__init__()
+        self.register_buffer("mu", torch.zeros(n_in))
+        self.register_buffer("sd", torch.ones(n_in))
+        layers, d = [], n_in
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            d = h
+        layers.append(nn.Linear(d, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mu) / self.sd).squeeze(-1)
+
+
+def predict_edges(model: EdgeScorer, inputs: np.ndarray, batch: int = 1 << 16) -> np.ndarray:
+    """P(same identity) of edges with inputs (..., N_INPUTS); NaN inputs (padding) give 0."""
+    shape = inputs.shape[:-1]
+    x = inputs.reshape(-1, inputs.shape[-1])
+    ok = np.isfinite(x).all(1)
+    out = np.zeros(len(x), np.float32)
+    rows = np.flatnonzero(ok)
+    with torch.no_grad():
+        for a in range(0, len(rows), batch):
+            r = rows[a:a + batch]
+            out[r] = torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(x[r], np.float32)))).numpy()
+    return out.reshape(shape)
+
+
+def fit_edge_scorer(inputs: np.ndarray, same: np.ndarray, train: np.ndarray, val: np.ndarray, hidden=(64, 64),
+                    epochs: int = 6, lr: float = 1e-3, batch_size: int = 4096, seed: int = 0, log=None):
+    """Train an :class:`EdgeScorer` with binary cross-entropy; keep the epoch with the best validation loss.
+
+    Parameters
+    ----------
+    inputs : (E, N_INPUTS) edge inputs (finite rows only).
+    same : (E,) 1 where both ends share an identity.
+    train, val : edge ids (val: edges leaving faces of identities held out of training).
+    Every edge counts once: the classes keep the data's own balance, so the output
+    stays a calibrated probability (no re-weighting).
+
+    Returns
+    -------
+    (model in eval mode, history: per-epoch train / validation loss)
+    """
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(np.ascontiguousarray(inputs, np.float32))
+    y = torch.from_numpy(np.asarray(same, np.float32))
+    model = EdgeScorer(x.shape[1], hidden)
+    xt = x[torch.from_numpy(np.asarray(train))]
+    model.mu.copy_(xt.mean(0))
+    model.sd.copy_(xt.std(0).clamp_min(1e-6))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    bce = nn.functional.binary_cross_entropy_with_logits
+    vt = torch.from_numpy(np.asarray(val))
+    best, best_state, history = np.inf, None, []
+    for ep in range(epochs):
+        model.train()
+        tot = 0.0
+        order = np.asarray(train)[rng.permutation(len(train))]
+        for a in range(0, len(order), batch_size):
+            b = torch.from_numpy(order[a:a + batch_size])
+            loss = bce(model(x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            tot += loss.item() * len(b)
+        model.eval()
+        with torch.no_grad():
+            vloss = float(bce(model(x[vt]), y[vt])) if len(vt) else tot / max(len(order), 1)
+        rec = {"epoch": ep + 1, "loss": tot / max(len(order), 1), "val_loss": vloss}
+        history.append(rec)
+        if log:
+            log(f"edge scorer epoch {ep + 1}/{epochs} loss={rec['loss']:.4f} val_loss={vloss:.4f}")
+        if vloss < best:
+            best, best_state = vloss, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    model.eval()
+    return model, history
+
+
+def roc_auc(p: np.ndarray, same: np.ndarray) -> float:
+    """Area under the ROC curve of scores ``p`` for labels ``same`` (ties averaged)."""
+    from scipy.stats import rankdata
+
+    same = np.asarray(same, bool)
+    n_pos, n_neg = int(same.sum()), int((~same).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = rankdata(p)
+    return float((r[same].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def calibration(p: np.ndarray, same: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per probability bin: edges, mean predicted probability, observed same-identity rate."""
+    p = np.asarray(p, np.float64)
+    b = np.clip((p * bins).astype(np.int64), 0, bins - 1)
+    out = []
+    for i in range(bins):
+        m = b == i
+        out.append({"bin": [i / bins, (i + 1) / bins], "edges": int(m.sum()),
+                    "predicted": float(p[m].mean()) if m.any() else None,
+                    "observed": float(np.asarray(same)[m].mean()) if m.any() else None})
+    return out
+
+
+# -- levels chosen on validation identities -----------------------------------------------------
+# Probability grids: P(same identity) means the same on any face model, so the grids are fixed in
+# probability and only the choice among them is learned (on the labelled set's validation identities).
+FLOOR_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+ATTACH_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+def best_claimed_neighbour(index: np.ndarray, prob: np.ndarray, claimed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the most probable neighbour whose face is claimed (-1: none) and that probability.
+
+    ``claimed`` is (R, k): whether each listed neighbour belongs to a cluster a
+    proposal made (attaching to another unclaimed face would chain singletons).
+    Ties go to the earlier (more similar) neighbour.
+    """
+    p = np.where((np.asarray(index) >= 0) & claimed, prob, -1.0)
+    col = np.argmax(p, 1) if p.shape[1] else np.zeros(len(p), np.int64)
+    best = p[np.arange(len(p)), col] if p.shape[1] else np.full(len(p), -1.0)
+    target = np.where(best >= 0, np.asarray(index)[np.arange(len(p)), col] if p.shape[1] else -1, -1)
+    return target.astype(np.int64), best.astype(np.float32)
+
+
+def attach(labels: np.ndarray, unclaimed: np.ndarray, target: np.ndarray, p: np.ndarray, level: float) -> np.ndarray:
+    """``labels`` with each unclaimed face whose best claimed neighbour has P >= ``level`` moved to its cluster."""
+    out = np.array(labels, copy=True)
+    move = unclaimed & (target >= 0) & (p >= level)
+    out[move] = labels[target[move]]
+    return out
+
+
+def choose_levels(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, faces: np.ndarray,
+                  floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID) -> dict:
+    """The communities floor and the attach level with the best pairwise + BCubed F on ``faces``.
+
+    ``faces`` are the validation identities' faces (the scorer never saw them);
+    only edges between two of them count. Infomap runs on the graph of edges with
+    P >= floor; faces left alone are then attached to their most probable claimed
+    neighbour at each candidate level (``None``: never attach).
+    """
+    from .metrics import bcubed_f, pairwise_f
+    from .peers import infomap_clusters
+
+    faces = np.sort(np.asarray(faces, np.int64))
+    n_all = len(labels)
+    local = np.full(n_all, -1, np.int64)
+    local[faces] = np.arange(len(faces))
+    idx = np.asarray(index)[faces]
+    sub_idx = np.where(idx >= 0, local[np.maximum(idx, 0)], -1)
+    sub_p = np.where(sub_idx >= 0, np.asarray(prob)[faces], 0.0)
+    gt = np.asarray(labels)[faces]
+    n = len(faces)
+    src_all = np.repeat(np.arange(n), idx.shape[1])
+
+    def score(cl):
+        return float(pairwise_f(gt, cl)[2]), float(bcubed_f(gt, cl)[2])
+
+    curve, best = [], None
+    for fl in floor_grid:
+        keep = (sub_idx.reshape(-1) >= 0) & (sub_p.reshape(-1) >= fl)
+        cl = infomap_clusters(n, src_all[keep], sub_idx.reshape(-1)[keep], sub_p.reshape(-1)[keep])
+        pw, bc = score(cl)
+        curve.append({"floor": fl, "pairwise_f": pw, "bcubed_f": bc})
+        if best is None or pw + bc > best[0] + 1e-9:
+            best = (pw + bc, fl, cl)
+    _, floor, cl = best
+    sizes = np.bincount(cl)
+    unclaimed = sizes[cl] == 1
+    claimed = np.where(sub_idx >= 0, ~unclaimed[np.maximum(sub_idx, 0)], False)
+    target, tp = best_claimed_neighbour(sub_idx, sub_p, claimed)
+    pw, bc = score(cl)
+    attach_curve, level, top = [{"level": None, "pairwise_f": pw, "bcubed_f": bc}], None, pw + bc
+    for lv in attach_grid:
+        pw, bc = score(attach(cl, unclaimed, target, tp, lv))
+        attach_curve.append({"level": lv, "pairwise_f": pw, "bcubed_f": bc})
+        if pw + bc > top + 1e-9:
+            top, level = pw + bc, lv
+    return {"floor": floor, "attach": level, "floor_curve": curve, "attach_curve": attach_curve,
+            "val_faces": int(n), "val_unclaimed": int(unclaimed.sum())}
