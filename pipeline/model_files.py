@@ -22,6 +22,11 @@ RETRAIN_NOTE = ("model {model} has no edge scorer (trained before facecluster 0.
                 "affinity; re-train it with `facecluster train` for the edges/communities stages")
 
 
+def edge_weight_array(spec: dict) -> str:
+    """The array GCN-D/GCN-S read as edge weights: the learned P (``weights = "prob"``) or the cosine."""
+    return "edges/prob" if spec.get("weights") == "prob" else "knn/sim"
+
+
 def model_digest(model_dir: str | os.PathLike) -> str:
     """Digest of a model directory's files (part of the identity of every stage that runs it)."""
     h = hashlib.sha256()

@@ -27,7 +27,7 @@ import numpy as np
 
 from .config import Config
 from .errors import BadInput
-from .model_files import MODEL_FILES, model_digest  # noqa: F401 - model_digest: part of this module's API
+from .model_files import MODEL_FILES, edge_weight_array, model_digest  # noqa: F401 - model_digest: part of this module's API
 from .store import RunStore
 
 log = logging.getLogger(__name__)
@@ -38,8 +38,10 @@ FORMAT = 2  # 2: gcnd.pt holds a GCNDEnsemble (config.json "ensemble" members); 
 def input_spec(cfg: Config) -> dict:
     """The node-input spec of ``tasks.gcn`` from the [gcn] section."""
     g = cfg.gcn
+    # With an edge scorer, GCN-D/GCN-S read P(same identity) wherever they read a cosine (edge weights,
+    # boundary, structure, outside and connectivity inputs): the same scale on every face model.
     return {"x": g.relative, "boundary": g.boundary, "structure": g.structure, "outside": g.outside,
-            "connectivity": g.connectivity}
+            "connectivity": g.connectivity, "weights": "prob" if cfg.edges.learn else "sim"}
 
 
 def identity_split(majority: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +68,7 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
         meta["dim"], meta["hidden"], meta["spec"]  # noqa: B018 - presence check
         for key in ("outside", "connectivity"):  # models from before 0.1.4 have neither input group
             meta["spec"].setdefault(key, False)
+        meta["spec"].setdefault("weights", "sim")  # models from before 0.2 read cosines
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, a key missing, "spec" not a table
         raise BadInput(f"{d / 'config.json'}: unreadable model configuration ({e!r}); re-train the model") from None
     return meta
@@ -130,7 +133,7 @@ def load_training_data(store: RunStore, spec: dict):
     members = store.array("proposals/members")[:]
     feats = store.array("features")[:]
     kidx = store.array("knn/index")[:]
-    ksim = store.array("knn/sim")[:]
+    ksim = store.array(edge_weight_array(spec))[:]
     targets = proposal_targets(offsets, members, labels)
     batch = build_batches(offsets, members, lambda ids: (feats[ids], kidx[ids], ksim[ids]), spec)
     return {"labels": labels, "offsets": offsets, "members": members, "targets": targets, "batch": batch,

@@ -207,17 +207,28 @@ class EdgeScorer(nn.Module):
         return self.net((x - self.mu) / self.sd).squeeze(-1)
 
 
-def predict_edges(model: EdgeScorer, inputs: np.ndarray, batch: int = 1 << 16) -> np.ndarray:
-    """P(same identity) of edges with inputs (..., N_INPUTS); NaN inputs (padding) give 0."""
+PREDICT_TILE = 4096
+
+
+def predict_edges(model: EdgeScorer, inputs: np.ndarray, tile: int = PREDICT_TILE) -> np.ndarray:
+    """P(same identity) of edges with inputs (..., N_INPUTS); NaN inputs (padding) give 0.
+
+    Every forward pass has exactly ``tile`` rows (the last one zero-padded): BLAS takes
+    another code path for a remainder of rows, whose last bit differs, so without
+    fixed shapes an edge's probability would depend on how the rows were chunked.
+    """
     shape = inputs.shape[:-1]
     x = inputs.reshape(-1, inputs.shape[-1])
     ok = np.isfinite(x).all(1)
     out = np.zeros(len(x), np.float32)
     rows = np.flatnonzero(ok)
+    buf = np.zeros((tile, x.shape[1]), np.float32)
     with torch.no_grad():
-        for a in range(0, len(rows), batch):
-            r = rows[a:a + batch]
-            out[r] = torch.sigmoid(model(torch.from_numpy(np.ascontiguousarray(x[r], np.float32)))).numpy()
+        for a in range(0, len(rows), tile):
+            r = rows[a:a + tile]
+            buf[:len(r)] = x[r]
+            buf[len(r):] = 0.0
+            out[r] = torch.sigmoid(model(torch.from_numpy(buf))).numpy()[:len(r)]
     return out.reshape(shape)
 
 

@@ -43,7 +43,7 @@ def test_train_writes_loadable_model(runs):
     from pipeline.train import load_models
 
     d = runs["model"]
-    assert sorted(p.name for p in d.iterdir()) == ["config.json", "gcnd.pt", "gcns.pt"]
+    assert sorted(p.name for p in d.iterdir()) == ["config.json", "edges.pt", "gcnd.pt", "gcns.pt"]
     meta = json.loads((d / "config.json").read_text())
     assert meta["dim"] == 32 and meta["hidden"] == [16, 8] and meta["spec"]["x"] == "mean"
     assert set(meta["metrics"]) >= {"val_spearman_iou", "val_spearman_iop", "val_gcns_node_acc"}
@@ -55,17 +55,19 @@ def test_train_writes_loadable_model(runs):
     assert all(torch.equal(torch.load(d / "gcns.pt", weights_only=True)[k], v) for k, v in gs.state_dict().items())
 
 
-def test_training_is_reproducible(runs):
+def test_training_is_reproducible(runs, local_client):
     from pipeline.train import train
 
-    meta2 = train(runs["stores"]["train"], runs["tmp"] / "model2", runs["cfg"], None, echo=lambda s: None)
+    meta2 = train(runs["stores"]["train"], runs["tmp"] / "model2", runs["cfg"], local_client, echo=lambda s: None)
     a = torch.load(runs["model"] / "gcnd.pt", weights_only=True)
     b = torch.load(runs["tmp"] / "model2" / "gcnd.pt", weights_only=True)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert meta2["history"] == runs["meta"]["history"]
+    assert (runs["model"] / "edges.pt").read_bytes() == (runs["tmp"] / "model2" / "edges.pt").read_bytes()
+    assert meta2["edges"]["floor"] == runs["meta"]["edges"]["floor"]
 
 
-def test_ensemble_members_average_and_member0_is_the_single_model(runs):
+def test_ensemble_members_average_and_member0_is_the_single_model(runs, local_client):
     """gcn.ensemble=2: member 0 is exactly the single model (same seed and split), member 1 trains with
     seed+1 on its own identity split, and the loaded scorer predicts the members' mean."""
     from dataclasses import replace
@@ -75,7 +77,7 @@ def test_ensemble_members_average_and_member0_is_the_single_model(runs):
 
     cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, ensemble=2))
     out = runs["tmp"] / "model_ens"
-    meta = train(runs["stores"]["train"], out, cfg, None, echo=lambda s: None)
+    meta = train(runs["stores"]["train"], out, cfg, local_client, echo=lambda s: None)
     assert meta["ensemble"] == 2 and [m["seed"] for m in meta["metrics"]["ensemble"]] == [0, 1]
     assert len(meta["history"]["gcnd_members"]) == 2
     gd, _, _ = load_models(out, dim=32)
@@ -126,7 +128,7 @@ def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, loc
 
     cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False, connectivity=False))
     d = tmp_path / "old"
-    train(runs["stores"]["train"], d, cfg, None, echo=lambda s: None)
+    train(runs["stores"]["train"], d, cfg, local_client, echo=lambda s: None)
     meta = json.loads((d / "config.json").read_text())
     del meta["spec"]["outside"], meta["spec"]["connectivity"]
     (d / "config.json").write_text(json.dumps(meta))

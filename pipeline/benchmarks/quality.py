@@ -117,6 +117,18 @@ def spearman_ceiling(truth: np.ndarray) -> float:
     return _spearman(truth, truth + 1e-9 * np.random.default_rng(0).random(len(truth)))
 
 
+def held_out_edges(store, gt: np.ndarray) -> dict:
+    """The edge scorer on a labelled run's kNN edges: ROC-AUC (and the cosine's), calibration in 10 bins."""
+    from tasks.edges import calibration, roc_auc
+
+    idx = store.array("knn/index")[:]
+    ok = idx >= 0
+    same = (gt[:, None] == gt[np.maximum(idx, 0)])[ok]
+    p = store.array("edges/prob")[:][ok]
+    return {"auc": roc_auc(p, same), "auc_cosine": roc_auc(store.array("knn/sim")[:][ok], same),
+            "calibration": calibration(p, same), "edges": int(ok.sum())}
+
+
 def _summary(rows: list[dict], key: str) -> dict:
     v = np.array([r[key] for r in rows], dtype=np.float64)
     return {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "std": float(v.std())}
@@ -154,9 +166,9 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
     from ..errors import BadInput
     from ..stages.dedup import run_dedup
     from ..stages.ingest import run_ingest
-    from ..stages.score import run_score
+    from ..run import run_cluster
     from ..store import RunStore
-    from ..train import ensure_proposals, input_spec, load_training_data, train
+    from ..train import ensure_proposals, load_training_data, read_model_config, train
 
     try:
         seed_list = [int(s) for s in str(seeds).split(",") if s.strip()]
@@ -194,26 +206,34 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
         peer = infomap_peer(test, client)
         if peer is not None:
             base[f"kNN + Infomap (best min_sim={peer[0]:.2f}, chosen with labels)"] = evaluate(gt, peer[1])
-        test_data = load_training_data(test, input_spec(cfg))  # test proposals' inputs and true targets, once
-        base["dedup ranked by the true IoU (perfect GCN-D bound)"] = evaluate(gt, dedup(
-            len(gt), test_data["offsets"], test_data["members"], test_data["targets"]["iou"]))
         result["baselines"] = base
         result["threshold"] = {"th": th, "curve": curve}
-        result["held_out_ceiling"] = {f"spearman_{k}": spearman_ceiling(test_data["targets"][k]) for k in ("iou", "iop")}
+        ceilings = []
         for seed in seed_list:
             scfg = dataclasses.replace(cfg, gcn=dataclasses.replace(cfg.gcn, seed=seed))
             model = wd / f"model_seed{seed}"
             t = time.perf_counter()
             meta = train(stores["train"], model, scfg, client, echo=log.info)
             t_train = time.perf_counter() - t
-            run_score(test, str(model), scfg, client)
-            run_dedup(test, scfg, client, use_gcns=False, out="clusters_gcnd")
-            run_dedup(test, scfg, client)
+            # the whole chain on the test run (knn is reused; with an edge scorer, every seed has its own
+            # edge probabilities, communities and proposals)
+            run_cluster(test, scfg, client, str(model), echo=log.info)
+            attach = (meta.get("edges") or {}).get("attach") if scfg.edges.attach else None
+            run_dedup(test, scfg, client, use_gcns=False, out="clusters_gcnd", attach=attach)
+            test_data = load_training_data(test, read_model_config(model)["spec"])  # this seed's test proposals
             row = {"seed": seed, "train_seconds": round(t_train, 1),
                    "segmentation": meta["segmentation"], "val_pairwise_f_d": meta["metrics"].get("val_pairwise_f_d"),
                    "GCN-D": evaluate(gt, test.array("clusters_gcnd")[:]),
                    "GCN-D + GCN-S": evaluate(gt, test.array("clusters")[:]),
+                   "dedup by true IoU": evaluate(gt, dedup(len(gt), test_data["offsets"], test_data["members"],
+                                                           test_data["targets"]["iou"])),
                    "held_out": held_out_scorer(test, model, test_data)}
+            ceilings.append({f"spearman_{k}": spearman_ceiling(test_data["targets"][k]) for k in ("iou", "iop")})
+            if meta.get("edges"):
+                row["communities"] = evaluate(gt, test.array("communities/labels")[:])
+                row["edge_scorer"] = held_out_edges(test, gt)
+                row["edges"] = {"floor": meta["edges"]["floor"], "attach": meta["edges"]["attach"],
+                                "attached": test.record("dedup")["summary"].get("attached")}
             result["by_seed"].append(row)
             h = row["held_out"]
             click.echo(f"seed {seed}: GCN-D pairwise F {row['GCN-D']['pairwise_f']:.4f}, GCN-D + GCN-S "
@@ -221,18 +241,28 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
                        f"IoP {h['spearman_iop']:.3f}, GCN-S node accuracy {h['gcns_node_acc']:.3f} "
                        f"(impure {h['gcns_node_acc_impure']:.3f}) (trained in {t_train:.0f}s)", err=True)
     rows = result["by_seed"]
-    result["summary"] = {m: {k: _summary([r[m] for r in rows], k) for k in ("pairwise_f", "bcubed_f")}
-                         for m in ("GCN-D", "GCN-D + GCN-S")}
+    result["held_out_ceiling"] = {k: float(np.mean([c[k] for c in ceilings])) for k in ceilings[0]}
+    methods = ("GCN-D", "GCN-D + GCN-S", "dedup by true IoU") + (("communities",) if "communities" in rows[0] else ())
+    result["summary"] = {m: {k: _summary([r[m] for r in rows], k) for k in ("pairwise_f", "bcubed_f")} for m in methods}
+    if "edge_scorer" in rows[0]:
+        result["summary"]["edge_scorer"] = {"auc": _summary([r["edge_scorer"] for r in rows], "auc"),
+                                            "auc_cosine": rows[0]["edge_scorer"]["auc_cosine"]}
     result["summary"]["held_out"] = {k: _summary([r["held_out"] for r in rows], k) for k in HELD_OUT_KEYS}
     result["seeds_above_threshold_pairwise"] = int(sum(r["GCN-D + GCN-S"]["pairwise_f"] > bar["pairwise_f"] for r in rows))
     result["seconds"] = round(time.perf_counter() - t0, 1)
     path = save_result("quality", result, out)
     table = dict(base)
     for r in rows:
-        table[f"GCN-D, seed {r['seed']}"] = r["GCN-D"]
-        table[f"GCN-D + GCN-S, seed {r['seed']}"] = r["GCN-D + GCN-S"]
+        for m in methods:
+            table[f"{m}, seed {r['seed']}"] = r[m]
     click.echo(format_table(table))
-    for m in ("GCN-D", "GCN-D + GCN-S"):
+    if "edge_scorer" in result["summary"]:
+        e = result["summary"]["edge_scorer"]
+        click.echo(f"edge scorer on the test edges: ROC-AUC mean {e['auc']['mean']:.4f} (min {e['auc']['min']:.4f}); "
+                   f"cosine alone {e['auc_cosine']:.4f}; calibration (predicted -> observed) seed {rows[0]['seed']}: "
+                   + ", ".join(f"{b['predicted']:.2f}->{b['observed']:.2f}" for b in rows[0]["edge_scorer"]["calibration"]
+                               if b["edges"]))
+    for m in methods:
         s = result["summary"][m]
         click.echo(f"{m} over {len(rows)} seeds: pairwise F mean {s['pairwise_f']['mean']:.4f} "
                    f"(min {s['pairwise_f']['min']:.4f}, max {s['pairwise_f']['max']:.4f}), "

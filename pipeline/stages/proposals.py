@@ -247,7 +247,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
             if sum(row["before_dedup"].values()) == 0:
                 what = ("the communities" if s.get("source") == "communities" else
                         f"setting {s['id']} (th0={s['th0']:.6g}, max_size={s['max_size']}, sv_max_size={s['sv_max_size']})")
-                msg = f"{what} yield no proposal of {pc.min_size}..{pc.max_proposal_size} faces"
+                msg = f"{what} yields no proposal of {pc.min_size}..{pc.max_proposal_size} faces"
                 warnings.append(msg)
                 log.warning(msg)
         if len(sizes) == 0:

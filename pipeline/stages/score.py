@@ -25,6 +25,7 @@ import uuid
 import numpy as np
 
 from ..config import Config
+from ..model_files import edge_weight_array
 from ..progress import wait_futures
 from ..store import RunStore, open_array
 
@@ -66,7 +67,7 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     ids, inv = np.unique(members, return_inverse=True)  # sorted: row locality in the store
     feats = open_array(url, "features").get_orthogonal_selection((ids, slice(None)))
     kidx = open_array(url, "knn/index").get_orthogonal_selection((ids, slice(None)))
-    ksim = open_array(url, "knn/sim").get_orthogonal_selection((ids, slice(None)))
+    ksim = open_array(url, edge_weight_array(meta["spec"])).get_orthogonal_selection((ids, slice(None)))
     batch = build_batch(np.diff(off), members, feats[inv], kidx[inv], ksim[inv], meta["spec"])
     if iop_range is None:  # the model's validation tuning found GCN-S does not help
         segment, iop_range = False, (1.0, 0.0)
@@ -118,7 +119,8 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
     iop_range, keep_prob = segmentation_params(cfg, meta)
     params = {"segment": g.segment, "iop_range": iop_range, "keep_prob": keep_prob}
     extra = {"model": os.path.abspath(model_dir), "model_digest": digest}
-    with store.stage(STAGE, params, inputs=["proposals"], extra=extra, force=force) as w:
+    inputs = ["proposals"] + (["edges"] if edge_weight_array(meta["spec"]) == "edges/prob" else [])
+    with store.stage(STAGE, params, inputs=inputs, extra=extra, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
         n_prop = store.array("proposals/offsets").shape[0] - 1

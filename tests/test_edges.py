@@ -1,0 +1,254 @@
+"""The learned affinity: edge inputs (scale-free, symmetric, partition-invariant), the scorer, the edges and
+communities stages on real stores and LocalClusters, attach, and old models without an edge scorer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline.config import Config, IngestConfig
+from pipeline.errors import BadInput
+from pipeline.store import RunStore
+from tasks.edges import (INPUT_NAMES, N_INPUTS, SNN_M, attach, best_claimed_neighbour, calibration, edge_inputs,
+                         gather_positions, roc_auc, run_edge_inputs, sim_stats)
+from tasks.synth import make_faces, make_splits
+
+
+def _exact_knn(x: np.ndarray, k: int):
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    idx = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return idx.astype(np.int64), np.take_along_axis(s, idx, 1).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def small_knn():
+    x, labels = make_faces(600, dim=32, seed=3)
+    idx, sim = _exact_knn(x, 20)
+    return idx, sim, labels
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def test_inputs_invariant_to_the_similarity_scale(small_knn):
+    """Every input reads the data on its own scale: a positive affine map of all cosines changes nothing
+    (dlib's cosines sit at 0.9-1, SFace's at 0.3-0.8)."""
+    idx, sim, _ = small_knn
+    a, _ = run_edge_inputs(idx, sim)
+    squeezed = (0.9 + 0.1 * sim.astype(np.float64)).astype(np.float32)
+    b, _ = run_edge_inputs(idx, squeezed)
+    assert a.shape == (len(idx), idx.shape[1], N_INPUTS) and np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, atol=2e-3)
+
+
+def test_inputs_are_symmetric_for_mutual_edges(small_knn):
+    idx, sim, _ = small_knn
+    x, _ = run_edge_inputs(idx, sim)
+    n, k = idx.shape
+    pos = {(i, int(j)): c for i in range(n) for c, j in enumerate(idx[i])}
+    mutual = [(i, j, c) for (i, j), c in pos.items() if (j, i) in pos]
+    assert len(mutual) > 100
+    for i, j, c in mutual[:400]:
+        np.testing.assert_allclose(x[i, c], x[j, pos[(j, i)]], atol=1e-5, err_msg=f"edge {i}-{j}")
+
+
+@settings(max_examples=15, deadline=None)
+@given(cut=st.integers(1, 599), block=st.integers(1, 700))
+def test_inputs_do_not_depend_on_the_row_partition(small_knn, cut, block):
+    """A chunk computes its rows from its own rows plus its neighbours' rows only: any split and block
+    size gives the same inputs as the whole run."""
+    idx, sim, _ = small_knn
+    whole, stats = run_edge_inputs(idx, sim)
+    parts = []
+    for a, b in ((0, cut), (cut, len(idx))):
+        uniq, pos = gather_positions(idx[a:b])
+        parts.append(edge_inputs(np.arange(a, b), idx[a:b], sim[a:b], pos, sim[uniq], idx[uniq, :SNN_M], stats,
+                                 block=block))
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_padding_gives_nan_inputs_and_shared_neighbours_count():
+    # 4 faces; face 3 lists only one neighbour
+    idx = np.array([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, -1, -1]])
+    sim = np.array([[0.9, 0.8, 0.1], [0.9, 0.7, 0.2], [0.8, 0.7, 0.3], [0.1, -np.inf, -np.inf]], np.float32)
+    x, _ = run_edge_inputs(idx, sim)
+    assert np.isnan(x[3, 1:]).all() and np.isfinite(x[3, 0]).all()
+    snn = x[..., INPUT_NAMES.index("snn")]
+    # {0,1,2,3} vs {1,0,2,3}: all 4 shared of m + 1 = 4 slots (m = min(SNN_M, k) = 3)
+    assert snn[0, 0] == pytest.approx(1.0)
+    # rank of 0 in 3's list is 0; of 3 in 0's list is 2 (of k = 3)
+    r = INPUT_NAMES.index("rank_min"), INPUT_NAMES.index("rank_max")
+    assert x[0, 2, r[0]] == pytest.approx(0.0) and x[0, 2, r[1]] == pytest.approx(2 / 3)
+
+
+def test_sim_stats_and_metrics():
+    idx = np.array([[1, 2], [0, -1]])
+    sim = np.array([[0.5, 0.3], [0.5, -np.inf]], np.float32)
+    st_ = sim_stats(idx, sim)
+    assert st_.top1 == pytest.approx(0.5) and st_.last == pytest.approx(0.4)  # medians of (0.3, 0.5)
+    assert st_.quantiles[0] == pytest.approx(0.3) and st_.quantiles[-1] == pytest.approx(0.5)
+    assert roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    cal = calibration(np.array([0.05, 0.05, 0.95]), np.array([0, 1, 1]))
+    assert cal[0]["edges"] == 2 and cal[0]["observed"] == pytest.approx(0.5) and cal[9]["predicted"] == pytest.approx(0.95)
+
+
+def test_attach_to_the_most_probable_claimed_neighbour():
+    idx = np.array([[1, 2], [0, 2], [0, 1], [2, 0]])
+    prob = np.array([[0.9, 0.6], [0.9, 0.2], [0.1, 0.3], [0.8, 0.7]], np.float32)
+    claimed = np.array([[True, False], [False, False], [False, True], [False, False]])
+    target, p = best_claimed_neighbour(idx, prob, claimed)
+    assert target.tolist() == [1, -1, 1, -1] and p[0] == pytest.approx(0.9)
+    labels = np.array([0, 1, 2, 3])
+    out = attach(labels, np.array([True, False, True, True]), target, p, 0.5)
+    assert out.tolist() == [1, 1, 2, 3]  # face 2's best claimed neighbour has P 0.3 < 0.5
+
+
+def test_infomap_by_component_against_whole_graph_and_any_grouping():
+    """Per-component runs agree with one whole-graph run, and any grouping of components gives the same modules.
+
+    Not bit-equal to the whole-graph run: the map equation's index codebook is shared by all modules of a
+    run, so a disconnected graph's optimum is not exactly the union of its components' optima (here one
+    9-face component is one module in the whole run and two on its own). Grouping-invariance is exact:
+    each component is always solved alone.
+    """
+    pytest.importorskip("infomap")
+    from tasks.components import canonical_labels, components
+    from tasks.metrics import bcubed_f, pairwise_f
+    from tasks.peers import infomap_by_component, infomap_clusters, knn_edge_list
+
+    x, _ = make_faces(800, dim=32, seed=11)
+    idx, sim = _exact_knn(x, 10)
+    floor = float(np.quantile(sim, 0.9))
+    src, dst, w = knn_edge_list(idx, sim, floor)
+    comp = components(len(x), src, dst)
+    assert len(np.unique(comp)) > 5
+    whole = infomap_clusters(len(x), src, dst, w)
+    mod = infomap_by_component(np.arange(len(x)), comp, idx, sim, floor)
+    per = canonical_labels(comp * (mod.max() + 1) + mod)
+    for c in np.unique(whole):  # whole-graph modules never span components either
+        assert len(np.unique(comp[whole == c])) == 1
+    assert pairwise_f(whole, per)[2] > 0.95 and bcubed_f(whole, per)[2] > 0.99
+    assert abs(len(np.unique(per)) - len(np.unique(whole))) <= 0.01 * len(np.unique(whole))
+    # any grouping of whole components into calls gives the same modules
+    odd = np.flatnonzero(comp % 2 == 1)
+    even = np.flatnonzero(comp % 2 == 0)
+    split = np.zeros(len(x), np.int64)
+    for nodes in (odd, even):
+        split[nodes] = infomap_by_component(nodes, comp[nodes], idx[nodes], sim[nodes], floor)
+    assert np.array_equal(split, mod)
+
+
+# -- training and the stages -----------------------------------------------------------------------
+def _cfg(**edges):
+    return Config.from_dict({"knn": {"k": 20}, "proposals": {"preset": "fast"},
+                             "gcn": {"hidden": [16, 8], "epochs": 2, "lr": 0.003, "dropout": 0.1, "score_batch": 64},
+                             "edges": {"epochs": 2, **edges}})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, local_client):
+    from pipeline.stages.ingest import run_ingest
+    from pipeline.train import train
+
+    tmp = tmp_path_factory.mktemp("edges")
+    data = make_splits(3000, dim=32, seed=7)
+    for name, (feats, labels) in data.items():
+        np.save(tmp / f"{name}_f.npy", feats)
+        np.save(tmp / f"{name}_l.npy", labels)
+    run_ingest(tmp / "train_f.npy", str(tmp / "train.zarr"), labels=tmp / "train_l.npy", cfg=IngestConfig(chunk_rows=500))
+    lines = []
+    meta = train(RunStore.open(str(tmp / "train.zarr")), tmp / "model", _cfg(), local_client, echo=lines.append)
+    return {"tmp": tmp, "meta": meta, "lines": lines, "model": tmp / "model"}
+
+
+def _test_run(trained, name: str, chunk_rows: int) -> RunStore:
+    from pipeline.stages.ingest import run_ingest
+
+    tmp = trained["tmp"]
+    run_ingest(tmp / "test_f.npy", str(tmp / f"{name}.zarr"), labels=tmp / "test_l.npy", cfg=IngestConfig(chunk_rows=chunk_rows))
+    return RunStore.open(str(tmp / f"{name}.zarr"))
+
+
+def test_training_writes_the_edge_scorer_with_validated_levels(trained):
+    from pipeline.model_files import edge_meta, load_edge_scorer
+
+    meta, d = trained["meta"], trained["model"]
+    e = meta["edges"]
+    assert (d / "edges.pt").exists() and edge_meta(d)["floor"] == e["floor"]
+    assert e["floor"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+    curve = e["metrics"]["levels"]["floor_curve"]
+    best = max(curve, key=lambda r: r["pairwise_f"] + r["bcubed_f"])
+    assert best["floor"] == e["floor"]  # the floor is the validation optimum, not a constant
+    # the scorer separates same-identity edges better than the cosine it starts from, on unseen identities
+    assert e["metrics"]["val_auc"] > 0.9 and e["metrics"]["val_auc"] >= e["metrics"]["val_auc_cosine"] - 0.01
+    assert meta["spec"]["weights"] == "prob"
+    load_edge_scorer(d)
+    assert any(line.startswith("edge scorer: validation ROC-AUC") for line in trained["lines"])
+
+
+def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_client, single_worker_client):
+    """knn -> edges -> communities -> ... -> dedup + attach: identical outputs for 2 workers / 500-row chunks and
+    1 worker / 1,300-row chunks."""
+    from pipeline.run import run_cluster
+    from tasks.metrics import pairwise_f
+
+    cfg = _cfg()
+    a = _test_run(trained, "test_a", 500)
+    b = _test_run(trained, "test_b", 1300)
+    echo = []
+    run_cluster(a, cfg, local_client, str(trained["model"]), echo=echo.append)
+    run_cluster(b, cfg, single_worker_client, str(trained["model"]), echo=lambda s: None)
+    assert [line.split()[0] for line in echo] == ["knn", "edges", "communities", "graph", "proposals", "score", "dedup"]
+    for name in ("edges/prob", "communities/labels", "proposals/members", "score/iou", "clusters"):
+        np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
+    prob = a.array("edges/prob")[:]
+    assert prob.shape == a.array("knn/index").shape and prob.min() >= 0 and prob.max() <= 1
+    summary = a.record("dedup")["summary"]
+    assert summary["attach_level"] == trained["meta"]["edges"]["attach"]
+    comm = a.record("proposals")["summary"]["settings"][-1]
+    assert comm["source"] == "communities" and comm["proposals"] > 0
+    gt = a.array("labels")[:]
+    assert pairwise_f(gt, a.array("clusters")[:])[2] > 0.5
+    # a second run skips every stage
+    echo.clear()
+    run_cluster(a, cfg, local_client, str(trained["model"]), echo=echo.append)
+    assert all("skipped" in line for line in echo)
+
+
+def test_model_without_edge_scorer_runs_the_old_chain_with_a_note(trained, local_client, tmp_path):
+    """A model directory from before 0.2 (no edges.pt, no edges table, spec without weights) loads and runs
+    knn -> graph -> proposals -> score -> dedup, and says once that re-training adds the learned affinity."""
+    from pipeline.run import run_cluster
+
+    d = tmp_path / "old"
+    shutil.copytree(trained["model"], d)
+    (d / "edges.pt").unlink()
+    meta = json.loads((d / "config.json").read_text())
+    del meta["edges"]
+    del meta["spec"]["weights"]
+    (d / "config.json").write_text(json.dumps(meta))
+    store = _test_run(trained, "test_old", 500)
+    echo = []
+    run_cluster(store, _cfg(), local_client, str(d), echo=echo.append)
+    notes = [line for line in echo if "no edge scorer" in line]
+    assert len(notes) == 1 and "\n" not in notes[0] and "re-train" in notes[0]
+    assert [line.split()[0] for line in echo if line not in notes] == ["knn", "graph", "proposals", "score", "dedup"]
+    assert not store.has("edges/prob") and store.array("clusters").shape == (store.array("features").shape[0],)
+
+
+def test_broken_edge_scorer_is_one_line_bad_input(trained, tmp_path):
+    from pipeline.model_files import load_edge_scorer
+
+    d = tmp_path / "broken"
+    shutil.copytree(trained["model"], d)
+    (d / "edges.pt").write_bytes(b"not a torch file")
+    with pytest.raises(BadInput) as e:
+        load_edge_scorer(d)
+    assert "\n" not in str(e.value) and "edges.pt" in str(e.value) and "re-train" in str(e.value)
+    (d / "edges.pt").unlink()
+    with pytest.raises(BadInput, match="edges.pt is missing"):
+        load_edge_scorer(d)
