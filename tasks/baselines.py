@@ -30,7 +30,7 @@ THRESHOLD_STEP, THRESHOLD_POINTS = 0.01, 50
 INFOMAP_STEP, INFOMAP_POINTS = 0.02, 25
 # A peak on an edge: extend by this many steps on that side, then look again.
 EXTEND_STEPS = 10
-_NICE = (1.0, 0.5, 0.2)  # steps are 1, 2 or 5 times a power of ten: the grid points stay readable
+_NICE = (5.0, 2.0, 1.0)  # steps are 1, 2 or 5 times a power of ten: the grid points stay readable
 
 
 def valid_sims(sim: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
@@ -51,11 +51,9 @@ def nice_step(span: float, max_step: float, min_points: int) -> float:
     """
     target = min(float(max_step), max(float(span), 1e-12) / max(1, int(min_points)))
     exp = np.floor(np.log10(target))
-    for m in _NICE:
-        step = m * 10.0 ** exp
-        if step <= target * (1 + 1e-9):
-            return float(round(step, 12))
-    return float(round(0.5 * 10.0 ** exp, 12))  # pragma: no cover - _NICE ends at 0.2 >= any mantissa / 5
+    # 10 ** exp <= target, so the last mantissa (1) always fits
+    step = next(m * 10.0 ** exp for m in _NICE if m * 10.0 ** exp <= target * (1 + 1e-9))
+    return float(round(step, 12))
 
 
 def similarity_grid(sims: np.ndarray, max_step: float, min_points: int, lo_limit: float = -1.0,
