@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import SHARED_DATA
 from tasks.baselines import MIN_SIM_RULES, auto_min_sim, nice_step, similarity_grid, sweep, valid_sims
 
 
@@ -239,3 +240,22 @@ def test_bench_quality_trains_on_one_set_and_tests_on_another(tmp_path):
     bad = _cli(tmp_path, "bench", "quality", "--train-features", "trf.npy", "--train-labels", "trl.npy",
                "--n", "1000", "--baselines-only", "--workdir", "w3", ok=False)
     assert bad.returncode == 2 and "--dim 32" in bad.stderr
+
+
+DLIB = SHARED_DATA / "lfw-dlib"
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+@pytest.mark.skipif(not DLIB.exists(), reason="LFW/dlib features not available")
+def test_baselines_are_fair_on_a_compressed_face_model(tmp_path):
+    """Issue 17 item 5: on dlib's scale (cosines 0.9-1) the old grids gave Infomap pairwise F 0.036."""
+    _cli(tmp_path, "bench", "quality", "--features", str(DLIB / "features.npy"), "--labels", str(DLIB / "labels.npy"),
+         "--baselines-only", "--workdir", "w", "--out", "q.json")
+    r = json.loads((tmp_path / "q.json").read_text())
+    th = r["threshold"]
+    assert th["peak_inside"] and th["step"] <= 0.002 and th["grid"][0] > 0.85  # >= 50 points on dlib's range
+    assert list(r["baselines"].values())[0]["pairwise_f"] > 0.85  # measured 0.912 (split seed 0)
+    if r.get("infomap"):
+        assert r["infomap"]["peak_inside"] and r["infomap"]["step"] <= 0.002
+        assert list(r["baselines"].values())[1]["pairwise_f"] > 0.9  # measured 0.960; 0.036 on {0.3, ..., 0.7}
