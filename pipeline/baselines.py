@@ -23,10 +23,9 @@ from tasks.baselines import (AUTO_MIN_SIM, INFOMAP_POINTS, INFOMAP_STEP, MIN_SIM
                              THRESHOLD_STEP, Sweep, auto_min_sim, similarity_grid, sweep, valid_sims)
 
 from .config import Config
+from .stages.graph import SAMPLE_ROWS  # the rows the anchor is computed from place the grids too
 from .stages.proposals import graph_anchor, threshold_task
 from .store import RunStore, open_array
-
-SAMPLE_ROWS = 20_000  # kNN rows read (by a fixed stride) to place the grids
 
 
 def has_infomap() -> bool:
@@ -77,8 +76,9 @@ def oracle_threshold(store: RunStore, cfg: Config, client, grid: np.ndarray | No
     cfg : Config ([proposals] step for the cut).
     client : distributed.Client.
     grid : explicit thresholds; default: the data's kNN-similarity range (quantiles), step
-        ``min(0.01, range / 100)``, clipped below at the graph's edge floor (a cut below it
-        would miss edges) and extended while the best point sits on an edge.
+        ``min(0.01, range / 50)`` rounded down to 1, 2 or 5 x 10^n, clipped below at the graph's
+        edge floor (a cut below it would miss edges). Either grid is extended while the best
+        point sits on an edge.
 
     Returns
     -------
@@ -108,8 +108,8 @@ def infomap_task(url: str, min_sim: float) -> np.ndarray:
 def infomap_peer(store: RunStore, client, grid: np.ndarray | None = None) -> Sweep | None:
     """kNN + Infomap with ``min_sim`` chosen with the labels (best pairwise F); None without infomap.
 
-    The default grid spans the data's kNN-similarity range with step ``min(0.02, range / 50)``
-    and is extended while the best point sits on an edge (see :func:`oracle_threshold`).
+    The default grid spans the data's kNN-similarity range with step ``min(0.02, range / 25)``
+    (rounded down to 1, 2 or 5 x 10^n); it is extended while the best point sits on an edge.
     """
     if not has_infomap():
         return None
