@@ -9,6 +9,9 @@ evaluate, beside:
 * GCN-D alone (dedup without GCN-S pruning),
 * kNN + Infomap on the same kNN graph (the field's strongest untrained peer;
   its edge threshold also chosen with the ground truth), when installed.
+
+The baselines and their grids (on the data's own similarity range) live in
+:mod:`pipeline.baselines`.
 """
 
 from __future__ import annotations
@@ -16,72 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-import uuid
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 
+from .baselines import infomap_peer, oracle_threshold
 from .config import Config
 from .store import RunStore
 
 log = logging.getLogger(__name__)
-
-# step 0.01: a coarser grid flatters the learned method (built-in split: best of a 0.025 grid
-# 0.852 at 0.600, of this grid 0.862 at 0.58)
-THRESHOLD_GRID = np.round(np.arange(0.20, 0.9501, 0.01), 3)
-
-
-def oracle_threshold(store: RunStore, cfg: Config, client, grid=THRESHOLD_GRID) -> tuple[float, np.ndarray, list]:
-    """Best single-threshold clustering by pairwise F against the run's labels (the oracle baseline)."""
-    from tasks.metrics import pairwise_f
-
-    from .stages.proposals import threshold_task
-
-    gt = store.array("labels")[:]
-    token = uuid.uuid4().hex[:8]
-    futs = [client.submit(threshold_task, store.url, float(th), cfg.proposals.step, None, key=f"oracle-th-{th}-{token}")
-            for th in grid]
-    curve, best = [], (-1.0, None, None)
-    for th, fut in zip(grid, futs):
-        labels = fut.result()
-        f = pairwise_f(gt, labels)[2]
-        curve.append((float(th), float(f)))
-        if f > best[0]:
-            best = (f, float(th), labels)
-    return best[1], best[2], curve
-
-
-def infomap_peer(store: RunStore, client, grid=(0.3, 0.4, 0.5, 0.6, 0.7)) -> tuple[float, np.ndarray] | None:
-    """kNN + Infomap on the run's kNN graph, edge threshold chosen with the labels; None without infomap."""
-    try:
-        import infomap  # noqa: F401
-    except ImportError:
-        return None
-    from tasks.metrics import pairwise_f
-
-    gt = store.array("labels")[:]
-    futs = [client.submit(infomap_task, store.url, float(th), key=f"infomap-{th}-{uuid.uuid4().hex[:8]}") for th in grid]
-    best = (-1.0, None, None)
-    for th, fut in zip(grid, futs):
-        labels = fut.result()
-        f = pairwise_f(gt, labels)[2]
-        if f > best[0]:
-            best = (f, th, labels)
-    return best[1], best[2]
-
-
-def infomap_task(url: str, min_sim: float) -> np.ndarray:
-    """Worker task: Infomap over the stored kNN lists (edges with similarity >= min_sim)."""
-    from tasks.peers import infomap_clusters, knn_edge_list
-
-    from .store import open_array
-
-    index = open_array(url, "knn/index")[:]
-    sim = open_array(url, "knn/sim")[:]
-    src, dst, w = knn_edge_list(index, sim, min_sim)
-    return infomap_clusters(len(index), src, dst, w)
-
 
 def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
              echo: Callable[[str], None] = print) -> dict:
@@ -135,20 +81,21 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     results = {}
 
     t = time.perf_counter()
-    th, labels, curve = oracle_threshold(store, cfg, client)
-    results[f"threshold (best th={th:.3f}, chosen with labels)"] = evaluate(gt, labels)
+    th = oracle_threshold(store, cfg, client)
+    results[f"threshold (best th={th.best:g}, chosen with labels)"] = evaluate(gt, th.result)
     timings["threshold grid"] = time.perf_counter() - t
 
     peer = infomap_peer(store, client)
     if peer is not None:
-        results[f"kNN + Infomap (best min_sim={peer[0]:.2f}, chosen with labels)"] = evaluate(gt, peer[1])
+        results[f"kNN + Infomap (best min_sim={peer.best:g}, chosen with labels)"] = evaluate(gt, peer.result)
     else:
         echo("  (Infomap peer skipped: pip install 'facecluster[peers]')")
 
     run_dedup(store, cfg, client, use_gcns=False, out="clusters_gcnd")
     results["GCN-D"] = evaluate(gt, store.array("clusters_gcnd")[:])
     results["GCN-D + GCN-S"] = evaluate(gt, store.array("clusters")[:])
-    summary = {"n_train": int(n_train), "n_test": int(n_test), "results": results, "threshold_curve": curve,
+    summary = {"n_train": int(n_train), "n_test": int(n_test), "results": results, "threshold_sweep": th.to_dict(),
+               "infomap_sweep": peer.to_dict() if peer is not None else None,
                "stages": report, "timings": {k: round(v, 2) for k, v in timings.items()}}
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

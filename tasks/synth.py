@@ -51,8 +51,8 @@ from typing import Iterator
 
 import numpy as np
 
-__all__ = ["BLOCK_ROWS", "SynthParams", "Identities", "make_identities", "split_identities", "face_blocks",
-           "make_faces", "make_splits", "spectrum"]
+__all__ = ["BLOCK_ROWS", "SynthParams", "VARIANTS", "variant_params", "Identities", "make_identities",
+           "split_identities", "face_blocks", "make_faces", "make_splits", "spectrum"]
 
 #: rows per internal generation block (fixed: part of the output's definition)
 BLOCK_ROWS = 65536
@@ -107,6 +107,12 @@ class SynthParams:
         Share of faces that are low quality (pulled toward a shared direction).
     lowq_pull : float
         Length of that pull (relative to the unit identity centre).
+    face_shift : float
+        Length ``a`` of the common mean direction added to every finished (unit) face,
+        which is then normalised again: every cosine moves toward 1, about
+        ``cos -> (cos + a²) / (1 + a²)``, an almost monotone squeeze that leaves who is
+        whose neighbour nearly unchanged (a face model with dlib's scale: a = 3 puts the
+        kNN cosines at about 0.9-1). 0: off.
     """
 
     dim: int = 256
@@ -126,6 +132,7 @@ class SynthParams:
     face_sigma: float = 0.2
     lowq_fraction: float = 0.04
     lowq_pull: float = 0.8
+    face_shift: float = 0.0
 
     def __post_init__(self):
         checks = [
@@ -145,6 +152,7 @@ class SynthParams:
             (self.spread_sigma >= 0 and self.face_sigma >= 0, "spread_sigma, face_sigma must be >= 0"),
             (0.0 <= self.lowq_fraction <= 1.0, "lowq_fraction must be in [0, 1]"),
             (self.lowq_pull >= 0, "lowq_pull must be >= 0"),
+            (self.face_shift >= 0, "face_shift must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -154,6 +162,33 @@ class SynthParams:
         d = dataclasses.asdict(self)
         d["family_cos"] = list(self.family_cos)
         return d
+
+
+#: Named variants of the generator: each shifts one property a face model or a
+#: photo collection changes, so that a method tuned on the default set can be tested
+#: under that shift (``facecluster synth --variant NAME``, ``bench quality --variant NAME``).
+#: Values are :class:`SynthParams` overrides; the measured facts are in the README.
+VARIANTS: dict[str, dict] = {
+    "default": {},
+    # another face model's similarity scale: every cosine squeezed toward 1 (kNN cosines
+    # about 0.93-1, like dlib's 0.88-0.99 on LFW); who neighbours whom is nearly unchanged
+    "scale": {"face_shift": 3.0},
+    # looser identities, and more unequal ones (genuine cosine ~0.5 instead of ~0.64)
+    "spread": {"spread_median": 1.0, "spread_sigma": 0.6},
+    # every identity has 2-30 faces (no singletons, no large identities): subsampled identities
+    "sizes": {"singleton_fraction": 0.0, "size_median": 6.0, "size_sigma": 0.8, "max_size": 30},
+    # large identities (median 80 faces) without look-alike families: most kNN pairs are
+    # genuine, so the Otsu anchor splits inside the genuine mode and the label-chosen
+    # threshold lies *below* the anchor (the default set has it above)
+    "large": {"size_median": 80.0, "size_sigma": 0.5, "singleton_fraction": 0.0, "family_mean": 1.0},
+}
+
+
+def variant_params(name: str, dim: int = 256, **overrides) -> SynthParams:
+    """The :class:`SynthParams` of a named variant (see :data:`VARIANTS`), with ``overrides`` on top."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; choose one of {', '.join(VARIANTS)}")
+    return SynthParams(**{**VARIANTS[name], **overrides, "dim": dim})
 
 
 def spectrum(dim: int, decay: float) -> np.ndarray:
@@ -193,6 +228,8 @@ class Identities:
         Spectrum ``s`` (float32, [d]).
     lowq_dir : numpy.ndarray
         Shared low-quality direction (float32, [d], unit).
+    mean_dir : numpy.ndarray
+        The common mean direction g (float32, [d], unit).
     """
 
     params: SynthParams
@@ -207,6 +244,7 @@ class Identities:
     basis: np.ndarray
     noise_std: np.ndarray
     lowq_dir: np.ndarray
+    mean_dir: np.ndarray
 
     @property
     def n_faces(self) -> int:
@@ -233,6 +271,14 @@ def _draw_sizes(n_faces: int, p: SynthParams, rng: np.random.Generator) -> np.nd
     last = int(np.searchsorted(cs, n_faces))  # first identity reaching n_faces
     sizes = sizes[: last + 1].copy()
     sizes[-1] -= int(cs[last] - n_faces)
+    if p.singleton_fraction == 0 and sizes[-1] == 1 and len(sizes) > 1:
+        # no singletons asked for: the truncated last identity takes a face from its neighbour
+        # (or joins it when that one is at the minimum), so every identity keeps >= 2 faces
+        if sizes[-2] > 2:
+            sizes[-2] -= 1
+            sizes[-1] = 2
+        elif p.max_size > 2:
+            sizes = np.concatenate([sizes[:-2], [sizes[-2] + 1]])
     return sizes
 
 
@@ -287,7 +333,8 @@ def make_identities(n_faces: int, seed: int = 0, params: SynthParams | None = No
     w *= np.repeat(eta, n_modes)[:, None]
     return Identities(params=p, seed=int(seed), sizes=sizes, family=family, centres=centres, spread=spread,
                       mode_start=mode_start, n_modes=n_modes, mode_offsets=w.astype(np.float32),
-                      basis=basis.astype(np.float32), noise_std=s.astype(np.float32), lowq_dir=lowq_dir.astype(np.float32))
+                      basis=basis.astype(np.float32), noise_std=s.astype(np.float32), lowq_dir=lowq_dir.astype(np.float32),
+                      mean_dir=mean_dir.astype(np.float32))
 
 
 def split_identities(ids: Identities, test_fraction: float) -> tuple[np.ndarray, np.ndarray]:
@@ -352,6 +399,9 @@ def face_blocks(ids: Identities, labels: np.ndarray, tag: int = 0) -> Iterator[t
             pull = (p.lowq_pull * rng.uniform(0.5, 1.0, int(lowq.sum()))).astype(np.float32)
             x[lowq] += pull[:, None] * ids.lowq_dir
         x /= np.linalg.norm(x, axis=1, keepdims=True)
+        if p.face_shift > 0:
+            x += np.float32(p.face_shift) * ids.mean_dir
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
         yield start, x, lab
 
 

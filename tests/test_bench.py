@@ -46,7 +46,7 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
     out = _bench(tmp_path, "cluster", "--n", "3000", "--train-n", "1500", "--dim", "32", "--epochs", "1",
                  "--workdir", "w", "--out", "cluster.json")
     r = json.loads((tmp_path / "cluster.json").read_text())
-    assert list(r["stage_seconds"]) == ["knn", "graph", "proposals", "score", "dedup"]
+    assert list(r["stage_seconds"]) == ["knn", "edges", "communities", "graph", "proposals", "score", "dedup"]
     assert r["score"]["n_proposals"] > 0 and r["score"]["proposals_per_s_per_worker"] > 0
     for stage, mem in r["memory_by_stage"].items():
         assert len(mem["peak_rss_mib_per_worker"]) == 2 and min(mem["peak_rss_mib_per_worker"]) > 0, stage
@@ -90,8 +90,13 @@ def test_bench_quality_own_labelled_features_over_seeds(tmp_path):
     assert not set(tr.tolist()) & set(te.tolist())
     assert [row["seed"] for row in r["by_seed"]] == [0, 1]
     names = list(r["baselines"])
-    assert names[0].startswith("threshold (best th=") and any(n.startswith("dedup ranked by the true IoU") for n in names)
-    for m in ("GCN-D", "GCN-D + GCN-S"):
+    assert names[0].startswith("threshold (best th=")
+    for row in r["by_seed"]:  # every seed has its own edge scorer, communities and proposals
+        assert 0.5 < row["edge_scorer"]["auc"] <= 1 and len(row["edge_scorer"]["calibration"]) == 10
+        assert 0 < row["communities"]["pairwise_f"] <= 1 and 0 < row["dedup by true IoU"]["pairwise_f"] <= 1
+        assert row["edges"]["floor"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+    assert "edge scorer on the test edges: ROC-AUC" in out.stdout
+    for m in ("GCN-D", "GCN-D + GCN-S", "communities"):
         f = [row[m]["pairwise_f"] for row in r["by_seed"]]
         assert all(0 < v <= 1 for v in f)
         assert abs(r["summary"][m]["pairwise_f"]["mean"] - sum(f) / 2) < 1e-12

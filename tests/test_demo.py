@@ -51,7 +51,7 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
     r3 = subprocess.run([EXE, "cluster", str(out / "test.zarr"), "--model", str(out / "model"), "--workers", "1",
                          "--config", str(cfg)], capture_output=True, text=True, env=ENV, timeout=300)
     assert r3.returncode == 0, r3.stderr[-3000:]
-    assert "skipped (up to date): knn, graph, proposals, score, dedup" in r3.stdout
+    assert "skipped (up to date): knn, edges, communities, graph, proposals, score, dedup" in r3.stdout
     np.testing.assert_array_equal(RunStore.open(out / "test.zarr").array("clusters")[:], clusters)
 
 

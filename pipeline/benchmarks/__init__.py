@@ -18,7 +18,7 @@ BENCHMARKS = {
     "proposals": "Super-vertices on >= 1M faces vs scipy connected components; bytes per edge.",
     "cluster": "Proposals scored per second per worker; end-to-end time by stage; peak memory.",
     "scaling": "1 vs 2 worker processes for each stage.",
-    "quality": "GCN-D and GCN-D+S over training seeds vs the label-chosen threshold, Infomap, true-IoU bound.",
+    "quality": "GCN-D and GCN-D+S over training seeds vs the label-chosen threshold, Infomap, true-IoU bound; train/test shift.",
 }
 
 

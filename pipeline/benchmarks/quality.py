@@ -1,14 +1,19 @@
 """`facecluster bench quality`: the learned method against its baselines, over training seeds.
 
-On a labelled set split into training and test identities (the built-in dataset,
-or your own features and labels split by identity), it trains one model per seed
-and clusters the test identities with each, beside:
+On a labelled set split into training and test identities (the built-in dataset or
+one of its variants, or your own features and labels split by identity), or on a
+training set and a *different* test set (``--train-features``: distribution shift),
+it trains one model per seed and clusters the test identities with each, beside:
 
-* the threshold baseline with its threshold chosen *with the test labels* on a
-  0.01 grid (the best any single threshold can do; the issue-5 bar),
-* kNN + Infomap on the same kNN graph (edge threshold chosen with the labels),
-  when installed,
+* the threshold baseline with its threshold chosen *with the test labels* (the best
+  any single threshold can do; the issue-5 bar),
+* kNN + Infomap on the same kNN graph, its ``min_sim`` chosen with the labels, and at
+  an automatic ``min_sim`` (no labels), when installed,
 * dedup ranked by the *true* IoU (the bound of a perfect GCN-D on these proposals).
+
+Both label-chosen grids sit on the test set's own kNN-similarity range and are
+extended until the peak is inside (:mod:`pipeline.baselines`); their whole curves are
+saved. ``--baselines-only`` trains nothing: the baselines table of a set, cheaply.
 
 Per seed it also measures the scorer itself on the test proposals (issue 5's goals):
 Spearman between predicted and true IoU and IoP, and GCN-S node accuracy.
@@ -29,6 +34,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from ..commands.synth import VARIANT_HELP
 from . import save_result
 
 log = logging.getLogger(__name__)
@@ -49,8 +55,14 @@ def split_by_identity(labels: np.ndarray, test_fraction: float, seed: int) -> tu
 
 
 def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float, split_seed: int,
-             ingest_cfg=None) -> dict:
-    """Write the train/test features and labels as .npy under ``wd/data``; returns their paths."""
+             ingest_cfg=None, variant: str = "default", train_features=None, train_labels=None) -> dict:
+    """The train and test sets as ``{"train": (features, labels), "test": (features, labels)}`` paths.
+
+    Without ``train_features``: one labelled set (``features``, or the built-in ``variant``
+    written under ``wd/data``) split into disjoint training and test identities. With it:
+    that set is the training set, whole, and the test set is ``features`` whole (or the
+    built-in variant's test split).
+    """
     from ..commands.synth import write_dataset
     from ..errors import BadInput
     from ..stages.ingest import run_ingest
@@ -58,23 +70,85 @@ def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float,
 
     data = wd / "data"
     if features is None:
-        write_dataset(data, n, dim=dim, seed=0, test_fraction=test_fraction, overwrite=True)
-        return {s: (data / s / "features.npy", data / s / "labels.npy") for s in ("train", "test")}
-    # ingest validates and L2-normalises any supported input format once; the split reads it back
-    run_ingest(features, str(wd / "all.zarr"), labels=labels, cfg=ingest_cfg, overwrite=True)  # e.g. drop_invalid
-    full = RunStore.open(str(wd / "all.zarr"))
-    feats, labs = full.array("features")[:], full.array("labels")[:]
-    tr, te = split_by_identity(labs, test_fraction, split_seed)
-    if len(tr) == 0 or len(te) == 0:
-        raise BadInput(f"{labels}: {len(np.unique(labs))} identities cannot be split into training and test "
-                       f"identities at --test-fraction {test_fraction}; use a set with more identities")
-    data.mkdir(parents=True, exist_ok=True)
-    out = {}
-    for s, rows in (("train", tr), ("test", te)):
-        np.save(data / f"{s}_f.npy", feats[rows])
-        np.save(data / f"{s}_l.npy", labs[rows])
-        out[s] = (data / f"{s}_f.npy", data / f"{s}_l.npy")
+        write_dataset(data, n, dim=dim, seed=0, test_fraction=test_fraction, overwrite=True, variant=variant)
+        out = {s: (data / s / "features.npy", data / s / "labels.npy") for s in ("train", "test")}
+    elif train_features is not None:
+        out = {"test": (features, labels)}
+    else:
+        # ingest validates and L2-normalises any supported input format once; the split reads it back
+        run_ingest(features, str(wd / "all.zarr"), labels=labels, cfg=ingest_cfg, overwrite=True)  # e.g. drop_invalid
+        full = RunStore.open(str(wd / "all.zarr"))
+        feats, labs = full.array("features")[:], full.array("labels")[:]
+        tr, te = split_by_identity(labs, test_fraction, split_seed)
+        if len(tr) == 0 or len(te) == 0:
+            raise BadInput(f"{labels}: {len(np.unique(labs))} identities cannot be split into training and test "
+                           f"identities at --test-fraction {test_fraction}; use a set with more identities")
+        data.mkdir(parents=True, exist_ok=True)
+        out = {}
+        for s, rows in (("train", tr), ("test", te)):
+            np.save(data / f"{s}_f.npy", feats[rows])
+            np.save(data / f"{s}_l.npy", labs[rows])
+            out[s] = (data / f"{s}_f.npy", data / f"{s}_l.npy")
+    if train_features is not None:
+        out["train"] = (train_features, train_labels)
     return out
+
+
+def check_same_dim(stores: dict, paths: dict, builtin_test: bool) -> None:
+    """BadInput (one line, both files, the fix) when the train and test features differ in dimension."""
+    from ..errors import BadInput
+
+    if "train" not in stores:
+        return
+    dims = {s: int(st.array("features").shape[1]) for s, st in stores.items()}
+    if dims["train"] != dims["test"]:
+        fix = f"pass --dim {dims['train']} for the built-in test set" if builtin_test \
+            else "use two sets embedded by the same face model (one dimension)"
+        raise BadInput(f"{paths['train'][0]}: training features are {dims['train']}-d but the test features "
+                       f"{paths['test'][0]} are {dims['test']}-d; {fix}")
+
+
+def run_baselines(test, cfg, client, gt: np.ndarray) -> tuple[dict, dict]:
+    """The label-chosen threshold, label-chosen and automatic kNN + Infomap on a run with its graph.
+
+    Returns
+    -------
+    table : {row name: evaluate() metrics}, the threshold first.
+    record : the sweeps (whole curves, peak inside or not), the anchor and every
+        automatic-min_sim rule's metrics, for the JSON result.
+    """
+    from tasks.baselines import AUTO_MIN_SIM
+    from tasks.metrics import evaluate
+
+    from ..baselines import infomap_auto, infomap_peer, oracle_threshold
+    from ..stages.proposals import graph_anchor
+
+    th = oracle_threshold(test, cfg, client)
+    table = {f"threshold (best th={th.best:g}, chosen with labels)": evaluate(gt, th.result)}
+    record = {"anchor": graph_anchor(test)["anchor"], "threshold": th.to_dict()}
+    peer = infomap_peer(test, client)
+    if peer is not None:
+        table[f"kNN + Infomap (best min_sim={peer.best:g}, chosen with labels)"] = evaluate(gt, peer.result)
+        record["infomap"] = peer.to_dict()
+        auto = infomap_auto(test, client)
+        record["infomap_auto"] = {r: {"min_sim": a["min_sim"], **evaluate(gt, a["labels"])} for r, a in auto.items()}
+        table[f"kNN + Infomap (automatic min_sim={auto[AUTO_MIN_SIM]['min_sim']:.3f}, {AUTO_MIN_SIM})"] = \
+            record["infomap_auto"][AUTO_MIN_SIM]
+        record["auto_rule"] = AUTO_MIN_SIM
+    return table, record
+
+
+def baseline_line(record: dict) -> str:
+    """One line: each label-chosen parameter, its grid, and whether the peak is inside it."""
+    parts = [f"Otsu anchor {record['anchor']:.3f}"]
+    for key, name in (("threshold", "threshold"), ("infomap", "Infomap min_sim")):
+        if key in record:
+            sw = record[key]
+            parts.append(f"{name} {sw['best']:g} on [{sw['grid'][0]:g}, {sw['grid'][1]:g}] step {sw['step']:g} "
+                         + ("(peak inside)" if sw["peak_inside"] else f"(PEAK AT EDGE: {sw['note']})"))
+    for rule, m in record.get("infomap_auto", {}).items():
+        parts.append(f"Infomap at {rule} min_sim {m['min_sim']:.3f}: pairwise F {m['pairwise_f']:.4f}")
+    return "; ".join(parts)
 
 
 HELD_OUT_KEYS = {"spearman_iou": "Spearman(pred, true IoU)", "spearman_iop": "Spearman(pred, true IoP)",
@@ -136,78 +210,114 @@ def _summary(rows: list[dict], key: str) -> dict:
 
 @click.command("quality")
 @click.option("--features", type=click.Path(exists=True), default=None,
-              help="Labelled features of your own (any format `ingest` reads); default: the built-in dataset.")
+              help="Labelled features of your own (any format `ingest` reads); default: the built-in dataset. "
+                   "With --train-features: the test set, whole.")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False), default=None, help="Labels of --features.")
+@click.option("--train-features", type=click.Path(exists=True), default=None,
+              help="Train on this labelled set (whole) and test on another: --features (whole) or the built-in "
+                   "(--variant) test split. Same dimension as the test set.")
+@click.option("--train-labels", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Labels of --train-features.")
+@click.option("--variant", type=click.Choice(list(VARIANT_HELP)), default="default", show_default=True,
+              help="Built-in dataset: a named shift of the generator (as `facecluster synth --variant`): "
+                   + "; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items()) + ".")
 @click.option("--n", type=int, default=40_000, show_default=True, help="Built-in dataset: faces over both splits.")
 @click.option("--dim", type=int, default=256, show_default=True, help="Built-in dataset: feature dimension.")
 @click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Share of identities held out for testing.")
 @click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the identity split (--features).")
 @click.option("--seeds", default="0,1,2,3", show_default=True, help="Training seeds, comma-separated: one model each.")
+@click.option("--baselines-only", is_flag=True,
+              help="Train nothing: only the test set's kNN and graph, and the threshold and Infomap baselines.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
               help="TOML configuration (e.g. [gcn] relative, ensemble; [proposals] preset).")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-quality", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result (default bench-quality.json).")
-def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_path, workers, workdir, out):
+def command(features, labels, train_features, train_labels, variant, n, dim, test_fraction, split_seed, seeds,
+            baselines_only, config_path, workers, workdir, out):
     """GCN-D and GCN-D+S over training seeds vs the label-chosen threshold, Infomap and the true-IoU bound.
+
+    The threshold's and Infomap's grids span the test set's own kNN similarities and are
+    extended until the best point is inside; the JSON result holds their whole curves and
+    the automatic-min_sim Infomap under every candidate rule.
 
     \b
     Examples:
       facecluster bench quality
       facecluster bench quality --features lfw/features.npy --labels lfw/labels.npy --seeds 0,1,2,3,4,5,6,7
       facecluster bench quality --config ensemble4.toml --seeds 0,4,8
+      facecluster bench quality --variant scale --baselines-only
+      facecluster bench quality --train-features lfw/features.npy --train-labels lfw/labels.npy --dim 128
+      facecluster bench quality --train-features a/f.npy --train-labels a/l.npy --features b/f.npy --labels b/l.npy
     """
     from tasks.dedup import dedup
     from tasks.metrics import evaluate
 
     from ..cluster import connect
     from ..config import Config
-    from ..demo import format_table, infomap_peer, oracle_threshold
+    from ..demo import format_table
     from ..errors import BadInput
     from ..stages.dedup import run_dedup
+    from ..stages.graph import run_graph
     from ..stages.ingest import run_ingest
     from ..run import run_cluster
+    from ..stages.knn import run_knn
     from ..store import RunStore
     from ..train import ensure_proposals, load_training_data, read_model_config, train
 
     try:
-        seed_list = [int(s) for s in str(seeds).split(",") if s.strip()]
+        seed_list = [] if baselines_only else [int(s) for s in str(seeds).split(",") if s.strip()]
     except ValueError:
         raise click.BadParameter(f"must be comma-separated integers, got {seeds!r}", param_hint="--seeds") from None
-    if not seed_list:
-        raise click.BadParameter("give at least one seed", param_hint="--seeds")
+    if not seed_list and not baselines_only:
+        raise click.BadParameter("give at least one seed (or --baselines-only to train nothing)", param_hint="--seeds")
     if not 0.0 < test_fraction < 1.0:
         raise click.BadParameter(f"must be in (0, 1), got {test_fraction}", param_hint="--test-fraction")
     if features is not None and labels is None:
         raise BadInput(f"{features}: bench quality needs the labels of these features; pass --labels FILE")
+    if train_features is not None and train_labels is None:
+        raise BadInput(f"{train_features}: bench quality needs the labels of the training features; "
+                       "pass --train-labels FILE")
+    if train_labels is not None and train_features is None:
+        raise BadInput(f"{train_labels}: --train-labels needs --train-features (the features they label)")
+    if features is not None and variant != "default":
+        raise click.BadParameter("a variant of the built-in dataset cannot apply to --features", param_hint="--variant")
     cfg = Config.load(config_path, {"dask.n_workers": workers})
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    paths = _prepare(wd, features, labels, n, dim, test_fraction, split_seed, cfg.ingest)
+    paths = _prepare(wd, features, labels, n, dim, test_fraction, split_seed, cfg.ingest, variant,
+                     train_features, train_labels)
     stores = {}
     for s, (f, lab) in paths.items():
+        if s == "train" and baselines_only and train_features is None:
+            continue  # nothing is trained; a --train-features set is still ingested for its dimension check
         run_ingest(f, str(wd / f"{s}.zarr"), labels=lab, cfg=cfg.ingest, overwrite=True)
         stores[s] = RunStore.open(str(wd / f"{s}.zarr"))
+    check_same_dim(stores, paths, builtin_test=features is None)
     test = stores["test"]
     gt = test.array("labels")[:]
-    result = {"source": str(features) if features else f"built-in dataset, n={n}, dim={dim}",
-              "n_train": int(stores["train"].array("features").shape[0]), "n_test": int(len(gt)),
-              "test_fraction": test_fraction, "split_seed": split_seed, "seeds": seed_list,
-              "gcn": cfg.gcn.to_dict(), "baselines": {}, "by_seed": []}
-    click.echo(f"{result['source']}: {result['n_train']} training faces, {result['n_test']} test faces "
-               f"(disjoint identities); {len(seed_list)} training seeds", err=True)
+    builtin = f"built-in dataset ({variant}), n={n}, dim={dim}"
+    result = {"source": str(features) if features else builtin,
+              "train_source": str(train_features) if train_features else "same set, other identities",
+              "variant": None if features else variant,
+              "n_train": int(stores["train"].array("features").shape[0]) if "train" in stores else 0,
+              "n_test": int(len(gt)), "test_fraction": test_fraction, "split_seed": split_seed, "seeds": seed_list,
+              "baselines_only": bool(baselines_only), "gcn": cfg.gcn.to_dict(), "baselines": {}, "by_seed": []}
+    click.echo(f"{result['source']}: {result['n_train']} training faces ({result['train_source']}), "
+               f"{result['n_test']} test faces; {len(seed_list)} training seeds", err=True)
     with connect(cfg.dask, quiet=True) as client:
-        for store in stores.values():
-            ensure_proposals(store, cfg, client)
-        th, th_labels, curve = oracle_threshold(test, cfg, client)
-        bar = evaluate(gt, th_labels)  # the label-chosen threshold: the bar every seed is counted against
-        base = {f"threshold (best th={th:.2f}, chosen with labels)": bar}
-        peer = infomap_peer(test, client)
-        if peer is not None:
-            base[f"kNN + Infomap (best min_sim={peer[0]:.2f}, chosen with labels)"] = evaluate(gt, peer[1])
+        if baselines_only:
+            run_knn(test, cfg, client)
+            run_graph(test, cfg, client)
+        else:
+            for store in stores.values():
+                ensure_proposals(store, cfg, client)
+        base, record = run_baselines(test, cfg, client, gt)
+        bar = next(iter(base.values()))  # the label-chosen threshold: the bar every seed is counted against
+        result.update(record)
+        click.echo(baseline_line(record), err=True)
         result["baselines"] = base
-        result["threshold"] = {"th": th, "curve": curve}
         ceilings = []
         for seed in seed_list:
             scfg = dataclasses.replace(cfg, gcn=dataclasses.replace(cfg.gcn, seed=seed))
@@ -241,6 +351,12 @@ def command(features, labels, n, dim, test_fraction, split_seed, seeds, config_p
                        f"IoP {h['spearman_iop']:.3f}, GCN-S node accuracy {h['gcns_node_acc']:.3f} "
                        f"(impure {h['gcns_node_acc_impure']:.3f}) (trained in {t_train:.0f}s)", err=True)
     rows = result["by_seed"]
+    if not rows:  # --baselines-only
+        result["seconds"] = round(time.perf_counter() - t0, 1)
+        path = save_result("quality", result, out)
+        click.echo(format_table(base))
+        click.echo(f"baselines only (nothing trained); result in {path}")
+        return
     result["held_out_ceiling"] = {k: float(np.mean([c[k] for c in ceilings])) for k in ceilings[0]}
     methods = ("GCN-D", "GCN-D + GCN-S", "dedup by true IoU") + (("communities",) if "communities" in rows[0] else ())
     result["summary"] = {m: {k: _summary([r[m] for r in rows], k) for k in ("pairwise_f", "bcubed_f")} for m in methods}

@@ -20,6 +20,14 @@ from ..errors import BadInput
 log = logging.getLogger(__name__)
 
 FORMATS = ("npy", "meta")
+# what each of tasks.synth.VARIANTS shifts (the --help of `synth` and `bench quality`)
+VARIANT_HELP = {
+    "default": "the calibrated built-in set",
+    "scale": "cosines squeezed toward 1 (kNN cosines ~0.93-1, like dlib)",
+    "spread": "looser, more unequal identities",
+    "sizes": "every identity has 2-30 faces",
+    "large": "large identities, no look-alikes (label-chosen threshold below the Otsu anchor)",
+}
 
 
 def _parse_params(items) -> dict:
@@ -45,7 +53,8 @@ def _parse_params(items) -> dict:
 
 
 def write_dataset(out_dir: str | Path, n: int, dim: int = 256, seed: int = 0, test_fraction: float = 0.5,
-                  fmt: str = "npy", params: dict | None = None, overwrite: bool = False, progress: bool = False) -> dict:
+                  fmt: str = "npy", params: dict | None = None, overwrite: bool = False, progress: bool = False,
+                  variant: str = "default") -> dict:
     """Generate the dataset and write ``out_dir/{train,test}/`` plus ``README.txt`` and ``dataset.json``.
 
     Parameters
@@ -60,11 +69,13 @@ def write_dataset(out_dir: str | Path, n: int, dim: int = 256, seed: int = 0, te
         ``npy``: ``features.npy`` (float32 N x d) + ``labels.npy`` (int64).
         ``meta``: ``features.bin`` (raw float32, the reference implementation's format) + ``labels.meta``.
     params : dict, optional
-        :class:`tasks.synth.SynthParams` overrides.
+        :class:`tasks.synth.SynthParams` overrides (on top of the variant's).
     overwrite : bool
         Replace existing files in ``out_dir``.
     progress : bool
         Show a progress bar.
+    variant : str
+        A named variant of the generator (:data:`tasks.synth.VARIANTS`).
 
     Returns
     -------
@@ -74,7 +85,7 @@ def write_dataset(out_dir: str | Path, n: int, dim: int = 256, seed: int = 0, te
     from dataclasses import replace
 
     from tasks.io import write_meta
-    from tasks.synth import BLOCK_ROWS, SPLIT_TAGS, SynthParams, face_blocks, make_identities, split_labels
+    from tasks.synth import BLOCK_ROWS, SPLIT_TAGS, VARIANTS, face_blocks, make_identities, split_labels, variant_params
 
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -85,15 +96,17 @@ def write_dataset(out_dir: str | Path, n: int, dim: int = 256, seed: int = 0, te
         raise BadInput(f"{out}: exists and is not a folder; choose another -o path")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise BadInput(f"{out}: folder is not empty; pass --overwrite or choose another -o path")
+    if variant not in VARIANTS:
+        raise BadInput(f"--variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     try:
-        p = replace(SynthParams(**(params or {})), dim=dim)
+        p = variant_params(variant, dim, **(params or {}))
     except (TypeError, ValueError) as e:
         raise BadInput(f"generator parameters: {e}; see `facecluster synth --help`") from None
 
     t0 = time.perf_counter()
     ids = make_identities(n, seed, p)
     labels = split_labels(ids, test_fraction)
-    desc = {"generator": "tasks.synth", "n": n, "dim": dim, "seed": seed, "test_fraction": test_fraction,
+    desc = {"generator": "tasks.synth", "variant": variant, "n": n, "dim": dim, "seed": seed, "test_fraction": test_fraction,
             "format": fmt, "params": p.to_dict(), "block_rows": BLOCK_ROWS, "splits": {}}
     total_blocks = sum(-(-lab.shape[0] // BLOCK_ROWS) for lab in labels.values())
     bar = None
@@ -148,7 +161,7 @@ def _readme(desc: dict) -> str:
     lines = [
         "Synthetic face-like embeddings written by `facecluster synth` (generator: tasks/synth.py).",
         "",
-        f"faces: {desc['n']}  dim: {desc['dim']}  seed: {desc['seed']}  test fraction: {desc['test_fraction']}",
+        f"variant: {desc['variant']}  faces: {desc['n']}  dim: {desc['dim']}  seed: {desc['seed']}  test fraction: {desc['test_fraction']}",
         "train/ and test/ hold DISJOINT identities (look-alike families may span both).",
         "Features are float32, L2-normalised rows; labels are int64 identity ids.",
         "",
@@ -173,8 +186,11 @@ def _readme(desc: dict) -> str:
               help="npy: features.npy + labels.npy; meta: features.bin (raw float32) + labels.meta.")
 @click.option("--param", "param_items", multiple=True, metavar="KEY=VALUE",
               help="Generator knob override, repeatable (e.g. family_cos=0.5,0.8 spread_sigma=0.3); see tasks.synth.SynthParams.")
+@click.option("--variant", type=click.Choice(list(VARIANT_HELP)), default="default", show_default=True,
+              help="A named shift of the generator (--param overrides apply on top): "
+                   + "; ".join(f"{k}: {v}" for k, v in VARIANT_HELP.items()) + ".")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty folder.")
-def command(n, out_dir, dim, seed, test_fraction, fmt, param_items, overwrite):
+def command(n, out_dir, dim, seed, test_fraction, fmt, param_items, variant, overwrite):
     """Write N synthetic face embeddings (train and test splits) to OUT.
 
     \b
@@ -183,11 +199,13 @@ def command(n, out_dir, dim, seed, test_fraction, fmt, param_items, overwrite):
     Examples:
       facecluster synth 20000 -o data/synth20k
       facecluster synth 1000000 -o data/synth1m --test-fraction 0.2
+      facecluster synth 40000 -o data/scale40k --variant scale
     """
     from .. import progress as _progress
 
     desc = write_dataset(out_dir, n, dim=dim, seed=seed, test_fraction=test_fraction, fmt=fmt,
-                         params=_parse_params(param_items), overwrite=overwrite, progress=_progress.progress_enabled())
+                         params=_parse_params(param_items), overwrite=overwrite, progress=_progress.progress_enabled(),
+                         variant=variant)
     for split, s in desc["splits"].items():
         click.echo(f"{split}: {s['n']} faces, {s['identities']} identities -> {Path(out_dir) / split}")
     click.echo(f"wrote {Path(out_dir) / 'dataset.json'} ({desc['seconds']:.1f}s)")
