@@ -215,6 +215,7 @@ class GCNConfig(_Section):
     structure: bool = opt(True, _bool(), "structure inputs (inside similarity, coverage, size)")
     outside: bool = opt(True, _bool(), "proposal inputs: |P| / (|P| + distinct outside faces its members reach), four ways")
     connectivity: bool = opt(True, _bool(), "proposal inputs: algebraic connectivity (lambda_2) of the proposal's inside kNN graph")
+    weights: str = opt("both", _choice("both", "prob", "sim"), "edge weights of GCN-D/GCN-S with an edge scorer: the learned P (prob), P plus the cosine inputs (both), or the cosine (sim); without one: sim")
     layout: str = opt("padded", _choice("padded", "block"), "training batch layout: size-sorted padded dense or block-diagonal sparse")
     score_batch: int | None = opt(None, _int(1, none=True), "proposals per inference task (default: P / (4 x workers), within 512..4096)")
     segment: bool = opt(True, _bool(), "run GCN-S (false: GCN-D only)")

@@ -24,7 +24,7 @@ RETRAIN_NOTE = ("model {model} has no edge scorer (trained before facecluster 0.
 
 def edge_weight_array(spec: dict) -> str:
     """The array GCN-D/GCN-S read as edge weights: the learned P (``weights = "prob"``) or the cosine."""
-    return "edges/prob" if spec.get("weights") == "prob" else "knn/sim"
+    return "edges/prob" if spec.get("weights") in ("prob", "both") else "knn/sim"
 
 
 def model_digest(model_dir: str | os.PathLike) -> str:

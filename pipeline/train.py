@@ -41,7 +41,7 @@ def input_spec(cfg: Config) -> dict:
     # With an edge scorer, GCN-D/GCN-S read P(same identity) wherever they read a cosine (edge weights,
     # boundary, structure, outside and connectivity inputs): the same scale on every face model.
     return {"x": g.relative, "boundary": g.boundary, "structure": g.structure, "outside": g.outside,
-            "connectivity": g.connectivity, "weights": "prob" if cfg.edges.learn else "sim"}
+            "connectivity": g.connectivity, "weights": g.weights if cfg.edges.learn else "sim"}
 
 
 def identity_split(majority: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +134,10 @@ def load_training_data(store: RunStore, spec: dict):
     feats = store.array("features")[:]
     kidx = store.array("knn/index")[:]
     ksim = store.array(edge_weight_array(spec))[:]
+    kcos = store.array("knn/sim")[:] if spec.get("weights") == "both" else None
     targets = proposal_targets(offsets, members, labels)
-    batch = build_batches(offsets, members, lambda ids: (feats[ids], kidx[ids], ksim[ids]), spec)
+    batch = build_batches(offsets, members, lambda ids: (feats[ids], kidx[ids], ksim[ids])
+                          + ((kcos[ids],) if kcos is not None else ()), spec)
     return {"labels": labels, "offsets": offsets, "members": members, "targets": targets, "batch": batch,
             "dim": int(feats.shape[1]), "k": int(kidx.shape[1])}
 

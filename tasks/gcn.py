@@ -64,6 +64,9 @@ def input_dim(dim: int, spec: dict | None = None) -> int:
     w += len(STRUCTURE) if spec["structure"] else 0
     w += len(OUTSIDE) if spec["outside"] else 0
     w += len(CONNECTIVITY) if spec["connectivity"] else 0
+    if spec.get("weights") == "both":  # the weight-dependent inputs once more, from the cosine
+        w += sum(len(g) for g, on in ((BOUNDARY, spec["boundary"]), (STRUCTURE, spec["structure"]),
+                                      (OUTSIDE, spec["outside"])) if on)
     return w
 
 
@@ -94,7 +97,7 @@ class ProposalBatch:
 
 
 def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_idx: np.ndarray,
-                knn_sim: np.ndarray, spec: dict | None = None) -> ProposalBatch:
+                knn_sim: np.ndarray, spec: dict | None = None, knn_cos: np.ndarray | None = None) -> ProposalBatch:
     """Node inputs and adjacency of a batch of proposals.
 
     Parameters
@@ -110,7 +113,11 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
         ``-1`` for missing neighbours).
     spec : dict, optional
         Input spec (``x``: "mean" | "raw" | "none", ``boundary``, ``structure``, ``outside``,
-        ``connectivity``).
+        ``connectivity``, ``weights``: "sim" | "prob" | "both").
+        ``knn_sim`` holds the edge weights every input and the adjacency read: the
+        cosine ("sim") or the learned P(same identity) ("prob", "both"). With "both",
+        the boundary, structure and outside inputs are computed once more from
+        ``knn_cos`` (the cosine rows) and appended.
 
     Returns
     -------
@@ -121,7 +128,6 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     members = np.asarray(members, dtype=np.int64)
     feats = np.asarray(feats, dtype=np.float32)
     knn_idx = np.asarray(knn_idx, dtype=np.int64)
-    knn_sim = np.asarray(knn_sim, dtype=np.float32)
     n, k = knn_idx.shape
     B = len(sizes)
     seg = np.repeat(np.arange(B, dtype=np.int64), sizes)
@@ -132,23 +138,7 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     posc = np.minimum(pos, n - 1)
     inside = (knn_idx >= 0) & (mkey[posc] == nkey)
     valid = knn_idx >= 0
-    sim = np.where(valid, knn_sim, np.float32(-1.0))
-
-    n_in = inside.sum(1)
-    n_valid = np.maximum(valid.sum(1), 1)
-    s_in = np.where(inside, sim, 0.0).sum(1, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_in = np.where(n_in > 0, s_in / np.maximum(n_in, 1), 0.0)
-        best_in = np.where(n_in > 0, np.where(inside, sim, -np.inf).max(1), 0.0)
-        out = valid & ~inside
-        n_out = out.sum(1)
-        last = sim[np.arange(n), np.maximum(valid.sum(1) - 1, 0)]
-        # no neighbour outside within k: the best outside similarity is at most the k-th one
-        best_out = np.where(n_out > 0, np.where(out, sim, -np.inf).max(1), last)
-        mean_out = np.where(n_out > 0, np.where(out, sim, 0.0).sum(1, dtype=np.float64) / np.maximum(n_out, 1), last)
-        out_strong = (out & (sim >= mean_in[:, None])).sum(1) / n_valid
-    k10 = min(10, k)
-    in_share10 = inside[:, :k10].sum(1) / np.maximum(valid[:, :k10].sum(1), 1)
+    sim = np.where(valid, np.asarray(knn_sim, dtype=np.float32), np.float32(-1.0))
 
     # per-proposal mean feature (float64 segment sums: order-independent of the batch)
     sums = np.zeros((B, feats.shape[1]), dtype=np.float64)
@@ -164,15 +154,14 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
         cols.append(feats)
     elif spec["x"] != "none":
         raise ValueError(f"input spec x must be 'mean', 'raw' or 'none', got {spec['x']!r}")
-    if spec["boundary"]:
-        cols.append(np.stack([n_in / n_valid, in_share10, best_out, best_out - best_in, mean_out, out_strong], 1))
-    if spec["structure"]:
-        size_n = sizes[seg]
-        cols.append(np.stack([best_in, mean_in, cos_mean, n_in / np.maximum(size_n - 1, 1),
-                              np.log(size_n) / math.log(512.0), sim[:, 0]], 1))
-    if spec["outside"]:
-        mean_in_p = np.bincount(seg, weights=s_in, minlength=B) / np.maximum(np.bincount(seg, weights=n_in, minlength=B), 1)
-        cols.append(_outside_estimates(seg, knn_idx, sim, valid & ~inside, sizes, mean_in_p, big, k10)[seg])
+    weighted, s_in, n_in = _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, big, spec)
+    cols += weighted
+    extra = []
+    if spec.get("weights") == "both":
+        if knn_cos is None:
+            raise ValueError("input spec weights 'both' needs the cosine rows (knn_cos)")
+        cos = np.where(valid, np.asarray(knn_cos, dtype=np.float32), np.float32(-1.0))
+        extra = _weighted_inputs(cos, knn_idx, inside, valid, seg, sizes, cos_mean, big, spec)[0]
     x = np.concatenate([c.astype(np.float32) for c in cols], axis=1) if cols else np.zeros((n, 0), np.float32)
 
     # adjacency: inside kNN pairs, both directions, weight max(cos, 0); duplicates -> max
@@ -190,6 +179,8 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     rows, colsx, ws = rows[order], colsx[order], ws[order]
     if spec["connectivity"]:
         x = np.concatenate([x, _connectivity(rows, colsx, ws, sizes, np.cumsum(sizes) - sizes)[seg]], axis=1)
+    if extra:
+        x = np.concatenate([x] + [c.astype(np.float32) for c in extra], axis=1)
     deg = np.bincount(rows, weights=ws, minlength=n)
     ws = (ws / deg[rows]).astype(np.float32)
 
@@ -199,6 +190,38 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     firsts[1:] = seg[so][1:] != seg[so][:-1]
     seed = so[firsts]
     return ProposalBatch(sizes=sizes, members=members, x=x, edges=(rows, colsx, ws), seed=seed, unit=feats)
+
+
+def _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, big, spec) -> tuple[list, np.ndarray, np.ndarray]:
+    """Boundary, structure and outside columns from one edge-weight array; also the inside sums and counts."""
+    n, k = knn_idx.shape
+    B = len(sizes)
+    n_in = inside.sum(1)
+    n_valid = np.maximum(valid.sum(1), 1)
+    s_in = np.where(inside, sim, 0.0).sum(1, dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_in = np.where(n_in > 0, s_in / np.maximum(n_in, 1), 0.0)
+        best_in = np.where(n_in > 0, np.where(inside, sim, -np.inf).max(1), 0.0)
+        out = valid & ~inside
+        n_out = out.sum(1)
+        last = sim[np.arange(n), np.maximum(valid.sum(1) - 1, 0)]
+        # no neighbour outside within k: the best outside similarity is at most the k-th one
+        best_out = np.where(n_out > 0, np.where(out, sim, -np.inf).max(1), last)
+        mean_out = np.where(n_out > 0, np.where(out, sim, 0.0).sum(1, dtype=np.float64) / np.maximum(n_out, 1), last)
+        out_strong = (out & (sim >= mean_in[:, None])).sum(1) / n_valid
+    k10 = min(10, k)
+    in_share10 = inside[:, :k10].sum(1) / np.maximum(valid[:, :k10].sum(1), 1)
+    cols = []
+    if spec["boundary"]:
+        cols.append(np.stack([n_in / n_valid, in_share10, best_out, best_out - best_in, mean_out, out_strong], 1))
+    if spec["structure"]:
+        size_n = sizes[seg]
+        cols.append(np.stack([best_in, mean_in, cos_mean, n_in / np.maximum(size_n - 1, 1),
+                              np.log(size_n) / math.log(512.0), sim[:, 0]], 1))
+    if spec["outside"]:
+        mean_in_p = np.bincount(seg, weights=s_in, minlength=B) / np.maximum(np.bincount(seg, weights=n_in, minlength=B), 1)
+        cols.append(_outside_estimates(seg, knn_idx, sim, out, sizes, mean_in_p, big, k10)[seg])
+    return cols, s_in, n_in
 
 
 def _outside_estimates(seg, knn_idx, sim, out, sizes, mean_in, big, k10) -> np.ndarray:
@@ -543,16 +566,17 @@ def build_batches(offsets: np.ndarray, members: np.ndarray, rows_of, spec: dict 
                   chunk: int = 2000) -> ProposalBatch:
     """Build one batch for all proposals of a CSR, ``chunk`` proposals at a time.
 
-    ``rows_of(ids)`` returns ``(feats, knn_idx, knn_sim)`` for an array of face ids
-    (the caller decides where rows come from: memory or a store).
+    ``rows_of(ids)`` returns ``(feats, knn_idx, knn_sim)`` for an array of face ids, plus the
+    cosine rows as a fourth item for ``weights = "both"`` (the caller decides where rows
+    come from: memory or a store).
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     parts = []
     for a in range(0, len(offsets) - 1, chunk):
         b = min(a + chunk, len(offsets) - 1)
         mem = np.asarray(members[offsets[a]:offsets[b]], dtype=np.int64)
-        f, ki, ks = rows_of(mem)
-        parts.append(build_batch(np.diff(offsets[a:b + 1]), mem, f, ki, ks, spec))
+        rows = rows_of(mem)
+        parts.append(build_batch(np.diff(offsets[a:b + 1]), mem, *rows[:3], spec, knn_cos=rows[3] if len(rows) > 3 else None))
     return concat_batches(parts)
 
 

@@ -185,7 +185,7 @@ def test_training_writes_the_edge_scorer_with_validated_levels(trained):
     assert best["floor"] == e["floor"]  # the floor is the validation optimum, not a constant
     # the scorer separates same-identity edges better than the cosine it starts from, on unseen identities
     assert e["metrics"]["val_auc"] > 0.9 and e["metrics"]["val_auc"] >= e["metrics"]["val_auc_cosine"] - 0.01
-    assert meta["spec"]["weights"] == "prob"
+    assert meta["spec"]["weights"] == "both"
     load_edge_scorer(d)
     assert any(line.startswith("edge scorer: validation ROC-AUC") for line in trained["lines"])
 
@@ -223,13 +223,15 @@ def test_model_without_edge_scorer_runs_the_old_chain_with_a_note(trained, local
     """A model directory from before 0.2 (no edges.pt, no edges table, spec without weights) loads and runs
     knn -> graph -> proposals -> score -> dedup, and says once that re-training adds the learned affinity."""
     from pipeline.run import run_cluster
+    from pipeline.train import train
 
     d = tmp_path / "old"
-    shutil.copytree(trained["model"], d)
-    (d / "edges.pt").unlink()
+    old_cfg = _cfg(learn=False)  # trained as before 0.2: no edge scorer, GCN-D on cosines
+    train(RunStore.open(str(trained["tmp"] / "train.zarr")), d, old_cfg, local_client, echo=lambda s: None)
+    assert not (d / "edges.pt").exists()
     meta = json.loads((d / "config.json").read_text())
-    del meta["edges"]
-    del meta["spec"]["weights"]
+    assert "edges" not in meta
+    del meta["spec"]["weights"]  # a 0.1.x config.json has no such key
     (d / "config.json").write_text(json.dumps(meta))
     store = _test_run(trained, "test_old", 500)
     echo = []

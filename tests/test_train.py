@@ -89,7 +89,8 @@ def test_ensemble_members_average_and_member0_is_the_single_model(runs, local_cl
     st = runs["stores"]["train"]
     off, mem = st.array("proposals/offsets")[:50], st.array("proposals/members")[:]
     f, ki, ks = st.array("features")[:], st.array("knn/index")[:], st.array("knn/sim")[:]
-    b = build_batches(off, mem[:off[-1]], lambda ids: (f[ids], ki[ids], ks[ids]), meta["spec"])
+    kp = st.array("edges/prob")[:]
+    b = build_batches(off, mem[:off[-1]], lambda ids: (f[ids], ki[ids], kp[ids], ks[ids]), meta["spec"])
     with torch.no_grad():
         g = Padded.from_batch(b)
         assert torch.allclose(gd(g), (gd.members[0](g) + gd.members[1](g)) / 2)
@@ -126,11 +127,12 @@ def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, loc
     from pipeline.train import ensure_proposals, load_models, read_model_config, train
     from tasks.gcn import input_dim
 
-    cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False, connectivity=False))
+    cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False, connectivity=False),
+                  edges=replace(runs["cfg"].edges, learn=False))  # as before 0.2: no edge scorer
     d = tmp_path / "old"
     train(runs["stores"]["train"], d, cfg, local_client, echo=lambda s: None)
     meta = json.loads((d / "config.json").read_text())
-    del meta["spec"]["outside"], meta["spec"]["connectivity"]
+    del meta["spec"]["outside"], meta["spec"]["connectivity"], meta["spec"]["weights"]
     (d / "config.json").write_text(json.dumps(meta))
     assert read_model_config(d)["spec"]["outside"] is False and read_model_config(d)["spec"]["connectivity"] is False
     gd, _, _ = load_models(d, dim=32)
@@ -177,7 +179,7 @@ def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client,
 
     store, cfg = runs["stores"]["test"], runs["cfg"]
     ensure = __import__("pipeline.train", fromlist=["ensure_proposals"]).ensure_proposals
-    ensure(store, cfg, local_client)
+    ensure(store, cfg, local_client, runs["model"])  # with the edge scorer: edges, communities, then proposals
     s1 = run_score(store, str(runs["model"]), cfg, local_client)
     assert s1["n_proposals"] > 20 and s1["segmented"] == s1["n_proposals"]
     out1 = {k: store.array(f"score/{k}")[:] for k in ("iou", "iop", "keep", "segmented")}

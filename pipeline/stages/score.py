@@ -68,7 +68,9 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     feats = open_array(url, "features").get_orthogonal_selection((ids, slice(None)))
     kidx = open_array(url, "knn/index").get_orthogonal_selection((ids, slice(None)))
     ksim = open_array(url, edge_weight_array(meta["spec"])).get_orthogonal_selection((ids, slice(None)))
-    batch = build_batch(np.diff(off), members, feats[inv], kidx[inv], ksim[inv], meta["spec"])
+    kcos = (open_array(url, "knn/sim").get_orthogonal_selection((ids, slice(None)))[inv]
+            if meta["spec"].get("weights") == "both" else None)
+    batch = build_batch(np.diff(off), members, feats[inv], kidx[inv], ksim[inv], meta["spec"], knn_cos=kcos)
     if iop_range is None:  # the model's validation tuning found GCN-S does not help
         segment, iop_range = False, (1.0, 0.0)
     out = score_batch(gcnd, batch, gcns if segment else None, tuple(iop_range), keep_prob)
