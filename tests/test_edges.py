@@ -209,8 +209,11 @@ def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_cli
     assert prob.shape == a.array("knn/index").shape and prob.min() >= 0 and prob.max() <= 1
     summary = a.record("dedup")["summary"]
     assert summary["attach_level"] == trained["meta"]["edges"]["attach"]
-    comm = a.record("proposals")["summary"]["settings"][-1]
-    assert comm["source"] == "communities" and comm["proposals"] > 0
+    floors = a.record("communities")["summary"]["floors"]
+    assert floors[0] == trained["meta"]["edges"]["floor"] and {0.5, 0.7, 0.85, 0.95} <= set(floors)
+    assert a.array("communities/labels").shape == (a.array("features").shape[0], len(floors))
+    comm = [s for s in a.record("proposals")["summary"]["settings"] if s.get("source") == "communities"]
+    assert [s["floor"] for s in comm] == floors and sum(s["proposals"] for s in comm) > 0
     gt = a.array("labels")[:]
     assert pairwise_f(gt, a.array("clusters")[:])[2] > 0.5
     # a second run skips every stage

@@ -1,18 +1,23 @@
-"""Stage "communities": Infomap on the learned-affinity graph, one Dask task per group of components.
+"""Stage "communities": Infomap on the learned-affinity graph at several floors, one Dask task per group of components.
 
-The graph is the kNN edges with P(same identity) >= the model's floor (chosen on
-validation identities in training). Its connected components are independent
-Infomap problems: they come from the maximum spanning forest of ``edges/prob``
-(:mod:`pipeline.forest`, cut at the floor), are packed into tasks of about
-``NODES_PER_TASK`` nodes (a component larger than that is a task of its own: the
-one part that stays in one process, reported as ``largest_component``), and each
-task reads only its nodes' kNN rows and runs Infomap per component
-(:func:`tasks.peers.infomap_by_component`), so the partition does not depend on
-how components are packed, on the chunk size or on the worker count.
+At each floor the graph is the kNN edges with P(same identity) >= that floor: the
+multi-scale floors ``FLOORS`` (fixed in probability, which means the same on every
+face model) plus the model's floor (chosen on validation identities in training).
+The proposals stage offers every floor's communities to GCN-D, which picks among
+them per proposal, as it does among the multi-scale super-vertex proposals.
 
-Output ``communities/labels`` (N int64, ids 0..C-1 by smallest member). The
-proposals stage adds every community of ``min_size`` faces or more to the
-proposals that GCN-D scores.
+Connected components are independent Infomap problems: they are cuts of one
+maximum spanning forest of ``edges/prob`` (:mod:`pipeline.forest`, built once
+down to the lowest floor), packed into tasks of about ``NODES_PER_TASK`` nodes (a
+component larger than that is a task of its own: the one part that stays in one
+process, reported as ``largest_component``); each task reads only its nodes' kNN
+rows and runs Infomap per component (:func:`tasks.peers.infomap_by_component`),
+so the partition does not depend on how components are packed, on the chunk size
+or on the worker count.
+
+Output ``communities/labels`` (N x F int64: column f holds the communities at
+``floors[f]``, ids 0..C-1 by smallest member; the floors are in the stage summary,
+the model's floor first).
 """
 
 from __future__ import annotations
@@ -59,48 +64,61 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
     return groups
 
 
+FLOORS = (0.5, 0.7, 0.85, 0.95)
+
+
+def community_floors(model_floor: float) -> list[float]:
+    """The model's floor first, then the multi-scale floors not equal to it."""
+    return [float(model_floor)] + [f for f in FLOORS if abs(f - model_floor) > 1e-9]
+
+
 def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
     """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
     from tasks.components import canonical_labels, components
 
     store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
-    meta = edge_meta(model_dir)
-    floor = float(meta["floor"])
+    floors = community_floors(edge_meta(model_dir)["floor"])
     index = store.array("knn/index")
     n, _ = index.shape
     r = int(index.chunks[0])
-    params = {"floor": floor, "seed": INFOMAP_SEED, "model_digest": model_digest(model_dir)}
+    params = {"floors": floors, "seed": INFOMAP_SEED, "model_digest": model_digest(model_dir)}
     with store.stage(STAGE, params, inputs=["edges"], extra={"model": os.path.abspath(model_dir)}, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
-        src, dst, _ = spanning_forest(client, store.url, n, r, floor, cfg.proposals.fan_in, weights="edges/prob",
-                                      name="communities-forest")
-        comp = components(n, src, dst)
-        sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
-        order = np.argsort(comp, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        token = uuid.uuid4().hex[:8]
-        groups = pack_components(sizes, NODES_PER_TASK)
-        futs, node_sets = [], []
-        for g_i, cids in enumerate(groups):
-            nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
-            node_sets.append(nodes)
-            futs.append(client.submit(component_task, store.url, nodes, comp[nodes], floor,
-                                      key=f"communities-infomap-{g_i}-{token}"))
-        modules = wait_futures(futs, "communities")
-        # community key: (component, module); canonical ids by smallest member
-        module = np.zeros(n, np.int64)
-        for nodes, mod in zip(node_sets, modules):
-            module[nodes] = mod
-        width = int(module.max()) + 1 if n else 1
-        labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
-        w.write_array("communities/labels", labels.astype(np.int64))
-        csizes = np.bincount(labels) if n else np.zeros(0, np.int64)
-        summary = {"n": int(n), "floor": floor, "components": int(len(sizes)),
-                   "components_multi": int((sizes >= 2).sum()), "largest_component": int(sizes.max()) if n else 0,
-                   "tasks": len(groups), "communities": int(len(csizes)), "singletons": int((csizes == 1).sum()),
-                   "largest_community": int(csizes.max()) if n else 0}
+        src, dst, wt = spanning_forest(client, store.url, n, r, min(floors), cfg.proposals.fan_in,
+                                       weights="edges/prob", name="communities-forest")
+        out = w.create_array("communities/labels", (n, len(floors)), (r, len(floors)), np.int64)
+        per_floor = []
+        for f_i, floor in enumerate(floors):
+            keep = wt >= np.float32(floor)  # the forest cut at this floor: the graph's components at it
+            comp = components(n, src[keep], dst[keep])
+            sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
+            order = np.argsort(comp, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            token = uuid.uuid4().hex[:8]
+            groups = pack_components(sizes, NODES_PER_TASK)
+            futs, node_sets = [], []
+            for g_i, cids in enumerate(groups):
+                nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
+                node_sets.append(nodes)
+                futs.append(client.submit(component_task, store.url, nodes, comp[nodes], floor,
+                                          key=f"communities-infomap-{f_i}-{g_i}-{token}"))
+            modules = wait_futures(futs, f"communities {floor}")
+            module = np.zeros(n, np.int64)
+            for nodes, mod in zip(node_sets, modules):
+                module[nodes] = mod
+            width = int(module.max()) + 1 if n else 1
+            labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
+            out[:, f_i] = labels
+            csizes = np.bincount(labels) if n else np.zeros(0, np.int64)
+            per_floor.append({"floor": floor, "components": int(len(sizes)), "components_multi": int((sizes >= 2).sum()),
+                              "largest_component": int(sizes.max()) if n else 0, "tasks": len(groups),
+                              "communities": int(len(csizes)), "singletons": int((csizes == 1).sum()),
+                              "largest_community": int(csizes.max()) if n else 0})
+            log.info("communities at P >= %.2f: %d communities (%d singletons) in %d components, largest component %d",
+                     floor, per_floor[-1]["communities"], per_floor[-1]["singletons"], per_floor[-1]["components"],
+                     per_floor[-1]["largest_component"])
+        summary = {"n": int(n), "floors": floors, "floor": floors[0], "per_floor": per_floor,
+                   **{k: per_floor[0][k] for k in ("communities", "singletons", "largest_component", "largest_community")}}
         w.summary.update(summary)
-        log.info("communities: %d communities (%d singletons) in %d components, largest component %d faces",
-                 summary["communities"], summary["singletons"], summary["components"], summary["largest_component"])
         return summary

@@ -100,11 +100,12 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
     return outs
 
 
-def communities_task(url: str, min_size: int, max_size: int) -> dict:
-    """Worker task: the stored Infomap communities of ``min_size``..``max_size`` faces, as one setting's result."""
+def communities_task(url: str, column: int, min_size: int, max_size: int) -> dict:
+    """Worker task: the stored Infomap communities at one floor (``column``) of ``min_size``..``max_size``
+    faces, as one setting's result."""
     from tasks import proposals as P
 
-    labels = open_array(url, "communities/labels")[:]
+    labels = open_array(url, "communities/labels")[:, column]
     sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
     return {"levels": [(0,) + P.to_csr(P.select_proposals(labels, min_size, max_size))],
             "n_super_vertices": int(len(sizes)), "largest_super_vertex": int(sizes.max()) if len(sizes) else 0}
@@ -194,9 +195,9 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
     member set produced by several settings is kept once (first occurrence).
 
     ``communities``: also propose every Infomap community of the learned-affinity
-    graph (stage "communities", which must be complete) of ``min_size`` up to
-    ``max(max_proposal_size, whole_size)`` faces, as one more setting
-    (``"source": "communities"``).
+    graph (stage "communities", which must be complete), at each of its floors, of
+    ``min_size`` up to ``max(max_proposal_size, whole_size)`` faces: one more setting
+    per floor (``"source": "communities"``).
 
     Returns
     -------
@@ -228,8 +229,11 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
                 futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
         if communities:
             cap = max(pc.max_proposal_size, pc.whole_size)
-            settings = settings + [{"id": len(settings), "source": "communities", "max_size": cap, "levels": 1}]
-            futs.append(client.submit(communities_task, store.url, pc.min_size, cap, key=f"proposals-communities-{token}"))
+            for col, floor in enumerate(store.record("communities")["summary"]["floors"]):
+                settings = settings + [{"id": len(settings), "source": "communities", "floor": floor, "max_size": cap,
+                                        "levels": 1}]
+                futs.append(client.submit(communities_task, store.url, col, pc.min_size, cap,
+                                          key=f"proposals-communities-{col}-{token}"))
         # Only each setting's counts come to the driver; its proposal lists go straight to the combine task.
         results = wait_futures([client.submit(setting_counts, f, key=f"proposals-counts-{s['id']}-{token}")
                                 for s, f in zip(settings, futs)], "proposals")
@@ -245,7 +249,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
                    "sizes": _size_stats(sizes[m])}
             per_setting.append(row)
             if sum(row["before_dedup"].values()) == 0:
-                what = ("the communities" if s.get("source") == "communities" else
+                what = (f"the communities at P >= {s['floor']}" if s.get("source") == "communities" else
                         f"setting {s['id']} (th0={s['th0']:.6g}, max_size={s['max_size']}, sv_max_size={s['sv_max_size']})")
                 msg = f"{what} yields no proposal of {pc.min_size}..{pc.max_proposal_size} faces"
                 warnings.append(msg)
