@@ -186,6 +186,10 @@ def test_training_writes_the_edge_scorer_with_validated_levels(trained):
     # the scorer separates same-identity edges better than the cosine it starts from, on unseen identities
     assert e["metrics"]["val_auc"] > 0.9 and e["metrics"]["val_auc"] >= e["metrics"]["val_auc_cosine"] - 0.01
     assert meta["spec"]["weights"] == "both"
+    # the training run's edges are out-of-fold: communities, proposals and GCN-D see test-like probabilities
+    rec = RunStore.open(str(trained["tmp"] / "train.zarr")).record("edges")
+    assert rec["params"]["out_of_fold"] is True and rec["params"]["folds"] == 2
+    assert 0.75 < e["metrics"]["out_of_fold_auc"] <= 1 and len(e["metrics"]["out_of_fold_calibration"]) == 10
     load_edge_scorer(d)
     assert any(line.startswith("edge scorer: validation ROC-AUC") for line in trained["lines"])
 

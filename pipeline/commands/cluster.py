@@ -50,8 +50,10 @@ def cluster_gcn(store, cfg, client, options: dict) -> dict:
 def format_gcn(summary: dict) -> str:
     ran = [name for name, r in summary["stages"].items() if r["ran"]]
     skipped = [name for name, r in summary["stages"].items() if not r["ran"]]
+    attached = (f", {summary['attached']} faces attached to their most probable neighbour's cluster at "
+                f"P >= {summary['attach_level']}" if summary.get("attach_level") is not None else "")
     return (f"gcn: {summary['n_clusters']} clusters ({summary['proposal_clusters']} from proposals, "
-            f"{summary['pruned_clusters']} of GCN-S-pruned faces, {summary['singletons_uncovered']} singletons); "
+            f"{summary['pruned_clusters']} of GCN-S-pruned faces, {summary['singletons_uncovered']} singletons{attached}); "
             f"stages run: {', '.join(ran) or 'none'}; skipped (up to date): {', '.join(skipped) or 'none'}")
 
 
