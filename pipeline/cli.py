@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Pairwise / BCubed F-score and NMI of a clustering against ground truth."),
     "export": ("export", "Write cluster ids as .meta, .npy, Parquet or CSV."),
     "report": ("report", "HTML report with plots of a run."),
+    "verify": ("verify", "Check every chunk of a run against its checksums, and every stage's freshness."),
     "bench": ("bench", "Benchmarks: throughput and ratios, printed and saved as JSON."),
     "config": ("config", "Show the effective configuration (defaults, TOML file, flags)."),
 }

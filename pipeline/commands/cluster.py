@@ -101,6 +101,9 @@ def command(run, method, model, th, max_size, force, cfg):
             raise BadInput(f"{run}: the learned method needs a model: pass --model DIR (train one with "
                            "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method threshold")
         check_dim(read_model_config(model), store.array("features").shape[1], model, store.url)
-    with connect(cfg.dask) as client:
+    # one writer for the whole command (a second `cluster` must not delete our _tmp arrays);
+    # leftovers of a killed run are removed whichever method runs now
+    with store.writing("cluster"), connect(cfg.dask) as client:
+        store.clean_tmp()
         summary = runner(store, cfg, client, {"th": th, "max_size": max_size, "force": force, "model": model})
     click.echo(fmt(summary))

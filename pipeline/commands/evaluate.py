@@ -59,6 +59,8 @@ def load_labels(target: str | Path, gt: str | Path | None = None, pred_array: st
         if not store.has(pred_array):
             raise BadInput(f"{p}: run store has no {pred_array!r} array; run `facecluster cluster {p}` first "
                            "or name another array with --pred-array")
+        # results computed from other data (re-ingested since) or left incomplete are refused, not scored
+        store.require_fresh_array(pred_array, f"re-run `facecluster cluster {p}` before evaluating {pred_array!r}")
         pred = np.asarray(store.array(pred_array)[:], dtype=np.int64)
         pred_src = f"{p}:{pred_array}"
         if gt is not None:
