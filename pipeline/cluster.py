@@ -37,8 +37,10 @@ import importlib
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
@@ -210,8 +212,28 @@ def _local_cluster(cfg: DaskConfig):
     env = worker_env(cfg)
     # LocalCluster workers are spawned processes: they inherit os.environ at spawn.
     os.environ.update(env)
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
-                        memory_limit=memory, dashboard_address=":0", silence_logs=logging.ERROR)
+    with _children_ignore_sigint():
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+                            memory_limit=memory, dashboard_address=":0", silence_logs=logging.ERROR)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Spawn worker processes with SIGINT ignored (they inherit it).
+
+    Ctrl-C reaches the whole foreground process group: each LocalCluster worker
+    and nanny would die printing its own KeyboardInterrupt traceback (~100 lines)
+    while the driver prints its one line. The driver alone handles the interrupt
+    and closes the cluster it started.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_jobqueue_cluster(cfg: DaskConfig):

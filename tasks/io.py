@@ -21,7 +21,7 @@ import numpy as np
 
 
 # -- labels ------------------------------------------------------------------------
-def read_labels(path: str | os.PathLike) -> np.ndarray:
+def read_labels(path: str | os.PathLike, option: str = "--labels") -> np.ndarray:
     """Read integer labels from ``.npy`` (1-D integer array) or ``.meta`` (one per line).
 
     Parameters
@@ -44,7 +44,7 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     p = Path(path)
     suffix = p.suffix.lower()
     if not p.exists():
-        raise ValueError(f"{p}: label file not found; check the path given to --labels")
+        raise ValueError(f"{p}: label file not found; check the path given to {option}")
     if suffix == ".npy":
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)

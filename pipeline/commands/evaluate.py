@@ -22,7 +22,7 @@ def _read_label_file(path: Path, what: str) -> np.ndarray:
     from tasks.io import read_labels
 
     try:
-        return read_labels(path)
+        return read_labels(path, option=what)
     except ValueError as e:
         raise BadInput(f"{what}: {e}") from None
 
