@@ -493,17 +493,23 @@ def _handshake(address: str, security, timeout: float) -> None:
 
     args = (security or Security()).get_connection_args("client")
 
+    # distributed's own timeout ends a connect that gets nowhere (an OSError, reported as
+    # "cannot reach" by the caller); the outer one, a little later, ends a silent handshake
+    limit = timeout + max(2.0, timeout / 2)
+
     async def probe():
-        comm = await asyncio.wait_for(comm_connect(address, timeout=timeout, **args), timeout)
+        comm = await asyncio.wait_for(comm_connect(address, timeout=timeout, **args), limit)
         comm.abort()
 
     # its own thread and event loop: the caller may already run one
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         try:
             pool.submit(asyncio.run, probe()).result()
-        except asyncio.TimeoutError:
+        except asyncio.TimeoutError as e:
+            if type(e) is not asyncio.TimeoutError:  # an OSError subclass raised by the connect itself
+                raise
             raise ClusterError(f"{address} accepted the connection but did not answer the Dask handshake within "
-                               f"{timeout:g}s: it is not a Dask scheduler (check the address and port; "
+                               f"{limit:g}s: it is not a Dask scheduler (check the address and port; "
                                "`dask scheduler` listens on 8786 by default)") from None
 
 

@@ -52,3 +52,46 @@ def test_ctrl_c_exits_130_with_one_line_and_releases_the_lock(tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     store = RunStore.open(run)
     assert store.lock_holder() is None and not store.is_complete("knn")
+
+
+def _tiny_run(tmp_path, n, capsys):
+    rng = np.random.default_rng(3)
+    np.save(tmp_path / "f.npy", rng.normal(size=(n, 8)).astype(np.float32))
+    with pytest.raises(SystemExit) as e:
+        main(["ingest", str(tmp_path / "f.npy"), "-o", str(tmp_path / "r.zarr")])
+    assert e.value.code == 0, capsys.readouterr().err
+    return tmp_path / "r.zarr"
+
+
+def _code_err(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    return e.value.code, capsys.readouterr().err
+
+
+def test_one_face_is_refused_with_the_reason(tmp_path, local_client, capsys):
+    run = _tiny_run(tmp_path, 1, capsys)
+    code, err = _code_err(["cluster", run, "--method", "threshold", "--scheduler", local_client.scheduler.address], capsys)
+    assert code == 2 and "holds 1 face; clustering needs at least 2" in err
+
+
+def test_two_faces_with_k1_do_not_get_a_guessed_threshold(tmp_path, local_client, capsys):
+    """0.1.4 derived a threshold from the one similarity there is and merged two unrelated faces."""
+    run = _tiny_run(tmp_path, 2, capsys)
+    addr = local_client.scheduler.address
+    assert _code_err(["knn", run, "-k", 1, "--scheduler", addr], capsys)[0] == 0
+    code, err = _code_err(["cluster", run, "--method", "threshold", "--scheduler", addr], capsys)
+    assert code == 2 and "too few to derive a threshold" in err and "too few to cluster" in err
+    assert not (run / "clusters").exists()
+
+
+def test_k_close_to_n_warns(tmp_path, local_client, capsys, caplog):
+    run = _tiny_run(tmp_path, 40, capsys)
+    with caplog.at_level("WARNING", logger="pipeline.stages.knn"):
+        assert _code_err(["knn", run, "-k", 39, "--scheduler", local_client.scheduler.address], capsys)[0] == 0
+    warned = [r.message for r in caplog.records if "neighbours for 40 faces" in r.message]
+    assert len(warned) == 1 and "k=39" in warned[0] and "use -k below N/2" in warned[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="pipeline.stages.knn"):
+        assert _code_err(["knn", run, "-k", 10, "--scheduler", local_client.scheduler.address], capsys)[0] == 0
+    assert not [r for r in caplog.records if "neighbours for 40 faces" in r.message]

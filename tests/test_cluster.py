@@ -186,7 +186,7 @@ def test_scheduler_address_that_is_not_dask_fails_within_the_timeout(tmp_path):
             with connect(DaskConfig(scheduler=f"tcp://127.0.0.1:{port}", connect_timeout=2.0)):
                 pass
         msg = _one_line(e)
-        assert "did not answer the Dask handshake within 2s" in msg and "not a Dask scheduler" in msg
+        assert "did not answer the Dask handshake within 4s" in msg and "not a Dask scheduler" in msg
     finally:
         http.kill()
         http.wait()
