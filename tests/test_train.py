@@ -318,14 +318,16 @@ def test_model_file_with_code_refused_before_any_stage(runs, tmp_path, local_cli
     d = tmp_path / "hostile"
     shutil.copytree(runs["model"], d)
     torch.save({"w": _RunsCode(tmp_path / "ran")}, d / "gcns.pt")
-    shutil.copytree(runs["tmp"] / "test.zarr", tmp_path / "test.zarr")
+    from pipeline.stages.ingest import run_ingest
+
+    run_ingest(runs["tmp"] / "test_f.npy", str(tmp_path / "test.zarr"), cfg=IngestConfig(chunk_rows=500))
     code, err = _cli(["cluster", tmp_path / "test.zarr", "--model", d, "--scheduler", local_client.scheduler.address],
                      capsys)
     assert code == 2
     line = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert len(line) == 1 and f"{d / 'gcns.pt'}: refused" in line[0] and "weights_only" not in err
     assert not (tmp_path / "ran").exists()
-    assert RunStore.open(tmp_path / "test.zarr").record("knn") is None  # nothing ran before the refusal
+    assert list(RunStore.open(tmp_path / "test.zarr").records()) == ["ingest"]  # no stage ran before the refusal
 
 
 @pytest.mark.parametrize("dim", ['"abc"', "0", "2.5", "true"])
