@@ -203,8 +203,10 @@ def test_second_writer_exits_2_readers_do_not_block(tmp_path, run, local_client,
         line = _err_line(err)
         assert "in use by another writer" in line and f"pid {os.getpid()} on {socket.gethostname()}" in line
         feats, lab = tmp_path / "f.npy", tmp_path / "f_lab.npy"
-        code, _, err = _cli(["ingest", feats, "--labels", lab, "-o", run, "--overwrite"], capsys)
-        assert code == 2 and "in use by another writer" in _err_line(err)
+        for extra in ([], ["--overwrite"]):  # into the run, or replacing it: both wait for the writer
+            code, _, err = _cli(["ingest", feats, "--labels", lab, "-o", run, "--chunk-rows", 64, *extra], capsys)
+            assert code == 2 and "in use by another writer" in _err_line(err)
+        assert RunStore.open(run).record("ingest")["params"]["chunk_rows"] == R
         # readers work while the writer holds the lock
         assert _cli(["export", run, "-o", tmp_path / "c.npy"], capsys)[0] == 0
         assert _cli(["evaluate", run], capsys)[0] == 0
