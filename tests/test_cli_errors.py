@@ -95,3 +95,16 @@ def test_k_close_to_n_warns(tmp_path, local_client, capsys, caplog):
     with caplog.at_level("WARNING", logger="pipeline.stages.knn"):
         assert _code_err(["knn", run, "-k", 10, "--scheduler", local_client.scheduler.address], capsys)[0] == 0
     assert not [r for r in caplog.records if "neighbours for 40 faces" in r.message]
+
+
+def test_bin_read_with_half_its_dim_is_refused(tmp_path, capsys):
+    """0.1.4 read a 64-d .bin given --dim 32 as 2N rows of 32 dims when no labels fixed N."""
+    from tasks.synth import make_splits
+
+    feats = make_splits(3000, dim=64, seed=1)["train"][0].astype("<f4")
+    feats.tofile(tmp_path / "f.bin")
+    code, err = _code_err(["ingest", tmp_path / "f.bin", "--dim", 32, "-o", tmp_path / "half.zarr"], capsys)
+    assert code == 2 and "every 2 consecutive rows look like different parts of one vector" in err
+    assert "true dimension is probably 64" in err and not (tmp_path / "half.zarr").exists()
+    code, err = _code_err(["ingest", tmp_path / "f.bin", "--dim", 64, "-o", tmp_path / "ok.zarr"], capsys)
+    assert code == 0, err
