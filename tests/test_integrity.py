@@ -145,6 +145,8 @@ def test_reingesting_permuted_data_recomputes_everything(tmp_path, run, local_cl
     code, _, err = _cli(["export", run, "-o", tmp_path / "c.npy"], capsys)
     assert code == 2 and "stale" in _err_line(err) and not (tmp_path / "c.npy").exists()
     assert _cli(["evaluate", run], capsys)[0] == 2
+    code, _, err = _cli(["report", run, "-o", tmp_path / "rep"], capsys)
+    assert code == 2 and "stale" in _err_line(err) and not (tmp_path / "rep").exists()
     code, out, err = _cluster(run, local_client, capsys)
     assert code == 0, err
     # the permuted run clusters exactly like a fresh run on the permuted file
