@@ -263,3 +263,35 @@ def test_read_only_store_cannot_write(run):
     with pytest.raises(StoreError, match="read-only"):
         with store.stage("x", {}) as w:
             assert w is None
+
+
+@pytest.mark.timeout(300)
+def test_two_cluster_processes_the_second_exits_2_and_the_first_completes(tmp_path, local_client, capsys):
+    """0.1.4: the second `cluster` deleted the first's _tmp arrays and the first failed blaming workers."""
+    import subprocess
+    import sys
+    import time
+
+    np.save(tmp_path / "big.npy", np.random.default_rng(0).normal(size=(60000, 128)).astype(np.float32))
+    run = tmp_path / "big.zarr"
+    assert _cli(["ingest", tmp_path / "big.npy", "-o", run], capsys)[0] == 0
+    first = subprocess.Popen([sys.executable, "-m", "pipeline", "cluster", str(run), "--method", "threshold",
+                              "--scheduler", local_client.scheduler.address],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, FACECLUSTER_PROGRESS="0"))
+    try:
+        for _ in range(2400):  # until the first is inside the kNN stage
+            if (run / "_tmp").exists() and any((run / "_tmp").glob("knn__*")):
+                break
+            assert first.poll() is None, first.communicate()
+            time.sleep(0.05)
+        code, _, err = _cluster(run, local_client, capsys)
+        assert code == 2
+        line = _err_line(err)
+        assert "in use by another writer" in line and f"pid {first.pid} on" in line and "cluster" in line
+        out, err1 = first.communicate(timeout=240)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, err1
+    assert RunStore.open(run).stale_reason("clusters") is None
