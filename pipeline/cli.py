@@ -16,7 +16,7 @@ import sys
 import click
 
 from . import __version__
-from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, BadInput
+from .errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED, BadInput
 
 # command name -> (module in pipeline.commands, one-line help shown by `facecluster --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "evaluate": ("evaluate", "Pairwise / BCubed F-score and NMI of a clustering against ground truth."),
     "export": ("export", "Write cluster ids as .meta, .npy, Parquet or CSV."),
     "report": ("report", "HTML report with plots of a run."),
+    "verify": ("verify", "Check every chunk of a run against its checksums, and every stage's freshness."),
     "bench": ("bench", "Benchmarks: throughput and ratios, printed and saved as JSON."),
     "config": ("config", "Show the effective configuration (defaults, TOML file, flags)."),
 }
@@ -120,8 +121,10 @@ def _main(argv=None):
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(EXIT_FAILURE)
+        # click turns Ctrl-C into Abort (standalone_mode=False); the command asks no questions,
+        # so this is an interrupt: the same one line and exit 130 as a KeyboardInterrupt
+        click.echo("interrupted", err=True)
+        sys.exit(EXIT_INTERRUPTED)
     except click.ClickException as e:
         e.show()
         sys.exit(EXIT_BAD_INPUT if isinstance(e, click.UsageError) else e.exit_code)
@@ -132,7 +135,7 @@ def _main(argv=None):
         sys.exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
-        sys.exit(130)
+        sys.exit(EXIT_INTERRUPTED)
     except Exception as e:  # one line, not a wall of Dask traceback; --debug shows it
         if debug:
             raise

@@ -28,13 +28,19 @@ Thread and BLAS settings are part of every kernel's contract:
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import functools
+import hashlib
 import importlib
 import importlib.util
 import logging
 import os
+import signal
 import socket
 import sys
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Iterator
@@ -52,6 +58,26 @@ REQUIRED_ON_WORKERS = (("tasks", "facecluster"), ("pipeline", "facecluster"), ("
 
 class ClusterError(RuntimeError):
     """The Dask cluster cannot be used (unreachable, no workers, a worker lacks a package)."""
+
+
+class CodeMismatch(ClusterError, BadInput):
+    """A worker runs other facecluster code than the driver (exit 2: the installation is the input to fix)."""
+
+
+@functools.lru_cache(maxsize=1)
+def code_digest() -> str:
+    """Digest of the facecluster source this process imports (``pipeline`` and ``tasks``).
+
+    Driver and workers must run the same code: a worker with an older checkout fails
+    later with a signature error inside a task; comparing digests at connect names it.
+    """
+    h = hashlib.sha256()
+    for pkg in ("pipeline", "tasks"):
+        spec = importlib.util.find_spec(pkg)
+        root = Path(spec.origin).parent
+        for f in sorted(root.rglob("*.py")):
+            h.update(f"{pkg}/{f.relative_to(root).as_posix()}".encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
 
 
 def cpu_flags() -> set[str]:
@@ -186,8 +212,28 @@ def _local_cluster(cfg: DaskConfig):
     env = worker_env(cfg)
     # LocalCluster workers are spawned processes: they inherit os.environ at spawn.
     os.environ.update(env)
-    return LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
-                        memory_limit=memory, dashboard_address=":0", silence_logs=logging.ERROR)
+    with _children_ignore_sigint():
+        return LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
+                            memory_limit=memory, dashboard_address=":0", silence_logs=logging.ERROR)
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Spawn worker processes with SIGINT ignored (they inherit it).
+
+    Ctrl-C reaches the whole foreground process group: each LocalCluster worker
+    and nanny would die printing its own KeyboardInterrupt traceback (~100 lines)
+    while the driver prints its one line. The driver alone handles the interrupt
+    and closes the cluster it started.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def make_jobqueue_cluster(cfg: DaskConfig):
@@ -252,7 +298,7 @@ def worker_report(dask_worker=None) -> dict:
     faiss is imported (the OpenBLAS kernel it picked can only be read once loaded;
     workers import it for the kNN stage anyway); torch is only looked up, not loaded.
     """
-    rep: dict = {"host": socket.gethostname(), "pid": os.getpid(), "python": sys.executable,
+    rep: dict = {"host": socket.gethostname(), "pid": os.getpid(), "python": sys.executable, "code": code_digest(),
                  "env": {k: os.environ.get(k) for k in ("OPENBLAS_CORETYPE",) + THREAD_VARS},
                  "cpu_coretype": detect_openblas_coretype(), "missing": {}, "versions": {}}
     # client.run passes the Worker as ``dask_worker`` (get_worker() only works inside tasks).
@@ -314,6 +360,11 @@ def check_workers(client) -> dict[str, dict]:
             raise ClusterError(
                 f"worker {addr} cannot run facecluster code ({type(rep).__name__}: {rep}); install facecluster "
                 "in the environment that runs `dask worker` on that host (pip install facecluster)")
+        if rep.get("code") != code_digest():
+            raise CodeMismatch(
+                f"worker {addr} on {rep['host']} runs other facecluster code than this driver (code digest "
+                f"{rep.get('code')} there, {code_digest()} here; {rep['python']}); install the same facecluster "
+                "version/checkout on every worker and restart `dask worker`")
         if rep["missing"]:
             module, why = next(iter(rep["missing"].items()))
             dist = dict(REQUIRED_ON_WORKERS)[module]
@@ -413,6 +464,7 @@ def _client_for_address(address: str, cfg: DaskConfig):
         raise BadInput(f"{address}: TLS certificates given but the address is not tls://; use tls://HOST:PORT")
     timeout = cfg.connect_timeout
     try:
+        _handshake(address, security, timeout)
         client = Client(address, security=security, timeout=f"{timeout}s")
     except (OSError, TimeoutError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -426,6 +478,39 @@ def _client_for_address(address: str, cfg: DaskConfig):
         raise ClusterError(f"the Dask scheduler at {address} has no workers after {timeout:g}s; start some with "
                            f"`dask worker {address}` (see deploy/)") from None
     return client
+
+
+def _handshake(address: str, security, timeout: float) -> None:
+    """Open one comm to ``address`` (connect and Dask handshake) within ``timeout`` seconds.
+
+    distributed applies its connect timeout to the TCP connect only: a server that
+    accepts the connection but never speaks Dask (an HTTP server on the port) makes
+    ``Client(address)`` wait forever. Bounding the whole handshake here turns that
+    into one line.
+    """
+    from distributed.comm import connect as comm_connect
+    from distributed.security import Security
+
+    args = (security or Security()).get_connection_args("client")
+
+    # distributed's own timeout ends a connect that gets nowhere (an OSError, reported as
+    # "cannot reach" by the caller); the outer one, a little later, ends a silent handshake
+    limit = timeout + max(2.0, timeout / 2)
+
+    async def probe():
+        comm = await asyncio.wait_for(comm_connect(address, timeout=timeout, **args), limit)
+        comm.abort()
+
+    # its own thread and event loop: the caller may already run one
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            pool.submit(asyncio.run, probe()).result()
+        except asyncio.TimeoutError as e:
+            if type(e) is not asyncio.TimeoutError:  # an OSError subclass raised by the connect itself
+                raise
+            raise ClusterError(f"{address} accepted the connection but did not answer the Dask handshake within "
+                               f"{limit:g}s: it is not a Dask scheduler (check the address and port; "
+                               "`dask scheduler` listens on 8786 by default)") from None
 
 
 def _n_workers(client) -> int:

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadInput
-from .store import RunStore, is_local, local_path
+from .store import RunStore, StoreError, is_local, local_path
 
 log = logging.getLogger(__name__)
 
@@ -52,19 +52,8 @@ class ExportResult:
 
 
 def owning_record(store: RunStore, array: str) -> tuple[str, dict] | None:
-    """The stage record that last wrote ``array`` (``(name, record)``), or None.
-
-    Several stages may write the same array (the threshold baseline and dedup both
-    write ``clusters``); the one that finished last owns what is stored now. A
-    failed run never moves its outputs into place, so only records that list the
-    array in ``outputs`` (complete, or invalidated afterwards) count.
-    """
-    cands = [(rec.get("finished", ""), name, rec) for name, rec in store.records().items()
-             if array in (rec.get("outputs") or [])]
-    if not cands:
-        return None
-    _, name, rec = max(cands, key=lambda c: c[0])
-    return name, rec
+    """The stage record that last wrote ``array`` (``(name, record)``), or None (see :meth:`RunStore.owner`)."""
+    return store.owner(array)
 
 
 def load_clusters(store: RunStore, array: str = "clusters") -> np.ndarray:
@@ -77,10 +66,11 @@ def load_clusters(store: RunStore, array: str = "clusters") -> np.ndarray:
     """
     if not store.has(array):
         raise BadInput(f"{store.url}: no {array!r} array in this run; run `facecluster cluster {store.url}` first")
-    owner = owning_record(store, array)
-    if owner is not None and not owner[1].get("complete"):
-        raise BadInput(f"{store.url}: the last {owner[0]!r} stage did not complete ({owner[1].get('status')}), so {array!r} "
-                       f"is stale; re-run `facecluster cluster {store.url}`")
+    # incomplete, or computed from data/results that changed since (re-ingest, --force upstream)
+    try:
+        store.require_fresh_array(array, f"{array!r} is stale: re-run `facecluster cluster {store.url}`")
+    except StoreError as e:
+        raise BadInput(str(e)) from None
     lab = np.asarray(store.array(array)[...])
     if lab.ndim != 1 or lab.dtype.kind not in "iu":
         raise BadInput(f"{store.url}: {array!r} is {lab.dtype}{list(lab.shape)}, not a 1-D integer array of cluster ids; "

@@ -631,6 +631,8 @@ def write_report(run, out_dir: str | os.PathLike | None = None, gt: str | os.Pat
     tmp.mkdir(parents=True)
     try:
         methods = clustering_arrays(store)
+        for m in methods:  # a stale clustering would be reported as if it described this run's faces
+            store.require_fresh_array(m, f"re-run `facecluster cluster {store.url}` before the report")
         gt_arr, gt_src = ground_truth(store, gt)
         quality, metrics = _quality(store, methods, gt_arr, gt_src)
         sections = [

@@ -65,7 +65,12 @@ def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable]
 
     echo = echo or log.info
     check_store_reachable(client, store.url)  # one line naming the worker that cannot open the store
-    store.clean_tmp()  # leftovers of a killed run: never results, only disk
+    with store.writing("cluster"):  # one writer for the whole chain: another must not clean our _tmp
+        store.clean_tmp()  # leftovers of a killed run: never results, only disk
+        return _run_in_order(store, cfg, client, stages, echo, force)
+
+
+def _run_in_order(store: RunStore, cfg: Config, client, stages: dict[str, Callable], echo, force: bool) -> dict:
     report = {}
     for name, runner in stages.items():
         before = store.record(name) or {}

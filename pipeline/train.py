@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -66,6 +67,8 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
     try:
         meta = json.loads((d / "config.json").read_text())
         meta["dim"], meta["hidden"], meta["spec"]  # noqa: B018 - presence check
+        if not isinstance(meta["dim"], int) or isinstance(meta["dim"], bool) or meta["dim"] < 1:
+            raise ValueError(f"dim must be a positive integer, got {meta['dim']!r}")
         for key in ("outside", "connectivity"):  # models from before 0.1.4 have neither input group
             meta["spec"].setdefault(key, False)
         meta["spec"].setdefault("weights", "sim")  # models from before 0.2 read cosines
@@ -96,11 +99,16 @@ def load_models(model_dir: str | os.PathLike, dim: int | None = None, run_url: s
     hidden = tuple(meta["hidden"])
     gd = GCNDEnsemble([GCND(in_dim, hidden, 0.0) for _ in range(n_members)]) if n_members else GCND(in_dim, hidden, 0.0)
     gs = GCNS(in_dim + 2, tuple(meta["hidden"]), 0.0)
-    try:
-        gd.load_state_dict(torch.load(d / "gcnd.pt", weights_only=True, map_location="cpu"))
-        gs.load_state_dict(torch.load(d / "gcns.pt", weights_only=True, map_location="cpu"))
-    except (RuntimeError, OSError, ValueError) as e:
-        raise BadInput(f"{d}: model weights do not match its config.json ({str(e).splitlines()[0]}); re-train the model") from None
+    for net, name in ((gd, "gcnd.pt"), (gs, "gcns.pt")):
+        try:
+            net.load_state_dict(torch.load(d / name, weights_only=True, map_location="cpu"))
+        except pickle.UnpicklingError:
+            # torch's message advises weights_only=False, i.e. running the file's code: never
+            raise BadInput(f"{d / name}: refused - the file holds more than tensors (pickled code or objects), "
+                           "which facecluster never loads; re-train the model or use one from a trusted source") from None
+        except (RuntimeError, OSError, ValueError) as e:
+            raise BadInput(f"{d / name}: model weights do not match its config.json ({str(e).splitlines()[0]}); "
+                           "re-train the model") from None
     gd.eval()
     gs.eval()
     return gd, gs, meta

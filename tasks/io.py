@@ -21,7 +21,7 @@ import numpy as np
 
 
 # -- labels ------------------------------------------------------------------------
-def read_labels(path: str | os.PathLike) -> np.ndarray:
+def read_labels(path: str | os.PathLike, option: str = "--labels") -> np.ndarray:
     """Read integer labels from ``.npy`` (1-D integer array) or ``.meta`` (one per line).
 
     Parameters
@@ -44,7 +44,7 @@ def read_labels(path: str | os.PathLike) -> np.ndarray:
     p = Path(path)
     suffix = p.suffix.lower()
     if not p.exists():
-        raise ValueError(f"{p}: label file not found; check the path given to --labels")
+        raise ValueError(f"{p}: label file not found; check the path given to {option}")
     if suffix == ".npy":
         try:
             arr = np.load(p, mmap_mode="r", allow_pickle=False)
@@ -427,6 +427,38 @@ def bin_shape(path, dim: int | None = None, n: int | None = None) -> tuple[int, 
     return n, values // n
 
 
+PERIOD_SAMPLE_ROWS = 4096  # head rows inspected for a too-small --dim
+PERIOD_RATIO = 20.0  # how much more the row-period groups must differ than a random grouping
+
+
+def row_period(sample: np.ndarray, periods=(2, 3, 4), seed: int = 0) -> int | None:
+    """The period p when rows ``i % p`` look like different distributions, else None.
+
+    A raw .bin read with ``--dim`` = true dim / p turns every true row into p rows:
+    its first, second, ... part, in turn. Embedding dimensions differ in spread, so the
+    per-column spread of the rows ``i % p == g`` then differs between the groups g far
+    more than between groups of a random split (of the same sizes) - on correctly read
+    rows both differences are sampling noise.
+    """
+    x = np.asarray(sample, np.float64)
+    x = x[np.isfinite(x).all(axis=1)]
+    rng = np.random.default_rng(seed)
+
+    def dispersion(groups: np.ndarray, p: int) -> float:
+        logsd = np.stack([np.log(x[groups == g].std(axis=0) + 1e-12) for g in range(p)])
+        return float(logsd.var(axis=0).mean())
+
+    for p in periods:
+        if len(x) < 64 * p:
+            continue
+        by_row = np.arange(len(x)) % p
+        d_period = dispersion(by_row, p)
+        d_random = dispersion(rng.permutation(by_row), p)
+        if d_period > 1e-3 and d_period > PERIOD_RATIO * d_random:
+            return p
+    return None
+
+
 class BinReader(FeatureReader):
     """Raw little-endian float32 ``.bin`` (the reference implementation's format), read by blocks."""
 
@@ -435,6 +467,13 @@ class BinReader(FeatureReader):
     def __init__(self, path, dim: int | None = None, n: int | None = None):
         rows, d = bin_shape(path, dim, n)
         super().__init__(path, rows, d, np.dtype("<f4"))
+        if n is None:  # N follows from --dim alone: a --dim that divides the true one goes unnoticed otherwise
+            _, head, _ = next(_read_rows(self.path, 0, min(rows, PERIOD_SAMPLE_ROWS), d, self.dtype, PERIOD_SAMPLE_ROWS))
+            p = row_period(head)
+            if p is not None:
+                raise ValueError(
+                    f"{path}: with --dim {d} every {p} consecutive rows look like different parts of one vector: the "
+                    f"true dimension is probably {p * d}; pass the right --dim (or --labels / a .meta to fix N)")
 
     def blocks(self, rows: int):
         yield from _read_rows(self.path, 0, self.n, self.dim, self.dtype, rows)

@@ -74,15 +74,31 @@ def otsu_threshold(values: np.ndarray, bins: int = 256) -> float:
     return float(edges[int(np.argmax(between)) + 1])
 
 
+MIN_AUTO_SIMILARITIES = 16  # below this a histogram split is noise (N = 2, k = 1 gave one value: "merge them")
+
+
+class TooFewSimilarities(ValueError):
+    """Too few kNN similarities to derive a threshold from the data."""
+
+
 def auto_threshold(knn_sim: np.ndarray) -> float:
     """The data's anchor threshold from a sample of kNN similarity rows (padding: non-finite or -inf).
 
     Parameters
     ----------
     knn_sim : (rows, k) float array of kNN similarities (a row sample is enough).
+
+    Raises
+    ------
+    TooFewSimilarities
+        Fewer than ``MIN_AUTO_SIMILARITIES`` finite similarities: an explicit threshold is needed.
     """
     s = np.asarray(knn_sim, np.float32).ravel()
-    return otsu_threshold(s[np.isfinite(s) & (s > -1.5)])
+    s = s[np.isfinite(s) & (s > -1.5)]
+    if len(s) < MIN_AUTO_SIMILARITIES:
+        raise TooFewSimilarities(f"only {len(s)} kNN similarities, too few to derive a threshold from the data "
+                                 f"(at least {MIN_AUTO_SIMILARITIES})")
+    return otsu_threshold(s)
 
 
 def make_settings(preset: str, anchor: float, step: float, max_size: int, thresholds=None, sv_k: int = 3,

@@ -166,6 +166,53 @@ def test_unreachable_scheduler_one_line():
     assert msg.startswith(f"cannot reach the Dask scheduler at {address}") and "dask scheduler" in msg
 
 
+@pytest.mark.timeout(120)  # 0.1.4 waited forever here
+def test_scheduler_address_that_is_not_dask_fails_within_the_timeout(tmp_path):
+    import subprocess
+
+    port = free_port()
+    http = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import socket
+        import time
+
+        for _ in range(100):  # until the server listens
+            with socket.socket() as sk:
+                if sk.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        with pytest.raises(ClusterError) as e:
+            with connect(DaskConfig(scheduler=f"tcp://127.0.0.1:{port}", connect_timeout=2.0)):
+                pass
+        msg = _one_line(e)
+        assert "did not answer the Dask handshake within 4s" in msg and "not a Dask scheduler" in msg
+    finally:
+        http.kill()
+        http.wait()
+
+
+def test_worker_with_other_code_is_named(tmp_path):
+    """A worker importing another facecluster checkout (one changed line) is refused at connect, exit 2."""
+    import pipeline
+    import tasks
+
+    other = tmp_path / "other"
+    shutil.copytree(os.path.dirname(pipeline.__file__), other / "pipeline")
+    shutil.copytree(os.path.dirname(tasks.__file__), other / "tasks")
+    with open(other / "tasks" / "metrics.py", "a") as fh:
+        fh.write("\n# an older or newer checkout\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(other)] + [p for p in sys.path if p])}
+    with dask_cluster(n_workers=1, env=env, workdir=tmp_path / "procs") as procs:
+        with pytest.raises(ClusterError) as e:
+            with connect(dataclasses.replace(procs.dask_config(), connect_timeout=10.0)):
+                pass
+        assert isinstance(e.value, BadInput)  # the CLI exits 2
+        msg = _one_line(e)
+        addr = next(iter(procs.worker_pids()))
+        assert f"worker {addr}" in msg and "other facecluster code" in msg and "same facecluster" in msg
+
+
 @needs_openssl
 def test_no_workers_then_worker_without_faiss_over_tls(tmp_path):
     """A TLS scheduler with no workers, then a worker whose environment lacks faiss: one line each.

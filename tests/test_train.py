@@ -292,3 +292,55 @@ def test_auto_score_batch():
     assert auto_batch(310_054, 2) == 4096
     assert auto_batch(310_054, 64) == 1212
     assert auto_batch(0, 0) == 512
+
+
+class _RunsCode:
+    """A pickle that runs a command when loaded (what a hostile model file holds)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _cli(argv, capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return e.value.code, out.err
+
+
+def test_model_file_with_code_refused_before_any_stage(runs, tmp_path, local_client, capsys):
+    """Issue 18 item 7: exit 2, the file named, no advice to disable weights_only, and before kNN runs."""
+    import shutil
+
+    d = tmp_path / "hostile"
+    shutil.copytree(runs["model"], d)
+    torch.save({"w": _RunsCode(tmp_path / "ran")}, d / "gcns.pt")
+    from pipeline.stages.ingest import run_ingest
+
+    run_ingest(runs["tmp"] / "test_f.npy", str(tmp_path / "test.zarr"), cfg=IngestConfig(chunk_rows=500))
+    code, err = _cli(["cluster", tmp_path / "test.zarr", "--model", d, "--scheduler", local_client.scheduler.address],
+                     capsys)
+    assert code == 2
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and f"{d / 'gcns.pt'}: refused" in line[0] and "weights_only" not in err
+    assert not (tmp_path / "ran").exists()
+    assert list(RunStore.open(tmp_path / "test.zarr").records()) == ["ingest"]  # no stage ran before the refusal
+
+
+@pytest.mark.parametrize("dim", ['"abc"', "0", "2.5", "true"])
+def test_model_config_dim_must_be_a_positive_integer(runs, tmp_path, capsys, dim):
+    import shutil
+
+    d = tmp_path / "bad"
+    shutil.copytree(runs["model"], d)
+    meta = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps(meta).replace(f'"dim": {meta["dim"]}', f'"dim": {dim}'))
+    code, err = _cli(["cluster", runs["tmp"] / "test.zarr", "--model", d], capsys)
+    assert code == 2 and "config.json: unreadable model configuration" in err and "dim must be a positive integer" in err

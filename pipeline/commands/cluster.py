@@ -95,14 +95,18 @@ def command(run, method, model, th, max_size, force, cfg):
     runner, fmt = METHODS[method]
     store = RunStore.open(run)
     if method == "gcn":  # bad model input fails before a cluster is started
-        from ..train import check_dim, read_model_config
+        from ..train import load_models
 
         if not model:
             from ..errors import BadInput
 
             raise BadInput(f"{run}: the learned method needs a model: pass --model DIR (train one with "
                            "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method threshold")
-        check_dim(read_model_config(model), store.array("features").shape[1], model, store.url)
-    with connect(cfg.dask) as client:
+        # the weights are loaded too (small): a bad or unsafe file fails before kNN runs, not after
+        load_models(model, store.array("features").shape[1], store.url)
+    # one writer for the whole command (a second `cluster` must not delete our _tmp arrays);
+    # leftovers of a killed run are removed whichever method runs now
+    with store.writing("cluster"), connect(cfg.dask) as client:
+        store.clean_tmp()
         summary = runner(store, cfg, client, {"th": th, "max_size": max_size, "force": force, "model": model})
     click.echo(fmt(summary))

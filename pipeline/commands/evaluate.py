@@ -22,7 +22,7 @@ def _read_label_file(path: Path, what: str) -> np.ndarray:
     from tasks.io import read_labels
 
     try:
-        return read_labels(path)
+        return read_labels(path, option=what)
     except ValueError as e:
         raise BadInput(f"{what}: {e}") from None
 
@@ -59,6 +59,8 @@ def load_labels(target: str | Path, gt: str | Path | None = None, pred_array: st
         if not store.has(pred_array):
             raise BadInput(f"{p}: run store has no {pred_array!r} array; run `facecluster cluster {p}` first "
                            "or name another array with --pred-array")
+        # results computed from other data (re-ingested since) or left incomplete are refused, not scored
+        store.require_fresh_array(pred_array, f"re-run `facecluster cluster {p}` before evaluating {pred_array!r}")
         pred = np.asarray(store.array(pred_array)[:], dtype=np.int64)
         pred_src = f"{p}:{pred_array}"
         if gt is not None:

@@ -17,10 +17,15 @@ def with_thresholds(cfg, thresholds):
 
 
 def ensure_graph(store, cfg, client) -> None:
-    """Run the kNN stage if it never completed (when available), then the graph stage (skipped if up to date)."""
+    """Run the kNN stage if it never completed or is stale (when available), then the graph stage (skipped if up to date).
+
+    A completed, fresh kNN is kept as it is, even if it was computed with other
+    ``facecluster knn`` flags than this command's configuration; a stale one (its
+    features were re-ingested since) is recomputed, never reused.
+    """
     from ..stages.graph import run_graph
 
-    if not store.is_complete("knn"):
+    if store.stale_reason("knn") is not None:
         try:
             from ..stages.knn import run_knn
         except ImportError:

@@ -20,7 +20,10 @@ import uuid
 
 import numpy as np
 
+from tasks.thresholds import TooFewSimilarities
+
 from ..config import Config
+from ..errors import BadInput
 from ..forest import row_chunks, spanning_forest
 from ..store import RunStore, open_array
 
@@ -73,7 +76,10 @@ def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict
 
         # The anchor is computed once here and reused by every later stage (proposals,
         # threshold clustering) from this stage's record.
-        anchor = client.submit(anchor_task, store.url, key=f"graph-anchor-{uuid.uuid4().hex[:8]}").result()
+        try:
+            anchor = client.submit(anchor_task, store.url, key=f"graph-anchor-{uuid.uuid4().hex[:8]}").result()
+        except TooFewSimilarities as e:  # a tiny run: an automatic threshold would be a guess
+            raise BadInput(f"{store.url}: {e} - {n} faces with k={k} are too few to cluster; ingest more faces") from None
         anchor["source"] = "auto (Otsu threshold of kNN similarities)"
         if configured is None:
             # Edges far below every threshold any setting uses only cost time (249 s vs

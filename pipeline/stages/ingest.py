@@ -198,8 +198,7 @@ def _into_store(out: str, overwrite: bool, reader, lab, cfg, params, extra, labe
             with contextlib.suppress(StoreError):
                 store = RunStore.open(out)
         if store is not None:
-            store.clean_tmp()
-            return _stage(store, reader, lab, cfg, params, extra, label_src)
+            return _stage_locked(store, reader, lab, cfg, params, extra, label_src)
         store = RunStore.create(out, overwrite=overwrite)
         try:
             return _stage(store, reader, lab, cfg, params, extra, label_src)
@@ -221,8 +220,7 @@ def _into_store(out: str, overwrite: bool, reader, lab, cfg, params, extra, labe
         except StoreError:
             raise BadInput(f"{out}: exists and is not a facecluster run store; choose another -o path "
                            "(or --overwrite to replace it)") from None
-        store.clean_tmp()
-        return _stage(store, reader, lab, cfg, params, extra, label_src)
+        return _stage_locked(store, reader, lab, cfg, params, extra, label_src)
     if populated and not ((p / "zarr.json").exists() or (p / ".zgroup").exists()):
         # --overwrite deletes the old directory: refuse for anything that is not a Zarr store
         raise BadInput(f"{out}: refusing to overwrite a directory that is not a Zarr store; choose another -o path")
@@ -238,13 +236,25 @@ def _into_store(out: str, overwrite: bool, reader, lab, cfg, params, extra, labe
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if p.exists():
-        trash = p.parent / f".{p.name}.old-{uuid.uuid4().hex[:8]}"
-        p.rename(trash)
-        tmp.rename(p)
+        old = None
+        with contextlib.suppress(StoreError):
+            old = RunStore.open(out)
+        # --overwrite must not pull a run from under a writer: the old store's lock is held for the swap
+        with old.writing("ingest --overwrite") if old is not None else contextlib.nullcontext():
+            trash = p.parent / f".{p.name}.old-{uuid.uuid4().hex[:8]}"
+            p.rename(trash)
+            tmp.rename(p)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         tmp.rename(p)
     return summary
+
+
+def _stage_locked(store: RunStore, reader, lab, cfg: IngestConfig, params: dict, extra: dict, label_src) -> dict:
+    """Ingest into an existing store, holding its writer lock from the cleanup to the record."""
+    with store.writing("ingest"):
+        store.clean_tmp()
+        return _stage(store, reader, lab, cfg, params, extra, label_src)
 
 
 def _stage(store: RunStore, reader, lab, cfg: IngestConfig, params: dict, extra: dict, label_src) -> dict:

@@ -278,10 +278,21 @@ def _check_input(store: RunStore, k: int) -> tuple[int, int, int]:
     if feats.ndim != 2:
         raise BadInput(f"{store.url}: 'features' must be 2-D, has shape {feats.shape}; re-run `facecluster ingest`")
     n, d = (int(x) for x in feats.shape)
+    if n < 2:
+        raise BadInput(f"{store.url}: holds {n} face; clustering needs at least 2 (a single face is its own cluster)")
     if k >= n:
         raise BadInput(f"{store.url}: k={k} neighbours asked but the store holds only {n} faces; "
                        f"use -k smaller than N (at most {n - 1})")
     return n, d, int(feats.chunks[0])
+
+
+def _warn_dense_k(url: str, k: int, n: int) -> None:
+    if 2 * k > n:
+        # every face then lists most others as neighbours: the similarity distribution the automatic
+        # threshold splits is dominated by unrelated pairs (k = N - 1 put all 3,058 faces in one cluster)
+        log.warning("%s: k=%d neighbours for %d faces lists most of the run as every face's neighbours; "
+                    "clusters from the automatic threshold may merge unrelated faces - use -k below N/2 or --th",
+                    url, k, n)
 
 
 def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
@@ -302,6 +313,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
     kc = cfg.knn
     k = kc.k
     n, d, r = _check_input(store, k)
+    _warn_dense_k(store.url, k, n)
     mode = kc.mode if kc.mode != "auto" else ("ivf" if n >= kc.ivf_min_n else "exact")
     params = {"k": k, "mode": mode, "margin": kc.margin}
     if mode == "ivf":
