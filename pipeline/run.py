@@ -13,6 +13,7 @@ from typing import Callable
 
 from .config import Config
 from .store import RunStore
+from .train import check_dim, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,10 @@ def _stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], Non
     runners["proposals"] = lambda store, cfg, client, force=False: run_proposals(store, cfg, client, force=force,
                                                                                  communities=communities)
     runners["score"] = lambda store, cfg, client, force=False: run_score(store, model_dir, cfg, client, force=force)
-    runners["dedup"] = lambda store, cfg, client, force=False: run_dedup(store, cfg, client, force=force, attach=attach)
+    # the model's output: dedup over every proposal, or its communities (chosen on validation identities)
+    source = (read_model_config(model_dir).get("output") or {}).get("source", "proposals") if communities else "proposals"
+    runners["dedup"] = lambda store, cfg, client, force=False: run_dedup(store, cfg, client, force=force, attach=attach,
+                                                                         use_gcns=source == "proposals", source=source)
     return runners
 
 
@@ -87,8 +91,6 @@ def _run_in_order(store: RunStore, cfg: Config, client, stages: dict[str, Callab
 def run_cluster(store: RunStore, cfg: Config, client, model_dir: str,
                 echo: Callable[[str], None] | None = None, force: bool = False) -> dict:
     """The whole learned chain on one run store; writes ``clusters``."""
-    from .train import check_dim, read_model_config
-
     # Fail on a model/run mismatch before spending minutes on kNN.
     check_dim(read_model_config(model_dir), store.array("features").shape[1], model_dir, store.url)
     echo = echo or log.info

@@ -192,6 +192,46 @@ def _val_dedup(gcnd, gcns, batch, labels, majority, val_ids):
     return out, sub, score
 
 
+def validation_faces(batch, labels, majority, val_ids) -> np.ndarray:
+    """The faces validation dedup is measured on: the validation identities' faces and every member of a
+    validation proposal (as in :func:`_val_dedup`)."""
+    from tasks.gcn import subbatch
+
+    va = np.asarray(val_ids, np.int64)
+    ev = np.isin(labels, np.unique(majority[va]))
+    ev[subbatch(batch, va).members] = True
+    return np.flatnonzero(ev)
+
+
+def choose_output(store: RunStore, edges: dict, seg: dict, faces: np.ndarray) -> dict:
+    """The model's output: GCN-D(+S) dedup over every proposal, or the communities at the model's floor.
+
+    Both are measured on the validation faces (``faces``). The communities come from the
+    training run's out-of-fold probabilities, with the attach step at the model's level;
+    dedup uses the GCN-D trained on the other identities and GCN-S as tuned
+    (``seg``). The larger pairwise + BCubed F wins. Why a choice: on LFW the
+    communities clustered the test identities better than dedup over all proposals
+    (a face that no community claims is taken by any proposal that contains it, however
+    low its predicted IoU), on other sets dedup may win; the labelled set decides.
+    """
+    from tasks.edges import attach, best_claimed_neighbour
+    from tasks.metrics import bcubed_f, pairwise_f
+
+    labels = store.array("labels")[:]
+    comm = store.array("communities/labels")[:, 0]
+    if edges.get("attach") is not None:
+        index, prob = store.array("knn/index")[:], store.array("edges/prob")[:]
+        unclaimed = np.bincount(comm)[comm] == 1
+        claimed = np.where(index >= 0, ~unclaimed[np.maximum(index, 0)], False)
+        comm = attach(comm, unclaimed, *best_claimed_neighbour(index, prob, claimed), edges["attach"])
+    gt = labels[faces]
+    pw_c, bc_c = float(pairwise_f(gt, comm[faces])[2]), float(bcubed_f(gt, comm[faces])[2])
+    pw_d, bc_d = seg["val_pairwise_f_ds"], seg["val_bcubed_f_ds"]
+    method = "communities" if pw_c + bc_c > pw_d + bc_d + 1e-9 else "proposals"
+    return {"source": method, "val_pairwise_f_communities": pw_c, "val_bcubed_f_communities": bc_c,
+            "val_pairwise_f_dedup": pw_d, "val_bcubed_f_dedup": bc_d, "val_faces": int(len(faces))}
+
+
 def val_pairwise_f(gcnd, batch, labels, majority, val_ids) -> float:
     """Pairwise F of GCN-D-only dedup on the validation identities (selects the GCN-D loss weighting)."""
     if len(val_ids) < 2:
@@ -453,6 +493,12 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
          f"(GCN-D) -> {seg['val_pairwise_f_ds']} / {seg['val_bcubed_f_ds']} "
          f"with iop_range={seg['iop_range']} keep_prob={seg['keep_prob']}")
     metrics.update({k: seg[k] for k in ("val_pairwise_f_d", "val_pairwise_f_ds", "val_bcubed_f_d", "val_bcubed_f_ds")})
+    output = {"source": "proposals"}
+    if edges and cfg.edges.communities and len(va) and seg["val_pairwise_f_ds"] is not None:
+        output = choose_output(store, edges, seg, validation_faces(batch, data["labels"], tg["majority"], va))
+        echo(f"output on validation faces: communities {output['val_pairwise_f_communities']:.4f} / "
+             f"{output['val_bcubed_f_communities']:.4f}, dedup over all proposals {output['val_pairwise_f_dedup']:.4f} / "
+             f"{output['val_bcubed_f_dedup']:.4f} -> {output['source']}")
     meta = {"format": FORMAT, "dim": data["dim"], "k": data["k"], "hidden": list(g.hidden), "spec": spec,
             "ensemble": len(members),
             "gcn": g.to_dict(), "knn": cfg.knn.to_dict(),
@@ -460,7 +506,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
             # GCN-S settings tuned on the validation identities; the score stage uses them unless
             # [gcn] iop_range / keep_prob are set (iop_range None: GCN-S did not help, skip it)
             "segmentation": {"iop_range": seg["iop_range"], "keep_prob": seg["keep_prob"]},
-            "run": store.url, "metrics": metrics, **({"edges": edges} if edges else {}),
+            "run": store.url, "metrics": metrics, **({"edges": edges} if edges else {}), "output": output,
             "history": {"gcnd": hist_d, "gcnd_members": [m["history"] for m in member_metrics], "gcns": hist_s},
             "seconds": round(time.perf_counter() - t0, 2)}
     save_models(out_dir, gcnd, gcns, meta)

@@ -216,8 +216,10 @@ def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_cli
     floors = a.record("communities")["summary"]["floors"]
     assert floors[0] == trained["meta"]["edges"]["floor"] and {0.5, 0.7, 0.85, 0.95} <= set(floors)
     assert a.array("communities/labels").shape == (a.array("features").shape[0], len(floors))
-    comm = [s for s in a.record("proposals")["summary"]["settings"] if s.get("source") == "communities"]
+    settings = a.record("proposals")["summary"]["settings"]
+    comm = [s for s in settings if s.get("source") == "communities"]
     assert [s["floor"] for s in comm] == floors and sum(s["proposals"] for s in comm) > 0
+    assert settings[:len(comm)] == comm  # first: a member set a super-vertex setting also made counts as a community
     gt = a.array("labels")[:]
     assert pairwise_f(gt, a.array("clusters")[:])[2] > 0.5
     # a second run skips every stage
@@ -261,3 +263,30 @@ def test_broken_edge_scorer_is_one_line_bad_input(trained, tmp_path):
     (d / "edges.pt").unlink()
     with pytest.raises(BadInput, match="edges.pt is missing"):
         load_edge_scorer(d)
+
+
+def test_communities_output_keeps_every_community_and_attaches(trained, local_client, tmp_path):
+    """A model whose validation chose its communities as output: each community of >= 2 faces at the
+    model's floor is one cluster, and only faces the communities left alone move (attach)."""
+    from pipeline.run import run_cluster
+
+    d = tmp_path / "comm"
+    shutil.copytree(trained["model"], d)
+    meta = json.loads((d / "config.json").read_text())
+    assert meta["output"]["source"] in ("proposals", "communities")
+    meta["output"]["source"] = "communities"
+    meta["edges"]["attach"] = 0.5
+    (d / "config.json").write_text(json.dumps(meta))
+    store = _test_run(trained, "test_comm", 700)
+    run_cluster(store, _cfg(), local_client, str(d), echo=lambda s: None)
+    comm = store.array("communities/labels")[:, 0]
+    clusters = store.array("clusters")[:]
+    sizes = np.bincount(comm)
+    for c in np.flatnonzero(sizes >= 2):
+        assert len(np.unique(clusters[comm == c])) == 1
+    multi = sizes[comm] >= 2  # faces of a community: never merged with another community
+    assert len(np.unique(clusters[multi])) == int((sizes >= 2).sum())
+    summary = store.record("dedup")["summary"]
+    assert summary["source"] == "communities" and summary["attach_level"] == 0.5
+    moved = int((~multi).sum()) - int((np.bincount(clusters)[clusters[~multi]] == 1).sum())
+    assert summary["attached"] == moved

@@ -31,8 +31,9 @@ log = logging.getLogger(__name__)
 STAGE = "dedup"
 
 
-def map_task(url: str, p0: int, p1: int, bounds: np.ndarray, use_gcns: bool = True) -> list:
-    """Partial winners of proposals ``[p0, p1)``, split by face range (``use_gcns=False``: ignore GCN-S)."""
+def map_task(url: str, p0: int, p1: int, bounds: np.ndarray, use_gcns: bool = True, settings=None) -> list:
+    """Partial winners of proposals ``[p0, p1)``, split by face range (``use_gcns=False``: ignore GCN-S;
+    ``settings``: only proposals of these settings take part)."""
     from tasks.dedup import argmax_by_face, proposal_triples, split_by_face
 
     off = open_array(url, "proposals/offsets")[p0:p1 + 1]
@@ -40,8 +41,12 @@ def map_task(url: str, p0: int, p1: int, bounds: np.ndarray, use_gcns: bool = Tr
     members = open_array(url, "proposals/members")[a:b]
     keep = open_array(url, "score/keep")[a:b] if use_gcns else None
     iou = open_array(url, "score/iou")[p0:p1]
-    t = argmax_by_face(proposal_triples(off - a, members, iou, keep, pid0=p0))
-    return split_by_face(t, bounds)
+    t = proposal_triples(off - a, members, iou, keep, pid0=p0)
+    if settings is not None:
+        allowed = np.isin(open_array(url, "proposals/setting")[p0:p1], np.asarray(settings))
+        take = allowed[t[3] - p0]
+        t = tuple(x[take] for x in t)
+    return split_by_face(argmax_by_face(t), bounds)
 
 
 def reduce_task(lo: int, hi: int, *parts):
@@ -98,7 +103,7 @@ def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
 
 
 def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcns: bool = True,
-              out: str = "clusters", attach: float | None = None) -> dict:
+              out: str = "clusters", attach: float | None = None, source: str = "proposals") -> dict:
     """Labels every face from the scored proposals (stage "dedup", input "score"); writes ``clusters``.
 
     ``use_gcns=False`` ignores GCN-S's pruning (GCN-D alone). ``out`` names the
@@ -111,6 +116,11 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
     no proposal claimed joins the cluster of its most probable neighbour among the
     claimed faces when that probability is at least the level (needs stage "edges");
     clusters are then renumbered 0..C-1 by smallest face. None: they stay singletons.
+
+    ``source``: "proposals" (every proposal competes: Algorithm 3) or "communities"
+    (only the communities at the model's floor, the first communities setting: they
+    are disjoint, so each of their faces keeps its community; the model chooses this
+    output in training when it clusters the validation identities better).
     """
     from tasks.dedup import global_numbering
 
@@ -118,8 +128,16 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
     n = int(store.array("features").shape[0])
     per = int(cfg.gcn.dedup_faces)
     stage = STAGE if out == "clusters" else f"{STAGE}:{out}"
+    settings = None
+    if source == "communities":
+        comm = [x["id"] for x in store.require("proposals")["summary"]["settings"] if x.get("source") == "communities"]
+        if not comm:
+            raise ValueError(f"{store.url}: dedup from the communities needs proposals made with them")
+        settings = comm[:1]
+    elif source != "proposals":
+        raise ValueError(f"dedup source must be 'proposals' or 'communities', got {source!r}")
     params = {"faces_per_task": None, "use_gcns": bool(use_gcns), "out": out,  # partitioning never changes results
-              "attach": None if attach is None else float(attach)}
+              "attach": None if attach is None else float(attach), "source": source}
     if attach is not None:
         store.require("edges", "attaching faces needs the edge scorer's probabilities (stage 'edges')")
     with store.stage(stage, params, inputs=["score"] + (["edges"] if attach is not None else []), force=force) as w:
@@ -128,7 +146,7 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
         offsets = store.array("proposals/offsets")[:]
         bounds = np.unique(np.concatenate([np.arange(0, n, per), [n]])).astype(np.int64)
         token = uuid.uuid4().hex[:8]
-        maps = [client.submit(map_task, store.url, a, b, bounds, bool(use_gcns), key=f"dedup-map-{a}-{token}")
+        maps = [client.submit(map_task, store.url, a, b, bounds, bool(use_gcns), settings, key=f"dedup-map-{a}-{token}")
                 for a, b in _proposal_ranges(offsets, per)]
         reds = []
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
@@ -170,7 +188,7 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
             singles -= attached
         pruned_parts = int(((tk >= 0) & (tk % 2 == 1)).sum())
         summary = {"n": n, "n_clusters": n_clusters, "singletons_uncovered": singles, "attached": attached,
-                   "attach_level": attach,
+                   "attach_level": attach, "source": source,
                    "pruned_clusters": pruned_parts, "proposal_clusters": n_clusters - singles - pruned_parts,
                    "face_ranges": int(len(bounds) - 1), "map_tasks": len(maps), "use_gcns": bool(use_gcns),
                    "out": out}

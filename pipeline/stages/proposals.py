@@ -197,7 +197,8 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
     ``communities``: also propose every Infomap community of the learned-affinity
     graph (stage "communities", which must be complete), at each of its floors, of
     ``min_size`` up to ``max(max_proposal_size, whole_size)`` faces: one more setting
-    per floor (``"source": "communities"``).
+    per floor (``"source": "communities"``), combined before the super-vertex settings
+    (so a member set both produce counts as a community).
 
     Returns
     -------
@@ -228,12 +229,16 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
             for pos, i in enumerate(members):
                 futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
         if communities:
+            # first in the combine order: a member set that a super-vertex setting also produced is kept once, as
+            # a community (dedup with the model's communities as output selects proposals by their setting)
             cap = max(pc.max_proposal_size, pc.whole_size)
+            comm_settings, comm_futs = [], []
             for col, floor in enumerate(store.record("communities")["summary"]["floors"]):
-                settings = settings + [{"id": len(settings), "source": "communities", "floor": floor, "max_size": cap,
-                                        "levels": 1}]
-                futs.append(client.submit(communities_task, store.url, col, pc.min_size, cap,
-                                          key=f"proposals-communities-{col}-{token}"))
+                comm_settings.append({"id": len(settings) + col, "source": "communities", "floor": floor,
+                                      "max_size": cap, "levels": 1})
+                comm_futs.append(client.submit(communities_task, store.url, col, pc.min_size, cap,
+                                               key=f"proposals-communities-{col}-{token}"))
+            settings, futs = comm_settings + settings, comm_futs + futs
         # Only each setting's counts come to the driver; its proposal lists go straight to the combine task.
         results = wait_futures([client.submit(setting_counts, f, key=f"proposals-counts-{s['id']}-{token}")
                                 for s, f in zip(settings, futs)], "proposals")
