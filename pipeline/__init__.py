@@ -4,4 +4,4 @@ The numerical work lives in :mod:`tasks` (pure kernels); this package only opens
 stores, builds Dask graphs over chunks and schedules kernels.
 """
 
-__version__ = "0.1.4"
+__version__ = "0.2.0"

@@ -74,9 +74,12 @@ def cli(ctx, verbose, debug):
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     # Dask's own INFO chatter (scheduler/nanny start and stop) drowns our one-line output;
-    # it is shown from -vv on.
+    # it is shown from -vv on. Named one by one: importing distributed later sets the parent
+    # "distributed" logger back to INFO (its config's default), so a child without its own level
+    # inherits INFO - "distributed.batched" logged a CommClosedError traceback at every shutdown
+    # where the scheduler closed a worker's stream mid-send (bench quality / bench cluster).
     for name in ("distributed", "distributed.scheduler", "distributed.nanny", "distributed.core",
-                 "distributed.http.proxy", "distributed.worker"):
+                 "distributed.http.proxy", "distributed.worker", "distributed.batched", "distributed.comm"):
         logging.getLogger(name).setLevel(logging.ERROR if verbose < 2 else logging.INFO)
 
 

@@ -164,9 +164,15 @@ class DaskProcs:
                 time.sleep(0.2)
 
     def worker_pids(self) -> dict[str, int]:
-        """Worker address -> pid of the process that runs its tasks (the nanny's child with a nanny)."""
+        """Worker address -> pid of the process that runs its tasks (the nanny's child with a nanny).
+
+        A worker that is dying or being replaced by its nanny right now is left out: the
+        scheduler may still list it while its stream is already closed, and a broadcast
+        to it raises CommClosedError (seen on a loaded machine right after kill_worker).
+        """
         with self.client() as c:
-            return c.run(os.getpid)
+            got = c.run(os.getpid, on_error="return")
+        return {addr: pid for addr, pid in got.items() if isinstance(pid, int)}
 
     def kill_worker(self, pid: int | None = None, sig: int = signal.SIGKILL) -> int:
         """Kill one worker process (default: the first worker's Worker process) with ``sig``.

@@ -115,6 +115,7 @@ def test_bench_quality_own_labelled_features_over_seeds(tmp_path):
     assert r["seeds_above_threshold_pairwise"] == sum(row["learned (the model's output)"]["pairwise_f"] > bar
                                                       for row in r["by_seed"])
     assert "over 2 seeds" in out.stdout
+    assert "Traceback" not in out.stderr and "CommClosedError" not in out.stderr  # a clean shutdown
     # held-out scorer metrics of the last seed: recomputed here from the stores with scipy
     from scipy.stats import spearmanr
 
