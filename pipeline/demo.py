@@ -1,8 +1,10 @@
 """``facecluster demo``: the whole method on the built-in dataset, with its baselines.
 
-synth (train / test splits, disjoint identities) -> ingest both -> train GCN-D/GCN-S
-on train -> cluster test (knn -> graph -> proposals -> GCN-D -> GCN-S -> dedup) ->
-evaluate, beside:
+synth (train / test splits, disjoint identities) -> ingest both -> train the edge scorer,
+GCN-D and GCN-S on train -> cluster test (knn -> edges -> communities -> graph -> proposals
+-> GCN-D -> GCN-S -> dedup -> attach) -> evaluate the model's output (dedup over the
+proposals or its communities, as its validation chose), GCN-D + GCN-S dedup and the
+communities, beside:
 
 * the threshold baseline with its threshold chosen *with the ground truth* (the
   best any single threshold can do: a bound the learned method must beat),
@@ -37,6 +39,7 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     from .commands.synth import write_dataset
     from .run import run_cluster
     from .stages.dedup import run_dedup
+    from .train import read_model_config
     from .stages.ingest import run_ingest
     from .train import train
 
@@ -60,15 +63,19 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
 
     model_dir = out / "model"
     t = time.perf_counter()
-    from .train import ensure_proposals, model_digest
+    from .stages.knn import run_knn
+    from .train import model_digest
 
-    ensure_proposals(runs["train"], cfg, client)
-    train_digest = runs["train"].record("proposals")["digest"]
+    # training computes the training run's edges, communities and proposals itself: its kNN and the
+    # training settings say whether the model is up to date
+    run_knn(runs["train"], cfg, client)
+    train_digest = runs["train"].record("knn")["digest"]
+    settings = {"gcn": cfg.gcn.to_dict(), "edges": cfg.edges.to_dict(), "proposals": cfg.proposals.to_dict()}
     stamp = model_dir / "trained-on.json"
-    if not (stamp.exists() and json.loads(stamp.read_text()).get("proposals") == train_digest
-            and json.loads(stamp.read_text()).get("gcn") == cfg.gcn.to_dict()):
+    if not (stamp.exists() and json.loads(stamp.read_text()).get("knn") == train_digest
+            and json.loads(stamp.read_text()).get("settings") == settings):
         train(runs["train"], model_dir, cfg, client, echo=lambda s: echo(f"  train: {s}"))
-        stamp.write_text(json.dumps({"proposals": train_digest, "gcn": cfg.gcn.to_dict(), "model": model_digest(model_dir)}))
+        stamp.write_text(json.dumps({"knn": train_digest, "settings": settings, "model": model_digest(model_dir)}))
     else:
         echo("  train: model up to date (skipped)")
     timings["train"] = time.perf_counter() - t
@@ -91,9 +98,17 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     else:
         echo("  (Infomap peer skipped: pip install 'facecluster[peers]')")
 
-    run_dedup(store, cfg, client, use_gcns=False, out="clusters_gcnd")
+    meta = read_model_config(model_dir)
+    attach = (meta.get("edges") or {}).get("attach") if cfg.edges.attach else None
+    source = (meta.get("output") or {}).get("source", "proposals")
+    run_dedup(store, cfg, client, use_gcns=False, out="clusters_gcnd", attach=attach)
     results["GCN-D"] = evaluate(gt, store.array("clusters_gcnd")[:])
-    results["GCN-D + GCN-S"] = evaluate(gt, store.array("clusters")[:])
+    if source != "proposals":
+        run_dedup(store, cfg, client, out="clusters_gcnds", attach=attach)
+    results["GCN-D + GCN-S"] = evaluate(gt, store.array("clusters" if source == "proposals" else "clusters_gcnds")[:])
+    if store.has("communities/labels"):
+        results["communities (Infomap on the learned affinity)"] = evaluate(gt, store.array("communities/labels")[:, 0])
+    results[f"learned: the model's output ({source}, chosen on validation)"] = evaluate(gt, store.array("clusters")[:])
     summary = {"n_train": int(n_train), "n_test": int(n_test), "results": results, "threshold_sweep": th.to_dict(),
                "infomap_sweep": peer.to_dict() if peer is not None else None,
                "stages": report, "timings": {k: round(v, 2) for k, v in timings.items()}}

@@ -14,7 +14,7 @@ from pipeline.store import RunStore
 
 EXE = os.path.join(os.path.dirname(sys.executable), "facecluster")
 ENV = {**os.environ, "FACECLUSTER_PROGRESS": "0"}
-METHODS = ("threshold (best", "GCN-D", "GCN-D + GCN-S")
+METHODS = ("threshold (best", "GCN-D", "GCN-D + GCN-S", "learned: the model's output")
 
 
 @pytest.mark.slow
@@ -33,7 +33,8 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
     store = RunStore.open(out / "test.zarr")
     labels, clusters = store.array("labels")[:], store.array("clusters")[:]
     assert clusters.shape == labels.shape and clusters.min() == 0
-    assert len(np.unique(clusters)) == results["GCN-D + GCN-S"]["n_clusters"]
+    learned = next(v for k, v in results.items() if k.startswith("learned: the model's output"))
+    assert len(np.unique(clusters)) == learned["n_clusters"]
     # a score per face labelled by a proposal; NaN exactly for faces no proposal claimed
     score = store.array("clusters_score")[:]
     assert np.isfinite(score).any() and np.all((score[np.isfinite(score)] >= 0) & (score[np.isfinite(score)] <= 1))
@@ -43,7 +44,7 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
     r2 = subprocess.run(args, capture_output=True, text=True, env=ENV, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
     assert "model up to date (skipped)" in r2.stderr
-    for stage in ("knn", "graph", "proposals", "score", "dedup"):
+    for stage in ("knn", "edges", "communities", "graph", "proposals", "score", "dedup"):
         assert f"{stage:<10} skipped (up to date)" in r2.stderr
     np.testing.assert_array_equal(RunStore.open(out / "test.zarr").array("clusters")[:], clusters)
 
