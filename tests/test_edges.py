@@ -260,6 +260,19 @@ def test_broken_edge_scorer_is_one_line_bad_input(trained, tmp_path):
     with pytest.raises(BadInput) as e:
         load_edge_scorer(d)
     assert "\n" not in str(e.value) and "edges.pt" in str(e.value) and "re-train" in str(e.value)
+    # the CLI refuses it before any stage runs (no kNN in the run store afterwards)
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.stages.ingest import run_ingest
+
+    run_ingest(trained["tmp"] / "test_f.npy", str(tmp_path / "r.zarr"))
+    exe = str(Path(sys.executable).parent / "facecluster")
+    r = subprocess.run([exe, "cluster", str(tmp_path / "r.zarr"), "--model", str(d)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "edges.pt" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not RunStore.open(str(tmp_path / "r.zarr"), mode="r").is_complete("knn")
     (d / "edges.pt").unlink()
     with pytest.raises(BadInput, match="edges.pt is missing"):
         load_edge_scorer(d)

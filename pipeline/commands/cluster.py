@@ -104,6 +104,10 @@ def command(run, method, model, th, max_size, force, cfg):
                            "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method threshold")
         # the weights are loaded too (small): a bad or unsafe file fails before kNN runs, not after
         load_models(model, store.array("features").shape[1], store.url)
+        from ..model_files import edge_meta, load_edge_scorer
+
+        if edge_meta(model) is not None:
+            load_edge_scorer(model)
     # one writer for the whole command (a second `cluster` must not delete our _tmp arrays);
     # leftovers of a killed run are removed whichever method runs now
     with store.writing("cluster"), connect(cfg.dask) as client:
