@@ -8,7 +8,7 @@ them per proposal, as it does among the multi-scale super-vertex proposals.
 
 Connected components are independent Infomap problems: they are cuts of one
 maximum spanning forest of ``edges/prob`` (:mod:`pipeline.forest`, built once
-down to the lowest floor), packed into tasks of about ``NODES_PER_TASK`` nodes (a
+down to the lowest floor), packed into tasks of at most ``NODES_PER_TASK`` nodes (about four tasks per worker per floor; a
 component larger than that is a task of its own: the one part that stays in one
 process, reported as ``largest_component``); each task reads only its nodes' kNN
 rows and runs Infomap per component (:func:`tasks.peers.infomap_by_component`),
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "communities"
 NODES_PER_TASK = 200_000
+MIN_NODES_PER_TASK = 5_000  # below this a task's overhead outweighs the parallelism
 INFOMAP_SEED = 42
 
 
@@ -88,21 +89,28 @@ def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force:
         src, dst, wt = spanning_forest(client, store.url, n, r, min(floors), cfg.proposals.fan_in,
                                        weights="edges/prob", name="communities-forest")
         out = w.create_array("communities/labels", (n, len(floors)), (r, len(floors)), np.int64)
-        per_floor = []
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        # about 4 tasks per worker per floor (every floor's tasks are submitted before any is gathered),
+        # at most NODES_PER_TASK nodes each: the packing never changes the result
+        budget = int(min(NODES_PER_TASK, max(MIN_NODES_PER_TASK, -(-n // (4 * n_workers)))))
+        token = uuid.uuid4().hex[:8]
+        plans = []
         for f_i, floor in enumerate(floors):
             keep = wt >= np.float32(floor)  # the forest cut at this floor: the graph's components at it
             comp = components(n, src[keep], dst[keep])
             sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
             order = np.argsort(comp, kind="stable")
             starts = np.concatenate([[0], np.cumsum(sizes)])
-            token = uuid.uuid4().hex[:8]
-            groups = pack_components(sizes, NODES_PER_TASK)
+            groups = pack_components(sizes, budget)
             futs, node_sets = [], []
             for g_i, cids in enumerate(groups):
                 nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
                 node_sets.append(nodes)
                 futs.append(client.submit(component_task, store.url, nodes, comp[nodes], floor,
                                           key=f"communities-infomap-{f_i}-{g_i}-{token}"))
+            plans.append((floor, comp, sizes, groups, futs, node_sets))
+        per_floor = []
+        for f_i, (floor, comp, sizes, groups, futs, node_sets) in enumerate(plans):
             modules = wait_futures(futs, f"communities {floor}")
             module = np.zeros(n, np.int64)
             for nodes, mod in zip(node_sets, modules):
