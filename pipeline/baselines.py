@@ -29,7 +29,7 @@ from .store import RunStore, open_array
 
 
 def has_infomap() -> bool:
-    """Whether the optional Infomap peer is installed (``pip install 'facecluster[peers]'``)."""
+    """Whether Infomap is installed (a dependency of facecluster; ``pip install 'infomap>=2.7'``)."""
     try:
         import infomap  # noqa: F401
     except ImportError:

@@ -1,9 +1,9 @@
 """Peer clustering methods run on the same kNN graph, for side-by-side comparison.
 
 kNN + Infomap is the field's strongest untrained baseline (93.9 pairwise F on
-MS1M 584K, vs 85.7-88.6 for GCN-D/GCN-S). It is an optional extra
-(``pip install facecluster[peers]``); these kernels raise ImportError with the fix
-when it is absent.
+MS1M 584K, vs 85.7-88.6 for GCN-D/GCN-S). ``infomap`` is a dependency of facecluster
+(the learned method's communities run it too); these kernels raise ImportError with the
+fix when an installation lacks it.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     try:
         import infomap
     except ImportError:  # pragma: no cover - depends on the optional extra
-        raise ImportError("the Infomap peer needs the optional extra: pip install 'facecluster[peers]'") from None
+        raise ImportError("Infomap is missing from this installation: pip install 'infomap>=2.7' "
+                          "(a dependency of facecluster)") from None
     im = infomap.Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)
     # Infomap wants each undirected link once; keep the larger weight of i->j / j->i.
     a = np.minimum(src, dst)
