@@ -108,7 +108,7 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     results["GCN-D + GCN-S"] = evaluate(gt, store.array("clusters" if source == "proposals" else "clusters_gcnds")[:])
     if store.has("communities/labels"):
         results["communities (Infomap on the learned affinity)"] = evaluate(gt, store.array("communities/labels")[:, 0])
-    results[f"learned: the model's output ({source}, chosen on validation)"] = evaluate(gt, store.array("clusters")[:])
+    results[f"learned output ({source}, chosen on validation)"] = evaluate(gt, store.array("clusters")[:])
     summary = {"n_train": int(n_train), "n_test": int(n_test), "results": results, "threshold_sweep": th.to_dict(),
                "infomap_sweep": peer.to_dict() if peer is not None else None,
                "stages": report, "timings": {k: round(v, 2) for k, v in timings.items()}}

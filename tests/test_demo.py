@@ -14,7 +14,7 @@ from pipeline.store import RunStore
 
 EXE = os.path.join(os.path.dirname(sys.executable), "facecluster")
 ENV = {**os.environ, "FACECLUSTER_PROGRESS": "0"}
-METHODS = ("threshold (best", "GCN-D", "GCN-D + GCN-S", "learned: the model's output")
+METHODS = ("threshold (best", "GCN-D", "GCN-D + GCN-S", "learned output (")
 
 
 @pytest.mark.slow
@@ -33,7 +33,7 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
     store = RunStore.open(out / "test.zarr")
     labels, clusters = store.array("labels")[:], store.array("clusters")[:]
     assert clusters.shape == labels.shape and clusters.min() == 0
-    learned = next(v for k, v in results.items() if k.startswith("learned: the model's output"))
+    learned = next(v for k, v in results.items() if k.startswith("learned output ("))
     assert len(np.unique(clusters)) == learned["n_clusters"]
     # a score per face labelled by a proposal; NaN exactly for faces no proposal claimed
     score = store.array("clusters_score")[:]
