@@ -342,10 +342,12 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
         mask[faces] = True
         return np.flatnonzero(ok & mask[row_of_edge])
 
-    # out-of-fold probabilities: fold f's edges scored by a scorer trained on the other folds
-    ids = np.unique(labels)
-    fold_of_id = np.random.default_rng([g.seed, 1]).permutation(len(ids)) % EDGE_FOLDS
-    fold = fold_of_id[np.searchsorted(ids, labels)]
+    # out-of-fold probabilities: fold f's edges scored by a scorer trained on the other folds. The folds are
+    # stratified by identity size (identities dealt round-robin in size order, ties in random order): with
+    # random folds, LFW x dlib seed 3 put the largest identities (up to 530 faces) all in one fold, the other
+    # fold's scorer never saw a large identity and under-rated their edges, Infomap split them, and the
+    # floor chosen on those probabilities (0.3) gave test pairwise F 0.929 where GCN-D + GCN-S gave 0.957.
+    fold = size_stratified_folds(labels, EDGE_FOLDS, g.seed)
     oof = np.zeros(n * k, np.float32)
     for f in range(EDGE_FOLDS):
         inside, outside = edges_of(np.flatnonzero(fold == f)), edges_of(np.flatnonzero(fold != f))
@@ -376,6 +378,16 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
          f"out-of-fold {table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, attach level "
          f"{table['attach']} (chosen on out-of-fold probabilities)")
     return table, oof
+
+
+def size_stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """The fold of every face: whole identities, dealt round-robin in order of size (ties in a seeded
+    random order), so every fold holds large and small identities alike."""
+    ids, inverse, sizes = np.unique(labels, return_inverse=True, return_counts=True)
+    tie = np.random.default_rng([seed, 1]).permutation(len(ids))
+    fold_of_id = np.empty(len(ids), np.int64)
+    fold_of_id[np.lexsort((tie, -sizes))] = np.arange(len(ids)) % n_folds
+    return fold_of_id[inverse.reshape(-1)]
 
 
 def write_training_edges(store: RunStore, prob: np.ndarray, model_dir: str | os.PathLike) -> None:

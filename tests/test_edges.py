@@ -303,3 +303,23 @@ def test_communities_output_keeps_every_community_and_attaches(trained, local_cl
     assert summary["source"] == "communities" and summary["attach_level"] == 0.5
     moved = int((~multi).sum()) - int((np.bincount(clusters)[clusters[~multi]] == 1).sum())
     assert summary["attached"] == moved
+
+
+def test_edge_scorer_folds_are_stratified_by_identity_size():
+    """Whole identities per fold, and the identities ranked by size alternate between the folds (random folds
+    once put LFW's largest identities all in one fold, and the other fold's scorer under-rated them)."""
+    from pipeline.train import size_stratified_folds
+
+    rng = np.random.default_rng(0)
+    sizes = np.concatenate([[530, 236, 121, 109], rng.integers(1, 20, 300)])
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    for seed in range(5):
+        fold = size_stratified_folds(labels, 2, seed)
+        for g in range(len(sizes)):
+            assert len(np.unique(fold[labels == g])) == 1  # an identity is never split
+        ranked = np.argsort(-sizes, kind="stable")[:4]
+        assert [int(fold[labels == g][0]) for g in ranked] == [0, 1, 0, 1]
+        big = np.isin(labels, np.flatnonzero(sizes >= 100))
+        share = [big[fold == f].sum() / big.sum() for f in (0, 1)]
+        assert min(share) > 0.3  # 236 + 109 of 996 faces in identities >= 100 (random folds: as low as 0)
+    assert not np.array_equal(size_stratified_folds(labels, 2, 0), size_stratified_folds(labels, 2, 1))
