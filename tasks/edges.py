@@ -183,11 +183,6 @@ def gather_positions(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, pos.reshape(np.shape(index))
 
 
-def mask_padding(index: np.ndarray, sim: np.ndarray) -> np.ndarray:
-    """``sim`` as float32 with NaN where ``index`` is padding (< 0)."""
-    return np.where(np.asarray(index) >= 0, np.asarray(sim, np.float32), np.float32(np.nan))
-
-
 # -- the scorer ---------------------------------------------------------------------------------
 class EdgeScorer(nn.Module):
     """MLP from an edge's inputs to the logit of P(same identity); input standardisation inside."""
