@@ -272,10 +272,13 @@ def tune_segmentation(gcnd, gcns, batch, labels, majority, val_ids) -> dict:
     return res
 
 
-def ensure_proposals(store: RunStore, cfg: Config, client, model_dir: str | None = None) -> None:
+def ensure_proposals(store: RunStore, cfg: Config, client, model_dir: str | None = None,
+                     edges_written: bool = False) -> None:
     """knn -> [edges -> communities, with a model that has an edge scorer] -> graph -> proposals.
 
-    Each stage is skipped when up to date.
+    Each stage is skipped when up to date. ``edges_written``: the run's "edges" stage
+    already holds its probabilities (training writes out-of-fold ones); it is not re-run
+    with the model's scorer.
     """
     from .model_files import edge_meta
     from .stages.graph import run_graph
@@ -287,7 +290,8 @@ def ensure_proposals(store: RunStore, cfg: Config, client, model_dir: str | None
         from .stages.communities import run_communities
         from .stages.edges import run_edges
 
-        run_edges(store, str(model_dir), cfg, client)
+        if not edges_written:
+            run_edges(store, str(model_dir), cfg, client)
         communities = cfg.edges.communities
         if communities:
             run_communities(store, str(model_dir), cfg, client)
@@ -432,14 +436,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
         (d / "config.json.tmp").write_text(json.dumps({"edges": edges}, default=str))
         os.replace(d / "config.json.tmp", d / "config.json")
         write_training_edges(store, oof, out_dir)
-        from .stages.communities import run_communities
-        from .stages.graph import run_graph
-        from .stages.proposals import run_proposals
-
-        if cfg.edges.communities:
-            run_communities(store, str(out_dir), cfg, client)
-        run_graph(store, cfg, client)
-        run_proposals(store, cfg, client, communities=cfg.edges.communities)
+        ensure_proposals(store, cfg, client, out_dir, edges_written=True)
     elif client is not None:
         ensure_proposals(store, cfg, client)
     else:
