@@ -194,15 +194,17 @@ def test_scheduler_address_that_is_not_dask_fails_within_the_timeout(tmp_path):
 
 def test_worker_with_other_code_is_named(tmp_path):
     """A worker importing another facecluster checkout (one changed line) is refused at connect, exit 2."""
-    import pipeline
-    import tasks
+    import facecluster
+    from facecluster import pipeline, tasks
 
-    other = tmp_path / "other"
-    shutil.copytree(os.path.dirname(pipeline.__file__), other / "pipeline")
-    shutil.copytree(os.path.dirname(tasks.__file__), other / "tasks")
+    # the layout of an installed wheel: facecluster/{pipeline,tasks}/, first on the worker's path
+    other = tmp_path / "other" / "facecluster"
+    shutil.copytree(os.path.dirname(facecluster.__file__), other)
+    shutil.copytree(os.path.dirname(pipeline.__file__), other / "pipeline", dirs_exist_ok=True)
+    shutil.copytree(os.path.dirname(tasks.__file__), other / "tasks", dirs_exist_ok=True)
     with open(other / "tasks" / "metrics.py", "a") as fh:
         fh.write("\n# an older or newer checkout\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(other)] + [p for p in sys.path if p])}
+    env = {"PYTHONPATH": os.pathsep.join([str(other.parent)] + [p for p in sys.path if p])}
     with dask_cluster(n_workers=1, env=env, workdir=tmp_path / "procs") as procs:
         with pytest.raises(ClusterError) as e:
             with connect(dataclasses.replace(procs.dask_config(), connect_timeout=10.0)):

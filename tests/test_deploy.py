@@ -109,14 +109,16 @@ def test_dockerfile_installs_torch_cpu_first():
     torch_at = next(i for i, ln in enumerate(lines) if "torch==2.13.0" in ln)
     assert "--index-url https://download.pytorch.org/whl/cpu" in lines[torch_at]
     package_at = next(i for i, ln in enumerate(lines) if ln.startswith("RUN pip install \".["))
-    copy_at = next(i for i, ln in enumerate(lines) if ln.startswith("COPY pipeline"))
+    copy_at = min(i for i, ln in enumerate(lines) if ln.split()[:2] in (["COPY", d] for d in ("facecluster", "pipeline", "tasks")))
     assert torch_at < copy_at < package_at  # torch resolved before pip ever sees the package's deps
     assert "OMP_NUM_THREADS=1" in text and "OPENBLAS_NUM_THREADS=1" in text
     assert 'ENTRYPOINT ["/usr/local/bin/facecluster-entrypoint"]' in lines
     for src in (ln.split()[1] for ln in lines if ln.startswith("COPY ")):  # everything it copies exists
         assert (ROOT / src).exists(), src
     ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text()
-    assert "!pipeline/**" in ignore and "!tasks/**" in ignore
+    assert "!facecluster/**" in ignore and "!pipeline/**" in ignore and "!tasks/**" in ignore
+    for d in ("facecluster", "pipeline", "tasks"):  # every folder of the package is copied
+        assert any(ln.split()[:2] == ["COPY", d] for ln in lines), d
 
 
 def test_local_config_loads():
