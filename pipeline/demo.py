@@ -13,7 +13,7 @@ communities, beside:
   its edge threshold also chosen with the ground truth), when installed.
 
 The baselines and their grids (on the data's own similarity range) live in
-:mod:`pipeline.baselines`.
+:mod:`facecluster.pipeline.baselines`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
              echo: Callable[[str], None] = print) -> dict:
     """Run the demo in ``out_dir``; returns {method: metrics} (also written to ``out_dir/demo.json``)."""
-    from tasks.metrics import evaluate
+    from facecluster.tasks.metrics import evaluate
 
     from .commands.synth import write_dataset
     from .run import run_cluster

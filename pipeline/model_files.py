@@ -57,7 +57,7 @@ def load_edge_scorer(model_dir: str | os.PathLike):
     """(EdgeScorer in eval mode, its ``edges`` table); BadInput when the files do not match."""
     import torch
 
-    from tasks.edges import EdgeScorer, N_INPUTS
+    from facecluster.tasks.edges import EdgeScorer, N_INPUTS
 
     meta = edge_meta(model_dir)
     if meta is None:

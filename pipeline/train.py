@@ -3,11 +3,11 @@
 ``train(store, out_dir, cfg, client)``:
 
 1. runs (or reuses) the knn -> graph -> proposals stages on the run;
-2. computes each proposal's IoU / IoP from the labels (``tasks.targets``);
+2. computes each proposal's IoU / IoP from the labels (``facecluster.tasks.targets``);
 3. splits proposals by the identity of their majority label into train and
    validation (disjoint identities, ``gcn.val_fraction``), so the validation
    metrics measure transfer to unseen identities, not memorisation;
-4. trains GCN-D then GCN-S (``tasks.gcn``), keeping the epoch with the best
+4. trains GCN-D then GCN-S (``facecluster.tasks.gcn``), keeping the epoch with the best
    validation metric, and writes ``MODEL_DIR/gcnd.pt``, ``gcns.pt`` (state_dicts)
    and ``config.json`` (dims, widths, input spec, proposal settings, metrics).
 
@@ -37,7 +37,7 @@ FORMAT = 2  # 2: gcnd.pt holds a GCNDEnsemble (config.json "ensemble" members); 
 
 
 def input_spec(cfg: Config) -> dict:
-    """The node-input spec of ``tasks.gcn`` from the [gcn] section."""
+    """The node-input spec of ``facecluster.tasks.gcn`` from the [gcn] section."""
     g = cfg.gcn
     # With an edge scorer, GCN-D/GCN-S read P(same identity) wherever they read a cosine (edge weights,
     # boundary, structure, outside and connectivity inputs): the same scale on every face model.
@@ -88,7 +88,7 @@ def load_models(model_dir: str | os.PathLike, dim: int | None = None, run_url: s
     """(gcnd, gcns, meta) in eval mode, loaded with ``torch.load(weights_only=True)``."""
     import torch
 
-    from tasks.gcn import GCND, GCNS, GCNDEnsemble, input_dim
+    from facecluster.tasks.gcn import GCND, GCNS, GCNDEnsemble, input_dim
 
     meta = read_model_config(model_dir)
     if dim is not None:
@@ -131,8 +131,8 @@ def save_models(out_dir: str | os.PathLike, gcnd, gcns, meta: dict) -> Path:
 
 def load_training_data(store: RunStore, spec: dict):
     """Proposals, their targets and the batch of all proposals' inputs (in memory)."""
-    from tasks.gcn import build_batches
-    from tasks.targets import proposal_targets
+    from facecluster.tasks.gcn import build_batches
+    from facecluster.tasks.targets import proposal_targets
 
     if not store.has("labels"):
         raise BadInput(f"{store.url}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L`)")
@@ -170,9 +170,9 @@ def _val_dedup(gcnd, gcns, batch, labels, majority, val_ids):
     Both are measured on the faces of the validation identities (and every
     member of a validation proposal); proposals are ranked by predicted IoU.
     """
-    from tasks.dedup import dedup
-    from tasks.gcn import score_batch, subbatch
-    from tasks.metrics import bcubed_f, pairwise_f
+    from facecluster.tasks.dedup import dedup
+    from facecluster.tasks.gcn import score_batch, subbatch
+    from facecluster.tasks.metrics import bcubed_f, pairwise_f
 
     va = np.asarray(val_ids, np.int64)
     sub = subbatch(batch, va)
@@ -195,7 +195,7 @@ def _val_dedup(gcnd, gcns, batch, labels, majority, val_ids):
 def validation_faces(batch, labels, majority, val_ids) -> np.ndarray:
     """The faces validation dedup is measured on: the validation identities' faces and every member of a
     validation proposal (as in :func:`_val_dedup`)."""
-    from tasks.gcn import subbatch
+    from facecluster.tasks.gcn import subbatch
 
     va = np.asarray(val_ids, np.int64)
     ev = np.isin(labels, np.unique(majority[va]))
@@ -214,8 +214,8 @@ def choose_output(store: RunStore, edges: dict, seg: dict, faces: np.ndarray) ->
     (a face that no community claims is taken by any proposal that contains it, however
     low its predicted IoU), on other sets dedup may win; the labelled set decides.
     """
-    from tasks.edges import attach, best_claimed_neighbour
-    from tasks.metrics import bcubed_f, pairwise_f
+    from facecluster.tasks.edges import attach, best_claimed_neighbour
+    from facecluster.tasks.metrics import bcubed_f, pairwise_f
 
     labels = store.array("labels")[:]
     comm = store.array("communities/labels")[:, 0]
@@ -315,13 +315,13 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     test never shows, and every communities floor looked alike there (LFW: 0.99
     validation pairwise F from floor 0.3 to 0.95, against a test optimum near 0.9).
     The communities floor and the attach level are chosen on the out-of-fold
-    probabilities of the whole run (``tasks.edges.choose_levels``). The scorer saved
+    probabilities of the whole run (``facecluster.tasks.edges.choose_levels``). The scorer saved
     in the model trains on the identities of ``gcn.val_fraction``'s training split
     and keeps the epoch with the best loss on its validation identities.
     """
     import torch
 
-    from tasks.edges import (INPUT_NAMES, calibration, choose_levels, fit_edge_scorer, predict_edges, roc_auc,
+    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_levels, fit_edge_scorer, predict_edges, roc_auc,
                              run_edge_inputs)
 
     from .model_files import save_edge_scorer
@@ -416,7 +416,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
     """
     import torch
 
-    from tasks.gcn import GCNDEnsemble, eval_gcns, fit_gcnd, fit_gcns, predict_d, _spearman
+    from facecluster.tasks.gcn import GCNDEnsemble, eval_gcns, fit_gcnd, fit_gcns, predict_d, _spearman
 
     echo = echo or log.info
     g = cfg.gcn

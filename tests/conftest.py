@@ -17,7 +17,7 @@ def _local_client(n_workers: int):
     """A real distributed.LocalCluster of ``n_workers`` processes x 1 thread, and its client."""
     from distributed import Client, LocalCluster
 
-    from pipeline.cluster import configure_blas_env
+    from facecluster.pipeline.cluster import configure_blas_env
 
     configure_blas_env("auto")
     with LocalCluster(n_workers=n_workers, threads_per_worker=1, processes=True, dashboard_address=":0",
@@ -42,7 +42,7 @@ def dask_subprocess_cluster(tmp_path_factory):
     """`dask scheduler` + 2 `dask worker` subprocesses (tcp, nanny, 1 thread) on 127.0.0.1.
 
     Yields a ``dask_procs.DaskProcs``: ``.address``, ``.cli_args()`` (flags for the
-    facecluster CLI), ``.dask_config()`` (for ``pipeline.cluster.connect``), ``.client()``.
+    facecluster CLI), ``.dask_config()`` (for ``facecluster.pipeline.cluster.connect``), ``.client()``.
     Module-scoped: tests that kill workers should start their own with
     ``dask_procs.dask_cluster(...)``.
     """

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from dask_procs import free_port, stop_process_group
-from pipeline.cluster import ClusterError, check_workers, connect, detect_openblas_coretype, make_jobqueue_cluster
-from pipeline.commands._common import build_config
-from pipeline.config import Config, DaskConfig
-from pipeline.errors import BadInput
+from facecluster.pipeline.cluster import ClusterError, check_workers, connect, detect_openblas_coretype, make_jobqueue_cluster
+from facecluster.pipeline.commands._common import build_config
+from facecluster.pipeline.config import Config, DaskConfig
+from facecluster.pipeline.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -175,7 +175,7 @@ def test_make_certs_keeps_ca_and_verifies(tmp_path):
 
 # -- recipes run for real on 127.0.0.1 ----------------------------------------------------------
 def _check_remote(client, n_workers: int) -> dict:
-    from tasks.metrics import pairwise_f
+    from facecluster.tasks.metrics import pairwise_f
 
     reports = check_workers(client)
     assert len(reports) == n_workers
@@ -237,8 +237,8 @@ def test_manual_tls_recipe(tmp_path):
 
 FAKE_FACECLUSTER = r'''
 import json, os, sys
-from pipeline.cluster import connect
-from pipeline.config import DaskConfig
+from facecluster.pipeline.cluster import connect
+from facecluster.pipeline.config import DaskConfig
 sys.path.insert(0, os.environ["TESTS_DIR"])
 from test_deploy import _check_remote
 args = sys.argv[1:]

@@ -44,7 +44,7 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
     from ..stages.ingest import run_ingest
     from ..store import RunStore
     from ..train import train
-    from tasks.synth import make_faces, make_splits
+    from facecluster.tasks.synth import make_faces, make_splits
 
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)

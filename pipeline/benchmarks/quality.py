@@ -12,7 +12,7 @@ it trains one model per seed and clusters the test identities with each, beside:
 * dedup ranked by the *true* IoU (the bound of a perfect GCN-D on these proposals).
 
 Both label-chosen grids sit on the test set's own kNN-similarity range and are
-extended until the peak is inside (:mod:`pipeline.baselines`); their whole curves are
+extended until the peak is inside (:mod:`facecluster.pipeline.baselines`); their whole curves are
 saved. ``--baselines-only`` trains nothing: the baselines table of a set, cheaply.
 
 Per seed it also measures the scorer itself on the test proposals (issue 5's goals):
@@ -117,8 +117,8 @@ def run_baselines(test, cfg, client, gt: np.ndarray) -> tuple[dict, dict]:
     record : the sweeps (whole curves, peak inside or not), the anchor and every
         automatic-min_sim rule's metrics, for the JSON result.
     """
-    from tasks.baselines import AUTO_MIN_SIM
-    from tasks.metrics import evaluate
+    from facecluster.tasks.baselines import AUTO_MIN_SIM
+    from facecluster.tasks.metrics import evaluate
 
     from ..baselines import infomap_auto, infomap_peer, oracle_threshold
     from ..stages.proposals import graph_anchor
@@ -164,7 +164,7 @@ def held_out_scorer(store, model_dir, data: dict) -> dict:
     more than one identity): GCN-S membership with the deterministic seed vertex, the
     measures training validates on. ``data`` is ``load_training_data`` of ``store``.
     """
-    from tasks.gcn import _spearman, eval_gcns
+    from facecluster.tasks.gcn import _spearman, eval_gcns
 
     from ..train import load_models
 
@@ -185,7 +185,7 @@ def spearman_ceiling(truth: np.ndarray) -> float:
     Spearman well below 1 (0.57 for the built-in split's IoP). Measured by breaking
     the ties at random (seeded).
     """
-    from tasks.gcn import _spearman
+    from facecluster.tasks.gcn import _spearman
 
     truth = np.asarray(truth, np.float64)
     return _spearman(truth, truth + 1e-9 * np.random.default_rng(0).random(len(truth)))
@@ -193,7 +193,7 @@ def spearman_ceiling(truth: np.ndarray) -> float:
 
 def held_out_edges(store, gt: np.ndarray) -> dict:
     """The edge scorer on a labelled run's kNN edges: ROC-AUC (and the cosine's), calibration in 10 bins."""
-    from tasks.edges import calibration, roc_auc
+    from facecluster.tasks.edges import calibration, roc_auc
 
     idx = store.array("knn/index")[:]
     ok = idx >= 0
@@ -250,8 +250,8 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
       facecluster bench quality --train-features lfw/features.npy --train-labels lfw/labels.npy --dim 128
       facecluster bench quality --train-features a/f.npy --train-labels a/l.npy --features b/f.npy --labels b/l.npy
     """
-    from tasks.dedup import dedup
-    from tasks.metrics import evaluate
+    from facecluster.tasks.dedup import dedup
+    from facecluster.tasks.metrics import evaluate
 
     from ..cluster import connect
     from ..config import Config

@@ -19,7 +19,7 @@ def _is_run_store(p: Path) -> bool:
 
 
 def _read_label_file(path: Path, what: str) -> np.ndarray:
-    from tasks.io import read_labels
+    from facecluster.tasks.io import read_labels
 
     try:
         return read_labels(path, option=what)
@@ -136,7 +136,7 @@ def command(target, gt, pred_array, json_out):
       facecluster evaluate run.zarr                       # clusters vs the run's labels
       facecluster evaluate pred.npy --gt labels.meta
     """
-    from tasks.metrics import evaluate
+    from facecluster.tasks.metrics import evaluate
 
     truth, pred, sources = load_labels(target, gt, pred_array)
     result = {"sources": sources, "metrics": evaluate(truth, pred)}

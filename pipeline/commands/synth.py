@@ -1,6 +1,6 @@
 """`facecluster synth N -o DIR`: write the built-in face-like dataset (train/test splits) to disk.
 
-Faces are generated block by block (:func:`tasks.synth.face_blocks`) and streamed
+Faces are generated block by block (:func:`facecluster.tasks.synth.face_blocks`) and streamed
 into the output files, so 10^7 x 256 never needs the features in memory at once
 (only the identity table: centres of ~N/12 identities).
 """
@@ -34,7 +34,7 @@ def _parse_params(items) -> dict:
     """``--param KEY=VALUE`` -> dict of SynthParams overrides (VALUE: JSON, or a comma list)."""
     from dataclasses import fields
 
-    from tasks.synth import SynthParams
+    from facecluster.tasks.synth import SynthParams
 
     known = {f.name for f in fields(SynthParams)} - {"dim"}
     out = {}
@@ -64,18 +64,18 @@ def write_dataset(out_dir: str | Path, n: int, dim: int = 256, seed: int = 0, te
     n : int
         Total faces over both splits.
     dim, seed, test_fraction :
-        See :func:`tasks.synth.make_splits`.
+        See :func:`facecluster.tasks.synth.make_splits`.
     fmt : {"npy", "meta"}
         ``npy``: ``features.npy`` (float32 N x d) + ``labels.npy`` (int64).
         ``meta``: ``features.bin`` (raw float32, the reference implementation's format) + ``labels.meta``.
     params : dict, optional
-        :class:`tasks.synth.SynthParams` overrides (on top of the variant's).
+        :class:`facecluster.tasks.synth.SynthParams` overrides (on top of the variant's).
     overwrite : bool
         Replace existing files in ``out_dir``.
     progress : bool
         Show a progress bar.
     variant : str
-        A named variant of the generator (:data:`tasks.synth.VARIANTS`).
+        A named variant of the generator (:data:`facecluster.tasks.synth.VARIANTS`).
 
     Returns
     -------
@@ -84,8 +84,8 @@ def write_dataset(out_dir: str | Path, n: int, dim: int = 256, seed: int = 0, te
     """
     from dataclasses import replace
 
-    from tasks.io import write_meta
-    from tasks.synth import BLOCK_ROWS, SPLIT_TAGS, VARIANTS, face_blocks, make_identities, split_labels, variant_params
+    from facecluster.tasks.io import write_meta
+    from facecluster.tasks.synth import BLOCK_ROWS, SPLIT_TAGS, VARIANTS, face_blocks, make_identities, split_labels, variant_params
 
     if fmt not in FORMATS:
         raise BadInput(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
@@ -106,7 +106,7 @@ def write_dataset(out_dir: str | Path, n: int, dim: int = 256, seed: int = 0, te
     t0 = time.perf_counter()
     ids = make_identities(n, seed, p)
     labels = split_labels(ids, test_fraction)
-    desc = {"generator": "tasks.synth", "variant": variant, "n": n, "dim": dim, "seed": seed, "test_fraction": test_fraction,
+    desc = {"generator": "facecluster.tasks.synth", "variant": variant, "n": n, "dim": dim, "seed": seed, "test_fraction": test_fraction,
             "format": fmt, "params": p.to_dict(), "block_rows": BLOCK_ROWS, "splits": {}}
     total_blocks = sum(-(-lab.shape[0] // BLOCK_ROWS) for lab in labels.values())
     bar = None

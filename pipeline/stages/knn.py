@@ -24,7 +24,7 @@ How the work is cut
   so a shard is built by copying rows into lists; nprobe is tuned on a query sample
   for the recall of above-threshold edges against exact search.
 
-The kernels (``tasks.knn``) re-score candidates exactly and certify them, so the
+The kernels (``facecluster.tasks.knn``) re-score candidates exactly and certify them, so the
 arrays are identical for every chunk size, worker count, strategy and BLAS kernel.
 """
 
@@ -38,7 +38,7 @@ import uuid
 
 import numpy as np
 
-from tasks import knn as K
+from facecluster.tasks import knn as K
 
 from ..cluster import worker_threads
 from ..config import Config
@@ -443,7 +443,7 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
     exact list with sim >= ``edge_th`` (default: Otsu's threshold of the sample's
     exact similarities, the lowest threshold the proposals derive the same way).
     """
-    from tasks.thresholds import auto_threshold
+    from facecluster.tasks.thresholds import auto_threshold
 
     k = kc.k
     workers = _workers(client)

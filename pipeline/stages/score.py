@@ -7,7 +7,7 @@ unique ids), so no worker holds the feature matrix. The models are loaded once p
 worker process (module-level cache keyed by model directory + digest) and torch
 uses the worker's thread count.
 
-Determinism: ``tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
+Determinism: ``facecluster.tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
 (size bucket x fixed proposal count), so a proposal's scores are bitwise the same
 for any batch size or worker count (tested), which dedup's tie-breaking needs.
 
@@ -56,7 +56,7 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     """Worker task: score proposals ``[p0, p1)``; returns their outputs (small arrays)."""
     import torch
 
-    from tasks.gcn import build_batch, score_batch
+    from facecluster.tasks.gcn import build_batch, score_batch
 
     from ..cluster import worker_threads
 
