@@ -39,7 +39,7 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     from .commands.synth import write_dataset
     from .run import run_cluster
     from .stages.dedup import run_dedup
-    from .train import read_model_config
+    from .model_files import read_model_config
     from .stages.ingest import run_ingest
     from .train import train
 
@@ -64,7 +64,7 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     model_dir = out / "model"
     t = time.perf_counter()
     from .stages.knn import run_knn
-    from .train import model_digest
+    from .model_files import model_digest
 
     # training computes the training run's edges, communities and proposals itself: its kNN and the
     # training settings say whether the model is up to date

@@ -13,7 +13,7 @@ from typing import Callable
 
 from .config import Config
 from .store import RunStore
-from .train import check_dim, read_model_config
+from .model_files import RETRAIN_NOTE, check_dim, edge_meta, read_model_config
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,6 @@ CLUSTER_STAGES = ("knn", "edges", "communities", "graph", "proposals", "score", 
 
 def _stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None]):
     """The chain for a model: with an edge scorer, the learned affinity's stages join it."""
-    from .model_files import RETRAIN_NOTE, edge_meta
     from .stages.dedup import run_dedup
     from .stages.graph import run_graph
     from .stages.knn import run_knn

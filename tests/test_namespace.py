@@ -9,6 +9,7 @@ driver, not in LocalCluster worker processes, not in `dask worker` processes.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -76,8 +77,13 @@ def test_wheel_holds_only_facecluster_and_workers_from_it_agree(tmp_path):
     """`pip wheel .`: one top-level package; the code digest of the wheel's tree equals this checkout's."""
     from facecluster.pipeline.cluster import code_digest
 
-    out = tmp_path / "wheel"
-    _run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(out)], cwd=tmp_path)
+    src, out = tmp_path / "src", tmp_path / "wheel"
+    for name in ("pyproject.toml", "README.md"):  # built from a copy: setuptools writes build/ into the source tree
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("facecluster", "pipeline", "tasks"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    _run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "-q", "-w", str(out)], cwd=tmp_path)
     (whl,) = out.glob("facecluster-*.whl")
     with zipfile.ZipFile(whl) as z:
         names = z.namelist()

@@ -40,7 +40,7 @@ def runs(tmp_path_factory, local_client):
 
 
 def test_train_writes_loadable_model(runs):
-    from facecluster.pipeline.train import load_models
+    from facecluster.pipeline.model_files import load_models
 
     d = runs["model"]
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "edges.pt", "gcnd.pt", "gcns.pt"]
@@ -72,7 +72,8 @@ def test_ensemble_members_average_and_member0_is_the_single_model(runs, local_cl
     seed+1 on its own identity split, and the loaded scorer predicts the members' mean."""
     from dataclasses import replace
 
-    from facecluster.pipeline.train import load_models, train
+    from facecluster.pipeline.model_files import load_models
+    from facecluster.pipeline.train import train
     from facecluster.tasks.gcn import GCNDEnsemble, Padded, build_batches
 
     cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, ensemble=2))
@@ -100,7 +101,7 @@ def test_format1_model_directory_still_loads(runs, tmp_path):
     """A model written before ensembles (format 1: gcnd.pt is one GCND) loads and scores the same."""
     import shutil
 
-    from facecluster.pipeline.train import load_models
+    from facecluster.pipeline.model_files import load_models
     from facecluster.tasks.gcn import GCND
 
     d = tmp_path / "old"
@@ -124,7 +125,8 @@ def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, loc
     from dataclasses import replace
 
     from facecluster.pipeline.stages.score import run_score
-    from facecluster.pipeline.train import ensure_proposals, load_models, read_model_config, train
+    from facecluster.pipeline.model_files import load_models, read_model_config
+    from facecluster.pipeline.train import ensure_proposals, train
     from facecluster.tasks.gcn import input_dim
 
     cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False, connectivity=False),
@@ -154,7 +156,7 @@ def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, loc
 def test_unreadable_model_config_is_bad_input(runs, tmp_path, text):
     import shutil
 
-    from facecluster.pipeline.train import read_model_config
+    from facecluster.pipeline.model_files import read_model_config
 
     d = tmp_path / "bad"
     shutil.copytree(runs["model"], d)
@@ -164,7 +166,7 @@ def test_unreadable_model_config_is_bad_input(runs, tmp_path, text):
 
 
 def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
-    from facecluster.pipeline.train import load_models
+    from facecluster.pipeline.model_files import load_models
 
     with pytest.raises(BadInput, match="32-d features but .* 16-d"):
         load_models(runs["model"], dim=16, run_url="x.zarr")

@@ -166,7 +166,7 @@ def held_out_scorer(store, model_dir, data: dict) -> dict:
     """
     from facecluster.tasks.gcn import _spearman, eval_gcns
 
-    from ..train import load_models
+    from ..model_files import load_models
 
     tg = data["targets"]
     iou, iop = store.array("score/iou")[:], store.array("score/iop")[:]
@@ -263,7 +263,8 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
     from ..run import run_cluster
     from ..stages.knn import run_knn
     from ..store import RunStore
-    from ..train import ensure_proposals, load_training_data, read_model_config, train
+    from ..model_files import read_model_config
+    from ..train import ensure_proposals, load_training_data, train
 
     try:
         seed_list = [] if baselines_only else [int(s) for s in str(seeds).split(",") if s.strip()]
