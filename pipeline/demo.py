@@ -28,6 +28,7 @@ from typing import Callable
 from .baselines import infomap_peer, oracle_threshold
 from .config import Config
 from .store import RunStore
+from .synth import write_dataset
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     """Run the demo in ``out_dir``; returns {method: metrics} (also written to ``out_dir/demo.json``)."""
     from facecluster.tasks.metrics import evaluate
 
-    from .commands.synth import write_dataset
     from .run import run_cluster
     from .stages.dedup import run_dedup
     from .model_files import read_model_config
@@ -114,14 +114,3 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
                "stages": report, "timings": {k: round(v, 2) for k, v in timings.items()}}
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def format_table(results: dict) -> str:
-    """A plain-text table of the demo's methods (rich renders it in the CLI)."""
-    head = f"{'method':<58} {'pairwise P':>10} {'R':>6} {'F':>6}  {'BCubed P':>8} {'R':>6} {'F':>6}  {'NMI':>6} {'clusters':>8}"
-    lines = [head, "-" * len(head)]
-    for name, m in results.items():
-        lines.append(f"{name:<58} {m['pairwise_precision']:>10.4f} {m['pairwise_recall']:>6.4f} {m['pairwise_f']:>6.4f}  "
-                     f"{m['bcubed_precision']:>8.4f} {m['bcubed_recall']:>6.4f} {m['bcubed_f']:>6.4f}  {m['nmi']:>6.4f} "
-                     f"{m['n_clusters']:>8d}")
-    return "\n".join(lines)

@@ -336,7 +336,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
     """
     import torch
 
-    from facecluster.tasks.gcn import GCNDEnsemble, eval_gcns, fit_gcnd, fit_gcns, predict_d, _spearman
+    from facecluster.tasks.gcn import GCNDEnsemble, eval_gcns, fit_gcnd, fit_gcns, predict_d, spearman
 
     echo = echo or log.info
     g = cfg.gcn
@@ -410,7 +410,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
                "gcnd_seconds": round(t2 - t1, 2), "gcns_seconds": round(t3 - t2, 2)}
     if len(va):
         p = predict_d(gcnd0, batch, va)  # member 0: the others trained on some of these identities
-        metrics.update(val_spearman_iou=_spearman(p[:, 0], y[va, 0]), val_spearman_iop=_spearman(p[:, 1], y[va, 1]),
+        metrics.update(val_spearman_iou=spearman(p[:, 0], y[va, 0]), val_spearman_iop=spearman(p[:, 1], y[va, 1]),
                        val_mse_iou=float(((p[:, 0] - y[va, 0]) ** 2).mean()),
                        val_mse_iou_constant=float(y[va, 0].var()), val_mean_iop=float(y[va, 1].mean()))
         metrics.update({f"val_gcns_{k}": v for k, v in eval_gcns(gcns, batch, node_labels, va).items()})

@@ -78,7 +78,7 @@ def test_auto_min_sim_rules_are_label_free_and_named():
 
 # -- variants -----------------------------------------------------------------------------------
 def test_variants_are_documented_and_their_params_apply():
-    from facecluster.pipeline.commands.synth import VARIANT_HELP
+    from facecluster.pipeline.synth import VARIANT_HELP
     from facecluster.tasks.synth import VARIANTS, SynthParams, make_identities, variant_params
 
     assert list(VARIANT_HELP) == list(VARIANTS)

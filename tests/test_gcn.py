@@ -281,8 +281,8 @@ def test_training_beats_constant_on_held_out_identities():
     assert hist[-1]["loss"] < hist[0]["loss"]
     bt, tt, nl = data["test"]
     p = gcn.predict_d(md, bt, np.arange(len(bt.sizes)), layout="padded")
-    rho_iou = gcn._spearman(p[:, 0], tt["iou"])
-    rho_iop = gcn._spearman(p[:, 1], tt["iop"])
+    rho_iou = gcn.spearman(p[:, 0], tt["iou"])
+    rho_iop = gcn.spearman(p[:, 1], tt["iop"])
     mse = ((p[:, 0] - tt["iou"]) ** 2).mean()
     # observed (seeded): rho_iou 0.70, rho_iop 0.78, MSE 0.74 x var; a constant predictor: rho 0, MSE = var
     assert rho_iou > 0.5, rho_iou

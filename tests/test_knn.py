@@ -314,12 +314,12 @@ def test_cli_k_not_smaller_than_n_exits_2(tmp_path, capsys):
 
 
 def test_missing_ingest_is_a_clear_error(tmp_path):
-    from facecluster.pipeline.stages.knn import _check_input
+    from facecluster.pipeline.stages.knn import check_input
     from facecluster.pipeline.store import RunStore, StoreError
 
     store = RunStore.create(str(tmp_path / "empty.zarr"))
     with pytest.raises(StoreError, match="ingest"):
-        _check_input(store, 5)
+        check_input(store, 5)
 
 
 @pytest.mark.slow

@@ -34,7 +34,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..commands.synth import VARIANT_HELP
+from ..synth import VARIANT_HELP
 from . import save_result
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float,
     that set is the training set, whole, and the test set is ``features`` whole (or the
     built-in variant's test split).
     """
-    from ..commands.synth import write_dataset
+    from ..synth import write_dataset
     from ..errors import BadInput
     from ..stages.ingest import run_ingest
     from ..store import RunStore
@@ -164,7 +164,7 @@ def held_out_scorer(store, model_dir, data: dict) -> dict:
     more than one identity): GCN-S membership with the deterministic seed vertex, the
     measures training validates on. ``data`` is ``load_training_data`` of ``store``.
     """
-    from facecluster.tasks.gcn import _spearman, eval_gcns
+    from facecluster.tasks.gcn import spearman, eval_gcns
 
     from ..model_files import load_models
 
@@ -172,7 +172,7 @@ def held_out_scorer(store, model_dir, data: dict) -> dict:
     iou, iop = store.array("score/iou")[:], store.array("score/iop")[:]
     _, gcns, _ = load_models(model_dir, data["dim"], store.url)
     acc = eval_gcns(gcns, data["batch"], data["labels"][data["members"]], np.arange(len(iou)))
-    return {"spearman_iou": _spearman(iou, tg["iou"]), "spearman_iop": _spearman(iop, tg["iop"]),
+    return {"spearman_iou": spearman(iou, tg["iou"]), "spearman_iop": spearman(iop, tg["iop"]),
             "gcns_node_acc": acc["node_acc"], "gcns_node_acc_impure": acc["node_acc_impure"],
             "proposals": int(len(iou)), "impure_proposals": int((tg["iop"] < 1.0).sum())}
 
@@ -185,10 +185,10 @@ def spearman_ceiling(truth: np.ndarray) -> float:
     Spearman well below 1 (0.57 for the built-in split's IoP). Measured by breaking
     the ties at random (seeded).
     """
-    from facecluster.tasks.gcn import _spearman
+    from facecluster.tasks.gcn import spearman
 
     truth = np.asarray(truth, np.float64)
-    return _spearman(truth, truth + 1e-9 * np.random.default_rng(0).random(len(truth)))
+    return spearman(truth, truth + 1e-9 * np.random.default_rng(0).random(len(truth)))
 
 
 def held_out_edges(store, gt: np.ndarray) -> dict:
@@ -255,7 +255,7 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
 
     from ..cluster import connect
     from ..config import Config
-    from ..demo import format_table
+    from ..evaluation import format_table
     from ..errors import BadInput
     from ..stages.dedup import run_dedup
     from ..stages.graph import run_graph

@@ -115,9 +115,9 @@ def _sizes(name: str, summary: dict) -> dict:
 def run_once(store, cfg, model_dir: Path) -> dict:
     """The chain on one store with ``cfg.dask.n_workers`` workers: per-stage seconds and memory."""
     from ..cluster import connect
-    from ..run import _stage_runners
+    from ..run import stage_runners
 
-    runners = _stage_runners(str(model_dir), cfg, log.info)
+    runners = stage_runners(str(model_dir), cfg, log.info)
     out = {}
     with connect(cfg.dask, quiet=True) as client:
         pids = client.run(_warm_up)

@@ -272,7 +272,9 @@ def _tree(client, parts: list, k: int, fan_in: int, key: str, root):
     return root(parts)
 
 
-def _check_input(store: RunStore, k: int) -> tuple[int, int, int]:
+def check_input(store: RunStore, k: int) -> tuple[int, int, int]:
+    """(N, d, rows per chunk) of an ingested run that ``k`` neighbours can be found in; BadInput otherwise
+    (callers run it before starting a cluster)."""
     store.require("ingest", f"run `facecluster ingest FEATS -o {store.url}` first")
     feats = store.array(FEATURES)
     if feats.ndim != 2:
@@ -312,7 +314,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
     """
     kc = cfg.knn
     k = kc.k
-    n, d, r = _check_input(store, k)
+    n, d, r = check_input(store, k)
     _warn_dense_k(store.url, k, n)
     mode = kc.mode if kc.mode != "auto" else ("ivf" if n >= kc.ivf_min_n else "exact")
     params = {"k": k, "mode": mode, "margin": kc.margin}
