@@ -8,6 +8,7 @@ driver, not in LocalCluster worker processes, not in `dask worker` processes.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -120,11 +121,15 @@ def test_tasks_py_and_pipeline_py_in_the_working_directory(tmp_path):
     out = _run([sys.executable, "-m", "facecluster", "cluster", "run.zarr", "--method", "threshold", "--workers", "2"],
                cwd=work)
     assert "clusters" in out
+    # the Python API from `python -c` (the working directory first on the path), its own LocalCluster
+    api = _run([sys.executable, "-c", "import numpy as np, facecluster; X = np.load('data/test/features.npy'); "
+                "print(facecluster.FaceClusterer(method='threshold').fit_predict(X).tolist())"], cwd=work)
     labels = np.load(work / "data" / "test" / "labels.npy")
     import zarr
 
     clusters = zarr.open_group(str(work / "run.zarr"), mode="r")["clusters"][:]
     assert clusters.shape == labels.shape and clusters.min() >= 0
+    assert json.loads(api) == clusters.tolist()  # the same labels as the CLI
 
 
 @pytest.mark.slow
