@@ -61,5 +61,9 @@ def test_quickstart_runs(tmp_path):
     from facecluster.tasks.io import read_labels
 
     np.testing.assert_array_equal(read_labels(out / "clusters.meta"), clusters)
+    # it clusters and trains through the Python API, not by stringing stage functions together
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "facecluster.FaceClusterer(" in source and "facecluster.train(" in source
+    assert "pipeline.stages" not in source and "pipeline.run " not in source and "pipeline.train" not in source
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
