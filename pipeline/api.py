@@ -394,8 +394,9 @@ class FaceClusterer:
                              "facecluster.train(X, y, out='MODEL_DIR') or `facecluster train`; or use method='threshold'")
         if method == "gcn" and not Path(self.model).is_dir():
             raise ValueError(f"model={str(self.model)!r}: no such model directory (train one with facecluster.train)")
-        if self.th is not None and method != "threshold":
-            raise ValueError("th is a parameter of method='threshold'")
+        for name in ("th", "max_size"):
+            if getattr(self, name) is not None and method != "threshold":
+                raise ValueError(f"{name} is a parameter of method='threshold', not of method={self.method!r}")
         return method
 
     def _url(self) -> str:

@@ -122,6 +122,8 @@ def test_dropped_rows_are_labelled_minus_one(small_model, local_client):
     (dict(), None, r"method='learned' needs a model"),
     (dict(model="no/such/model"), None, r"no such model directory"),
     (dict(method="threshold", k=0), None, r"k must be a positive integer"),
+    (dict(model="no/such/model", max_size=50), None, r"no such model directory"),
+    (dict(method="gcn", model=".", th=0.5), None, r"th is a parameter of method='threshold', not of method='gcn'"),
     (dict(method="threshold", config={"knn": {"kk": 3}}), None, r"knn.kk: unknown setting"),
     (dict(method="threshold"), np.zeros(10), r"X must be a 2-D array"),
     (dict(method="threshold"), np.array([["a", "b"], ["c", "d"]]), r"X has dtype <U1"),
