@@ -1,6 +1,7 @@
-"""facecluster's Dask layer: run store, configuration, cluster connection, stages, CLI, reports.
+"""facecluster's Dask layer (``facecluster.pipeline``): run store, configuration, cluster connection,
+stages, clustering methods, training, the Python API, CLI, reports.
 
-The numerical work lives in :mod:`tasks` (pure kernels); this package only opens
+The numerical work lives in :mod:`facecluster.tasks` (pure kernels); this package only opens
 stores, builds Dask graphs over chunks and schedules kernels.
 """
 

@@ -7,7 +7,7 @@
   ``min_sim`` chosen with the labels (when ``infomap`` is installed);
 * kNN + Infomap at an automatic ``min_sim`` (a label-free rule from the data).
 
-Grids are placed on the run's own kNN-similarity range (:mod:`tasks.baselines`) so
+Grids are placed on the run's own kNN-similarity range (:mod:`facecluster.tasks.baselines`) so
 that neither baseline is mis-tuned on a face model whose cosines sit on another
 scale; each sweep returns its whole curve and whether the peak lies inside the grid.
 Used by ``facecluster demo`` and ``bench quality``.
@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from tasks.baselines import (AUTO_MIN_SIM, INFOMAP_POINTS, INFOMAP_STEP, MIN_SIM_RULES, THRESHOLD_POINTS,
+from facecluster.tasks.baselines import (AUTO_MIN_SIM, INFOMAP_POINTS, INFOMAP_STEP, MIN_SIM_RULES, THRESHOLD_POINTS,
                              THRESHOLD_STEP, Sweep, auto_min_sim, similarity_grid, sweep, valid_sims)
 
 from .config import Config
@@ -46,11 +46,11 @@ def knn_sims(store: RunStore, sample_rows: int = SAMPLE_ROWS) -> np.ndarray:
 
 
 def _evaluator(store: RunStore, client, task, prefix: str, *args):
-    """A batch evaluator for :func:`tasks.baselines.sweep`: runs ``task(url, value, *args)`` on the workers.
+    """A batch evaluator for :func:`facecluster.tasks.baselines.sweep`: runs ``task(url, value, *args)`` on the workers.
 
     Each point scores by pairwise F; its extras are (BCubed F, clusters); its result the labels.
     """
-    from tasks.metrics import evaluate
+    from facecluster.tasks.metrics import evaluate
 
     gt = store.array("labels")[:]
     token = uuid.uuid4().hex[:8]
@@ -97,7 +97,7 @@ def oracle_threshold(store: RunStore, cfg: Config, client, grid: np.ndarray | No
 
 def infomap_task(url: str, min_sim: float) -> np.ndarray:
     """Worker task: Infomap over the stored kNN lists (edges with similarity >= min_sim)."""
-    from tasks.peers import infomap_clusters, knn_edge_list
+    from facecluster.tasks.peers import infomap_clusters, knn_edge_list
 
     index = open_array(url, "knn/index")[:]
     sim = open_array(url, "knn/sim")[:]
@@ -126,8 +126,8 @@ def infomap_auto(store: RunStore, client, rules=None) -> dict | None:
 
     Parameters
     ----------
-    rules : names from :data:`tasks.baselines.MIN_SIM_RULES` (default: all of them, so
-        that every candidate is measured; :data:`tasks.baselines.AUTO_MIN_SIM` is the one
+    rules : names from :data:`facecluster.tasks.baselines.MIN_SIM_RULES` (default: all of them, so
+        that every candidate is measured; :data:`facecluster.tasks.baselines.AUTO_MIN_SIM` is the one
         reported as "kNN + Infomap at an automatic min_sim").
 
     Returns

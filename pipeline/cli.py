@@ -1,6 +1,6 @@
 """The ``facecluster`` command line.
 
-Commands live in :mod:`pipeline.commands` (one module each) and are imported only
+Commands live in :mod:`facecluster.pipeline.commands` (one module each) and are imported only
 when invoked, so ``facecluster --help`` does not pay for torch/faiss imports.
 
 Exit codes: 0 success, 2 bad input (file, option, run store), 1 any other failure.
@@ -48,7 +48,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS or not _module_exists(COMMANDS[name][0]):
             return None
-        mod = importlib.import_module(f"pipeline.commands.{COMMANDS[name][0]}")
+        mod = importlib.import_module(f"facecluster.pipeline.commands.{COMMANDS[name][0]}")
         return mod.command
 
     def format_commands(self, ctx, formatter):

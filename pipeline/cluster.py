@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 # What a worker must be able to import to run facecluster tasks (module, pip name).
-REQUIRED_ON_WORKERS = (("tasks", "facecluster"), ("pipeline", "facecluster"), ("faiss", "faiss-cpu"),
+REQUIRED_ON_WORKERS = (("facecluster.tasks", "facecluster"), ("facecluster.pipeline", "facecluster"), ("faiss", "faiss-cpu"),
                        ("torch", "torch"), ("zarr", "zarr"))
 
 
@@ -66,16 +66,20 @@ class CodeMismatch(ClusterError, BadInput):
 
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
-    """Digest of the facecluster source this process imports (``pipeline`` and ``tasks``).
+    """Digest of the facecluster source this process imports (``facecluster``, ``.pipeline``, ``.tasks``).
 
     Driver and workers must run the same code: a worker with an older checkout fails
     later with a signature error inside a task; comparing digests at connect names it.
+    Each package is hashed from its own folder (``facecluster`` itself: its top-level
+    modules only), so an editable install, where ``facecluster.pipeline`` is the
+    repository's ``pipeline/`` folder, and a wheel, where it is ``facecluster/pipeline/``,
+    of the same code agree.
     """
     h = hashlib.sha256()
-    for pkg in ("pipeline", "tasks"):
+    for pkg, files in (("facecluster", "*.py"), ("facecluster.pipeline", "**/*.py"), ("facecluster.tasks", "**/*.py")):
         spec = importlib.util.find_spec(pkg)
         root = Path(spec.origin).parent
-        for f in sorted(root.rglob("*.py")):
+        for f in sorted(root.glob(files)):
             h.update(f"{pkg}/{f.relative_to(root).as_posix()}".encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 

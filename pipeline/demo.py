@@ -13,7 +13,7 @@ communities, beside:
   its edge threshold also chosen with the ground truth), when installed.
 
 The baselines and their grids (on the data's own similarity range) live in
-:mod:`pipeline.baselines`.
+:mod:`facecluster.pipeline.baselines`.
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ from typing import Callable
 from .baselines import infomap_peer, oracle_threshold
 from .config import Config
 from .store import RunStore
+from .synth import write_dataset
 
 log = logging.getLogger(__name__)
 
 def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
              echo: Callable[[str], None] = print) -> dict:
     """Run the demo in ``out_dir``; returns {method: metrics} (also written to ``out_dir/demo.json``)."""
-    from tasks.metrics import evaluate
+    from facecluster.tasks.metrics import evaluate
 
-    from .commands.synth import write_dataset
     from .run import run_cluster
     from .stages.dedup import run_dedup
-    from .train import read_model_config
+    from .model_files import read_model_config
     from .stages.ingest import run_ingest
     from .train import train
 
@@ -64,7 +64,7 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     model_dir = out / "model"
     t = time.perf_counter()
     from .stages.knn import run_knn
-    from .train import model_digest
+    from .model_files import model_digest
 
     # training computes the training run's edges, communities and proposals itself: its kNN and the
     # training settings say whether the model is up to date
@@ -114,14 +114,3 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
                "stages": report, "timings": {k: round(v, 2) for k, v in timings.items()}}
     (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
-
-
-def format_table(results: dict) -> str:
-    """A plain-text table of the demo's methods (rich renders it in the CLI)."""
-    head = f"{'method':<58} {'pairwise P':>10} {'R':>6} {'F':>6}  {'BCubed P':>8} {'R':>6} {'F':>6}  {'NMI':>6} {'clusters':>8}"
-    lines = [head, "-" * len(head)]
-    for name, m in results.items():
-        lines.append(f"{name:<58} {m['pairwise_precision']:>10.4f} {m['pairwise_recall']:>6.4f} {m['pairwise_f']:>6.4f}  "
-                     f"{m['bcubed_precision']:>8.4f} {m['bcubed_recall']:>6.4f} {m['bcubed_f']:>6.4f}  {m['nmi']:>6.4f} "
-                     f"{m['n_clusters']:>8d}")
-    return "\n".join(lines)

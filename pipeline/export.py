@@ -3,7 +3,7 @@
 What each format holds (face id = row of ``features`` in the run store):
 
 * ``meta``    one cluster id per line, line i = face i: the reference
-  implementation's label format, readable by :func:`tasks.io.read_labels`.
+  implementation's label format, readable by :func:`facecluster.tasks.io.read_labels`.
 * ``npy``     1-D int64 array of cluster ids indexed by face id (``numpy.load``).
 * ``parquet`` / ``csv``  a table with columns ``face_id``, ``cluster_id``,
   ``input_row`` (row of the original input file, when the store has
@@ -157,7 +157,7 @@ def export_clusters(run: str | os.PathLike | RunStore, fmt: str, out: str | os.P
     res = ExportResult(path=path, format=fmt, n_faces=n, n_clusters=n_clusters)
 
     if fmt == "meta":
-        from tasks.io import write_meta
+        from facecluster.tasks.io import write_meta
 
         _atomic_write(path, lambda p: write_meta(p, lab))
         res.columns = ["cluster_id"]

@@ -18,7 +18,7 @@ from .store import open_array
 
 def chunk_forest_task(url: str, r0: int, r1: int, min_sim: float | None, weights: str = "knn/sim"):
     """Worker task: MSF of rows r0..r1 of the kNN lists, weighted by array ``weights``."""
-    from tasks.components import chunk_forest
+    from facecluster.tasks.components import chunk_forest
 
     idx = open_array(url, "knn/index")[r0:r1]
     w = open_array(url, weights)[r0:r1]
@@ -27,7 +27,7 @@ def chunk_forest_task(url: str, r0: int, r1: int, min_sim: float | None, weights
 
 def merge_task(*forests):
     """Worker task: MSF of the union of several forests."""
-    from tasks.components import merge_forests
+    from facecluster.tasks.components import merge_forests
 
     return merge_forests(*forests)
 
@@ -56,7 +56,7 @@ def spanning_forest(client, url: str, n: int, r: int, min_sim: float | None, fan
             for a, b in chunks]
     wait_futures(futs, name, gather=False)
     if not futs:
-        from tasks.components import empty_forest
+        from facecluster.tasks.components import empty_forest
 
         return empty_forest()
     final = tree_reduce(client, futs, fan_in, name=f"{name}-merge")

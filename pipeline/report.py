@@ -154,7 +154,7 @@ def ground_truth(store: RunStore, gt: str | os.PathLike | None = None) -> tuple[
     """Ground-truth labels per face: a ``--gt`` file (per face or per input row), else ``labels``."""
     n = n_faces(store)
     if gt is not None:
-        from tasks.io import read_labels
+        from facecluster.tasks.io import read_labels
 
         try:
             lab = read_labels(gt)
@@ -211,7 +211,7 @@ def _quality(store: RunStore, methods: dict, gt: np.ndarray | None, gt_src: str 
                         "ingest with --labels, or pass --gt LABELS to `facecluster report`"), {}
     if not methods:
         return _not_run("quality", title, "no clustering in this run", "run `facecluster cluster RUN` first"), {}
-    from tasks.metrics import evaluate
+    from facecluster.tasks.metrics import evaluate
 
     results = {}
     rows = []

@@ -1,4 +1,5 @@
-"""The learned clustering chain: knn -> [edges -> communities] -> graph -> proposals -> score (GCN-D, GCN-S) -> dedup.
+"""The learned clustering chain: knn -> [edges -> communities] -> graph -> proposals -> score (GCN-D, GCN-S) -> dedup,
+and the graph every method starts from (:func:`ensure_graph`).
 
 Each stage is skipped when its record says its inputs and parameters are
 unchanged, so re-running after a crash resumes at the first incomplete stage.
@@ -11,24 +12,25 @@ import logging
 import time
 from typing import Callable
 
+from .cluster import check_store_reachable
 from .config import Config
+from .model_files import RETRAIN_NOTE, check_dim, edge_meta, read_model_config
+from .stages.communities import run_communities
+from .stages.dedup import run_dedup
+from .stages.edges import run_edges
+from .stages.graph import run_graph
+from .stages.knn import run_knn
+from .stages.proposals import run_proposals
+from .stages.score import run_score
 from .store import RunStore
-from .train import check_dim, read_model_config
 
 log = logging.getLogger(__name__)
 
 CLUSTER_STAGES = ("knn", "edges", "communities", "graph", "proposals", "score", "dedup")
 
 
-def _stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None]):
+def stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None]):
     """The chain for a model: with an edge scorer, the learned affinity's stages join it."""
-    from .model_files import RETRAIN_NOTE, edge_meta
-    from .stages.dedup import run_dedup
-    from .stages.graph import run_graph
-    from .stages.knn import run_knn
-    from .stages.proposals import run_proposals
-    from .stages.score import run_score
-
     edges = edge_meta(model_dir) if model_dir else None
     runners = {"knn": run_knn}
     communities = False
@@ -37,9 +39,6 @@ def _stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], Non
         if model_dir:
             echo(RETRAIN_NOTE.format(model=model_dir))
     else:
-        from .stages.communities import run_communities
-        from .stages.edges import run_edges
-
         runners["edges"] = lambda store, cfg, client, force=False: run_edges(store, model_dir, cfg, client, force=force)
         communities = cfg.edges.communities
         if communities:
@@ -57,6 +56,18 @@ def _stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], Non
     return runners
 
 
+def ensure_graph(store: RunStore, cfg: Config, client) -> None:
+    """Run the kNN stage if it never completed or is stale, then the graph stage (skipped if up to date).
+
+    A completed, fresh kNN is kept as it is, even if it was computed with other
+    ``facecluster knn`` flags than this configuration; a stale one (its features were
+    re-ingested since) is recomputed, never reused.
+    """
+    if store.stale_reason("knn") is not None:
+        run_knn(store, cfg, client)
+    run_graph(store, cfg, client)
+
+
 def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable],
                echo: Callable[[str], None] | None = None, force: bool = False) -> dict:
     """Run ``stages`` in order; returns {stage: {"ran": bool, "seconds": float, "summary": dict}}.
@@ -65,8 +76,6 @@ def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable]
     ``finished`` time before the call (the stage returned its stored summary).
     ``force`` recomputes every stage.
     """
-    from .cluster import check_store_reachable
-
     echo = echo or log.info
     check_store_reachable(client, store.url)  # one line naming the worker that cannot open the store
     with store.writing("cluster"):  # one writer for the whole chain: another must not clean our _tmp
@@ -94,4 +103,4 @@ def run_cluster(store: RunStore, cfg: Config, client, model_dir: str,
     # Fail on a model/run mismatch before spending minutes on kNN.
     check_dim(read_model_config(model_dir), store.array("features").shape[1], model_dir, store.url)
     echo = echo or log.info
-    return run_stages(store, cfg, client, _stage_runners(model_dir, cfg, echo), echo, force=force)
+    return run_stages(store, cfg, client, stage_runners(model_dir, cfg, echo), echo, force=force)

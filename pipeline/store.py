@@ -25,7 +25,7 @@ Why this shape:
   The stage record is written last; on object stores, where a move is a copy, the
   record (not the presence of an array) is what says an output is complete.
 * Every chunk carries a CRC-32C and every output array a table of them
-  (:mod:`pipeline.integrity`): a missing or altered chunk is an error naming the
+  (:mod:`facecluster.pipeline.integrity`): a missing or altered chunk is an error naming the
   array, the chunk and the stage to re-run, never a silent fill value.
 * A stage whose record matches its parameters and input digest (and whose outputs
   are intact) is skipped on a re-run. The input digest chains the upstream stages'
@@ -621,7 +621,7 @@ class RunStore:
     def array(self, name: str) -> zarr.Array:
         """A result array, refused when it is not the one its stage recorded (replaced or re-tabled).
 
-        Its chunks are then checked as they are read (see :class:`pipeline.integrity.CheckedStore`).
+        Its chunks are then checked as they are read (see :class:`facecluster.pipeline.integrity.CheckedStore`).
         """
         try:
             a = self.root[name]

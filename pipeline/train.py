@@ -1,13 +1,13 @@
-"""Training GCN-D and GCN-S on a labelled run, and the model directory format.
+"""Training the edge scorer, GCN-D and GCN-S on a labelled run (the files it writes: :mod:`.model_files`).
 
 ``train(store, out_dir, cfg, client)``:
 
 1. runs (or reuses) the knn -> graph -> proposals stages on the run;
-2. computes each proposal's IoU / IoP from the labels (``tasks.targets``);
+2. computes each proposal's IoU / IoP from the labels (``facecluster.tasks.targets``);
 3. splits proposals by the identity of their majority label into train and
    validation (disjoint identities, ``gcn.val_fraction``), so the validation
    metrics measure transfer to unseen identities, not memorisation;
-4. trains GCN-D then GCN-S (``tasks.gcn``), keeping the epoch with the best
+4. trains GCN-D then GCN-S (``facecluster.tasks.gcn``), keeping the epoch with the best
    validation metric, and writes ``MODEL_DIR/gcnd.pt``, ``gcns.pt`` (state_dicts)
    and ``config.json`` (dims, widths, input spec, proposal settings, metrics).
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import pickle
 import time
 from pathlib import Path
 
@@ -28,16 +27,19 @@ import numpy as np
 
 from .config import Config
 from .errors import BadInput
-from .model_files import MODEL_FILES, edge_weight_array, model_digest  # noqa: F401 - model_digest: part of this module's API
+from .model_files import FORMAT, edge_meta, edge_weight_array, model_digest, save_edge_scorer, save_models
+from .stages.communities import run_communities
+from .stages.edges import run_edges
+from .stages.graph import run_graph
+from .stages.knn import run_knn
+from .stages.proposals import run_proposals
 from .store import RunStore
 
 log = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: gcnd.pt holds a GCNDEnsemble (config.json "ensemble" members); 1: one GCND
-
 
 def input_spec(cfg: Config) -> dict:
-    """The node-input spec of ``tasks.gcn`` from the [gcn] section."""
+    """The node-input spec of ``facecluster.tasks.gcn`` from the [gcn] section."""
     g = cfg.gcn
     # With an edge scorer, GCN-D/GCN-S read P(same identity) wherever they read a cosine (edge weights,
     # boundary, structure, outside and connectivity inputs): the same scale on every face model.
@@ -57,82 +59,10 @@ def identity_split(majority: np.ndarray, val_fraction: float, seed: int) -> tupl
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def read_model_config(model_dir: str | os.PathLike) -> dict:
-    """``config.json`` of a model directory; BadInput when missing or incomplete."""
-    d = Path(model_dir)
-    missing = [n for n in MODEL_FILES if not (d / n).exists()]
-    if missing:
-        raise BadInput(f"{d}: not a facecluster model directory (missing {', '.join(missing)}); "
-                       f"train one with `facecluster train RUN.zarr --out {d}`")
-    try:
-        meta = json.loads((d / "config.json").read_text())
-        meta["dim"], meta["hidden"], meta["spec"]  # noqa: B018 - presence check
-        if not isinstance(meta["dim"], int) or isinstance(meta["dim"], bool) or meta["dim"] < 1:
-            raise ValueError(f"dim must be a positive integer, got {meta['dim']!r}")
-        for key in ("outside", "connectivity"):  # models from before 0.1.4 have neither input group
-            meta["spec"].setdefault(key, False)
-        meta["spec"].setdefault("weights", "sim")  # models from before 0.2 read cosines
-    except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, a key missing, "spec" not a table
-        raise BadInput(f"{d / 'config.json'}: unreadable model configuration ({e!r}); re-train the model") from None
-    return meta
-
-
-def check_dim(meta: dict, dim: int, model_dir, run_url: str) -> None:
-    """BadInput when a model was trained on features of another dimension than the run's."""
-    if int(meta["dim"]) != int(dim):
-        raise BadInput(f"{model_dir}: model was trained on {meta['dim']}-d features but {run_url} has {dim}-d features; "
-                       f"train a model on a run with {dim}-d features (`facecluster train`) or use a matching model")
-
-
-def load_models(model_dir: str | os.PathLike, dim: int | None = None, run_url: str = "the run"):
-    """(gcnd, gcns, meta) in eval mode, loaded with ``torch.load(weights_only=True)``."""
-    import torch
-
-    from tasks.gcn import GCND, GCNS, GCNDEnsemble, input_dim
-
-    meta = read_model_config(model_dir)
-    if dim is not None:
-        check_dim(meta, dim, model_dir, run_url)
-    in_dim = input_dim(int(meta["dim"]), meta["spec"])
-    d = Path(model_dir)
-    n_members = int(meta.get("ensemble", 0))  # 0: a format-1 directory, one plain GCND
-    hidden = tuple(meta["hidden"])
-    gd = GCNDEnsemble([GCND(in_dim, hidden, 0.0) for _ in range(n_members)]) if n_members else GCND(in_dim, hidden, 0.0)
-    gs = GCNS(in_dim + 2, tuple(meta["hidden"]), 0.0)
-    for net, name in ((gd, "gcnd.pt"), (gs, "gcns.pt")):
-        try:
-            net.load_state_dict(torch.load(d / name, weights_only=True, map_location="cpu"))
-        except pickle.UnpicklingError:
-            # torch's message advises weights_only=False, i.e. running the file's code: never
-            raise BadInput(f"{d / name}: refused - the file holds more than tensors (pickled code or objects), "
-                           "which facecluster never loads; re-train the model or use one from a trusted source") from None
-        except (RuntimeError, OSError, ValueError) as e:
-            raise BadInput(f"{d / name}: model weights do not match its config.json ({str(e).splitlines()[0]}); "
-                           "re-train the model") from None
-    gd.eval()
-    gs.eval()
-    return gd, gs, meta
-
-
-def save_models(out_dir: str | os.PathLike, gcnd, gcns, meta: dict) -> Path:
-    """Write the state_dicts and config.json (config last: its presence marks a complete directory)."""
-    import torch
-
-    d = Path(out_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "config.json").unlink(missing_ok=True)
-    torch.save(gcnd.state_dict(), d / "gcnd.pt")
-    torch.save(gcns.state_dict(), d / "gcns.pt")
-    tmp = d / "config.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2, default=lambda o: o.item() if isinstance(o, np.generic) else str(o)))
-    os.replace(tmp, d / "config.json")
-    return d
-
-
 def load_training_data(store: RunStore, spec: dict):
     """Proposals, their targets and the batch of all proposals' inputs (in memory)."""
-    from tasks.gcn import build_batches
-    from tasks.targets import proposal_targets
+    from facecluster.tasks.gcn import build_batches
+    from facecluster.tasks.targets import proposal_targets
 
     if not store.has("labels"):
         raise BadInput(f"{store.url}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L`)")
@@ -170,9 +100,9 @@ def _val_dedup(gcnd, gcns, batch, labels, majority, val_ids):
     Both are measured on the faces of the validation identities (and every
     member of a validation proposal); proposals are ranked by predicted IoU.
     """
-    from tasks.dedup import dedup
-    from tasks.gcn import score_batch, subbatch
-    from tasks.metrics import bcubed_f, pairwise_f
+    from facecluster.tasks.dedup import dedup
+    from facecluster.tasks.gcn import score_batch, subbatch
+    from facecluster.tasks.metrics import bcubed_f, pairwise_f
 
     va = np.asarray(val_ids, np.int64)
     sub = subbatch(batch, va)
@@ -195,7 +125,7 @@ def _val_dedup(gcnd, gcns, batch, labels, majority, val_ids):
 def validation_faces(batch, labels, majority, val_ids) -> np.ndarray:
     """The faces validation dedup is measured on: the validation identities' faces and every member of a
     validation proposal (as in :func:`_val_dedup`)."""
-    from tasks.gcn import subbatch
+    from facecluster.tasks.gcn import subbatch
 
     va = np.asarray(val_ids, np.int64)
     ev = np.isin(labels, np.unique(majority[va]))
@@ -214,8 +144,8 @@ def choose_output(store: RunStore, edges: dict, seg: dict, faces: np.ndarray) ->
     (a face that no community claims is taken by any proposal that contains it, however
     low its predicted IoU), on other sets dedup may win; the labelled set decides.
     """
-    from tasks.edges import attach, best_claimed_neighbour
-    from tasks.metrics import bcubed_f, pairwise_f
+    from facecluster.tasks.edges import attach, best_claimed_neighbour
+    from facecluster.tasks.metrics import bcubed_f, pairwise_f
 
     labels = store.array("labels")[:]
     comm = store.array("communities/labels")[:, 0]
@@ -280,16 +210,8 @@ def ensure_proposals(store: RunStore, cfg: Config, client, model_dir: str | None
     already holds its probabilities (training writes out-of-fold ones); it is not re-run
     with the model's scorer.
     """
-    from .model_files import edge_meta
-    from .stages.graph import run_graph
-    from .stages.knn import run_knn
-    from .stages.proposals import run_proposals
-
     run_knn(store, cfg, client)
     if model_dir is not None and edge_meta(model_dir) is not None:
-        from .stages.communities import run_communities
-        from .stages.edges import run_edges
-
         if not edges_written:
             run_edges(store, str(model_dir), cfg, client)
         communities = cfg.edges.communities
@@ -315,16 +237,14 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     test never shows, and every communities floor looked alike there (LFW: 0.99
     validation pairwise F from floor 0.3 to 0.95, against a test optimum near 0.9).
     The communities floor and the attach level are chosen on the out-of-fold
-    probabilities of the whole run (``tasks.edges.choose_levels``). The scorer saved
+    probabilities of the whole run (``facecluster.tasks.edges.choose_levels``). The scorer saved
     in the model trains on the identities of ``gcn.val_fraction``'s training split
     and keeps the epoch with the best loss on its validation identities.
     """
     import torch
 
-    from tasks.edges import (INPUT_NAMES, calibration, choose_levels, fit_edge_scorer, predict_edges, roc_auc,
+    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_levels, fit_edge_scorer, predict_edges, roc_auc,
                              run_edge_inputs)
-
-    from .model_files import save_edge_scorer
 
     echo = echo or log.info
     e, g = cfg.edges, cfg.gcn
@@ -416,7 +336,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
     """
     import torch
 
-    from tasks.gcn import GCNDEnsemble, eval_gcns, fit_gcnd, fit_gcns, predict_d, _spearman
+    from facecluster.tasks.gcn import GCNDEnsemble, eval_gcns, fit_gcnd, fit_gcns, predict_d, spearman
 
     echo = echo or log.info
     g = cfg.gcn
@@ -424,8 +344,6 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
     if cfg.edges.learn:
         if client is None:
             raise ValueError("train: learning the edge scorer needs a Dask client (it runs the edges stages)")
-        from .stages.knn import run_knn
-
         run_knn(store, cfg, client)
         if not store.has("labels"):
             raise BadInput(f"{store.url}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L`)")
@@ -492,7 +410,7 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
                "gcnd_seconds": round(t2 - t1, 2), "gcns_seconds": round(t3 - t2, 2)}
     if len(va):
         p = predict_d(gcnd0, batch, va)  # member 0: the others trained on some of these identities
-        metrics.update(val_spearman_iou=_spearman(p[:, 0], y[va, 0]), val_spearman_iop=_spearman(p[:, 1], y[va, 1]),
+        metrics.update(val_spearman_iou=spearman(p[:, 0], y[va, 0]), val_spearman_iop=spearman(p[:, 1], y[va, 1]),
                        val_mse_iou=float(((p[:, 0] - y[va, 0]) ** 2).mean()),
                        val_mse_iou_constant=float(y[va, 0].var()), val_mean_iop=float(y[va, 1].mean()))
         metrics.update({f"val_gcns_{k}": v for k, v in eval_gcns(gcns, batch, node_labels, va).items()})

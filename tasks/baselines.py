@@ -11,7 +11,7 @@ absolute step and a fixed share of that span (so a compressed scale gets as many
 points as a wide one), and a sweep whose best point sits on an edge extends the grid
 on that side until the peak is inside or a hard limit is reached.
 
-Pure numpy: the pipeline layer evaluates the grid points (``pipeline.baselines``).
+Pure numpy: the pipeline layer evaluates the grid points (``facecluster.pipeline.baselines``).
 """
 
 from __future__ import annotations

@@ -580,7 +580,8 @@ def build_batches(offsets: np.ndarray, members: np.ndarray, rows_of, spec: dict 
     return concat_batches(parts)
 
 
-def _spearman(a, b) -> float:
+def spearman(a, b) -> float:
+    """Spearman rank correlation of two score vectors (0.0 when fewer than 3 values or either is constant)."""
     from scipy.stats import spearmanr
 
     if len(a) < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
@@ -643,8 +644,8 @@ def fit_gcnd(batch: ProposalBatch, targets: np.ndarray, train_ids: np.ndarray, v
     def validate(rec):
         p = predict_d(model, batch, np.asarray(val_ids), eoff, layout)
         t = y[val_ids].numpy()
-        rec.update(val_mse=float(((p - t) ** 2).mean()), val_spearman_iou=_spearman(p[:, 0], t[:, 0]),
-                   val_spearman_iop=_spearman(p[:, 1], t[:, 1]))
+        rec.update(val_mse=float(((p - t) ** 2).mean()), val_spearman_iou=spearman(p[:, 0], t[:, 0]),
+                   val_spearman_iop=spearman(p[:, 1], t[:, 1]))
         return rec["val_spearman_iou"] + 0.5 * rec["val_spearman_iop"]
 
     return _train_best_epoch(model, batch, train_ids, val_ids, batch_loss, validate, rng, epochs=epochs, lr=lr,

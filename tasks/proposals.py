@@ -76,7 +76,7 @@ def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = 50_000, 
     """kNN among ``x`` rows (self excluded): (index int64, sim float32), rows sorted (sim desc, id asc).
 
     Exact (faiss IndexFlatIP) up to ``exact_max`` rows; above, IVF (nlist ~ 4 sqrt(n),
-    nprobe 16, seeded training) searched list-major (:class:`tasks.knn.IvfLists`):
+    nprobe 16, seeded training) searched list-major (:class:`facecluster.tasks.knn.IvfLists`):
     level-i+1 graphs need only a few neighbours, and IVF with that nprobe finds nearly
     all of the close ones. Profiled at 1M faces (408k level-1 nodes), faiss's own
     IVF scan was 65% of a proposal setting's 152 s. Missing neighbours: id -1, sim 0.

@@ -74,7 +74,7 @@ def free_port() -> int:
 
 
 def _subprocess_env(nthreads: int, extra: dict | None) -> dict:
-    from pipeline.cluster import THREAD_VARS, resolve_coretype
+    from facecluster.pipeline.cluster import THREAD_VARS, resolve_coretype
 
     env = dict(os.environ)
     env.pop("DASK_SCHEDULER_ADDRESS", None)
@@ -115,8 +115,8 @@ class DaskProcs:
         return ["--scheduler", self.address] + (self.tls.cli_args() if self.tls else [])
 
     def dask_config(self):
-        """A ``pipeline.config.DaskConfig`` for ``pipeline.cluster.connect``."""
-        from pipeline.config import DaskConfig
+        """A ``facecluster.pipeline.config.DaskConfig`` for ``facecluster.pipeline.cluster.connect``."""
+        from facecluster.pipeline.config import DaskConfig
 
         tls = {}
         if self.tls:

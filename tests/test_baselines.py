@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from tasks.baselines import MIN_SIM_RULES, auto_min_sim, nice_step, similarity_grid, sweep, valid_sims
+from facecluster.tasks.baselines import MIN_SIM_RULES, auto_min_sim, nice_step, similarity_grid, sweep, valid_sims
 
 
 def test_nice_step_is_the_fixed_step_on_a_wide_range_and_finer_on_a_compressed_one():
@@ -78,8 +78,8 @@ def test_auto_min_sim_rules_are_label_free_and_named():
 
 # -- variants -----------------------------------------------------------------------------------
 def test_variants_are_documented_and_their_params_apply():
-    from pipeline.commands.synth import VARIANT_HELP
-    from tasks.synth import VARIANTS, SynthParams, make_identities, variant_params
+    from facecluster.pipeline.synth import VARIANT_HELP
+    from facecluster.tasks.synth import VARIANTS, SynthParams, make_identities, variant_params
 
     assert list(VARIANT_HELP) == list(VARIANTS)
     assert variant_params("default", 64) == SynthParams(dim=64)
@@ -93,11 +93,11 @@ def test_variants_are_documented_and_their_params_apply():
 
 
 def _knn_anchor_and_best_threshold(variant: str):
-    from tasks.components import threshold_components
-    from tasks.knn import brute_force_knn
-    from tasks.metrics import pairwise_f
-    from tasks.synth import make_splits, variant_params
-    from tasks.thresholds import auto_threshold
+    from facecluster.tasks.components import threshold_components
+    from facecluster.tasks.knn import brute_force_knn
+    from facecluster.tasks.metrics import pairwise_f
+    from facecluster.tasks.synth import make_splits, variant_params
+    from facecluster.tasks.thresholds import auto_threshold
 
     x, lab = make_splits(4000, dim=256, seed=0, params=variant_params(variant))["test"]
     sim, idx = brute_force_knn(x, 40)
@@ -126,14 +126,14 @@ def test_scale_variant_squeezes_the_knn_cosines_toward_one():
 # -- the pipeline layer ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_baselines_on_a_run_find_inside_peaks_on_the_data_range(tmp_path, local_client):
-    from pipeline.baselines import infomap_auto, infomap_peer, knn_sims, oracle_threshold
-    from pipeline.config import Config
-    from pipeline.stages.graph import run_graph
-    from pipeline.stages.ingest import run_ingest
-    from pipeline.stages.knn import run_knn
-    from pipeline.store import RunStore
-    from tasks.metrics import pairwise_f
-    from tasks.synth import make_faces
+    from facecluster.pipeline.baselines import infomap_auto, infomap_peer, knn_sims, oracle_threshold
+    from facecluster.pipeline.config import Config
+    from facecluster.pipeline.stages.graph import run_graph
+    from facecluster.pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.stages.knn import run_knn
+    from facecluster.pipeline.store import RunStore
+    from facecluster.tasks.metrics import pairwise_f
+    from facecluster.tasks.synth import make_faces
 
     feats, labels = make_faces(2500, dim=64, seed=2)
     np.save(tmp_path / "f.npy", feats)
@@ -169,7 +169,7 @@ def test_baselines_on_a_run_find_inside_peaks_on_the_data_range(tmp_path, local_
 # -- the CLI --------------------------------------------------------------------------------------
 def _cli(tmp_path, *args, ok=True):
     exe = shutil.which("facecluster")
-    cmd = [exe, *args] if exe else [sys.executable, "-m", "pipeline", *args]
+    cmd = [exe, *args] if exe else [sys.executable, "-m", "facecluster", *args]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"})
     if ok:
@@ -178,7 +178,7 @@ def _cli(tmp_path, *args, ok=True):
 
 
 def test_synth_variant_writes_its_params(tmp_path):
-    from tasks.synth import VARIANTS
+    from facecluster.tasks.synth import VARIANTS
 
     _cli(tmp_path, "synth", "600", "-o", "d", "--dim", "32", "--variant", "sizes", "--param", "max_size=12")
     desc = json.loads((tmp_path / "d" / "dataset.json").read_text())
@@ -212,8 +212,8 @@ def test_bench_quality_baselines_only_on_a_variant(tmp_path):
 
 @pytest.mark.slow
 def test_bench_quality_trains_on_one_set_and_tests_on_another(tmp_path):
-    from pipeline.store import RunStore
-    from tasks.synth import make_faces, variant_params
+    from facecluster.pipeline.store import RunStore
+    from facecluster.tasks.synth import make_faces, variant_params
 
     ftr, ltr = make_faces(2000, dim=32, seed=4)
     fte, lte = make_faces(1500, dim=32, seed=9, params=variant_params("spread", 32))

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def _bench(tmp_path, *args):
     exe = shutil.which("facecluster") or sys.executable
-    cmd = [exe, "bench", *args] if exe.endswith("facecluster") else [exe, "-m", "pipeline", "bench", *args]
+    cmd = [exe, "bench", *args] if exe.endswith("facecluster") else [exe, "-m", "facecluster", "bench", *args]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                          env={**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "False"})
     assert out.returncode == 0, out.stderr[-3000:]
@@ -56,7 +56,7 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
 def test_split_by_identity_is_disjoint_deterministic_and_keeps_row_order():
     import numpy as np
 
-    from pipeline.benchmarks.quality import split_by_identity
+    from facecluster.pipeline.benchmarks.quality import split_by_identity
 
     labels = np.random.default_rng(3).integers(0, 50, 400)
     tr, te = split_by_identity(labels, 0.5, 0)
@@ -72,9 +72,9 @@ def test_split_by_identity_is_disjoint_deterministic_and_keeps_row_order():
 def test_bench_quality_own_labelled_features_over_seeds(tmp_path):
     import numpy as np
 
-    from pipeline.store import RunStore
-    from tasks.metrics import evaluate
-    from tasks.synth import make_faces
+    from facecluster.pipeline.store import RunStore
+    from facecluster.tasks.metrics import evaluate
+    from facecluster.tasks.synth import make_faces
 
     feats, labels = make_faces(3000, dim=32, seed=4)
     np.save(tmp_path / "f.npy", feats)
@@ -119,7 +119,7 @@ def test_bench_quality_own_labelled_features_over_seeds(tmp_path):
     # held-out scorer metrics of the last seed: recomputed here from the stores with scipy
     from scipy.stats import spearmanr
 
-    from tasks.targets import proposal_targets
+    from facecluster.tasks.targets import proposal_targets
 
     t = proposal_targets(store.array("proposals/offsets")[:], store.array("proposals/members")[:], te)
     h = r["by_seed"][-1]["held_out"]
@@ -137,7 +137,7 @@ def test_spearman_ceiling_is_what_ties_allow():
     import numpy as np
     from scipy.stats import spearmanr
 
-    from pipeline.benchmarks.quality import spearman_ceiling
+    from facecluster.pipeline.benchmarks.quality import spearman_ceiling
 
     distinct = np.linspace(0, 1, 50)
     assert abs(spearman_ceiling(distinct) - 1.0) < 1e-12
@@ -155,7 +155,7 @@ def test_bench_quality_features_without_labels_is_bad_input(tmp_path):
     np.save(tmp_path / "f.npy", np.eye(8, dtype=np.float32))
     exe = shutil.which("facecluster")
     cmd = [exe, "bench", "quality", "--features", "f.npy", "--workdir", "w"] if exe else \
-        [sys.executable, "-m", "pipeline", "bench", "quality", "--features", "f.npy", "--workdir", "w"]
+        [sys.executable, "-m", "facecluster", "bench", "quality", "--features", "f.npy", "--workdir", "w"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "f.npy" in out.stderr and "--labels" in out.stderr

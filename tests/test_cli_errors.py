@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from pipeline.cli import main
+from facecluster.pipeline.cli import main
 
 
 def test_evaluate_names_the_gt_option(tmp_path, capsys):
@@ -26,15 +26,15 @@ def test_evaluate_names_the_gt_option(tmp_path, capsys):
 @pytest.mark.timeout(300)
 def test_ctrl_c_exits_130_with_one_line_and_releases_the_lock(tmp_path):
     """SIGINT to the whole process group (what a terminal sends) during kNN on a LocalCluster."""
-    from pipeline.store import RunStore
+    from facecluster.pipeline.store import RunStore
 
     rng = np.random.default_rng(0)
     np.save(tmp_path / "f.npy", rng.normal(size=(60000, 128)).astype(np.float32))
     env = dict(os.environ, FACECLUSTER_PROGRESS="0")
     run = tmp_path / "r.zarr"
-    subprocess.run([sys.executable, "-m", "pipeline", "ingest", str(tmp_path / "f.npy"), "-o", str(run)],
+    subprocess.run([sys.executable, "-m", "facecluster", "ingest", str(tmp_path / "f.npy"), "-o", str(run)],
                    check=True, env=env, capture_output=True)
-    p = subprocess.Popen([sys.executable, "-m", "pipeline", "cluster", str(run), "--method", "threshold", "--workers", "2"],
+    p = subprocess.Popen([sys.executable, "-m", "facecluster", "cluster", str(run), "--method", "threshold", "--workers", "2"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
         for _ in range(2400):  # until the kNN stage is under way (its temporary arrays exist)
@@ -87,19 +87,19 @@ def test_two_faces_with_k1_do_not_get_a_guessed_threshold(tmp_path, local_client
 
 def test_k_close_to_n_warns(tmp_path, local_client, capsys, caplog):
     run = _tiny_run(tmp_path, 40, capsys)
-    with caplog.at_level("WARNING", logger="pipeline.stages.knn"):
+    with caplog.at_level("WARNING", logger="facecluster.pipeline.stages.knn"):
         assert _code_err(["knn", run, "-k", 39, "--scheduler", local_client.scheduler.address], capsys)[0] == 0
     warned = [r.message for r in caplog.records if "neighbours for 40 faces" in r.message]
     assert len(warned) == 1 and "k=39" in warned[0] and "use -k below N/2" in warned[0]
     caplog.clear()
-    with caplog.at_level("WARNING", logger="pipeline.stages.knn"):
+    with caplog.at_level("WARNING", logger="facecluster.pipeline.stages.knn"):
         assert _code_err(["knn", run, "-k", 10, "--scheduler", local_client.scheduler.address], capsys)[0] == 0
     assert not [r for r in caplog.records if "neighbours for 40 faces" in r.message]
 
 
 def test_bin_read_with_half_its_dim_is_refused(tmp_path, capsys):
     """0.1.4 read a 64-d .bin given --dim 32 as 2N rows of 32 dims when no labels fixed N."""
-    from tasks.synth import make_splits
+    from facecluster.tasks.synth import make_splits
 
     feats = make_splits(3000, dim=64, seed=1)["train"][0].astype("<f4")
     feats.tofile(tmp_path / "f.bin")

@@ -1,4 +1,4 @@
-"""pipeline.cluster against real `dask scheduler`/`dask worker` subprocesses (tcp and TLS),
+"""facecluster.pipeline.cluster against real `dask scheduler`/`dask worker` subprocesses (tcp and TLS),
 store reachability from workers, dask-jobqueue job scripts, and the one-line errors."""
 
 from __future__ import annotations
@@ -12,19 +12,19 @@ import numpy as np
 import pytest
 
 from dask_procs import dask_cluster, free_port, make_tls_files
-from pipeline.cluster import (ClusterError, _probe_store, check_store_reachable, check_workers, connect,
+from facecluster.pipeline.cluster import (ClusterError, _probe_store, check_store_reachable, check_workers, connect,
                               detect_openblas_coretype, local_cluster_size, make_jobqueue_cluster, resolve_coretype,
                               worker_env)
-from pipeline.config import DaskConfig
-from pipeline.errors import BadInput
-from pipeline.store import RunStore, StoreError, open_array
+from facecluster.pipeline.config import DaskConfig
+from facecluster.pipeline.errors import BadInput
+from facecluster.pipeline.store import RunStore, StoreError, open_array
 
 needs_openssl = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl CLI")
 
 
 def _kernel_check(client):
     """A trivial task and a facecluster kernel (imported from the installed package on the worker)."""
-    from tasks.metrics import pairwise_f
+    from facecluster.tasks.metrics import pairwise_f
 
     assert client.submit(sum, [1, 2, 3], pure=False).result() == 6
     gt = np.array([0, 0, 0, 1, 1, 2])
@@ -44,7 +44,7 @@ def _one_line(e) -> str:
 def test_connect_scheduler_address_reports_workers(dask_subprocess_cluster, capsys, caplog):
     procs = dask_subprocess_cluster
     assert procs.address.startswith("tcp://127.0.0.1:")
-    with caplog.at_level("INFO", logger="pipeline.cluster"), connect(procs.dask_config()) as client:
+    with caplog.at_level("INFO", logger="facecluster.pipeline.cluster"), connect(procs.dask_config()) as client:
         # connect() logged one line per worker with its BLAS settings
         assert sum("OPENBLAS_CORETYPE=" in r.message for r in caplog.records) == 2
         _kernel_check(client)
@@ -194,15 +194,17 @@ def test_scheduler_address_that_is_not_dask_fails_within_the_timeout(tmp_path):
 
 def test_worker_with_other_code_is_named(tmp_path):
     """A worker importing another facecluster checkout (one changed line) is refused at connect, exit 2."""
-    import pipeline
-    import tasks
+    import facecluster
+    from facecluster import pipeline, tasks
 
-    other = tmp_path / "other"
-    shutil.copytree(os.path.dirname(pipeline.__file__), other / "pipeline")
-    shutil.copytree(os.path.dirname(tasks.__file__), other / "tasks")
+    # the layout of an installed wheel: facecluster/{pipeline,tasks}/, first on the worker's path
+    other = tmp_path / "other" / "facecluster"
+    shutil.copytree(os.path.dirname(facecluster.__file__), other)
+    shutil.copytree(os.path.dirname(pipeline.__file__), other / "pipeline", dirs_exist_ok=True)
+    shutil.copytree(os.path.dirname(tasks.__file__), other / "tasks", dirs_exist_ok=True)
     with open(other / "tasks" / "metrics.py", "a") as fh:
         fh.write("\n# an older or newer checkout\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(other)] + [p for p in sys.path if p])}
+    env = {"PYTHONPATH": os.pathsep.join([str(other.parent)] + [p for p in sys.path if p])}
     with dask_cluster(n_workers=1, env=env, workdir=tmp_path / "procs") as procs:
         with pytest.raises(ClusterError) as e:
             with connect(dataclasses.replace(procs.dask_config(), connect_timeout=10.0)):

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings, strategies as st
 from scipy.sparse.csgraph import connected_components
 
-from tasks.components import (canonical_labels, components, chunk_forest, knn_edges, merge_forests, spanning_forest,
+from facecluster.tasks.components import (canonical_labels, components, chunk_forest, knn_edges, merge_forests, spanning_forest,
                               super_vertices, threshold_components)
 
 

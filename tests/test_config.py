@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.commands._common import build_config
-from pipeline.config import Config, ConfigError
+from facecluster.pipeline.commands._common import build_config
+from facecluster.pipeline.config import Config, ConfigError
 
 FACECLUSTER = shutil.which("facecluster") or str(Path(sys.executable).with_name("facecluster"))
 

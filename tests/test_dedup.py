@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks import dedup as D
+from facecluster.tasks import dedup as D
 
 
 @st.composite

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from pipeline.store import RunStore
+from facecluster.pipeline.store import RunStore
 
 EXE = os.path.join(os.path.dirname(sys.executable), "facecluster")
 ENV = {**os.environ, "FACECLUSTER_PROGRESS": "0"}
@@ -57,7 +57,7 @@ def test_demo_end_to_end_and_rerun_skips(tmp_path):
 
 
 def test_cluster_gcn_needs_a_model(tmp_path):
-    from pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.stages.ingest import run_ingest
 
     feats = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32)
     np.save(tmp_path / "f.npy", feats)

@@ -16,10 +16,10 @@ import pytest
 import yaml
 
 from dask_procs import free_port, stop_process_group
-from pipeline.cluster import ClusterError, check_workers, connect, detect_openblas_coretype, make_jobqueue_cluster
-from pipeline.commands._common import build_config
-from pipeline.config import Config, DaskConfig
-from pipeline.errors import BadInput
+from facecluster.pipeline.cluster import ClusterError, check_workers, connect, detect_openblas_coretype, make_jobqueue_cluster
+from facecluster.pipeline.commands._common import build_config
+from facecluster.pipeline.config import Config, DaskConfig
+from facecluster.pipeline.errors import BadInput
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -109,14 +109,16 @@ def test_dockerfile_installs_torch_cpu_first():
     torch_at = next(i for i, ln in enumerate(lines) if "torch==2.13.0" in ln)
     assert "--index-url https://download.pytorch.org/whl/cpu" in lines[torch_at]
     package_at = next(i for i, ln in enumerate(lines) if ln.startswith("RUN pip install \".["))
-    copy_at = next(i for i, ln in enumerate(lines) if ln.startswith("COPY pipeline"))
+    copy_at = min(i for i, ln in enumerate(lines) if ln.split()[:2] in (["COPY", d] for d in ("facecluster", "pipeline", "tasks")))
     assert torch_at < copy_at < package_at  # torch resolved before pip ever sees the package's deps
     assert "OMP_NUM_THREADS=1" in text and "OPENBLAS_NUM_THREADS=1" in text
     assert 'ENTRYPOINT ["/usr/local/bin/facecluster-entrypoint"]' in lines
     for src in (ln.split()[1] for ln in lines if ln.startswith("COPY ")):  # everything it copies exists
         assert (ROOT / src).exists(), src
     ignore = (DEPLOY / "docker" / "Dockerfile.dockerignore").read_text()
-    assert "!pipeline/**" in ignore and "!tasks/**" in ignore
+    assert "!facecluster/**" in ignore and "!pipeline/**" in ignore and "!tasks/**" in ignore
+    for d in ("facecluster", "pipeline", "tasks"):  # every folder of the package is copied
+        assert any(ln.split()[:2] == ["COPY", d] for ln in lines), d
 
 
 def test_local_config_loads():
@@ -173,7 +175,7 @@ def test_make_certs_keeps_ca_and_verifies(tmp_path):
 
 # -- recipes run for real on 127.0.0.1 ----------------------------------------------------------
 def _check_remote(client, n_workers: int) -> dict:
-    from tasks.metrics import pairwise_f
+    from facecluster.tasks.metrics import pairwise_f
 
     reports = check_workers(client)
     assert len(reports) == n_workers
@@ -235,8 +237,8 @@ def test_manual_tls_recipe(tmp_path):
 
 FAKE_FACECLUSTER = r'''
 import json, os, sys
-from pipeline.cluster import connect
-from pipeline.config import DaskConfig
+from facecluster.pipeline.cluster import connect
+from facecluster.pipeline.config import DaskConfig
 sys.path.insert(0, os.environ["TESTS_DIR"])
 from test_deploy import _check_remote
 args = sys.argv[1:]

@@ -69,7 +69,7 @@ KILL_ATTEMPTS = 3
 # -- helpers ---------------------------------------------------------------------------------
 def _facecluster() -> list[str]:
     script = Path(sys.executable).with_name("facecluster")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "facecluster"]
 
 
 def _argv(args: list) -> list[str]:
@@ -133,7 +133,7 @@ def assert_same_arrays(got: dict, want: dict, what: str) -> None:
 
 def records(url) -> dict:
     """Stage records, read while another process may be rewriting them (retry a torn read)."""
-    from pipeline.store import RunStore
+    from facecluster.pipeline.store import RunStore
 
     for _ in range(50):
         try:

@@ -11,12 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import Config, IngestConfig
-from pipeline.errors import BadInput
-from pipeline.store import RunStore
-from tasks.edges import (INPUT_NAMES, N_INPUTS, SNN_M, attach, best_claimed_neighbour, calibration, edge_inputs,
+from facecluster.pipeline.config import Config, IngestConfig
+from facecluster.pipeline.errors import BadInput
+from facecluster.pipeline.store import RunStore
+from facecluster.tasks.edges import (INPUT_NAMES, N_INPUTS, SNN_M, attach, best_claimed_neighbour, calibration, edge_inputs,
                          gather_positions, roc_auc, run_edge_inputs, sim_stats)
-from tasks.synth import make_faces, make_splits
+from facecluster.tasks.synth import make_faces, make_splits
 
 
 def _exact_knn(x: np.ndarray, k: int):
@@ -116,9 +116,9 @@ def test_infomap_by_component_against_whole_graph_and_any_grouping():
     each component is always solved alone.
     """
     pytest.importorskip("infomap")
-    from tasks.components import canonical_labels, components
-    from tasks.metrics import bcubed_f, pairwise_f
-    from tasks.peers import infomap_by_component, infomap_clusters, knn_edge_list
+    from facecluster.tasks.components import canonical_labels, components
+    from facecluster.tasks.metrics import bcubed_f, pairwise_f
+    from facecluster.tasks.peers import infomap_by_component, infomap_clusters, knn_edge_list
 
     x, _ = make_faces(800, dim=32, seed=11)
     idx, sim = _exact_knn(x, 10)
@@ -151,8 +151,8 @@ def _cfg(**edges):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, local_client):
-    from pipeline.stages.ingest import run_ingest
-    from pipeline.train import train
+    from facecluster.pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.train import train
 
     tmp = tmp_path_factory.mktemp("edges")
     data = make_splits(3000, dim=32, seed=7)
@@ -166,7 +166,7 @@ def trained(tmp_path_factory, local_client):
 
 
 def _test_run(trained, name: str, chunk_rows: int) -> RunStore:
-    from pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.stages.ingest import run_ingest
 
     tmp = trained["tmp"]
     run_ingest(tmp / "test_f.npy", str(tmp / f"{name}.zarr"), labels=tmp / "test_l.npy", cfg=IngestConfig(chunk_rows=chunk_rows))
@@ -174,7 +174,7 @@ def _test_run(trained, name: str, chunk_rows: int) -> RunStore:
 
 
 def test_training_writes_the_edge_scorer_with_validated_levels(trained):
-    from pipeline.model_files import edge_meta, load_edge_scorer
+    from facecluster.pipeline.model_files import edge_meta, load_edge_scorer
 
     meta, d = trained["meta"], trained["model"]
     e = meta["edges"]
@@ -197,8 +197,8 @@ def test_training_writes_the_edge_scorer_with_validated_levels(trained):
 def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_client, single_worker_client):
     """knn -> edges -> communities -> ... -> dedup + attach: identical outputs for 2 workers / 500-row chunks and
     1 worker / 1,300-row chunks."""
-    from pipeline.run import run_cluster
-    from tasks.metrics import pairwise_f
+    from facecluster.pipeline.run import run_cluster
+    from facecluster.tasks.metrics import pairwise_f
 
     cfg = _cfg()
     a = _test_run(trained, "test_a", 500)
@@ -231,8 +231,8 @@ def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_cli
 def test_model_without_edge_scorer_runs_the_old_chain_with_a_note(trained, local_client, tmp_path):
     """A model directory from before 0.2 (no edges.pt, no edges table, spec without weights) loads and runs
     knn -> graph -> proposals -> score -> dedup, and says once that re-training adds the learned affinity."""
-    from pipeline.run import run_cluster
-    from pipeline.train import train
+    from facecluster.pipeline.run import run_cluster
+    from facecluster.pipeline.train import train
 
     d = tmp_path / "old"
     old_cfg = _cfg(learn=False)  # trained as before 0.2: no edge scorer, GCN-D on cosines
@@ -252,7 +252,7 @@ def test_model_without_edge_scorer_runs_the_old_chain_with_a_note(trained, local
 
 
 def test_broken_edge_scorer_is_one_line_bad_input(trained, tmp_path):
-    from pipeline.model_files import load_edge_scorer
+    from facecluster.pipeline.model_files import load_edge_scorer
 
     d = tmp_path / "broken"
     shutil.copytree(trained["model"], d)
@@ -265,7 +265,7 @@ def test_broken_edge_scorer_is_one_line_bad_input(trained, tmp_path):
     import sys
     from pathlib import Path
 
-    from pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.stages.ingest import run_ingest
 
     run_ingest(trained["tmp"] / "test_f.npy", str(tmp_path / "r.zarr"))
     exe = str(Path(sys.executable).parent / "facecluster")
@@ -281,7 +281,7 @@ def test_broken_edge_scorer_is_one_line_bad_input(trained, tmp_path):
 def test_communities_output_keeps_every_community_and_attaches(trained, local_client, tmp_path):
     """A model whose validation chose its communities as output: each community of >= 2 faces at the
     model's floor is one cluster, and only faces the communities left alone move (attach)."""
-    from pipeline.run import run_cluster
+    from facecluster.pipeline.run import run_cluster
 
     d = tmp_path / "comm"
     shutil.copytree(trained["model"], d)
@@ -308,7 +308,7 @@ def test_communities_output_keeps_every_community_and_attaches(trained, local_cl
 def test_edge_scorer_folds_are_stratified_by_identity_size():
     """Whole identities per fold, and the identities ranked by size alternate between the folds (random folds
     once put LFW's largest identities all in one fold, and the other fold's scorer under-rated them)."""
-    from pipeline.train import size_stratified_folds
+    from facecluster.pipeline.train import size_stratified_folds
 
     rng = np.random.default_rng(0)
     sizes = np.concatenate([[530, 236, 121, 109], rng.integers(1, 20, 300)])

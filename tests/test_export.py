@@ -8,11 +8,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.errors import BadInput
-from pipeline.export import export_clusters
-from pipeline.store import RunStore
-from tasks.io import read_labels
+from facecluster.pipeline.cli import main
+from facecluster.pipeline.errors import BadInput
+from facecluster.pipeline.export import export_clusters
+from facecluster.pipeline.store import RunStore
+from facecluster.tasks.io import read_labels
 
 
 def _store(tmp_path, n=50, score=True, clusters=True, name="run.zarr"):

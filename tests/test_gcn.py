@@ -10,10 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks import gcn
-from tasks.components import knn_edges, spanning_forest, super_vertices
-from tasks.knn import brute_force_knn
-from tasks.targets import proposal_targets, seed_targets
+from facecluster.tasks import gcn
+from facecluster.tasks.components import knn_edges, spanning_forest, super_vertices
+from facecluster.tasks.knn import brute_force_knn
+from facecluster.tasks.targets import proposal_targets, seed_targets
 
 
 # -- small in-memory data -----------------------------------------------------------------
@@ -40,7 +40,7 @@ def toy_proposals(feats, kidx, ksim, ths, max_sizes=(20, 80)):
 
 
 def toy_set(n=600, dim=32, seed=0, k=20):
-    from tasks.synth import make_faces
+    from facecluster.tasks.synth import make_faces
 
     feats, labels = make_faces(n, dim=dim, seed=seed)
     ksim, kidx = brute_force_knn(feats, k)
@@ -257,7 +257,7 @@ def test_scores_bitwise_independent_of_batch_composition(toy):
 
 # -- learning ------------------------------------------------------------------------------
 def _split_data(seed):
-    from tasks.synth import make_splits
+    from facecluster.tasks.synth import make_splits
 
     out = {}
     for name, (feats, labels) in make_splits(3000, dim=32, seed=seed).items():
@@ -281,8 +281,8 @@ def test_training_beats_constant_on_held_out_identities():
     assert hist[-1]["loss"] < hist[0]["loss"]
     bt, tt, nl = data["test"]
     p = gcn.predict_d(md, bt, np.arange(len(bt.sizes)), layout="padded")
-    rho_iou = gcn._spearman(p[:, 0], tt["iou"])
-    rho_iop = gcn._spearman(p[:, 1], tt["iop"])
+    rho_iou = gcn.spearman(p[:, 0], tt["iou"])
+    rho_iop = gcn.spearman(p[:, 1], tt["iop"])
     mse = ((p[:, 0] - tt["iou"]) ** 2).mean()
     # observed (seeded): rho_iou 0.70, rho_iop 0.78, MSE 0.74 x var; a constant predictor: rho 0, MSE = var
     assert rho_iou > 0.5, rho_iou

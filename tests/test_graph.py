@@ -8,10 +8,10 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.config import Config
-from pipeline.stages.graph import read_forest, run_graph
-from pipeline.store import RunStore
-from tasks.components import canonical_labels, threshold_components
+from facecluster.pipeline.config import Config
+from facecluster.pipeline.stages.graph import read_forest, run_graph
+from facecluster.pipeline.store import RunStore
+from facecluster.tasks.components import canonical_labels, threshold_components
 
 
 def brute_knn(feats: np.ndarray, k: int):

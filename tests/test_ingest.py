@@ -14,11 +14,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.config import IngestConfig
-from pipeline.errors import BadInput
-from pipeline.stages.ingest import run_ingest
-from pipeline.store import RunStore
-from tasks.io import open_reader, read_labels, validate_block, write_meta
+from facecluster.pipeline.config import IngestConfig
+from facecluster.pipeline.errors import BadInput
+from facecluster.pipeline.stages.ingest import run_ingest
+from facecluster.pipeline.store import RunStore
+from facecluster.tasks.io import open_reader, read_labels, validate_block, write_meta
 
 LFW = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lfw-sface"
 

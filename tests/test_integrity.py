@@ -14,8 +14,8 @@ import socket
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.store import ChunkError, LockedError, RunStore, StoreError, open_array
+from facecluster.pipeline.cli import main
+from facecluster.pipeline.store import ChunkError, LockedError, RunStore, StoreError, open_array
 
 N, DIM, R = 640, 16, 128
 
@@ -221,7 +221,7 @@ def _plant_lock(url, host: str, pid: int) -> None:
     """The lock file a holder on ``host`` with ``pid`` would leave (written as the store writes it)."""
     from zarr.core.sync import sync
 
-    from pipeline.store import LOCK_GROUP, _json_node
+    from facecluster.pipeline.store import LOCK_GROUP, _json_node
 
     holder = {"holder": "facecluster cluster", "host": host, "pid": pid,
               "started": "2026-01-01T00:00:00.000+00:00", "token": "planted"}
@@ -239,7 +239,7 @@ def test_stale_lock_of_a_dead_process_is_taken_over(run, local_client, capsys, c
         with RunStore.open(run).writing("x"):
             pass
     _plant_lock(run, socket.gethostname(), dead.pid)  # this host, process gone (kill -9): stale
-    with caplog.at_level("WARNING", logger="pipeline.store"):
+    with caplog.at_level("WARNING", logger="facecluster.pipeline.store"):
         assert _cluster(run, local_client, capsys)[0] == 0
     assert any("stale lock" in r.message for r in caplog.records)
     assert RunStore.open(run).lock_holder() is None
@@ -275,7 +275,7 @@ def test_two_cluster_processes_the_second_exits_2_and_the_first_completes(tmp_pa
     np.save(tmp_path / "big.npy", np.random.default_rng(0).normal(size=(60000, 128)).astype(np.float32))
     run = tmp_path / "big.zarr"
     assert _cli(["ingest", tmp_path / "big.npy", "-o", run], capsys)[0] == 0
-    first = subprocess.Popen([sys.executable, "-m", "pipeline", "cluster", str(run), "--method", "threshold",
+    first = subprocess.Popen([sys.executable, "-m", "facecluster", "cluster", str(run), "--method", "threshold",
                               "--scheduler", local_client.scheduler.address],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=dict(os.environ, FACECLUSTER_PROGRESS="0"))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tasks import knn as K
+from facecluster.tasks import knn as K
 
 
 def unit(x):
@@ -216,7 +216,7 @@ N_STAGE = 1200
 @pytest.fixture(scope="module")
 def faces(tmp_path_factory):
     try:
-        from tasks.synth import make_faces
+        from facecluster.tasks.synth import make_faces
 
         x, _ = make_faces(N_STAGE, dim=32, seed=7)
     except ImportError:  # the built-in dataset module is optional for this test
@@ -232,9 +232,9 @@ def faces(tmp_path_factory):
 
 
 def make_store(tmp_path, feats_path, chunk_rows):
-    from pipeline.config import IngestConfig
-    from pipeline.stages.ingest import run_ingest
-    from pipeline.store import RunStore
+    from facecluster.pipeline.config import IngestConfig
+    from facecluster.pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.store import RunStore
 
     url = str(tmp_path / f"run{chunk_rows}.zarr")
     run_ingest(feats_path, url, cfg=IngestConfig(chunk_rows=chunk_rows))
@@ -242,7 +242,7 @@ def make_store(tmp_path, feats_path, chunk_rows):
 
 
 def knn_cfg(**kw):
-    from pipeline.config import Config
+    from facecluster.pipeline.config import Config
 
     cfg = Config()
     return dataclasses.replace(cfg, knn=dataclasses.replace(cfg.knn, **kw))
@@ -260,7 +260,7 @@ def test_stage_equals_brute_force_for_any_chunking_and_workers(request, tmp_path
     client = request.getfixturevalue(client_name)
     path, (bs, bi) = faces
     store = make_store(tmp_path, path, chunk_rows)
-    from pipeline.stages.knn import run_knn
+    from facecluster.pipeline.stages.knn import run_knn
 
     cfg = knn_cfg(k=25, mode="exact", db_rows=db_rows, fan_in=2, margin=4)
     summary = run_knn(store, cfg, client)
@@ -276,7 +276,7 @@ def test_stage_equals_brute_force_for_any_chunking_and_workers(request, tmp_path
 @pytest.mark.slow
 def test_ivf_stage_recall_and_chunking_invariance(tmp_path, faces, local_client, single_worker_client):
     path, (bs, bi) = faces
-    from pipeline.stages.knn import run_knn
+    from facecluster.pipeline.stages.knn import run_knn
 
     results = []
     for chunk_rows, db_rows, client in [(97, None, local_client), (300, 600, single_worker_client)]:
@@ -298,12 +298,12 @@ def test_ivf_stage_recall_and_chunking_invariance(tmp_path, faces, local_client,
 
 
 def test_cli_k_not_smaller_than_n_exits_2(tmp_path, capsys):
-    from pipeline.cli import main
+    from facecluster.pipeline.cli import main
 
     x = unit(np.random.default_rng(0).standard_normal((20, 8)))
     np.save(tmp_path / "f.npy", x)
     url = str(tmp_path / "r.zarr")
-    from pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.stages.ingest import run_ingest
 
     run_ingest(tmp_path / "f.npy", url)
     with pytest.raises(SystemExit) as e:
@@ -314,19 +314,19 @@ def test_cli_k_not_smaller_than_n_exits_2(tmp_path, capsys):
 
 
 def test_missing_ingest_is_a_clear_error(tmp_path):
-    from pipeline.stages.knn import _check_input
-    from pipeline.store import RunStore, StoreError
+    from facecluster.pipeline.stages.knn import check_input
+    from facecluster.pipeline.store import RunStore, StoreError
 
     store = RunStore.create(str(tmp_path / "empty.zarr"))
     with pytest.raises(StoreError, match="ingest"):
-        _check_input(store, 5)
+        check_input(store, 5)
 
 
 @pytest.mark.slow
 def test_workers_use_the_openblas_kernel_set_in_the_driver(local_client):
     import os
 
-    from pipeline.stages.knn import worker_blas
+    from facecluster.pipeline.stages.knn import worker_blas
 
     want = os.environ.get("OPENBLAS_CORETYPE")  # set by configure_blas_env in the fixture
     if not want:

@@ -1,4 +1,4 @@
-"""tasks.metrics against scikit-learn and a direct O(N^2) BCubed oracle."""
+"""facecluster.tasks.metrics against scikit-learn and a direct O(N^2) BCubed oracle."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from sklearn.metrics import normalized_mutual_info_score
 from sklearn.metrics.cluster import pair_confusion_matrix
 
-from tasks.metrics import bcubed_f, evaluate, nmi, pairwise_f
+from facecluster.tasks.metrics import bcubed_f, evaluate, nmi, pairwise_f
 
 FACECLUSTER = os.path.join(os.path.dirname(sys.executable), "facecluster")
 
@@ -127,8 +127,8 @@ def _run(*args):
 def test_cli_evaluate_label_files_and_run_store(tmp_path):
     import json
 
-    from pipeline.store import RunStore
-    from tasks.io import write_meta
+    from facecluster.pipeline.store import RunStore
+    from facecluster.tasks.io import write_meta
 
     rng = np.random.default_rng(5)
     gt = rng.integers(0, 300, 4000)

@@ -35,8 +35,8 @@ def test_quickstart_runs(tmp_path):
     # what the notebook claims to have done is on disk
     store_clusters = out / "test.zarr"
     assert store_clusters.is_dir()
-    from pipeline.store import RunStore
-    from tasks.metrics import evaluate
+    from facecluster.pipeline.store import RunStore
+    from facecluster.tasks.metrics import evaluate
 
     store = RunStore.open(store_clusters, mode="r")
     for stage in ("ingest", "knn", "graph", "proposals", "clusters", "score", "dedup"):
@@ -58,8 +58,12 @@ def test_quickstart_runs(tmp_path):
             if "data" in o and "image/png" in o["data"]]
     assert pngs and len(base64.b64decode(pngs[0])) > 10_000
     assert (out / "report" / "index.html").exists()
-    from tasks.io import read_labels
+    from facecluster.tasks.io import read_labels
 
     np.testing.assert_array_equal(read_labels(out / "clusters.meta"), clusters)
+    # it clusters and trains through the Python API, not by stringing stage functions together
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "facecluster.FaceClusterer(" in source and "facecluster.train(" in source
+    assert "pipeline.stages" not in source and "pipeline.run " not in source and "pipeline.train" not in source
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors

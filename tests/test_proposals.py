@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pipeline.commands.proposals import format_summary
-from pipeline.config import Config
-from pipeline.errors import BadInput
-from pipeline.stages.graph import read_forest, run_graph
-from pipeline.stages.proposals import read_proposals, run_proposals, run_threshold_clusters
-from pipeline.store import RunStore
-from tasks.components import super_vertices, threshold_components
-from tasks.proposals import from_csr, to_csr
-from tasks.thresholds import auto_threshold, make_settings
+from facecluster.pipeline.commands.proposals import format_summary
+from facecluster.pipeline.config import Config
+from facecluster.pipeline.errors import BadInput
+from facecluster.pipeline.stages.graph import read_forest, run_graph
+from facecluster.pipeline.stages.proposals import read_proposals, run_proposals, run_threshold_clusters
+from facecluster.pipeline.store import RunStore
+from facecluster.tasks.components import super_vertices, threshold_components
+from facecluster.tasks.proposals import from_csr, to_csr
+from facecluster.tasks.thresholds import auto_threshold, make_settings
 
 from conftest import LFW
 from test_graph import clustered_features, make_run
@@ -127,7 +127,7 @@ def test_explicit_thresholds_warn_and_fail(tmp_path, local_client, caplog):
 
 @pytest.mark.slow
 def test_auto_thresholds_on_synthetic(tmp_path, local_client):
-    from tasks.synth import make_faces
+    from facecluster.tasks.synth import make_faces
 
     feats, labels = make_faces(3000, dim=64, seed=0)
     store = make_run(tmp_path / "s.zarr", feats.astype(np.float32), 20, 1024, knn=faiss_knn)
@@ -191,9 +191,9 @@ def test_cli_threshold(tmp_path):
 def test_small_knn_ivf_path_equals_faiss_ivf_and_finds_near_neighbours():
     """Above ``exact_max`` rows the level graph is IVF searched list-major: the same neighbours as
     faiss's IVF on the same lists (nprobe 16), self excluded, sorted, and close to exact."""
-    from tasks.knn import brute_force_knn, ivf_assign, ivf_shard, knn_ivf, load_ivf, train_ivf
-    from tasks.proposals import small_knn
-    from tasks.synth import make_faces
+    from facecluster.tasks.knn import brute_force_knn, ivf_assign, ivf_shard, knn_ivf, load_ivf, train_ivf
+    from facecluster.tasks.proposals import small_knn
+    from facecluster.tasks.synth import make_faces
 
     x, _ = make_faces(3000, dim=32, seed=2)
     k = 4
@@ -218,8 +218,8 @@ def test_small_knn_ivf_path_equals_faiss_ivf_and_finds_near_neighbours():
 
 
 def test_small_knn_query_blocks_do_not_change_results(monkeypatch):
-    import tasks.proposals as P
-    from tasks.synth import make_faces
+    import facecluster.tasks.proposals as P
+    from facecluster.tasks.synth import make_faces
 
     x, _ = make_faces(3000, dim=32, seed=2)
     whole = P.small_knn(x, 4, exact_max=1000, seed=7)
@@ -232,7 +232,7 @@ def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local
     """The stage runs settings with one cut_key (same level-0 cut, differing sv_max_size / sv_th) in one
     task that computes the cut, the sums and the level-1 kNN once: each setting's levels must equal
     what it gives when run alone."""
-    from pipeline.stages.proposals import cut_key, resolve_settings, settings_task
+    from facecluster.pipeline.stages.proposals import cut_key, resolve_settings, settings_task
 
     feats, _ = clustered_features(600, d=16, n_ids=20, spread=0.7, seed=4)
     cfg = Config.from_dict({"proposals": {"preset": "default", "max_size": 25, "levels": 3}})

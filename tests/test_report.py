@@ -13,12 +13,12 @@ import pytest
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.cli import main
-from pipeline.errors import BadInput
-from pipeline.report import clustering_arrays, write_report
-from pipeline.store import RunStore
-from tasks.io import write_meta
-from tasks.metrics import evaluate
+from facecluster.pipeline.cli import main
+from facecluster.pipeline.errors import BadInput
+from facecluster.pipeline.report import clustering_arrays, write_report
+from facecluster.pipeline.store import RunStore
+from facecluster.tasks.io import write_meta
+from facecluster.tasks.metrics import evaluate
 
 N, D, K, IDS = 600, 16, 10, 30
 

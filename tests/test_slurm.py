@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.store import RunStore
+from facecluster.pipeline.cli import main
+from facecluster.pipeline.store import RunStore
 from slurm_procs import slurm_cluster, unavailable_reason
 
 _why_not = unavailable_reason()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import zarr
 
-from pipeline.store import RunStore, StoreError, open_array
+from facecluster.pipeline.store import RunStore, StoreError, open_array
 
 
 def _tmp_arrays(store: RunStore) -> list[str]:

@@ -1,4 +1,4 @@
-"""tasks.synth (the built-in dataset) and `facecluster synth` through the console script."""
+"""facecluster.tasks.synth (the built-in dataset) and `facecluster synth` through the console script."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
-from tasks.metrics import evaluate
-from tasks.synth import SynthParams, make_faces, make_identities, make_splits, split_identities
+from facecluster.tasks.metrics import evaluate
+from facecluster.tasks.synth import SynthParams, make_faces, make_identities, make_splits, split_identities
 
 FACECLUSTER = os.path.join(os.path.dirname(sys.executable), "facecluster")
 
@@ -181,7 +181,7 @@ def test_cli_synth_writes_streamed_splits_identical_to_api(tmp_path):
     r = subprocess.run([FACECLUSTER, "synth", "5000", "-o", str(out2), "--dim", "48", "--seed", "4",
                         "--test-fraction", "0.4", "--format", "meta"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    from tasks.io import read_labels
+    from facecluster.tasks.io import read_labels
 
     lab = read_labels(out2 / "test" / "labels.meta")
     assert np.array_equal(lab, ref["test"][1])

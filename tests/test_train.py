@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.config import Config, IngestConfig
-from pipeline.errors import BadInput
-from pipeline.store import RunStore
+from facecluster.pipeline.config import Config, IngestConfig
+from facecluster.pipeline.errors import BadInput
+from facecluster.pipeline.store import RunStore
 
 
 def _cfg(**gcn):
@@ -21,9 +21,9 @@ def _cfg(**gcn):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, local_client):
-    from pipeline.stages.ingest import run_ingest
-    from pipeline.train import train
-    from tasks.synth import make_splits
+    from facecluster.pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.train import train
+    from facecluster.tasks.synth import make_splits
 
     tmp = tmp_path_factory.mktemp("gcn")
     stores = {}
@@ -40,7 +40,7 @@ def runs(tmp_path_factory, local_client):
 
 
 def test_train_writes_loadable_model(runs):
-    from pipeline.train import load_models
+    from facecluster.pipeline.model_files import load_models
 
     d = runs["model"]
     assert sorted(p.name for p in d.iterdir()) == ["config.json", "edges.pt", "gcnd.pt", "gcns.pt"]
@@ -56,7 +56,7 @@ def test_train_writes_loadable_model(runs):
 
 
 def test_training_is_reproducible(runs, local_client):
-    from pipeline.train import train
+    from facecluster.pipeline.train import train
 
     meta2 = train(runs["stores"]["train"], runs["tmp"] / "model2", runs["cfg"], local_client, echo=lambda s: None)
     a = torch.load(runs["model"] / "gcnd.pt", weights_only=True)
@@ -72,8 +72,9 @@ def test_ensemble_members_average_and_member0_is_the_single_model(runs, local_cl
     seed+1 on its own identity split, and the loaded scorer predicts the members' mean."""
     from dataclasses import replace
 
-    from pipeline.train import load_models, train
-    from tasks.gcn import GCNDEnsemble, Padded, build_batches
+    from facecluster.pipeline.model_files import load_models
+    from facecluster.pipeline.train import train
+    from facecluster.tasks.gcn import GCNDEnsemble, Padded, build_batches
 
     cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, ensemble=2))
     out = runs["tmp"] / "model_ens"
@@ -100,8 +101,8 @@ def test_format1_model_directory_still_loads(runs, tmp_path):
     """A model written before ensembles (format 1: gcnd.pt is one GCND) loads and scores the same."""
     import shutil
 
-    from pipeline.train import load_models
-    from tasks.gcn import GCND
+    from facecluster.pipeline.model_files import load_models
+    from facecluster.tasks.gcn import GCND
 
     d = tmp_path / "old"
     shutil.copytree(runs["model"], d)
@@ -123,9 +124,10 @@ def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, loc
     it loads with the narrower input and the score stage builds matching inputs."""
     from dataclasses import replace
 
-    from pipeline.stages.score import run_score
-    from pipeline.train import ensure_proposals, load_models, read_model_config, train
-    from tasks.gcn import input_dim
+    from facecluster.pipeline.stages.score import run_score
+    from facecluster.pipeline.model_files import load_models, read_model_config
+    from facecluster.pipeline.train import ensure_proposals, train
+    from facecluster.tasks.gcn import input_dim
 
     cfg = replace(runs["cfg"], gcn=replace(runs["cfg"].gcn, outside=False, connectivity=False),
                   edges=replace(runs["cfg"].edges, learn=False))  # as before 0.2: no edge scorer
@@ -154,7 +156,7 @@ def test_model_without_outside_inputs_still_loads_and_scores(runs, tmp_path, loc
 def test_unreadable_model_config_is_bad_input(runs, tmp_path, text):
     import shutil
 
-    from pipeline.train import read_model_config
+    from facecluster.pipeline.model_files import read_model_config
 
     d = tmp_path / "bad"
     shutil.copytree(runs["model"], d)
@@ -164,7 +166,7 @@ def test_unreadable_model_config_is_bad_input(runs, tmp_path, text):
 
 
 def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
-    from pipeline.train import load_models
+    from facecluster.pipeline.model_files import load_models
 
     with pytest.raises(BadInput, match="32-d features but .* 16-d"):
         load_models(runs["model"], dim=16, run_url="x.zarr")
@@ -173,12 +175,12 @@ def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
 
 
 def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client, single_worker_client):
-    from pipeline.stages.dedup import run_dedup
-    from pipeline.stages.score import run_score
-    from tasks.dedup import dedup, dedup_sequential
+    from facecluster.pipeline.stages.dedup import run_dedup
+    from facecluster.pipeline.stages.score import run_score
+    from facecluster.tasks.dedup import dedup, dedup_sequential
 
     store, cfg = runs["stores"]["test"], runs["cfg"]
-    ensure = __import__("pipeline.train", fromlist=["ensure_proposals"]).ensure_proposals
+    ensure = __import__("facecluster.pipeline.train", fromlist=["ensure_proposals"]).ensure_proposals
     ensure(store, cfg, local_client, runs["model"])  # with the edge scorer: edges, communities, then proposals
     s1 = run_score(store, str(runs["model"]), cfg, local_client)
     assert s1["n_proposals"] > 20 and s1["segmented"] == s1["n_proposals"]
@@ -204,15 +206,15 @@ def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client,
 
 
 def test_model_loaded_once_per_worker(runs, local_client):
-    from pipeline.stages.score import model_loads
+    from facecluster.pipeline.stages.score import model_loads
 
     counts = local_client.run(model_loads)
     assert all(v <= 1 for v in counts.values())
 
 
 def test_segmentation_tuned_on_validation_and_overridable(runs):
-    from pipeline.stages.score import segmentation_params
-    from pipeline.train import IOP_RANGES, KEEP_PROBS, MIN_SEG_GAIN
+    from facecluster.pipeline.stages.score import segmentation_params
+    from facecluster.pipeline.train import IOP_RANGES, KEEP_PROBS, MIN_SEG_GAIN
 
     meta = json.loads((runs["model"] / "config.json").read_text())
     seg, m = meta["segmentation"], meta["metrics"]
@@ -238,7 +240,7 @@ def test_segmentation_gate_bcubed_gain_without_pairwise_loss(monkeypatch, bc_gai
     """The GCN-S gate on a fixed validation outcome: a BCubed gain alone enables it, any pairwise loss vetoes."""
     import types
 
-    import pipeline.train as T
+    import facecluster.pipeline.train as T
 
     # two proposals of 2 nodes (seeds 0 and 2): predicted IoP 0.5 and 0.95; P(member) of nodes 1, 3: 0.4, 0.6
     out = {"iop": np.array([0.5, 0.95]), "p_member": np.array([1.0, 0.4, 1.0, 0.6])}
@@ -267,7 +269,7 @@ def test_segmentation_gate_pairwise_gain_without_bcubed_loss(monkeypatch, bc_cha
     0.006 validation pairwise at a BCubed loss, then lost 0.006 test pairwise)."""
     import types
 
-    import pipeline.train as T
+    import facecluster.pipeline.train as T
 
     out = {"iop": np.array([0.5]), "p_member": np.array([1.0, 0.4])}
     sub = types.SimpleNamespace(sizes=np.array([2]), seed=np.array([0]), members=np.arange(2))
@@ -285,7 +287,7 @@ def test_segmentation_gate_pairwise_gain_without_bcubed_loss(monkeypatch, bc_cha
 
 def test_auto_score_batch():
     """About 4 score tasks per worker, never below 512 (small runs) nor above 4096 proposals per task."""
-    from pipeline.stages.score import auto_batch
+    from facecluster.pipeline.stages.score import auto_batch
 
     assert auto_batch(100, 2) == 512
     assert auto_batch(8000, 2) == 1000
@@ -307,7 +309,7 @@ class _RunsCode:
 
 
 def _cli(argv, capsys):
-    from pipeline.cli import main
+    from facecluster.pipeline.cli import main
 
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in argv])
@@ -322,7 +324,7 @@ def test_model_file_with_code_refused_before_any_stage(runs, tmp_path, local_cli
     d = tmp_path / "hostile"
     shutil.copytree(runs["model"], d)
     torch.save({"w": _RunsCode(tmp_path / "ran")}, d / "gcns.pt")
-    from pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.stages.ingest import run_ingest
 
     run_ingest(runs["tmp"] / "test_f.npy", str(tmp_path / "test.zarr"), cfg=IngestConfig(chunk_rows=500))
     code, err = _cli(["cluster", tmp_path / "test.zarr", "--model", d, "--scheduler", local_client.scheduler.address],

@@ -14,7 +14,7 @@
 #   in every process on top of that.
 : "${THREADS_PER_WORKER:=1}"
 if [[ -z "${OPENBLAS_CORETYPE:-}" ]]; then
-    _fc_core=$("${PYTHON:-python}" -c 'from pipeline.cluster import detect_openblas_coretype as d; print(d() or "")' 2>/dev/null || true)
+    _fc_core=$("${PYTHON:-python}" -c 'from facecluster.pipeline.cluster import detect_openblas_coretype as d; print(d() or "")' 2>/dev/null || true)
     if [[ -n "$_fc_core" ]]; then
         export OPENBLAS_CORETYPE="$_fc_core"
     fi

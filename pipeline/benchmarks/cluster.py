@@ -40,11 +40,11 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
     """
     from ..cluster import connect
     from ..config import Config
-    from ..run import _stage_runners, run_stages
+    from ..run import stage_runners, run_stages
     from ..stages.ingest import run_ingest
     from ..store import RunStore
     from ..train import train
-    from tasks.synth import make_faces, make_splits
+    from facecluster.tasks.synth import make_faces, make_splits
 
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
         result["train_metrics"] = meta["metrics"]
         store = RunStore.open(str(wd / "test.zarr"))
         stages, memory = {}, {}
-        for name, runner in _stage_runners(str(wd / "model"), cfg, log.info).items():
+        for name, runner in stage_runners(str(wd / "model"), cfg, log.info).items():
             with MemorySampler(client) as mem:
                 rep = run_stages(store, cfg, client, {name: runner}, echo=log.info)[name]
             stages[name] = rep["seconds"]

@@ -1,7 +1,7 @@
 """`facecluster bench knn`: distributed exact kNN vs single-process faiss, IVF, memory, BLAS kernel.
 
 All numbers are measured in one run on the same data (the built-in dataset,
-``tasks.synth.make_faces``):
+``facecluster.tasks.synth.make_faces``):
 
 * exact: the ``knn`` stage on a LocalCluster (2 workers x 1 thread) against one
   process running faiss IndexFlatIP with 2 threads (same cores) -> queries/s, ratio;
@@ -53,7 +53,7 @@ def _cfg(base, **knn):
 _BLAS_SCRIPT = r"""
 import json, sys, time, hashlib
 import numpy as np, faiss
-from tasks import knn as K
+from facecluster.tasks import knn as K
 x = np.load(sys.argv[1], mmap_mode="r")
 nq, k = int(sys.argv[2]), int(sys.argv[3])
 x = np.ascontiguousarray(x); ids = np.arange(len(x))
@@ -139,7 +139,7 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
 
     base = Config(dask=DaskConfig(n_workers=2, threads_per_worker=1))
     configure_blas_env(base.dask.openblas_coretype)  # before faiss loads in this process
-    from tasks.synth import make_faces
+    from facecluster.tasks.synth import make_faces
 
     from ..stages.knn import run_knn
 

@@ -1,6 +1,6 @@
 """`facecluster bench proposals`: super-vertices on >= 1M faces vs scipy's single-process connected components.
 
-Setup (not timed): the built-in dataset (``tasks.synth.make_faces``) and its kNN
+Setup (not timed): the built-in dataset (``facecluster.tasks.synth.make_faces``) and its kNN
 lists. Exact kNN at 1M faces is N^2 d multiply-adds (hours on 2 cores), so the
 benchmark builds them with faiss IVF (nlist ~ sqrt(N), small nprobe,
 quantizer trained on a seeded sample): approximate lists with the real
@@ -83,7 +83,7 @@ def build_run(path: Path, n: int, k: int, dim: int, chunk_rows: int, nprobe: int
     """Write features and IVF kNN lists of the built-in dataset into a new run store."""
     import faiss
 
-    from tasks.synth import make_faces
+    from facecluster.tasks.synth import make_faces
 
     from ..store import RunStore
 
@@ -129,7 +129,7 @@ def scipy_baseline(url: str, th0: float, step: float, max_size: int) -> dict:
     import scipy.sparse as sp
     from scipy.sparse.csgraph import connected_components
 
-    from tasks.components import super_vertices
+    from facecluster.tasks.components import super_vertices
 
     from ..store import open_array
 

@@ -12,7 +12,7 @@ it trains one model per seed and clusters the test identities with each, beside:
 * dedup ranked by the *true* IoU (the bound of a perfect GCN-D on these proposals).
 
 Both label-chosen grids sit on the test set's own kNN-similarity range and are
-extended until the peak is inside (:mod:`pipeline.baselines`); their whole curves are
+extended until the peak is inside (:mod:`facecluster.pipeline.baselines`); their whole curves are
 saved. ``--baselines-only`` trains nothing: the baselines table of a set, cheaply.
 
 Per seed it also measures the scorer itself on the test proposals (issue 5's goals):
@@ -34,7 +34,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from ..commands.synth import VARIANT_HELP
+from ..synth import VARIANT_HELP
 from . import save_result
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float,
     that set is the training set, whole, and the test set is ``features`` whole (or the
     built-in variant's test split).
     """
-    from ..commands.synth import write_dataset
+    from ..synth import write_dataset
     from ..errors import BadInput
     from ..stages.ingest import run_ingest
     from ..store import RunStore
@@ -117,8 +117,8 @@ def run_baselines(test, cfg, client, gt: np.ndarray) -> tuple[dict, dict]:
     record : the sweeps (whole curves, peak inside or not), the anchor and every
         automatic-min_sim rule's metrics, for the JSON result.
     """
-    from tasks.baselines import AUTO_MIN_SIM
-    from tasks.metrics import evaluate
+    from facecluster.tasks.baselines import AUTO_MIN_SIM
+    from facecluster.tasks.metrics import evaluate
 
     from ..baselines import infomap_auto, infomap_peer, oracle_threshold
     from ..stages.proposals import graph_anchor
@@ -164,15 +164,15 @@ def held_out_scorer(store, model_dir, data: dict) -> dict:
     more than one identity): GCN-S membership with the deterministic seed vertex, the
     measures training validates on. ``data`` is ``load_training_data`` of ``store``.
     """
-    from tasks.gcn import _spearman, eval_gcns
+    from facecluster.tasks.gcn import spearman, eval_gcns
 
-    from ..train import load_models
+    from ..model_files import load_models
 
     tg = data["targets"]
     iou, iop = store.array("score/iou")[:], store.array("score/iop")[:]
     _, gcns, _ = load_models(model_dir, data["dim"], store.url)
     acc = eval_gcns(gcns, data["batch"], data["labels"][data["members"]], np.arange(len(iou)))
-    return {"spearman_iou": _spearman(iou, tg["iou"]), "spearman_iop": _spearman(iop, tg["iop"]),
+    return {"spearman_iou": spearman(iou, tg["iou"]), "spearman_iop": spearman(iop, tg["iop"]),
             "gcns_node_acc": acc["node_acc"], "gcns_node_acc_impure": acc["node_acc_impure"],
             "proposals": int(len(iou)), "impure_proposals": int((tg["iop"] < 1.0).sum())}
 
@@ -185,15 +185,15 @@ def spearman_ceiling(truth: np.ndarray) -> float:
     Spearman well below 1 (0.57 for the built-in split's IoP). Measured by breaking
     the ties at random (seeded).
     """
-    from tasks.gcn import _spearman
+    from facecluster.tasks.gcn import spearman
 
     truth = np.asarray(truth, np.float64)
-    return _spearman(truth, truth + 1e-9 * np.random.default_rng(0).random(len(truth)))
+    return spearman(truth, truth + 1e-9 * np.random.default_rng(0).random(len(truth)))
 
 
 def held_out_edges(store, gt: np.ndarray) -> dict:
     """The edge scorer on a labelled run's kNN edges: ROC-AUC (and the cosine's), calibration in 10 bins."""
-    from tasks.edges import calibration, roc_auc
+    from facecluster.tasks.edges import calibration, roc_auc
 
     idx = store.array("knn/index")[:]
     ok = idx >= 0
@@ -250,12 +250,12 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
       facecluster bench quality --train-features lfw/features.npy --train-labels lfw/labels.npy --dim 128
       facecluster bench quality --train-features a/f.npy --train-labels a/l.npy --features b/f.npy --labels b/l.npy
     """
-    from tasks.dedup import dedup
-    from tasks.metrics import evaluate
+    from facecluster.tasks.dedup import dedup
+    from facecluster.tasks.metrics import evaluate
 
     from ..cluster import connect
     from ..config import Config
-    from ..demo import format_table
+    from ..evaluation import format_table
     from ..errors import BadInput
     from ..stages.dedup import run_dedup
     from ..stages.graph import run_graph
@@ -263,7 +263,8 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
     from ..run import run_cluster
     from ..stages.knn import run_knn
     from ..store import RunStore
-    from ..train import ensure_proposals, load_training_data, read_model_config, train
+    from ..model_files import read_model_config
+    from ..train import ensure_proposals, load_training_data, train
 
     try:
         seed_list = [] if baselines_only else [int(s) for s in str(seeds).split(",") if s.strip()]

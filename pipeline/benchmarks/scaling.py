@@ -2,13 +2,13 @@
 
 What is measured, in one run on this machine:
 
-* the built-in dataset (``tasks.synth.make_splits``): a test split of about ``--n`` faces
+* the built-in dataset (``facecluster.tasks.synth.make_splits``): a test split of about ``--n`` faces
   to cluster and a disjoint training split for a small GCN model (trained once, first,
   with 2 workers for its upstream stages; reported separately, not part of the ratio),
   or ``--model DIR`` to reuse a model;
 * the test split ingested into one run store per worker count; on a LocalCluster of
   ``w`` processes x 1 thread, the chain knn -> graph -> proposals -> score -> dedup
-  (``pipeline.run.run_stages``) with each stage's wall time, so speed-up = t(1) / t(2);
+  (``facecluster.pipeline.run.run_stages``) with each stage's wall time, so speed-up = t(1) / t(2);
 * peak RSS of every worker process and of the driver while each stage runs (sampled
   every 0.2 s through ``client.run`` and psutil in a background thread);
 * that both runs give identical ``clusters`` (worker-count invariance).
@@ -44,8 +44,8 @@ def _warm_up() -> int:
     import torch  # noqa: F401
     import zarr  # noqa: F401
 
-    import tasks.gcn  # noqa: F401
-    import tasks.knn  # noqa: F401
+    import facecluster.tasks.gcn  # noqa: F401
+    import facecluster.tasks.knn  # noqa: F401
 
     return os.getpid()
 
@@ -115,9 +115,9 @@ def _sizes(name: str, summary: dict) -> dict:
 def run_once(store, cfg, model_dir: Path) -> dict:
     """The chain on one store with ``cfg.dask.n_workers`` workers: per-stage seconds and memory."""
     from ..cluster import connect
-    from ..run import _stage_runners
+    from ..run import stage_runners
 
-    runners = _stage_runners(str(model_dir), cfg, log.info)
+    runners = stage_runners(str(model_dir), cfg, log.info)
     out = {}
     with connect(cfg.dask, quiet=True) as client:
         pids = client.run(_warm_up)
@@ -158,7 +158,7 @@ def command(n, dim, k, chunk_rows, train_n, epochs, hidden, model_dir, memory_li
     from ..cluster import configure_blas_env
 
     configure_blas_env("auto")  # before faiss loads here or in the LocalCluster workers
-    from tasks.synth import make_splits
+    from facecluster.tasks.synth import make_splits
 
     widths = [int(v) for v in hidden.split(",") if v.strip()]
     base = _config(chunk_rows, k, widths, epochs, 2, memory_limit)

@@ -1,1 +1,1 @@
-"""Click commands, one module per command (loaded lazily by :mod:`pipeline.cli`)."""
+"""Click commands, one module per command (loaded lazily by :mod:`facecluster.pipeline.cli`)."""

@@ -21,7 +21,7 @@ class BenchGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in BENCHMARKS or not _exists(name):
             return None
-        return importlib.import_module(f"pipeline.benchmarks.{name}").command
+        return importlib.import_module(f"facecluster.pipeline.benchmarks.{name}").command
 
     def format_commands(self, ctx, formatter):
         rows = [(n, BENCHMARKS[n]) for n in self.list_commands(ctx)]

@@ -1,50 +1,21 @@
 """`facecluster cluster RUN.zarr --method ...`: one cluster id per face, written to ``clusters``.
 
-Methods are registered in :data:`METHODS` (name -> function(store, cfg, client, options) -> summary);
-``threshold`` is the baseline: the components of the kNN graph at one similarity
-threshold (optionally split by Algorithm 1), computed on the graph's maximum spanning forest.
+The methods live in :mod:`facecluster.pipeline.methods` (shared with the Python API); this
+module parses the flags and prints each method's summary line.
 """
 
 from __future__ import annotations
 
 import click
 
+from ..methods import DEFAULT_METHOD, METHODS
 from ._common import config_option, dask_options, pass_config
-from .proposals import ensure_graph
-
-
-def cluster_threshold(store, cfg, client, options: dict) -> dict:
-    """``--method threshold``: components of the forest at ``--th`` (auto when unset)."""
-    from ..stages.proposals import run_threshold_clusters
-
-    ensure_graph(store, cfg, client)
-    th = options.get("th")
-    floor = store.record("graph")["summary"].get("min_edge_sim")
-    if th is not None and floor is not None and th < floor and cfg.proposals.min_edge_sim is None:
-        # An explicit threshold under the automatic edge floor: rebuild the graph down to it
-        # rather than fail (an explicit [proposals] min_edge_sim is respected and checked).
-        import dataclasses
-
-        cfg = dataclasses.replace(cfg, proposals=dataclasses.replace(cfg.proposals, min_edge_sim=float(th)))
-        ensure_graph(store, cfg, client)
-    return run_threshold_clusters(store, options.get("th"), cfg, client, max_size=options.get("max_size"),
-                                  force=options.get("force", False))
 
 
 def format_threshold(summary: dict) -> str:
     th = summary.get("threshold", {})
     return (f"threshold {summary['th']:.4f} ({th.get('source', 'explicit')}): {summary['n_clusters']} clusters, "
             f"{summary['n_singletons']} singletons, largest {summary['largest']} faces")
-
-
-def cluster_gcn(store, cfg, client, options: dict) -> dict:
-    """``--method gcn`` (default): knn -> graph -> proposals -> GCN-D -> GCN-S -> dedup."""
-    from ..run import run_cluster
-
-    model = options["model"]
-    report = run_cluster(store, cfg, client, model, echo=lambda s: click.echo(s, err=True),
-                         force=options.get("force", False))
-    return {**report["dedup"]["summary"], "stages": report}
 
 
 def format_gcn(summary: dict) -> str:
@@ -57,9 +28,8 @@ def format_gcn(summary: dict) -> str:
             f"stages run: {', '.join(ran) or 'none'}; skipped (up to date): {', '.join(skipped) or 'none'}")
 
 
-# method name -> (runner, formatter)
-METHODS = {"gcn": (cluster_gcn, format_gcn), "threshold": (cluster_threshold, format_threshold)}
-DEFAULT_METHOD = "gcn"
+# method name -> its summary line
+FORMATS = {"gcn": format_gcn, "threshold": format_threshold}
 
 
 @click.command("cluster")
@@ -90,27 +60,18 @@ def command(run, method, model, th, max_size, force, cfg):
       facecluster cluster run.zarr --method threshold --th 0.6
     """
     from ..cluster import connect
+    from ..errors import BadInput
+    from ..methods import check_method, run_method
     from ..store import RunStore
 
-    runner, fmt = METHODS[method]
     store = RunStore.open(run)
-    if method == "gcn":  # bad model input fails before a cluster is started
-        from ..train import load_models
-
-        if not model:
-            from ..errors import BadInput
-
-            raise BadInput(f"{run}: the learned method needs a model: pass --model DIR (train one with "
-                           "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method threshold")
-        # the weights are loaded too (small): a bad or unsafe file fails before kNN runs, not after
-        load_models(model, store.array("features").shape[1], store.url)
-        from ..model_files import edge_meta, load_edge_scorer
-
-        if edge_meta(model) is not None:
-            load_edge_scorer(model)
-    # one writer for the whole command (a second `cluster` must not delete our _tmp arrays);
-    # leftovers of a killed run are removed whichever method runs now
+    if method == "gcn" and not model:  # bad model input fails before a cluster is started
+        raise BadInput(f"{run}: the learned method needs a model: pass --model DIR (train one with "
+                       "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method threshold")
+    check_method(store, method, model)
+    # one writer for the whole command (a second `cluster` must not delete our _tmp arrays), taken
+    # before the cluster starts; leftovers of a killed run are removed whichever method runs now
     with store.writing("cluster"), connect(cfg.dask) as client:
-        store.clean_tmp()
-        summary = runner(store, cfg, client, {"th": th, "max_size": max_size, "force": force, "model": model})
-    click.echo(fmt(summary))
+        summary = run_method(store, cfg, client, method, {"th": th, "max_size": max_size, "force": force, "model": model},
+                             echo=lambda s: click.echo(s, err=True))
+    click.echo(FORMATS[method](summary))

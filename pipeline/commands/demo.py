@@ -32,7 +32,8 @@ def command(out_dir, n, seed, cfg):
     import time
 
     from ..cluster import connect
-    from ..demo import format_table, run_demo
+    from ..demo import run_demo
+    from ..evaluation import format_table
 
     t0 = time.perf_counter()
     with connect(cfg.dask) as client:

@@ -42,11 +42,11 @@ def command(run, force, cfg):
       facecluster knn run.zarr --scheduler tcp://HOST:8786
     """
     from ..cluster import connect
-    from ..stages.knn import _check_input, run_knn
+    from ..stages.knn import check_input, run_knn
     from ..store import RunStore
 
     store = RunStore.open(run)
-    _check_input(store, cfg.knn.k)  # bad input fails before a cluster starts
+    check_input(store, cfg.knn.k)  # bad input fails before a cluster starts
     with connect(cfg.dask) as client:
         summary = run_knn(store, cfg, client, force=force)
     click.echo(format_summary(summary))

@@ -16,24 +16,6 @@ def with_thresholds(cfg, thresholds):
     return dataclasses.replace(cfg, proposals=dataclasses.replace(cfg.proposals, thresholds=tuple(thresholds)))
 
 
-def ensure_graph(store, cfg, client) -> None:
-    """Run the kNN stage if it never completed or is stale (when available), then the graph stage (skipped if up to date).
-
-    A completed, fresh kNN is kept as it is, even if it was computed with other
-    ``facecluster knn`` flags than this command's configuration; a stale one (its
-    features were re-ingested since) is recomputed, never reused.
-    """
-    from ..stages.graph import run_graph
-
-    if store.stale_reason("knn") is not None:
-        try:
-            from ..stages.knn import run_knn
-        except ImportError:
-            store.require("knn", f"run `facecluster knn {store.url}` first")
-        run_knn(store, cfg, client)
-    run_graph(store, cfg, client)
-
-
 def format_summary(summary: dict) -> str:
     """Human-readable proposal statistics: threshold, per-setting counts and size distributions."""
     th = summary.get("threshold", {})
@@ -82,6 +64,7 @@ def command(run, thresholds, force, cfg):
       facecluster proposals run.zarr --th 0.6 --th 0.7 --max-size 300
     """
     from ..cluster import connect
+    from ..run import ensure_graph
     from ..stages.proposals import run_proposals
     from ..store import RunStore
 

@@ -7,11 +7,11 @@ The proposals stage offers every floor's communities to GCN-D, which picks among
 them per proposal, as it does among the multi-scale super-vertex proposals.
 
 Connected components are independent Infomap problems: they are cuts of one
-maximum spanning forest of ``edges/prob`` (:mod:`pipeline.forest`, built once
+maximum spanning forest of ``edges/prob`` (:mod:`facecluster.pipeline.forest`, built once
 down to the lowest floor), packed into tasks of at most ``NODES_PER_TASK`` nodes (about four tasks per worker per floor; a
 component larger than that is a task of its own: the one part that stays in one
 process, reported as ``largest_component``); each task reads only its nodes' kNN
-rows and runs Infomap per component (:func:`tasks.peers.infomap_by_component`),
+rows and runs Infomap per component (:func:`facecluster.tasks.peers.infomap_by_component`),
 so the partition does not depend on how components are packed, on the chunk size
 or on the worker count.
 
@@ -44,7 +44,7 @@ INFOMAP_SEED = 42
 
 def component_task(url: str, nodes: np.ndarray, comp: np.ndarray, floor: float) -> np.ndarray:
     """Worker task: Infomap modules of whole components (``nodes`` ascending), numbered within each."""
-    from tasks.peers import infomap_by_component
+    from facecluster.tasks.peers import infomap_by_component
 
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     prob = open_array(url, "edges/prob").get_orthogonal_selection((nodes, slice(None)))
@@ -75,7 +75,7 @@ def community_floors(model_floor: float) -> list[float]:
 
 def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
     """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
-    from tasks.components import canonical_labels, components
+    from facecluster.tasks.components import canonical_labels, components
 
     store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
     floors = community_floors(edge_meta(model_dir)["floor"])

@@ -10,7 +10,7 @@
    face (one entry per cluster) into ids 0..C-1 ordered by smallest face, and one
    task per range writes its slice of ``clusters`` (chunks = face ranges).
 
-See ``tasks.dedup`` for the exact semantics; ``tasks.dedup.dedup_sequential`` is
+See ``facecluster.tasks.dedup`` for the exact semantics; ``facecluster.tasks.dedup.dedup_sequential`` is
 the paper's loop, tested to agree.
 """
 
@@ -34,7 +34,7 @@ STAGE = "dedup"
 def map_task(url: str, p0: int, p1: int, bounds: np.ndarray, use_gcns: bool = True, settings=None) -> list:
     """Partial winners of proposals ``[p0, p1)``, split by face range (``use_gcns=False``: ignore GCN-S;
     ``settings``: only proposals of these settings take part)."""
-    from tasks.dedup import argmax_by_face, proposal_triples, split_by_face
+    from facecluster.tasks.dedup import argmax_by_face, proposal_triples, split_by_face
 
     off = open_array(url, "proposals/offsets")[p0:p1 + 1]
     a, b = int(off[0]), int(off[-1])
@@ -51,7 +51,7 @@ def map_task(url: str, p0: int, p1: int, bounds: np.ndarray, use_gcns: bool = Tr
 
 def reduce_task(lo: int, hi: int, *parts):
     """Cluster keys of faces ``[lo, hi)``, their (key, first face) list, and each face's winning score."""
-    from tasks.dedup import argmax_by_face, first_faces, range_keys
+    from facecluster.tasks.dedup import argmax_by_face, first_faces, range_keys
 
     t = argmax_by_face(*parts)
     keys = range_keys(t, lo, hi)
@@ -70,7 +70,7 @@ def first_of(res):
 def write_task(url: str, path: str, score_path: str, lo: int, hi: int, res, table_keys: np.ndarray,
                table_ids: np.ndarray) -> np.ndarray:
     """Write ``clusters[lo:hi]`` and the faces' winning scores (one whole chunk each); returns the range's singletons."""
-    from tasks.dedup import apply_numbering
+    from facecluster.tasks.dedup import apply_numbering
 
     ids = apply_numbering(res[0], table_keys, table_ids)
     open_array(url, path, mode="r+")[lo:hi] = ids
@@ -80,7 +80,7 @@ def write_task(url: str, path: str, score_path: str, lo: int, hi: int, res, tabl
 
 def attach_task(url: str, score_path: str, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Worker task: each singleton face's most probable neighbour among faces a proposal claimed, and its P."""
-    from tasks.edges import best_claimed_neighbour
+    from facecluster.tasks.edges import best_claimed_neighbour
 
     idx = open_array(url, "knn/index").get_orthogonal_selection((faces, slice(None)))
     prob = open_array(url, "edges/prob").get_orthogonal_selection((faces, slice(None)))
@@ -122,7 +122,7 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
     are disjoint, so each of their faces keeps its community; the model chooses this
     output in training when it clusters the validation identities better).
     """
-    from tasks.dedup import global_numbering
+    from facecluster.tasks.dedup import global_numbering
 
     store.require("score", f"run `facecluster cluster {store.url} --model DIR` (it scores proposals) first")
     n = int(store.array("features").shape[0])
@@ -166,8 +166,8 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
         singles = int((tk < 0).sum())
         attached = 0
         if attach is not None and singles:
-            from tasks.components import canonical_labels
-            from tasks.edges import attach as attach_faces
+            from facecluster.tasks.components import canonical_labels
+            from facecluster.tasks.edges import attach as attach_faces
 
             parts = wait_futures([client.submit(attach_task, store.url, w.tmp_path(f"{out}_score"), f,
                                                 key=f"dedup-attach-{i}-{token}")

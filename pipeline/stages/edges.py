@@ -1,7 +1,7 @@
 """Stage "edges": the learned affinity, P(same identity) of every kNN edge (``edges/prob``, N x k float32).
 
-Runs the model's edge scorer (``tasks.edges``) chunk-wise on the workers after
-"knn". The data's similarity scale (:class:`tasks.edges.SimStats`: the CDF of
+Runs the model's edge scorer (``facecluster.tasks.edges``) chunk-wise on the workers after
+"knn". The data's similarity scale (:class:`facecluster.tasks.edges.SimStats`: the CDF of
 its kNN similarities and its median first / last neighbour similarity) is taken
 once from a stride sample of rows, so every input is read on this data's own
 scale, whatever the face model. Each task reads its rows' kNN lists and the rows
@@ -40,7 +40,7 @@ def _scorer(model_dir: str, digest: str):
 
 def stats_task(url: str, max_rows: int = SAMPLE_ROWS) -> dict:
     """Worker task: the data's similarity scale from a stride sample of kNN rows."""
-    from tasks.edges import sample_rows, sim_stats
+    from facecluster.tasks.edges import sample_rows, sim_stats
 
     idx = open_array(url, "knn/index")
     rows = sample_rows(idx.shape[0], max_rows)
@@ -52,7 +52,7 @@ def edges_task(url: str, out_path: str, r0: int, r1: int, model_dir: str, digest
     """Worker task: ``edges/prob`` rows r0..r1 (one whole chunk)."""
     import torch
 
-    from tasks.edges import SNN_M, SimStats, edge_inputs, gather_positions, predict_edges
+    from facecluster.tasks.edges import SNN_M, SimStats, edge_inputs, gather_positions, predict_edges
 
     from ..cluster import worker_threads
 

@@ -20,7 +20,7 @@ import uuid
 
 import numpy as np
 
-from tasks.thresholds import TooFewSimilarities
+from facecluster.tasks.thresholds import TooFewSimilarities
 
 from ..config import Config
 from ..errors import BadInput
@@ -35,7 +35,7 @@ SAMPLE_ROWS = 20_000  # kNN rows sampled (by a fixed stride) for the automatic t
 
 def anchor_task(url: str, sample_rows: int = SAMPLE_ROWS) -> dict:
     """Worker task: the data's anchor threshold from a stride sample of ``knn/sim`` rows."""
-    from tasks.thresholds import auto_threshold
+    from facecluster.tasks.thresholds import auto_threshold
 
     z = open_array(url, "knn/sim")
     idx = open_array(url, "knn/index")
@@ -72,7 +72,7 @@ def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict
     with store.stage(STAGE, params, inputs=["knn"], force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
-        from tasks.thresholds import edge_floor
+        from facecluster.tasks.thresholds import edge_floor
 
         # The anchor is computed once here and reused by every later stage (proposals,
         # threshold clustering) from this stage's record.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.io import FeatureReader, check_feature_shape, check_feature_dtype, feature_format, open_reader, read_labels, validate_block
+from facecluster.tasks.io import FeatureReader, check_feature_shape, check_feature_dtype, feature_format, open_reader, read_labels, validate_block
 
 from ..config import IngestConfig
 from ..errors import BadInput

@@ -24,7 +24,7 @@ How the work is cut
   so a shard is built by copying rows into lists; nprobe is tuned on a query sample
   for the recall of above-threshold edges against exact search.
 
-The kernels (``tasks.knn``) re-score candidates exactly and certify them, so the
+The kernels (``facecluster.tasks.knn``) re-score candidates exactly and certify them, so the
 arrays are identical for every chunk size, worker count, strategy and BLAS kernel.
 """
 
@@ -38,7 +38,7 @@ import uuid
 
 import numpy as np
 
-from tasks import knn as K
+from facecluster.tasks import knn as K
 
 from ..cluster import worker_threads
 from ..config import Config
@@ -272,7 +272,9 @@ def _tree(client, parts: list, k: int, fan_in: int, key: str, root):
     return root(parts)
 
 
-def _check_input(store: RunStore, k: int) -> tuple[int, int, int]:
+def check_input(store: RunStore, k: int) -> tuple[int, int, int]:
+    """(N, d, rows per chunk) of an ingested run that ``k`` neighbours can be found in; BadInput otherwise
+    (callers run it before starting a cluster)."""
     store.require("ingest", f"run `facecluster ingest FEATS -o {store.url}` first")
     feats = store.array(FEATURES)
     if feats.ndim != 2:
@@ -312,7 +314,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
     """
     kc = cfg.knn
     k = kc.k
-    n, d, r = _check_input(store, k)
+    n, d, r = check_input(store, k)
     _warn_dense_k(store.url, k, n)
     mode = kc.mode if kc.mode != "auto" else ("ivf" if n >= kc.ivf_min_n else "exact")
     params = {"k": k, "mode": mode, "margin": kc.margin}
@@ -443,7 +445,7 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
     exact list with sim >= ``edge_th`` (default: Otsu's threshold of the sample's
     exact similarities, the lowest threshold the proposals derive the same way).
     """
-    from tasks.thresholds import auto_threshold
+    from facecluster.tasks.thresholds import auto_threshold
 
     k = kc.k
     workers = _workers(client)

@@ -10,7 +10,7 @@ their proposals are merged, de-duplicated (identical member sets kept once, firs
 by (setting, level)) and stored as CSR.
 
 Thresholds: unless explicit ones are given, the anchor threshold is derived from
-the data's kNN similarity distribution (:func:`tasks.thresholds.auto_threshold`)
+the data's kNN similarity distribution (:func:`facecluster.tasks.thresholds.auto_threshold`)
 and the preset's settings are placed relative to it.
 
 Also here: :func:`run_threshold_clusters`, the threshold clustering baseline
@@ -56,8 +56,8 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
     per setting, ``{"levels": [(level, offsets, members), ...], "n_super_vertices": ...,
     "largest_super_vertex": ...}`` (the same as running each setting alone).
     """
-    from tasks import proposals as P
-    from tasks.components import super_vertices
+    from facecluster.tasks import proposals as P
+    from facecluster.tasks.components import super_vertices
 
     from ..cluster import worker_threads
 
@@ -103,7 +103,7 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
 def communities_task(url: str, column: int, min_size: int, max_size: int) -> dict:
     """Worker task: the stored Infomap communities at one floor (``column``) of ``min_size``..``max_size``
     faces, as one setting's result."""
-    from tasks import proposals as P
+    from facecluster.tasks import proposals as P
 
     labels = open_array(url, "communities/labels")[:, column]
     sizes = np.bincount(labels) if len(labels) else np.zeros(0, np.int64)
@@ -119,7 +119,7 @@ def setting_counts(res: dict) -> dict:
 
 def combine_task(settings: list[dict], results: list[dict]) -> dict:
     """Worker task: order, de-duplicate and flatten every setting's proposals into CSR."""
-    from tasks import proposals as P
+    from facecluster.tasks import proposals as P
 
     groups, setting_of, level_of = [], [], []
     for s, res in zip(settings, results):
@@ -138,7 +138,7 @@ def combine_task(settings: list[dict], results: list[dict]) -> dict:
 
 def threshold_task(url: str, th: float, step: float, max_size: int | None) -> np.ndarray:
     """Worker task: components of the forest at ``th`` (Algorithm 1 splitting when ``max_size``)."""
-    from tasks.components import super_vertices, threshold_components
+    from facecluster.tasks.components import super_vertices, threshold_components
 
     src, dst, sim = _forest(url)
     n = open_array(url, "knn/index").shape[0]
@@ -164,7 +164,7 @@ def check_threshold(store: RunStore, th: float) -> None:
 # -- driver ---------------------------------------------------------------------------------
 def resolve_settings(store: RunStore, cfg: Config, client) -> tuple[list[dict], dict]:
     """The settings to run (explicit thresholds, or placed around the data's anchor threshold)."""
-    from tasks.thresholds import make_settings
+    from facecluster.tasks.thresholds import make_settings
 
     pc = cfg.proposals
     if pc.thresholds:

@@ -7,7 +7,7 @@ unique ids), so no worker holds the feature matrix. The models are loaded once p
 worker process (module-level cache keyed by model directory + digest) and torch
 uses the worker's thread count.
 
-Determinism: ``tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
+Determinism: ``facecluster.tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
 (size bucket x fixed proposal count), so a proposal's scores are bitwise the same
 for any batch size or worker count (tested), which dedup's tie-breaking needs.
 
@@ -25,7 +25,7 @@ import uuid
 import numpy as np
 
 from ..config import Config
-from ..model_files import edge_weight_array
+from ..model_files import check_dim, edge_weight_array, load_models, model_digest, read_model_config
 from ..progress import wait_futures
 from ..store import RunStore, open_array
 
@@ -38,8 +38,6 @@ _MODELS: dict = {}  # (model_dir, digest) -> (gcnd, gcns, meta); one load per wo
 def _models(model_dir: str, digest: str):
     key = (os.path.abspath(model_dir), digest)
     if key not in _MODELS:
-        from ..train import load_models
-
         _MODELS.clear()  # one model per worker at a time
         _MODELS[key] = load_models(model_dir)
         log.info("score: loaded model %s (%s) in pid %d", model_dir, digest[:12], os.getpid())
@@ -56,7 +54,7 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     """Worker task: score proposals ``[p0, p1)``; returns their outputs (small arrays)."""
     import torch
 
-    from tasks.gcn import build_batch, score_batch
+    from facecluster.tasks.gcn import build_batch, score_batch
 
     from ..cluster import worker_threads
 
@@ -111,8 +109,6 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
     BadInput : when the model directory is incomplete or its feature dimension
         differs from the run's.
     """
-    from ..train import check_dim, model_digest, read_model_config
-
     store.require("proposals", f"run `facecluster proposals {store.url}` first")
     meta = read_model_config(model_dir)
     check_dim(meta, store.array("features").shape[1], model_dir, store.url)
