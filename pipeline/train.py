@@ -321,8 +321,8 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     """
     import torch
 
-    from tasks.edges import (INPUT_NAMES, calibration, choose_levels, fit_edge_scorer, predict_edges, roc_auc,
-                             run_edge_inputs)
+    from tasks.edges import (INPUT_NAMES, calibration, choose_levels, face_balanced_weights, fit_edge_scorer,
+                             predict_edges, roc_auc, run_edge_inputs)
 
     from .model_files import save_edge_scorer
 
@@ -339,7 +339,8 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     same = (labels.repeat(k) == labels[np.maximum(dst, 0)]) & ok
     flat = x.reshape(-1, x.shape[-1])
     row_of_edge = np.repeat(np.arange(n), k)
-    fit = dict(hidden=tuple(e.hidden), epochs=e.epochs, lr=e.lr, batch_size=e.batch_size)
+    weight = face_balanced_weights(row_of_edge, same, ok) if e.balance == "face" else None
+    fit = dict(hidden=tuple(e.hidden), epochs=e.epochs, lr=e.lr, batch_size=e.batch_size, weight=weight)
 
     def edges_of(faces: np.ndarray) -> np.ndarray:
         mask = np.zeros(n, bool)
@@ -368,7 +369,7 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     model, history = fit_edge_scorer(flat, same, tr, va, seed=g.seed, log=echo, **fit)
     pv = predict_edges(model, flat[va]) if len(va) else np.zeros(0, np.float32)
     po = oof.reshape(-1)[ok.nonzero()[0]]
-    table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "floor": levels["floor"],
+    table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "balance": e.balance, "floor": levels["floor"],
              "attach": levels["attach"] if e.attach else None,
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_auc_cosine": roc_auc(sim.reshape(-1)[va], same[va]) if len(va) else None,
