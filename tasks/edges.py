@@ -412,5 +412,5 @@ def choose_levels(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, faces
         attach_curve.append({"level": lv, "pairwise_f": pw, "bcubed_f": bc})
         if pw + bc > top + 1e-9:
             top, level = pw + bc, lv
-    return {"floor": floor, "attach": level, "floor_curve": curve, "attach_curve": attach_curve,
+    return {"floor": floor, "attach": level, "score": top, "floor_curve": curve, "attach_curve": attach_curve,
             "val_faces": int(len(faces)), "val_unclaimed": int(unclaimed[faces].sum())}
