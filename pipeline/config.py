@@ -232,6 +232,7 @@ class EdgesConfig(_Section):
     epochs: int = opt(6, _int(1), "edge scorer training epochs (the best validation loss is kept)")
     lr: float = opt(0.001, _float(0.0, lo_open=True), "edge scorer learning rate (Adam)")
     batch_size: int = opt(4096, _int(1), "edges per training step")
+    balance: str = opt("auto", _choice("auto", "face", "none"), "edge scorer loss weights: face = every face's same-identity edges weigh alike in total, whatever its identity's size (what BCubed F counts); none = every edge once; auto = the one whose out-of-fold communities score higher")
     communities: bool = opt(True, _bool(), "add Infomap communities of the learned-affinity graph to the proposals")
     attach: bool = opt(True, _bool(), "attach faces no proposal claims to their most probable neighbour's cluster (level chosen in training)")
 

@@ -237,14 +237,16 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     test never shows, and every communities floor looked alike there (LFW: 0.99
     validation pairwise F from floor 0.3 to 0.95, against a test optimum near 0.9).
     The communities floor and the attach level are chosen on the out-of-fold
-    probabilities of the whole run (``facecluster.tasks.edges.choose_levels``). The scorer saved
+    probabilities of the whole run (``facecluster.tasks.edges.choose_levels``), and so is the loss
+    weighting with ``[edges] balance = "auto"`` (plain or face-balanced, whichever
+    out-of-fold communities score higher). The scorer saved
     in the model trains on the identities of ``gcn.val_fraction``'s training split
     and keeps the epoch with the best loss on its validation identities.
     """
     import torch
 
-    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_levels, fit_edge_scorer, predict_edges, roc_auc,
-                             run_edge_inputs)
+    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_levels, face_balanced_weights,
+                                         fit_edge_scorer, predict_edges, roc_auc, run_edge_inputs)
 
     echo = echo or log.info
     e, g = cfg.edges, cfg.gcn
@@ -260,6 +262,7 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     flat = x.reshape(-1, x.shape[-1])
     row_of_edge = np.repeat(np.arange(n), k)
     fit = dict(hidden=tuple(e.hidden), epochs=e.epochs, lr=e.lr, batch_size=e.batch_size)
+    weights = {"none": None, "face": face_balanced_weights(row_of_edge, same, ok)}
 
     def edges_of(faces: np.ndarray) -> np.ndarray:
         mask = np.zeros(n, bool)
@@ -272,35 +275,49 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     # fold's scorer never saw a large identity and under-rated their edges, Infomap split them, and the
     # floor chosen on those probabilities (0.3) gave test pairwise F 0.929 where GCN-D + GCN-S gave 0.957.
     fold = size_stratified_folds(labels, EDGE_FOLDS, g.seed)
-    oof = np.zeros(n * k, np.float32)
-    for f in range(EDGE_FOLDS):
-        inside, outside = edges_of(np.flatnonzero(fold == f)), edges_of(np.flatnonzero(fold != f))
-        if len(inside) == 0 or len(outside) == 0:
-            continue
-        m_f, _ = fit_edge_scorer(flat, same, outside, inside, seed=g.seed + 1 + f, **fit)
-        oof[inside] = predict_edges(m_f, flat[inside])
-    oof = oof.reshape(n, k)
-    levels = choose_levels(index, oof, labels, np.arange(n))
+
+    def out_of_fold(weight) -> np.ndarray:
+        oof = np.zeros(n * k, np.float32)
+        for f in range(EDGE_FOLDS):
+            inside, outside = edges_of(np.flatnonzero(fold == f)), edges_of(np.flatnonzero(fold != f))
+            if len(inside) == 0 or len(outside) == 0:
+                continue
+            m_f, _ = fit_edge_scorer(flat, same, outside, inside, seed=g.seed + 1 + f, weight=weight, **fit)
+            oof[inside] = predict_edges(m_f, flat[inside])
+        return oof.reshape(n, k)
+
+    # balance "auto": the loss weighting is chosen like the floor, on the out-of-fold communities. The face-
+    # balanced loss lifted LFW x SFace (two-face identities' edges kept) and lowered LFW x dlib (whose small
+    # identities' edges look like impostors'; the scorer grew permissive and the best floor moved up to
+    # where large identities split); the out-of-fold score chose the better one on both (seed 0).
+    tried = {}
+    for balance in (("none", "face") if e.balance == "auto" else (e.balance,)):
+        oof = out_of_fold(weights[balance])
+        tried[balance] = (oof, choose_levels(index, oof, labels, np.arange(n)))
+    balance = max(tried, key=lambda b: tried[b][1]["score"])  # "none" first: a tie keeps the plain loss
+    oof, levels = tried[balance]
+    weight = weights[balance]
 
     tr_faces, va_faces = identity_split(labels, g.val_fraction, g.seed)
     tr, va = edges_of(tr_faces), edges_of(va_faces)
     torch.manual_seed(g.seed)
-    model, history = fit_edge_scorer(flat, same, tr, va, seed=g.seed, log=echo, **fit)
+    model, history = fit_edge_scorer(flat, same, tr, va, seed=g.seed, log=echo, weight=weight, **fit)
     pv = predict_edges(model, flat[va]) if len(va) else np.zeros(0, np.float32)
     po = oof.reshape(-1)[ok.nonzero()[0]]
-    table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "floor": levels["floor"],
+    table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "balance": balance, "floor": levels["floor"],
              "attach": levels["attach"] if e.attach else None,
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_auc_cosine": roc_auc(sim.reshape(-1)[va], same[va]) if len(va) else None,
                          "val_calibration": calibration(pv, same[va]) if len(va) else [],
                          "out_of_fold_auc": roc_auc(po, same[ok]), "out_of_fold_calibration": calibration(po, same[ok]),
                          "train_edges": int(len(tr)), "val_edges": int(len(va)), "history": history,
-                         "levels": levels, "seconds": round(time.perf_counter() - t0, 2)},
+                         "levels": levels, "balance_scores": {b: tried[b][1]["score"] for b in tried},
+                         "seconds": round(time.perf_counter() - t0, 2)},
              "train_scale": stats.to_dict()}
     save_edge_scorer(out_dir, model)
     echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f} (cosine {table['metrics']['val_auc_cosine']:.4f}), "
          f"out-of-fold {table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, attach level "
-         f"{table['attach']} (chosen on out-of-fold probabilities)")
+         f"{table['attach']}, loss balance {balance} (chosen on out-of-fold probabilities)")
     return table, oof
 
 

@@ -179,7 +179,11 @@ def test_training_writes_the_edge_scorer_with_validated_levels(trained):
     meta, d = trained["meta"], trained["model"]
     e = meta["edges"]
     assert (d / "edges.pt").exists() and edge_meta(d)["floor"] == e["floor"]
-    assert e["floor"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98)
+    assert e["floor"] in (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.99)
+    # [edges] balance = "auto": both loss weightings ran out of fold and the better-scoring one was kept
+    scores = e["metrics"]["balance_scores"]
+    assert set(scores) == {"none", "face"} and e["balance"] == max(scores, key=scores.get)
+    assert scores[e["balance"]] == e["metrics"]["levels"]["score"]
     curve = e["metrics"]["levels"]["floor_curve"]
     best = max(curve, key=lambda r: r["pairwise_f"] + r["bcubed_f"])
     assert best["floor"] == e["floor"]  # the floor is the validation optimum, not a constant
@@ -323,3 +327,53 @@ def test_edge_scorer_folds_are_stratified_by_identity_size():
         share = [big[fold == f].sum() / big.sum() for f in (0, 1)]
         assert min(share) > 0.3  # 236 + 109 of 996 faces in identities >= 100 (random folds: as low as 0)
     assert not np.array_equal(size_stratified_folds(labels, 2, 0), size_stratified_folds(labels, 2, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(1, 12), min_size=2, max_size=30), st.integers(2, 9), st.integers(0, 2**16))
+def test_face_balanced_weights_give_every_face_the_same_genuine_weight(sizes, k, seed):
+    """Oracle: per face, the weights of its same-identity edges sum to one common value; other-identity edges all
+    weigh the same; padding weighs 0; the valid edges' mean weight is 1."""
+    from facecluster.tasks.edges import face_balanced_weights
+
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    n = len(labels)
+    index = rng.integers(-1, n, size=(n, k))  # random lists, with padding
+    valid = (index >= 0).reshape(-1)
+    src = np.repeat(np.arange(n), k)
+    same = (labels[src] == labels[np.maximum(index.reshape(-1), 0)]) & valid
+    w = face_balanced_weights(src, same, valid)
+    assert np.all(w[~valid] == 0) and np.isclose(w[valid].mean(), 1.0, rtol=1e-5)
+    totals = [w[same & (src == i)].sum() for i in range(n) if (same & (src == i)).any()]
+    assert not totals or np.allclose(totals, totals[0], rtol=1e-5)
+    other = valid & ~same
+    if other.any():
+        assert np.allclose(w[other], w[other][0], rtol=1e-6)
+
+
+def test_face_balanced_scorer_rates_small_identities_higher():
+    """The balanced loss exists for the lone edges of small identities (a plain loss is ruled by the large
+    ones' edges): trained on the same edges, the balanced scorer's mean P on two-face identities' genuine
+    edges is higher than the plain scorer's."""
+    from facecluster.tasks.edges import face_balanced_weights, fit_edge_scorer, predict_edges
+
+    rng = np.random.default_rng(0)
+    sizes = np.concatenate([np.full(12, 60), np.full(150, 2), np.ones(300, np.int64)])
+    labels = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    centres = rng.normal(size=(len(sizes), 32))
+    x = centres[labels] + rng.normal(scale=0.9, size=(len(labels), 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    idx, sim = _exact_knn(x, 20)
+    inputs, _ = run_edge_inputs(idx, sim)
+    flat = inputs.reshape(-1, N_INPUTS)
+    src = np.repeat(np.arange(len(labels)), 20)
+    same = labels[src] == labels[idx.reshape(-1)]
+    valid = np.ones(len(src), bool)
+    edges = np.arange(len(src))
+    pair = same & (np.bincount(labels)[labels[src]] == 2)
+    fits = {}
+    for name, w in (("plain", None), ("balanced", face_balanced_weights(src, same, valid))):
+        model, _ = fit_edge_scorer(flat, same, edges, edges[:0], epochs=4, seed=0, weight=w)
+        fits[name] = predict_edges(model, flat)[pair].mean()
+    assert fits["balanced"] > fits["plain"] + 0.02, fits
