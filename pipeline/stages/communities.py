@@ -44,13 +44,15 @@ MIN_NODES_PER_TASK = 5_000  # below this a task's overhead outweighs the paralle
 INFOMAP_SEED = 42
 
 
-def component_task(url: str, nodes: np.ndarray, comp: np.ndarray, floor: float, weights: str = "edges/prob") -> np.ndarray:
-    """Worker task: Infomap modules of whole components (``nodes`` ascending), numbered within each."""
+def component_task(url: str, nodes: np.ndarray, comp: np.ndarray, floor: float, weights: str = "edges/prob",
+                   joint: bool = False) -> np.ndarray:
+    """Worker task: Infomap modules of whole components (``nodes`` ascending), numbered within each (``joint``:
+    one Infomap run over them all)."""
     from facecluster.tasks.peers import infomap_by_component
 
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
-    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED)
+    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint)
 
 
 def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
@@ -68,7 +70,7 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
 
 
 def infomap_components(client, url: str, n: int, forest, floors: list[float], weights: str, name: str,
-                       budget: int | None = None) -> list[tuple[np.ndarray, dict]]:
+                       budget: int | None = None, joint: bool = False) -> list[tuple[np.ndarray, dict]]:
     """Infomap on the kNN graph weighted by array ``weights`` at each of ``floors``, one Dask task per group of components.
 
     Parameters
@@ -86,6 +88,9 @@ def infomap_components(client, url: str, n: int, forest, floors: list[float], we
     budget : nodes per task (default: about 4 tasks per worker per floor, within
         ``MIN_NODES_PER_TASK``..``NODES_PER_TASK``); a larger component is one task. The packing
         never changes the result: each component is solved alone with the same seed.
+    joint : one Infomap run per task over all its components (their modules split by component
+        afterwards), closer to a whole-graph run (:func:`facecluster.tasks.peers.infomap_by_component`);
+        the result then depends on the packing: give a fixed ``budget``, not the worker-dependent default.
 
     Returns
     -------
@@ -113,7 +118,7 @@ def infomap_components(client, url: str, n: int, forest, floors: list[float], we
         for g_i, cids in enumerate(groups):
             nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
             node_sets.append(nodes)
-            futs.append(client.submit(component_task, url, nodes, comp[nodes], floor, weights,
+            futs.append(client.submit(component_task, url, nodes, comp[nodes], floor, weights, joint,
                                       key=f"{name}-infomap-{f_i}-{g_i}-{token}"))
         plans.append((floor, comp, sizes, groups, futs, node_sets))
     results = []

@@ -10,9 +10,15 @@ threshold of the kNN similarities), the rule ``bench quality`` reports as "kNN +
 The work is the communities stage's (:func:`facecluster.pipeline.stages.communities.infomap_components`):
 the graph's connected components at the floor are cuts of a maximum spanning forest of the
 weights (for the cosine, the graph stage's stored forest when its edge floor lies below
-``min_sim``), packed into tasks; each component is its own Infomap problem, so the labels do
-not depend on the packing, the chunk size or the worker count. A giant component is one
-task: its size is ``largest_component`` in the summary (and the CLI's line).
+``min_sim``), packed in component order into batches of about ``BATCH_NODES`` faces, one Dask
+task and one Infomap run per batch (modules split by component afterwards). Not one run per
+component, as the communities stage does: the map equation's index codebook is shared by every
+module of a run, so a component solved alone is split more finely than in the whole graph
+(100k built-in faces, automatic min_sim: pairwise F 0.733 per component, 0.776 whole graph;
+batches of 25k / 12.5k / 5k nodes: 0.776 / 0.773 / 0.764). The batches depend only on the
+components, never on the chunk size or the worker count, so neither changes the labels. A
+component larger than a batch is one task: its size is ``largest_component`` in the summary
+(and the CLI's line).
 
 Writes ``clusters`` (N int64, ids 0..C-1 by smallest member) in stage "clusters", like the
 threshold method; the stage's digest chains the graph stage (cosine) or the edges stage
@@ -39,6 +45,7 @@ from .proposals import CLUSTERS_STAGE, graph_anchor
 log = logging.getLogger(__name__)
 
 COSINE, LEARNED = "knn/sim", "edges/prob"
+BATCH_NODES = 25_000  # faces per Infomap run (whole components; a larger component alone): see the module docs
 
 
 def check_min_sim_value(min_sim: float | None, learned: bool) -> None:
@@ -103,7 +110,7 @@ def run_infomap_clusters(store: RunStore, cfg: Config, client, model_dir: str | 
     floor, info = resolve_min_sim(store, weights, min_sim, model_dir)
     index = store.array("knn/index")
     n, _ = index.shape
-    params = {"method": "infomap", "weights": weights, "min_sim": floor, "seed": INFOMAP_SEED}
+    params = {"method": "infomap", "weights": weights, "min_sim": floor, "seed": INFOMAP_SEED, "batch_nodes": BATCH_NODES}
     with store.stage(CLUSTERS_STAGE, params, inputs=[upstream], force=force) as w:
         if w is None:
             return store.record(CLUSTERS_STAGE).get("summary", {})
@@ -114,12 +121,13 @@ def run_infomap_clusters(store: RunStore, cfg: Config, client, model_dir: str | 
             forest = spanning_forest(client, store.url, n, int(index.chunks[0]), floor, cfg.proposals.fan_in,
                                      weights=weights, name="infomap-forest")
             forest_source = weights
-        (labels, stats), = infomap_components(client, store.url, n, forest, [floor], weights, "infomap")
+        (labels, stats), = infomap_components(client, store.url, n, forest, [floor], weights, "infomap",
+                                              budget=BATCH_NODES, joint=True)
         w.write_array("clusters", labels)
         summary = {"method": "infomap", "weights": "learned" if model_dir else "cosine", "min_sim": floor,
                    "min_sim_info": info, "model": model_dir, "forest": forest_source,
                    "n_clusters": stats["communities"], "n_singletons": stats["singletons"],
-                   "largest": stats["largest_community"],
+                   "largest": stats["largest_community"], "batch_nodes": BATCH_NODES,
                    **{k: stats[k] for k in ("components", "components_multi", "largest_component", "tasks")}}
         w.summary.update(summary)
         log.info("infomap: %d clusters (%d singletons) at %s >= %.4g; largest component %d faces",
