@@ -125,5 +125,5 @@ def test_infomap_min_sim_outside_the_data_is_one_line(tmp_path, local_client, ca
     lines = [line for line in err.strip().splitlines() if not line.startswith("dask:")]
     assert code == 2 and len(lines) == 1 and "--min-sim 0.9999 is outside the range of the run's kNN similarities" in lines[0]
     assert not (run / "clusters").exists()
-    code, err = _code_err(["cluster", run, "--method", "infomap", "--min-sim", 0.5, "--scheduler", addr], capsys)
-    assert code == 0, err
+    code, err = _code_err(["cluster", run, "--method", "infomap", "--min-sim", 0.8, "--scheduler", addr], capsys)
+    assert code == 0, err  # inside the range (0.52 .. 0.94 on these faces)
