@@ -6,7 +6,8 @@ It calls the functions the command line calls, in the same order: ``run_ingest``
 :func:`facecluster.pipeline.train.train` (``train``), on a Dask cluster connected as the
 CLI connects (:func:`facecluster.pipeline.cluster.connect`) unless a ``Client`` is given.
 So ``FaceClusterer(method="threshold").fit_predict(X)`` gives the labels of
-``facecluster ingest X.npy -o RUN.zarr && facecluster cluster RUN.zarr --method threshold``.
+``facecluster ingest X.npy -o RUN.zarr && facecluster cluster RUN.zarr --method threshold`` (and
+``method="infomap"`` those of ``--method infomap``).
 
 Heavy modules (Dask, zarr, torch, faiss) are imported when a function runs, so that
 ``import facecluster`` and ``facecluster --help`` stay fast.
@@ -29,7 +30,7 @@ from .errors import BadInput
 log = logging.getLogger(__name__)
 
 # API method name -> the CLI's `--method` (the learned method is "gcn" there)
-METHOD_NAMES = {"learned": "gcn", "gcn": "gcn", "threshold": "threshold"}
+METHOD_NAMES = {"learned": "gcn", "gcn": "gcn", "threshold": "threshold", "infomap": "infomap"}
 BLOCK_BYTES = 32 << 20  # rows of an array-like input copied per block
 
 
@@ -324,12 +325,16 @@ class FaceClusterer:
     ----------
     model : path, optional
         A model directory written by :func:`train` or ``facecluster train``. Required by the
-        learned method (facecluster ships no general model yet).
-    method : {"learned", "threshold"}
+        learned method (facecluster ships no general model yet); optional for ``"infomap"``
+        (its edge scorer's probabilities become the weights).
+    method : {"learned", "threshold", "infomap"}
         ``"learned"`` (the CLI's ``--method gcn``; also accepted as ``"gcn"``): knn -> learned
         edge probabilities -> communities -> proposals -> GCN-D -> GCN-S -> dedup.
         ``"threshold"``: the baseline, connected components of the kNN graph at one
         similarity threshold derived from the data (no model needed).
+        ``"infomap"``: the map equation on the kNN graph, one Dask task per group of connected
+        components: cosine weights at ``min_sim`` derived from the data, or with ``model`` the
+        learned edge probabilities at the model's floor.
     k : int, optional
         Neighbours per face (default: the configuration's ``[knn] k``, 80).
     config : Config, dict, path or None
@@ -345,6 +350,9 @@ class FaceClusterer:
         Threshold method: the similarity threshold (default: derived from the data).
     max_size : int, optional
         Threshold method: split components larger than this (Algorithm 1; default: no split).
+    min_sim : float, optional
+        Infomap method: the edge floor (default: derived from the data, or the model's floor); it
+        must lie within the range of the run's kNN similarities (edge probabilities with a model).
 
     Attributes
     ----------
@@ -354,7 +362,7 @@ class FaceClusterer:
     scores_ : ndarray of float32, shape (n_samples,), or None
         The learned method's confidence: the predicted IoU (GCN-D) of the proposal whose
         cluster the face joined, in [0, 1]; NaN for faces no proposal claimed (singletons
-        and faces attached to a neighbour's cluster). None for the threshold method.
+        and faces attached to a neighbour's cluster). None for the threshold and infomap methods.
     run_ : Run
         The run store this fit wrote (``run_.url``; every stage's arrays and records).
     summary_ : dict
@@ -371,7 +379,7 @@ class FaceClusterer:
 
     def __init__(self, model: str | os.PathLike | None = None, method: str = "learned", k: int | None = None,
                  config: Any = None, client=None, store: str | os.PathLike | None = None, th: float | None = None,
-                 max_size: int | None = None):
+                 max_size: int | None = None, min_sim: float | None = None):
         self.model = model
         self.method = method
         self.k = k
@@ -380,6 +388,7 @@ class FaceClusterer:
         self.store = store
         self.th = th
         self.max_size = max_size
+        self.min_sim = min_sim
         self._tmp: tempfile.TemporaryDirectory | None = None
 
     def __repr__(self) -> str:
@@ -391,12 +400,13 @@ class FaceClusterer:
         method = METHOD_NAMES[self.method]
         if method == "gcn" and self.model is None:
             raise ValueError("method='learned' needs a model: FaceClusterer(model='MODEL_DIR'), trained with "
-                             "facecluster.train(X, y, out='MODEL_DIR') or `facecluster train`; or use method='threshold'")
-        if method == "gcn" and not Path(self.model).is_dir():
+                             "facecluster.train(X, y, out='MODEL_DIR') or `facecluster train`; or use method='infomap' "
+                             "or method='threshold'")
+        if method in ("gcn", "infomap") and self.model is not None and not Path(self.model).is_dir():
             raise ValueError(f"model={str(self.model)!r}: no such model directory (train one with facecluster.train)")
-        for name in ("th", "max_size"):
-            if getattr(self, name) is not None and method != "threshold":
-                raise ValueError(f"{name} is a parameter of method='threshold', not of method={self.method!r}")
+        for name, owner in (("th", "threshold"), ("max_size", "threshold"), ("min_sim", "infomap")):
+            if getattr(self, name) is not None and method != owner:
+                raise ValueError(f"{name} is a parameter of method={owner!r}, not of method={self.method!r}")
         return method
 
     def _url(self) -> str:
@@ -437,9 +447,9 @@ class FaceClusterer:
         url = self._url()
         ingest(X, url, y, cfg)
         store = RunStore.open(url)
-        check_method(store, method, None if self.model is None else str(self.model))
+        check_method(store, method, None if self.model is None else str(self.model), self.min_sim)
         options = {"model": None if self.model is None else str(self.model), "th": self.th, "max_size": self.max_size,
-                   "force": False}
+                   "min_sim": self.min_sim, "force": False}
         with store.writing("cluster"), connected(self.client, cfg, store.url) as client:
             self.summary_ = run_method(store, cfg, client, method, options, echo=log.info)
         self.run_ = Run(store.url)

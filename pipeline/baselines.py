@@ -20,10 +20,10 @@ import uuid
 import numpy as np
 
 from facecluster.tasks.baselines import (AUTO_MIN_SIM, INFOMAP_POINTS, INFOMAP_STEP, MIN_SIM_RULES, THRESHOLD_POINTS,
-                             THRESHOLD_STEP, Sweep, auto_min_sim, similarity_grid, sweep, valid_sims)
+                             THRESHOLD_STEP, Sweep, auto_min_sim, similarity_grid, sweep)
 
 from .config import Config
-from .stages.graph import SAMPLE_ROWS  # the rows the anchor is computed from place the grids too
+from .stages.graph import knn_sims  # the rows the anchor is computed from place the grids too
 from .stages.proposals import graph_anchor, threshold_task
 from .store import RunStore, open_array
 
@@ -35,14 +35,6 @@ def has_infomap() -> bool:
     except ImportError:
         return False
     return True
-
-
-def knn_sims(store: RunStore, sample_rows: int = SAMPLE_ROWS) -> np.ndarray:
-    """The listed kNN similarities of a stride sample of rows (self and padding excluded), flat."""
-    idx, sim = store.array("knn/index"), store.array("knn/sim")
-    rows = np.arange(0, sim.shape[0], max(1, -(-sim.shape[0] // sample_rows)))
-    return valid_sims(sim.get_orthogonal_selection((rows, slice(None))),
-                      idx.get_orthogonal_selection((rows, slice(None))))
 
 
 def _evaluator(store: RunStore, client, task, prefix: str, *args):

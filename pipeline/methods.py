@@ -7,7 +7,10 @@
   proposals -> GCN-D -> GCN-S -> dedup (+ attach), with a model written by ``facecluster train``;
 * ``threshold``: the baseline, the components of the kNN graph at one similarity threshold
   (automatic unless given; optionally split by Algorithm 1), cut from the graph's maximum
-  spanning forest.
+  spanning forest;
+* ``infomap``: the map equation on the kNN graph, one Dask task per group of connected components
+  (:mod:`facecluster.pipeline.stages.infomap`): cosine weights at an automatic ``min_sim``, or the
+  learned edge probability of a model's edge scorer at the model's floor.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ import logging
 from typing import Callable
 
 from .config import Config
-from .model_files import check_model
-from .run import ensure_graph, run_cluster
+from .errors import BadInput
+from .model_files import check_model, edge_meta
+from .run import ensure_graph, ensure_knn, run_cluster
+from .stages.edges import run_edges
+from .stages.infomap import check_min_sim_value, run_infomap_clusters
 from .stages.proposals import run_threshold_clusters
 from .store import RunStore
 
@@ -48,21 +54,44 @@ def cluster_threshold(store: RunStore, cfg: Config, client, options: dict,
                                   force=options.get("force", False))
 
 
+def cluster_infomap(store: RunStore, cfg: Config, client, options: dict,
+                    echo: Callable[[str], None] | None = None) -> dict:
+    """Infomap per connected component: on the cosine graph (knn, graph), or with ``options["model"]`` on the
+    learned-affinity graph (knn, edges); ``options["min_sim"]`` overrides the automatic floor."""
+    model = options.get("model")
+    if model:
+        ensure_knn(store, cfg, client)
+        run_edges(store, model, cfg, client)
+    else:
+        ensure_graph(store, cfg, client)
+    return run_infomap_clusters(store, cfg, client, model_dir=model, min_sim=options.get("min_sim"),
+                                force=options.get("force", False))
+
+
 # method name -> runner(store, cfg, client, options, echo) -> summary
-METHODS: dict[str, Callable[..., dict]] = {"gcn": cluster_gcn, "threshold": cluster_threshold}
+METHODS: dict[str, Callable[..., dict]] = {"gcn": cluster_gcn, "threshold": cluster_threshold,
+                                           "infomap": cluster_infomap}
 
 
-def check_method(store: RunStore, method: str, model: str | None) -> None:
+def check_method(store: RunStore, method: str, model: str | None, min_sim: float | None = None) -> None:
     """Bad input of a method, found before any Dask cluster starts (BadInput / ValueError).
 
     The learned method's model is loaded once (small), so a missing, unsafe or foreign
     file, or a model for another feature dimension, fails before kNN runs, not after.
     Whether a model is given at all is the caller's check (its message names its own option).
+    ``infomap`` takes a model optionally (it must have an edge scorer) and ``min_sim``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown clustering method {method!r}; choose one of {', '.join(sorted(METHODS))}")
-    if method == "gcn":
+    if min_sim is not None and method != "infomap":
+        raise BadInput(f"--min-sim is an option of --method infomap, not of --method {method}")
+    if method == "gcn" or (method == "infomap" and model):
         check_model(model, store.array("features").shape[1], store.url)
+    if method == "infomap":
+        if model and edge_meta(model) is None:
+            raise BadInput(f"{model}: has no edge scorer (trained before facecluster 0.2); --method infomap with a "
+                           "model weighs edges by its probabilities: re-train it, or omit --model for the cosine")
+        check_min_sim_value(min_sim, bool(model))
 
 
 def run_method(store: RunStore, cfg: Config, client, method: str, options: dict,
@@ -80,7 +109,8 @@ def run_method(store: RunStore, cfg: Config, client, method: str, options: dict,
     method : str
         A key of :data:`METHODS`.
     options : dict
-        ``model`` (gcn), ``th`` and ``max_size`` (threshold), ``force`` (both).
+        ``model`` (gcn; optional for infomap), ``th`` and ``max_size`` (threshold), ``min_sim`` (infomap),
+        ``force`` (all).
     echo : callable, optional
         One line per stage (default: logging).
     """

@@ -56,8 +56,8 @@ def stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None
     return runners
 
 
-def ensure_graph(store: RunStore, cfg: Config, client) -> None:
-    """Run the kNN stage if it never completed or is stale, then the graph stage (skipped if up to date).
+def ensure_knn(store: RunStore, cfg: Config, client) -> None:
+    """Run the kNN stage if it never completed or is stale.
 
     A completed, fresh kNN is kept as it is, even if it was computed with other
     ``facecluster knn`` flags than this configuration; a stale one (its features were
@@ -65,6 +65,11 @@ def ensure_graph(store: RunStore, cfg: Config, client) -> None:
     """
     if store.stale_reason("knn") is not None:
         run_knn(store, cfg, client)
+
+
+def ensure_graph(store: RunStore, cfg: Config, client) -> None:
+    """:func:`ensure_knn`, then the graph stage (skipped if up to date)."""
+    ensure_knn(store, cfg, client)
     run_graph(store, cfg, client)
 
 

@@ -57,8 +57,8 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
 
 
 def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,
-                         floor: float, seed: int = 42) -> np.ndarray:
-    """Infomap run separately on each connected component of a group of whole components.
+                         floor: float, seed: int = 42, joint: bool = False) -> np.ndarray:
+    """Infomap run separately on each connected component of a group of whole components (or on the group at once).
 
     Parameters
     ----------
@@ -68,13 +68,20 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
         ``weight >= floor`` are used (at the floor the components are closed: every
         such edge joins two nodes of one component).
     seed : Infomap's seed, the same for every component.
+    joint : one Infomap run over the whole group (its modules split by component
+        afterwards by the caller) instead of one per component. The two-level map
+        equation is not additive over components: its index codebook is shared by every
+        module of a run, so a component solved alone is split more finely than in a
+        whole-graph run (measured on 100k built-in faces at the automatic min_sim:
+        pairwise F 0.733 per component, 0.776 whole graph, 0.776 in joint groups of
+        >= 25,000 nodes). The result then depends on the grouping: callers keep it fixed.
 
     Returns
     -------
-    (n,) int64 module of each node, numbered 0.. within its component. Each
-    component is its own Infomap problem, so any grouping of components into
-    calls gives the same modules (and, components being disconnected, the same
-    partition as one whole-graph run up to Infomap's search).
+    (n,) int64 module of each node, numbered 0.. within its component (``joint``:
+    within the group). Each component is its own Infomap problem, so any grouping of
+    components into calls gives the same modules (and, components being disconnected,
+    close to the partition of one whole-graph run).
     """
     nodes = np.asarray(nodes, np.int64)
     comp = np.asarray(comp, np.int64)
@@ -89,6 +96,8 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     if not inside.all():
         raise ValueError("infomap_by_component: an edge above the floor leaves the components given")
     dst = pos
+    if joint:
+        return infomap_clusters(n, src, dst, w, seed=seed)
     module = np.zeros(n, np.int64)
     order = np.argsort(comp, kind="stable")
     bounds = np.flatnonzero(np.diff(comp[order])) + 1

@@ -28,19 +28,23 @@ def _cli(*args: str, cwd: Path) -> str:
 
 @pytest.fixture(scope="module")
 def cli_runs(small_model):
-    """The test split clustered by the CLI (ingest + cluster, 2 LocalCluster workers): threshold and learned."""
+    """The test split clustered by the CLI (ingest + cluster, 2 LocalCluster workers): threshold, learned, and
+    infomap without and with the model (``out["stdout"]``: each command's output line)."""
     tmp = small_model["tmp"] / "cli"
     tmp.mkdir()
     feats, labels = small_model["test"]
     np.save(tmp / "X.npy", feats)
     np.save(tmp / "y.npy", labels)
     cfg = str(small_model["config"])
-    out = {}
-    for method, extra in (("threshold", []), ("gcn", ["--model", str(small_model["model"])])):
-        run = tmp / f"{method}.zarr"
+    out = {"stdout": {}}
+    model = ["--model", str(small_model["model"])]
+    for name, method, extra in (("threshold", "threshold", []), ("gcn", "gcn", model), ("infomap", "infomap", []),
+                                ("infomap-model", "infomap", model)):
+        run = tmp / f"{name}.zarr"
         _cli("ingest", "X.npy", "--labels", "y.npy", "-o", str(run), "--config", cfg, cwd=tmp)
-        _cli("cluster", str(run), "--method", method, *extra, "--config", cfg, "--workers", "2", cwd=tmp)
-        out[method] = facecluster.open_run(run)
+        out["stdout"][name] = _cli("cluster", str(run), "--method", method, *extra, "--config", cfg, "--workers", "2",
+                                   cwd=tmp)
+        out[name] = facecluster.open_run(run)
     out["X.npy"] = tmp / "X.npy"
     return out
 
@@ -63,6 +67,22 @@ def test_threshold_numpy_array_matches_the_cli(small_model, cli_runs):
     assert fc.scores_ is None  # the threshold method stores no per-face score
     assert fc.run_.url.endswith("run.zarr") and fc.summary_["n_clusters"] == len(np.unique(expected))
     assert facecluster.open_run(fc.run_.url).labels.tolist() == labels.tolist()
+
+
+def test_infomap_without_and_with_a_model_matches_the_cli(small_model, cli_runs, local_client):
+    """``--method infomap`` needs no model (cosine, automatic min_sim) and takes one (its edge probabilities);
+    the CLI prints the largest component; ``FaceClusterer(method="infomap")`` gives the CLI's labels."""
+    X, y = small_model["test"]
+    for name, model in (("infomap", None), ("infomap-model", small_model["model"])):
+        line = cli_runs["stdout"][name].strip()
+        weights = "P(same identity)" if model else "cosine"
+        assert line.startswith(f"infomap on {weights} >= ") and "largest component" in line, line
+        fc = facecluster.FaceClusterer(method="infomap", model=model, config=small_model["config"], client=local_client)
+        np.testing.assert_array_equal(fc.fit_predict(X), cli_runs[name].labels)
+        assert fc.scores_ is None and fc.summary_["weights"] == ("learned" if model else "cosine")
+        assert f"largest component {fc.summary_['largest_component']} faces" in line
+        assert fc.run_.evaluate(y)["pairwise_f"] > 0.3
+    assert not np.array_equal(cli_runs["infomap"].labels, cli_runs["infomap-model"].labels)
 
 
 def test_learned_numpy_array_with_a_client_matches_the_cli(small_model, cli_runs, local_client):
@@ -118,7 +138,9 @@ def test_dropped_rows_are_labelled_minus_one(small_model, local_client):
 
 
 @pytest.mark.parametrize("kwargs, X, match", [
-    (dict(method="infomap"), None, r"method='infomap': choose one of gcn, learned, threshold"),
+    (dict(method="nope"), None, r"method='nope': choose one of gcn, infomap, learned, threshold"),
+    (dict(method="threshold", min_sim=0.5), None, r"min_sim is a parameter of method='infomap', not of method='threshold'"),
+    (dict(method="infomap", min_sim=1.5), None, r"--min-sim 1.5 is not a cosine similarity"),
     (dict(), None, r"method='learned' needs a model"),
     (dict(model="no/such/model"), None, r"no such model directory"),
     (dict(method="threshold", k=0), None, r"k must be a positive integer"),

@@ -53,6 +53,18 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
     assert "proposals/s/worker" in out.stdout
 
 
+def test_bench_infomap_compares_distributed_and_single_process_partitions(tmp_path):
+    out = _bench(tmp_path, "infomap", "--n", "4000", "--dim", "32", "--k", "10", "--chunk-rows", "1000",
+                 "--store", "bi.zarr", "--out", "infomap.json")
+    r = json.loads((tmp_path / "infomap.json").read_text())
+    d, single = r["distributed"], r["single_process"]
+    assert d["largest_component"] >= d["largest"] and d["tasks"] >= 1 and len(d["peak_rss_mib_per_worker"]) == 2
+    assert single["edges"] > 0 and single["peak_rss_mib"] > 0
+    assert r["distributed_vs_single"]["pairwise_f"] > 0.9  # the same graph, batches of whole components
+    assert 0 < d["vs_labels"]["pairwise_f"] <= 1 and 0 < single["vs_labels"]["pairwise_f"] <= 1
+    assert "distributed vs single process" in out.stdout
+
+
 def test_split_by_identity_is_disjoint_deterministic_and_keeps_row_order():
     import numpy as np
 

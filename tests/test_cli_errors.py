@@ -108,3 +108,22 @@ def test_bin_read_with_half_its_dim_is_refused(tmp_path, capsys):
     assert "true dimension is probably 64" in err and not (tmp_path / "half.zarr").exists()
     code, err = _code_err(["ingest", tmp_path / "f.bin", "--dim", 64, "-o", tmp_path / "ok.zarr"], capsys)
     assert code == 0, err
+
+
+def test_infomap_min_sim_outside_the_data_is_one_line(tmp_path, local_client, capsys):
+    """``--min-sim`` no cosine can be: refused before any stage runs; outside the run's kNN similarities: refused
+    after kNN (the range is the data's); with another method: refused. Each one line, exit 2."""
+    run = _tiny_run(tmp_path, 300, capsys)
+    addr = local_client.scheduler.address
+    code, err = _code_err(["cluster", run, "--method", "infomap", "--min-sim", 3, "--scheduler", addr], capsys)
+    assert code == 2 and "--min-sim 3 is not a cosine similarity" in err and len(err.strip().splitlines()) == 1
+    assert not (run / "knn").exists()
+    code, err = _code_err(["cluster", run, "--method", "threshold", "--min-sim", 0.5, "--scheduler", addr], capsys)
+    assert code == 2 and "--min-sim is an option of --method infomap" in err
+    assert _code_err(["knn", run, "-k", 10, "--scheduler", addr], capsys)[0] == 0
+    code, err = _code_err(["cluster", run, "--method", "infomap", "--min-sim", 0.9999, "--scheduler", addr], capsys)
+    lines = [line for line in err.strip().splitlines() if not line.startswith("dask:")]
+    assert code == 2 and len(lines) == 1 and "--min-sim 0.9999 is outside the range of the run's kNN similarities" in lines[0]
+    assert not (run / "clusters").exists()
+    code, err = _code_err(["cluster", run, "--method", "infomap", "--min-sim", 0.8, "--scheduler", addr], capsys)
+    assert code == 0, err  # inside the range (0.52 .. 0.94 on these faces)

@@ -88,11 +88,12 @@ def build_run(path: Path, n: int, k: int, dim: int, chunk_rows: int, nprobe: int
     from ..store import RunStore
 
     t0 = time.perf_counter()
-    feats, _labels = make_faces(n, dim=dim, seed=seed)
+    feats, labels = make_faces(n, dim=dim, seed=seed)
     t_gen = time.perf_counter() - t0
     store = RunStore.create(path, overwrite=True)
     with store.stage("ingest", {"bench": "proposals", "n": n, "dim": dim, "seed": seed}) as w:
         w.write_array("features", feats, chunks=(chunk_rows, dim))
+        w.write_array("labels", labels.astype(np.int64), chunks=(chunk_rows,))  # the identities, for quality
         w.summary.update(n=n, dim=dim, chunk_rows=chunk_rows)
     faiss.omp_set_num_threads(os.cpu_count() or 1)
     t0 = time.perf_counter()
@@ -120,7 +121,7 @@ def build_run(path: Path, n: int, k: int, dim: int, chunk_rows: int, nprobe: int
             zi[a:b] = np.where(ok, idx, -1)
             zs[a:b] = np.where(ok, sim, 0).astype(np.float32)
     t_knn = time.perf_counter() - t0
-    del feats, index
+    del feats, index, labels
     return {"generate_s": round(t_gen, 2), "knn_ivf_s": round(t_knn, 2), "nlist": nlist, "nprobe": nprobe}
 
 

@@ -28,8 +28,17 @@ def format_gcn(summary: dict) -> str:
             f"stages run: {', '.join(ran) or 'none'}; skipped (up to date): {', '.join(skipped) or 'none'}")
 
 
+def format_infomap(summary: dict) -> str:
+    info = summary.get("min_sim_info", {})
+    weights = "P(same identity)" if summary["weights"] == "learned" else "cosine"
+    return (f"infomap on {weights} >= {summary['min_sim']:.4f} ({info.get('source', 'explicit')}): "
+            f"{summary['n_clusters']} clusters, {summary['n_singletons']} singletons, largest {summary['largest']} faces; "
+            f"largest component {summary['largest_component']} faces (one task), {summary['components_multi']} "
+            f"components of >= 2 faces in {summary['tasks']} tasks")
+
+
 # method name -> its summary line
-FORMATS = {"gcn": format_gcn, "threshold": format_threshold}
+FORMATS = {"gcn": format_gcn, "threshold": format_threshold, "infomap": format_infomap}
 
 
 @click.command("cluster")
@@ -37,16 +46,20 @@ FORMATS = {"gcn": format_gcn, "threshold": format_threshold}
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="Clustering method.")
 @click.option("--model", type=click.Path(file_okay=False), default=None,
-              help="gcn method: model directory written by `facecluster train`.")
+              help="gcn method: model directory written by `facecluster train`. infomap method (optional): weigh "
+                   "edges by its edge scorer's probabilities, at its floor.")
 @click.option("--th", type=float, default=None,
               help="threshold method: similarity threshold (default: derived from the data's kNN similarities).")
 @click.option("--max-size", type=int, default=None,
               help="threshold method: split components larger than this with Algorithm 1 (default: no split).")
+@click.option("--min-sim", type=float, default=None,
+              help="infomap method: the edge floor (default: from the data, the Otsu anchor of the kNN similarities; "
+                   "with --model, the model's floor).")
 @click.option("--force", is_flag=True, help="Recompute even if the stored result is up to date.")
 @config_option
 @dask_options
 @pass_config()
-def command(run, method, model, th, max_size, force, cfg):
+def command(run, method, model, th, max_size, min_sim, force, cfg):
     """Cluster the faces of RUN; writes `clusters` (every face labelled).
 
     The default (gcn) runs the learned chain; stages whose inputs and parameters
@@ -58,6 +71,8 @@ def command(run, method, model, th, max_size, force, cfg):
       facecluster cluster run.zarr --model model/ --scheduler tcp://host:8786
       facecluster cluster run.zarr --method threshold            # automatic threshold
       facecluster cluster run.zarr --method threshold --th 0.6
+      facecluster cluster run.zarr --method infomap              # no labels, no model: cosine, automatic min_sim
+      facecluster cluster run.zarr --method infomap --model model/   # on the learned affinity
     """
     from ..cluster import connect
     from ..errors import BadInput
@@ -67,11 +82,13 @@ def command(run, method, model, th, max_size, force, cfg):
     store = RunStore.open(run)
     if method == "gcn" and not model:  # bad model input fails before a cluster is started
         raise BadInput(f"{run}: the learned method needs a model: pass --model DIR (train one with "
-                       "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method threshold")
-    check_method(store, method, model)
+                       "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method infomap or --method threshold "
+                       "(no model needed)")
+    check_method(store, method, model, min_sim)
     # one writer for the whole command (a second `cluster` must not delete our _tmp arrays), taken
     # before the cluster starts; leftovers of a killed run are removed whichever method runs now
     with store.writing("cluster"), connect(cfg.dask) as client:
-        summary = run_method(store, cfg, client, method, {"th": th, "max_size": max_size, "force": force, "model": model},
+        summary = run_method(store, cfg, client, method, {"th": th, "max_size": max_size, "min_sim": min_sim, "force": force,
+                                                        "model": model},
                              echo=lambda s: click.echo(s, err=True))
     click.echo(FORMATS[method](summary))

@@ -14,6 +14,8 @@ process, reported as ``largest_component``); each task reads only its nodes' kNN
 rows and runs Infomap per component (:func:`facecluster.tasks.peers.infomap_by_component`),
 so the partition does not depend on how components are packed, on the chunk size
 or on the worker count.
+The machinery (:func:`infomap_components`) takes any weight array shaped like
+``knn/index``: ``--method infomap`` runs it on the cosine ``knn/sim`` too.
 
 Output ``communities/labels`` (N x F int64: column f holds the communities at
 ``floors[f]``, ids 0..C-1 by smallest member; the floors are in the stage summary,
@@ -42,13 +44,15 @@ MIN_NODES_PER_TASK = 5_000  # below this a task's overhead outweighs the paralle
 INFOMAP_SEED = 42
 
 
-def component_task(url: str, nodes: np.ndarray, comp: np.ndarray, floor: float) -> np.ndarray:
-    """Worker task: Infomap modules of whole components (``nodes`` ascending), numbered within each."""
+def component_task(url: str, nodes: np.ndarray, comp: np.ndarray, floor: float, weights: str = "edges/prob",
+                   joint: bool = False) -> np.ndarray:
+    """Worker task: Infomap modules of whole components (``nodes`` ascending), numbered within each (``joint``:
+    one Infomap run over them all)."""
     from facecluster.tasks.peers import infomap_by_component
 
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
-    prob = open_array(url, "edges/prob").get_orthogonal_selection((nodes, slice(None)))
-    return infomap_by_component(nodes, comp, idx, prob, floor, seed=INFOMAP_SEED)
+    w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
+    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint)
 
 
 def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
@@ -65,6 +69,78 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
     return groups
 
 
+def infomap_components(client, url: str, n: int, forest, floors: list[float], weights: str, name: str,
+                       budget: int | None = None, joint: bool = False) -> list[tuple[np.ndarray, dict]]:
+    """Infomap on the kNN graph weighted by array ``weights`` at each of ``floors``, one Dask task per group of components.
+
+    Parameters
+    ----------
+    client : distributed.Client.
+    url : the run store (``knn/index`` and ``weights``, an N x k array: ``edges/prob`` or ``knn/sim``).
+    n : faces.
+    forest : (src, dst, weight) of a maximum spanning forest of the same weights holding every edge
+        >= ``min(floors)`` (:func:`facecluster.pipeline.forest.spanning_forest`, or the graph stage's
+        forest for ``knn/sim``): its cut at a floor gives the graph's connected components there.
+    floors : edges with weight >= floor are the graph, per floor; every floor's tasks are submitted
+        before any is gathered.
+    weights : the weight array's name.
+    name : prefix of the task keys and progress lines.
+    budget : nodes per task (default: about 4 tasks per worker per floor, within
+        ``MIN_NODES_PER_TASK``..``NODES_PER_TASK``); a larger component is one task. The packing
+        never changes the result: each component is solved alone with the same seed.
+    joint : one Infomap run per task over all its components (their modules split by component
+        afterwards), closer to a whole-graph run (:func:`facecluster.tasks.peers.infomap_by_component`);
+        the result then depends on the packing: give a fixed ``budget``, not the worker-dependent default.
+
+    Returns
+    -------
+    list of (labels, stats), one per floor: labels (N int64, communities numbered 0..C-1 by
+    smallest member); stats with ``components``, ``components_multi``, ``largest_component``
+    (faces of the largest component: the one task that bounds time and memory), ``tasks``,
+    ``communities``, ``singletons``, ``largest_community``.
+    """
+    from facecluster.tasks.components import canonical_labels, components
+
+    src, dst, wt = forest
+    if budget is None:
+        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
+        budget = int(min(NODES_PER_TASK, max(MIN_NODES_PER_TASK, -(-n // (4 * n_workers)))))
+    token = uuid.uuid4().hex[:8]
+    plans = []
+    for f_i, floor in enumerate(floors):
+        keep = wt >= np.float32(floor)  # the forest cut at this floor: the graph's components at it
+        comp = components(n, src[keep], dst[keep])
+        sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
+        order = np.argsort(comp, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        groups = pack_components(sizes, budget)
+        futs, node_sets = [], []
+        for g_i, cids in enumerate(groups):
+            nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
+            node_sets.append(nodes)
+            futs.append(client.submit(component_task, url, nodes, comp[nodes], floor, weights, joint,
+                                      key=f"{name}-infomap-{f_i}-{g_i}-{token}"))
+        plans.append((floor, comp, sizes, groups, futs, node_sets))
+    results = []
+    for floor, comp, sizes, groups, futs, node_sets in plans:
+        modules = wait_futures(futs, f"{name} {floor}")
+        module = np.zeros(n, np.int64)
+        for nodes, mod in zip(node_sets, modules):
+            module[nodes] = mod
+        width = int(module.max()) + 1 if n else 1
+        labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
+        csizes = np.bincount(labels) if n else np.zeros(0, np.int64)
+        stats = {"floor": floor, "components": int(len(sizes)), "components_multi": int((sizes >= 2).sum()),
+                 "largest_component": int(sizes.max()) if n else 0, "tasks": len(groups),
+                 "communities": int(len(csizes)), "singletons": int((csizes == 1).sum()),
+                 "largest_community": int(csizes.max()) if n else 0}
+        log.info("%s at %s >= %.4g: %d communities (%d singletons) in %d components, largest component %d (%d tasks)",
+                 name, weights, floor, stats["communities"], stats["singletons"], stats["components"],
+                 stats["largest_component"], stats["tasks"])
+        results.append((labels, stats))
+    return results
+
+
 FLOORS = (0.5, 0.7, 0.85, 0.95)
 
 
@@ -75,8 +151,6 @@ def community_floors(model_floor: float) -> list[float]:
 
 def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
     """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
-    from facecluster.tasks.components import canonical_labels, components
-
     store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
     floors = community_floors(edge_meta(model_dir)["floor"])
     index = store.array("knn/index")
@@ -86,46 +160,14 @@ def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force:
     with store.stage(STAGE, params, inputs=["edges"], extra={"model": os.path.abspath(model_dir)}, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
-        src, dst, wt = spanning_forest(client, store.url, n, r, min(floors), cfg.proposals.fan_in,
-                                       weights="edges/prob", name="communities-forest")
+        forest = spanning_forest(client, store.url, n, r, min(floors), cfg.proposals.fan_in,
+                                 weights="edges/prob", name="communities-forest")
         out = w.create_array("communities/labels", (n, len(floors)), (r, len(floors)), np.int64)
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        # about 4 tasks per worker per floor (every floor's tasks are submitted before any is gathered),
-        # at most NODES_PER_TASK nodes each: the packing never changes the result
-        budget = int(min(NODES_PER_TASK, max(MIN_NODES_PER_TASK, -(-n // (4 * n_workers)))))
-        token = uuid.uuid4().hex[:8]
-        plans = []
-        for f_i, floor in enumerate(floors):
-            keep = wt >= np.float32(floor)  # the forest cut at this floor: the graph's components at it
-            comp = components(n, src[keep], dst[keep])
-            sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
-            order = np.argsort(comp, kind="stable")
-            starts = np.concatenate([[0], np.cumsum(sizes)])
-            groups = pack_components(sizes, budget)
-            futs, node_sets = [], []
-            for g_i, cids in enumerate(groups):
-                nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
-                node_sets.append(nodes)
-                futs.append(client.submit(component_task, store.url, nodes, comp[nodes], floor,
-                                          key=f"communities-infomap-{f_i}-{g_i}-{token}"))
-            plans.append((floor, comp, sizes, groups, futs, node_sets))
         per_floor = []
-        for f_i, (floor, comp, sizes, groups, futs, node_sets) in enumerate(plans):
-            modules = wait_futures(futs, f"communities {floor}")
-            module = np.zeros(n, np.int64)
-            for nodes, mod in zip(node_sets, modules):
-                module[nodes] = mod
-            width = int(module.max()) + 1 if n else 1
-            labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
+        for f_i, (labels, stats) in enumerate(infomap_components(client, store.url, n, forest, floors, "edges/prob",
+                                                                 "communities")):
             out[:, f_i] = labels
-            csizes = np.bincount(labels) if n else np.zeros(0, np.int64)
-            per_floor.append({"floor": floor, "components": int(len(sizes)), "components_multi": int((sizes >= 2).sum()),
-                              "largest_component": int(sizes.max()) if n else 0, "tasks": len(groups),
-                              "communities": int(len(csizes)), "singletons": int((csizes == 1).sum()),
-                              "largest_community": int(csizes.max()) if n else 0})
-            log.info("communities at P >= %.2f: %d communities (%d singletons) in %d components, largest component %d",
-                     floor, per_floor[-1]["communities"], per_floor[-1]["singletons"], per_floor[-1]["components"],
-                     per_floor[-1]["largest_component"])
+            per_floor.append(stats)
         summary = {"n": int(n), "floors": floors, "floor": floors[0], "per_floor": per_floor,
                    **{k: per_floor[0][k] for k in ("communities", "singletons", "largest_component", "largest_community")}}
         w.summary.update(summary)

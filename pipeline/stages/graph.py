@@ -50,6 +50,17 @@ def anchor_task(url: str, sample_rows: int = SAMPLE_ROWS) -> dict:
             "sim_quantiles": {str(q): float(np.quantile(ok, q)) for q in (0.1, 0.5, 0.9, 0.99)} if len(ok) else {}}
 
 
+def knn_sims(store: RunStore, sample_rows: int = SAMPLE_ROWS, weights: str = "knn/sim") -> np.ndarray:
+    """The listed kNN edge weights (``weights``: ``knn/sim`` or ``edges/prob``) of a stride sample of rows, flat
+    (self and padding excluded): the rows the anchor is computed from."""
+    from facecluster.tasks.baselines import valid_sims
+
+    idx, sim = store.array("knn/index"), store.array(weights)
+    rows = np.arange(0, sim.shape[0], max(1, -(-sim.shape[0] // sample_rows)))
+    return valid_sims(sim.get_orthogonal_selection((rows, slice(None))),
+                      idx.get_orthogonal_selection((rows, slice(None))))
+
+
 def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
     """Build the kNN graph's maximum spanning forest and store it (stage "graph").
 
