@@ -316,7 +316,7 @@ def knn_block(q: np.ndarray, q_ids: np.ndarray, db: np.ndarray, db_ids: np.ndarr
 # worst case 2^-8 |x|). Queries whose k-th exact similarity is not above that are searched again by the
 # float32 kernel (faiss), so the result never depends on the bound being tight, only on it holding.
 BF16_GROUP = 32  #: columns per group in the two-stage selection (group maxima, then the best groups' members)
-BF16_TILE = 64  #: queries per GEMM tile (a 64 x 100k bfloat16 tile stays in L2 + L3 while it is selected)
+BF16_TILE = 128  #: queries per GEMM tile (measured 64-512 at 100k rows: 128-256 best)
 _BF16_OUT_U = 2.0 ** -8
 _F32_U = 2.0 ** -24
 
@@ -465,7 +465,6 @@ class Bf16Flat:
         kg = min(kk, ng)
         kc = min(kk, kg * g)
         ok = np.zeros(n, dtype=bool)
-        stride = (torch.arange(g, dtype=torch.int64) * ng).view(1, 1, g)
         # buffers reused by every tile: Dask workers run with MALLOC_TRIM_THRESHOLD_ set, which pins
         # glibc's mmap threshold at 128 KiB, so a fresh 13 MB tile per iteration was a fresh mmap and
         # its page faults (measured: 5.4 s instead of 3.7 s for 16k queries x 100k rows)
@@ -473,8 +472,7 @@ class Bf16Flat:
         buf_s = torch.empty((tile, ng * g), dtype=torch.bfloat16)
         buf_m = torch.empty((tile, ng), dtype=torch.int16)
         buf_gv, buf_gi = torch.empty((tile, kg), dtype=torch.int16), torch.empty((tile, kg), dtype=torch.int64)
-        buf_cols = torch.empty((tile, kg, g), dtype=torch.int64)
-        buf_cand = torch.empty((tile, kg * g), dtype=torch.int16)
+        buf_cand = torch.empty((tile, g, kg), dtype=torch.int16)
         buf_v, buf_j = torch.empty((tile, kc), dtype=torch.int16), torch.empty((tile, kc), dtype=torch.int64)
         buf_loc = torch.empty((tile, kc), dtype=torch.int64)
         for a in range(0, n, tile):
@@ -490,10 +488,10 @@ class Bf16Flat:
             # contiguous rows of the tile (4x faster measured than reducing contiguous groups)
             torch.amax(s.view(t, g, ng), 1, out=buf_m[:t])
             gv, gi = torch.topk(buf_m[:t], kg, dim=1, sorted=False, out=(buf_gv[:t], buf_gi[:t]))  # the kg best groups
-            cols = torch.add(gi.unsqueeze(2), stride, out=buf_cols[:t]).view(t, kg * g)
-            cand = torch.gather(s, 1, cols, out=buf_cand[:t])
-            v, j = torch.topk(cand, kc, dim=1, sorted=False, out=(buf_v[:t], buf_j[:t]))
-            loc = torch.gather(cols, 1, j, out=buf_loc[:t])
+            # the members of those groups: member m of group gi is column gi + m * ng
+            cand = torch.gather(s.view(t, g, ng), 2, gi.unsqueeze(1).expand(t, g, kg), out=buf_cand[:t])
+            v, j = torch.topk(cand.view(t, g * kg), kc, dim=1, sorted=False, out=(buf_v[:t], buf_j[:t]))
+            loc = torch.gather(gi, 1, j % kg, out=buf_loc[:t]).add_(torch.div(j, kg, rounding_mode="floor") * ng)
             # every group left out has maximum <= the kg-th group maximum <= the kc-th value kept, and
             # int16 order is float order there when both are >= +0.0
             ok[a:b] = ((gv.min(1).values >= 0) & (v.min(1).values >= 0)).numpy()
@@ -518,27 +516,38 @@ class Bf16Flat:
         return D, np.asarray(L, dtype=np.int64), last + tol
 
 
+#: the bfloat16 search widens a query's candidates (2x per round) up to this many, then float32 takes over
+BF16_MAX_CANDIDATES = 1024
+
+
 def knn_bf16(db: Bf16Flat, q: np.ndarray, q_ids: np.ndarray, db_ids: np.ndarray, k: int,
              margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """:func:`knn_flat` with bfloat16 candidates: identical neighbours and similarities.
 
     First round: ``k + margin + 1`` bfloat16 candidates per query, re-scored exactly; the queries the
-    bfloat16 bound cannot certify are searched again in float32 (faiss) with twice as many, as
-    :func:`certified_topk` does for any searcher. Blocks of at most ``k + margin + 1`` rows are
-    returned whole (nothing to select).
+    bfloat16 bound cannot certify are searched again with twice as many (:func:`certified_topk`),
+    in bfloat16 up to :data:`BF16_MAX_CANDIDATES`, then in float32 (faiss); queries the bfloat16
+    selection cannot vouch for at all (negative k-th similarities) go to float32 at once. Blocks
+    of at most that many rows are returned whole (nothing to select).
     """
     q = np.ascontiguousarray(q, dtype=np.float32)
-    first = k + margin + 1
+    f32 = np.zeros(len(q), dtype=bool)  # queries handed to the float32 kernel
 
     def search(sel, kk):
-        qs = q if len(sel) == len(q) else q[sel]
+        n = len(sel)
         if kk >= db.nb:  # every row is a candidate: no search, no bound needed
-            n = len(sel)
             return (np.zeros((n, db.nb), np.float32), np.broadcast_to(np.arange(db.nb, dtype=np.int64), (n, db.nb)),
                     np.full(n, -np.inf))
-        if kk <= first:
-            return db.search(qs, kk)
-        return db.search_float32(qs, kk)
+        qs = q if n == len(q) else q[sel]
+        if kk > BF16_MAX_CANDIDATES:
+            return db.search_float32(qs, kk)
+        D, L, upper = db.search(qs, kk)
+        lost = np.flatnonzero(np.isinf(upper) & ~f32[sel])  # first time unvouched: float32 from now on
+        f32[sel[lost]] = True
+        again = np.flatnonzero(f32[sel])
+        if len(again):
+            D[again], L[again], upper[again] = db.search_float32(qs[again], kk)
+        return D, L, upper
 
     # tol=0: every round's searcher states its own bound (the third value), so none is computed here
     return certified_topk(search, q, q_ids, db.rows, db_ids, k, margin, tol=0.0)
