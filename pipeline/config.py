@@ -7,6 +7,7 @@ is built, so an invalid value fails before any work with the key's dotted name::
     [knn]
     k = 80
     mode = "auto"
+    precision = "auto"   # exact mode's candidate GEMM: bfloat16 where the CPU has it (same neighbours)
 
 ``Config.load(path, overrides={"knn.k": 30})`` merges TOML and flags (flags win).
 """

@@ -257,9 +257,11 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
                 for m in (int(v) for v in mem_sizes.split(",")):
                     st = store if m == n else _store(tmp, x[:m], chunk_rows, f"mem{m}")
                     with MemorySampler(client) as mem:
-                        s = run_knn(st, _cfg(base, k=k, mode="exact", db_rows=mem_db_rows), client, force=True)
+                        s = run_knn(st, _cfg(base, k=k, mode="exact", db_rows=mem_db_rows, precision=precision), client,
+                                    force=True)
                     s.update(mem.summary())
                     mem_rows.append({"n": m, "db_rows": s["db_rows"], "q_rows": s["q_rows"], "strategy": s["strategy"],
+                                     "precision": s.get("precision"),
                                      "peak_rss_mib": s["peak_rss_mib_per_worker"], "start_rss_mib": s["start_rss_mib_per_worker"],
                                      "queries_per_s": s["queries_per_s"]})
                     rows.append((f"memory N={m} blocks db_rows={s['db_rows']}", s["search_seconds"], s["queries_per_s"],
