@@ -25,7 +25,9 @@ kernels here therefore
 
 So every output row is the exact top-k under a total order, and merging blocks
 with :func:`merge_topk` (associative, commutative) gives the same arrays for any
-chunking, worker count or BLAS kernel.
+chunking, worker count or BLAS kernel. :func:`knn_bf16` finds the candidates with a
+bfloat16 GEMM instead of faiss and certifies them with a bound on the bfloat16 error
+(see "reduced precision" below): same arrays again.
 """
 
 from __future__ import annotations
@@ -312,9 +314,10 @@ def knn_block(q: np.ndarray, q_ids: np.ndarray, db: np.ndarray, db_ids: np.ndarr
 #   float32 accumulation of the (exact) bf16 products, any order: <= gamma_d |q~||y~|, gamma_d = d u/(1 - d u)
 #   the GEMM's bfloat16 output D (round to nearest): |D - acc| <= 2^-8 |D|
 # so every row the search did not return has an exact similarity <= last + 2^-8 |last| + e(q), last =
-# the smallest value returned. For unit rows e(q) is ~3e-3 (the residual norms are measured, not the
-# worst case 2^-8 |x|). Queries whose k-th exact similarity is not above that are searched again by the
-# float32 kernel (faiss), so the result never depends on the bound being tight, only on it holding.
+# the smallest value returned. For unit rows e(q) is ~4e-3 (the residual norms are measured, not the
+# worst case 2^-8 |x|). Queries whose k-th exact similarity is not above that are searched again with
+# twice the candidates (bfloat16 up to BF16_MAX_CANDIDATES, then the float32 kernel, faiss), so the
+# result never depends on the bound being tight, only on it holding.
 BF16_GROUP = 32  #: largest group in the two-stage selection (group maxima, then the best groups' members)
 BF16_TILE = 128  #: queries per GEMM tile (measured 64-512 at 100k rows: 128-256 best)
 _BF16_OUT_U = 2.0 ** -8
