@@ -7,6 +7,7 @@ is built, so an invalid value fails before any work with the key's dotted name::
     [knn]
     k = 80
     mode = "auto"
+    precision = "auto"   # exact mode's candidate GEMM: bfloat16 where the CPU has it (same neighbours)
 
 ``Config.load(path, overrides={"knn.k": 30})`` merges TOML and flags (flags win).
 """
@@ -178,6 +179,10 @@ class KnnConfig(_Section):
     memory_fraction: float = opt(0.4, _float(0.0, 1.0, lo_open=True), "share of a worker's memory for the database it holds")
     fan_in: int = opt(8, _int(2), "fan-in of the top-k merge tree")
     margin: int = opt(16, _int(0), "extra candidates fetched before exact re-scoring")
+    precision: str = opt("auto", _choice("auto", "float32", "bfloat16"),
+                         "exact mode's candidate GEMM: bfloat16 (torch; candidates re-scored exactly, same neighbours) "
+                         "or float32 (faiss); auto = bfloat16 where the CPU has avx512_bf16/amx_bf16 and it measures faster")
+    bf16_margin: int = opt(48, _int(0), "extra bfloat16 candidates before exact re-scoring (wider: the bfloat16 bound is ~5e-3)")
 
 
 @dataclass(frozen=True)

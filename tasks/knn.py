@@ -25,7 +25,9 @@ kernels here therefore
 
 So every output row is the exact top-k under a total order, and merging blocks
 with :func:`merge_topk` (associative, commutative) gives the same arrays for any
-chunking, worker count or BLAS kernel.
+chunking, worker count or BLAS kernel. :func:`knn_bf16` finds the candidates with a
+bfloat16 GEMM instead of faiss and certifies them with a bound on the bfloat16 error
+(see "reduced precision" below): same arrays again.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def set_threads(n: int) -> None:
     from threadpoolctl import threadpool_limits
 
     faiss.omp_set_num_threads(max(1, int(n)))
+    import sys
+
+    if "torch" in sys.modules:  # the bfloat16 kernel's GEMM (never imports torch just for this)
+        sys.modules["torch"].set_num_threads(max(1, int(n)))
     # numpy's BLAS runs the GEMMs of the list-major IVF search (IvfLists.search)
     threadpool_limits(max(1, int(n)), user_api="blas")
 
@@ -148,12 +154,16 @@ def rescore(q: np.ndarray, rows: np.ndarray, local: np.ndarray) -> np.ndarray:
     valid = local >= 0
     safe = np.where(valid, local, 0)
     step = max(1, RESCORE_BATCH * 96 // max(m, 1))
+    # one gather buffer for every batch (a fresh ~25 MB one per batch is a fresh mmap under the
+    # Dask workers' MALLOC_TRIM_THRESHOLD_, and its page faults)
+    buf = np.empty((min(step, nq), m, rows.shape[1]), dtype=rows.dtype)
     for s in range(0, nq, step):
         e = min(nq, s + step)
+        g = np.take(rows, safe[s:e], axis=0, out=buf[:e - s])
         # float64 accumulation of float32 products, rounded once: the float32 result is a
         # function of the pair (any float64 summation order rounds to the same float32
         # except within ~1e-16 of a rounding boundary). einsum casts on the fly (fastest measured).
-        out[s:e] = np.einsum("bd,bmd->bm", q[s:e], rows[safe[s:e]], dtype=np.float64)
+        out[s:e] = np.einsum("bd,bmd->bm", q[s:e], g, dtype=np.float64)
     out[~valid] = PAD_SIM
     return out
 
@@ -168,8 +178,10 @@ def _tolerance(q: np.ndarray, rows: np.ndarray) -> float:
     return d * 2.0 ** -23 * qn * xn + 1e-7
 
 
-#: search(positions into q, kk) -> (raw sims [n, kk] float32, local row numbers [n, kk] int64, -1 = none)
-Searcher = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+#: search(positions into q, kk) -> (raw sims [n, kk] float32, local row numbers [n, kk] int64, -1 = none),
+#: optionally a third array upper [n] float64: a bound on the exact similarity of every row not returned
+#: (replaces "last raw value + tol"; +inf = no bound, the query is searched again with 2 * kk)
+Searcher = Callable[[np.ndarray, int], tuple]
 
 
 def certified_topk(search: Searcher, q: np.ndarray, q_ids: np.ndarray, rows: np.ndarray, row_ids: np.ndarray,
@@ -208,7 +220,10 @@ def certified_topk(search: Searcher, q: np.ndarray, q_ids: np.ndarray, rows: np.
     kk = k + margin + 1  # +1: self may be among the candidates
     while len(todo):
         kk_now = int(min(kk, universe[todo].max()))
-        D, L = search(todo, kk_now)
+        found = search(todo, kk_now)
+        D, L = found[0], found[1]
+        # a searcher may state its own bound per query (exact sim of any row it did not return)
+        upper = found[2] if len(found) > 2 else None
         L = np.asarray(L, dtype=np.int64)
         gid = np.where(L >= 0, row_ids[np.where(L >= 0, L, 0)], PAD_ID)
         self_hit = gid == q_ids[todo, None]
@@ -216,10 +231,13 @@ def certified_topk(search: Searcher, q: np.ndarray, q_ids: np.ndarray, rows: np.
         gid = np.where(self_hit, PAD_ID, gid)
         s = rescore(q[todo], rows, L)
         s_sorted, i_sorted = sort_topk(s, gid, k)
-        # last raw value the search returned: every unfetched candidate is <= it + tol
-        D = np.asarray(D, dtype=np.float64)
-        last = np.where(np.isfinite(D), D, np.inf).min(axis=1)
-        bound = (last + tol).astype(np.float32)
+        if upper is None:
+            # last raw value the search returned: every unfetched candidate is <= it + tol
+            D = np.asarray(D, dtype=np.float64)
+            last = np.where(np.isfinite(D), D, np.inf).min(axis=1)
+            upper = last + tol
+        # float32 rounding of the bound: round up, so "exact > bound" stays a proof
+        bound = np.nextafter(np.asarray(upper, dtype=np.float64).astype(np.float32), np.float32(np.inf))
         ok = (universe[todo] <= kk_now) | (s_sorted[:, k - 1] > bound)
         done = todo[ok]
         out_s[done] = s_sorted[ok]
@@ -284,6 +302,262 @@ def knn_block(q: np.ndarray, q_ids: np.ndarray, db: np.ndarray, db_ids: np.ndarr
     sorted by sim descending then id ascending.
     """
     return knn_flat(flat_index(db), q, q_ids, db_ids, k, margin)
+
+
+# -- reduced precision: bfloat16 candidates, exact re-scoring ---------------------------------
+# The GEMM that finds candidates runs in bfloat16 (torch; oneDNN uses AMX or AVX512-BF16 where the
+# CPU has them), the candidates are re-scored exactly (:func:`rescore`) and certified as above with a
+# bound on the bfloat16 error, so the output is identical to the float32 kernel's. The bound, for a
+# query q and a row y with bfloat16 roundings q~, y~ and residuals r_q = q - q~, r_y = y - y~
+# (computed exactly in float32):
+#   |q.y - q~.y~| = |q~.r_y + r_q.y~ + r_q.r_y| <= |q~||r_y| + |r_q||y~| + |r_q||r_y|   (Cauchy-Schwarz)
+#   float32 accumulation of the (exact) bf16 products, any order: <= gamma_d |q~||y~|, gamma_d = d u/(1 - d u)
+#   the GEMM's bfloat16 output D (round to nearest): |D - acc| <= 2^-8 |D|
+# so every row the search did not return has an exact similarity <= last + 2^-8 |last| + e(q), last =
+# the smallest value returned. For unit rows e(q) is ~4e-3 (the residual norms are measured, not the
+# worst case 2^-8 |x|). Queries whose k-th exact similarity is not above that are searched again with
+# twice the candidates (bfloat16 up to BF16_MAX_CANDIDATES, then the float32 kernel, faiss), so the
+# result never depends on the bound being tight, only on it holding.
+BF16_GROUP = 32  #: largest group in the two-stage selection (group maxima, then the best groups' members)
+BF16_TILE = 128  #: queries per GEMM tile (measured 64-512 at 100k rows: 128-256 best)
+_BF16_OUT_U = 2.0 ** -8
+_F32_U = 2.0 ** -24
+
+
+def cpu_features() -> dict:
+    """The instruction sets the reduced-precision kernels rely on: /proc/cpuinfo flags and torch's capability."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        pass
+    try:
+        import torch
+
+        cap = str(torch.backends.cpu.get_cpu_capability())
+        mkldnn_bf16 = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    except Exception:  # noqa: BLE001 - torch missing or too old: no reduced-precision kernel
+        cap, mkldnn_bf16 = None, False
+    return {"avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags,
+            "avx512_vnni": "avx512_vnni" in flags, "amx_int8": "amx_int8" in flags,
+            "torch_capability": cap, "mkldnn_bf16": mkldnn_bf16}
+
+
+def _gemm_speedup(m: int = 256, n: int = 8192, d: int = 256, reps: int = 4) -> float:
+    """float32 GEMM time / bfloat16 GEMM time here (best of ``reps``, interleaved, so that another
+    process's load hits both alike)."""
+    import time
+
+    import torch
+
+    rng = np.random.default_rng(0)
+    a32 = rng.standard_normal((m, d), dtype=np.float32)
+    b32 = rng.standard_normal((d, n), dtype=np.float32)
+    a16, b16 = torch.from_numpy(a32).to(torch.bfloat16), torch.from_numpy(b32).to(torch.bfloat16)
+    best = {"f32": float("inf"), "bf16": float("inf")}
+    for i in range(reps + 1):
+        for name, f in (("f32", lambda: a32 @ b32), ("bf16", lambda: torch.mm(a16, b16))):
+            t = time.perf_counter()
+            f()
+            if i:  # the first round warms up
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best["f32"] / best["bf16"]
+
+
+_PRECISION_CACHE: dict = {}
+
+
+def choose_precision(setting: str = "auto") -> dict:
+    """The precision of the candidate GEMM for the exact kernel in this process.
+
+    "float32": faiss (today's kernel). "bfloat16": torch bfloat16 candidates. "auto": bfloat16 where
+    the CPU has native bfloat16 dot products (``avx512_bf16`` or ``amx_bf16``: elsewhere torch emulates
+    them) and a bfloat16 GEMM measures at least 1.2x numpy's float32 GEMM here (a ~50 ms calibration,
+    once per process), else float32. Either way the neighbours and similarities are identical.
+    Returns ``{"precision", "reason", "gemm_speedup", "cpu"}``.
+    """
+    if setting not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"precision must be 'auto', 'float32' or 'bfloat16', got {setting!r}")
+    if setting in _PRECISION_CACHE:
+        return _PRECISION_CACHE[setting]
+    cpu = cpu_features()
+    out = {"precision": "float32", "reason": "", "gemm_speedup": None, "cpu": cpu}
+    if setting == "float32":
+        out["reason"] = "configured"
+    elif cpu["torch_capability"] is None:
+        out["reason"] = "torch unavailable"
+    elif setting == "bfloat16":
+        out.update(precision="bfloat16", reason="configured")
+    elif not (cpu["avx512_bf16"] or cpu["amx_bf16"]):
+        out["reason"] = "no avx512_bf16/amx_bf16 on this CPU"
+    else:
+        try:
+            ratio = _gemm_speedup()
+        except Exception as e:  # noqa: BLE001
+            ratio, out["reason"] = 0.0, f"bfloat16 GEMM failed: {e}"
+        out["gemm_speedup"] = round(ratio, 2)
+        if ratio >= 1.2:
+            out.update(precision="bfloat16", reason=f"bfloat16 GEMM {ratio:.1f}x float32 here")
+        elif not out["reason"]:
+            out["reason"] = f"bfloat16 GEMM only {ratio:.1f}x float32 here"
+    log.info("knn kernel: %s candidates (%s; cpu %s)", out["precision"], out["reason"], cpu)
+    _PRECISION_CACHE[setting] = out
+    return out
+
+
+def _row_norms(x: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
+
+
+def _bf16_split(x: np.ndarray):
+    """(bfloat16 tensor of x, |x~| per row, |x - x~| per row); the residual is exact in float32."""
+    import torch
+
+    xb = torch.from_numpy(x).to(torch.bfloat16)
+    xr = xb.to(torch.float32).numpy()
+    return xb, _row_norms(xr), _row_norms(x - xr)
+
+
+class Bf16Flat:
+    """A database block for :func:`knn_bf16`: the float32 rows (re-scoring, fallback) plus their
+    bfloat16 copy, transposed and padded to ``group`` x ``n_groups`` columns."""
+
+    def __init__(self, rows: np.ndarray, group: int | None = None):
+        import torch
+
+        self.rows = np.ascontiguousarray(rows, dtype=np.float32)
+        nb, d = self.rows.shape
+        if group is None:
+            # selection work per query ~ nb / g group maxima + kk * g members: least near g = sqrt(nb / kk)
+            # (kk ~ 128); measured at 16k rows: g = 8 / 16 / 32 -> 0.97 / 0.90 / 0.98 s per 8k queries
+            group = int(min(BF16_GROUP, max(4, 2 ** round(np.log2(max(1.0, np.sqrt(nb / 128.0)))))))
+        self.nb, self.d, self.group = nb, d, int(group)
+        self.n_groups = -(-nb // self.group)
+        xb, bn, rn = _bf16_split(self.rows)
+        self.xt = torch.zeros((d, self.n_groups * self.group), dtype=torch.bfloat16)
+        self.xt[:, :nb] = xb.T
+        self.norm_max = float(bn.max()) if nb else 0.0  # max |y~|
+        self.res_max = float(rn.max()) if nb else 0.0  # max |y - y~|
+        self.row_norm_max = float(_row_norms(self.rows).max()) if nb else 0.0  # max |y|, for the float32 bound
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows.nbytes + 2 * self.xt.numel()
+
+    def search(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """bfloat16 candidates of ``q``: (D [n, kk] float32 bfloat16 values, L [n, kk] int64, upper [n]).
+
+        ``upper`` bounds the exact similarity of every row not in L (module comment above); +inf
+        where the selection cannot vouch for its candidates (the kk-th best is negative: the int16
+        shortcut below orders non-negative values only), so that query goes to the float32 kernel.
+        """
+        import torch
+
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        n, nb, g, ng = len(q), self.nb, self.group, self.n_groups
+        kk = int(min(kk, nb))
+        D = np.full((n, kk), PAD_SIM, dtype=np.float32)
+        L = np.full((n, kk), PAD_ID, dtype=np.int64)
+        upper = np.full(n, np.inf)
+        if n == 0 or kk == 0:
+            return D, L, upper
+        qb, qn, qr = _bf16_split(q)
+        d = self.d
+        gamma = d * _F32_U / (1 - d * _F32_U)
+        err = qn * self.res_max + qr * self.norm_max + qr * self.res_max + gamma * qn * self.norm_max + 1e-6
+        kg = min(kk, ng)
+        kc = min(kk, kg * g)
+        ok = np.zeros(n, dtype=bool)
+        # buffers reused by every tile: Dask workers run with MALLOC_TRIM_THRESHOLD_ set, which pins
+        # glibc's mmap threshold at 128 KiB, so a fresh 13 MB tile per iteration was a fresh mmap and
+        # its page faults (measured: 5.4 s instead of 3.7 s for 16k queries x 100k rows)
+        tile = min(BF16_TILE, n)
+        buf_s = torch.empty((tile, ng * g), dtype=torch.bfloat16)
+        buf_m = torch.empty((tile, ng), dtype=torch.int16)
+        buf_gv, buf_gi = torch.empty((tile, kg), dtype=torch.int16), torch.empty((tile, kg), dtype=torch.int64)
+        buf_cand = torch.empty((tile, g, kg), dtype=torch.int16)
+        buf_v, buf_j = torch.empty((tile, kc), dtype=torch.int16), torch.empty((tile, kc), dtype=torch.int64)
+        buf_loc = torch.empty((tile, kc), dtype=torch.int64)
+        for a in range(0, n, tile):
+            b = min(n, a + tile)
+            t = b - a
+            # bfloat16 bit patterns as int16 order non-negative values like the floats (negatives sort
+            # below them, in reverse): max and top-k on int16 are fast where bfloat16 ones are not
+            torch.mm(qb[a:b], self.xt, out=buf_s[:t])
+            s = buf_s[:t].view(torch.int16)
+            if ng * g > nb:
+                s[:, nb:] = -32768  # padding columns: below every real value's key except -0.0
+            # group i = columns {i, i + ng, i + 2 ng, ...}: its maximum is a vertical max of g
+            # contiguous rows of the tile (4x faster measured than reducing contiguous groups)
+            torch.amax(s.view(t, g, ng), 1, out=buf_m[:t])
+            gv, gi = torch.topk(buf_m[:t], kg, dim=1, sorted=False, out=(buf_gv[:t], buf_gi[:t]))  # the kg best groups
+            # the members of those groups: member m of group gi is column gi + m * ng
+            cand = torch.gather(s.view(t, g, ng), 2, gi.unsqueeze(1).expand(t, g, kg), out=buf_cand[:t])
+            v, j = torch.topk(cand.view(t, g * kg), kc, dim=1, sorted=False, out=(buf_v[:t], buf_j[:t]))
+            loc = torch.gather(gi, 1, j % kg, out=buf_loc[:t]).add_(torch.div(j, kg, rounding_mode="floor") * ng)
+            # every group left out has maximum <= the kg-th group maximum <= the kc-th value kept, and
+            # int16 order is float order there when both are >= +0.0
+            ok[a:b] = ((gv.min(1).values >= 0) & (v.min(1).values >= 0)).numpy()
+            D[a:b, :kc] = v.view(torch.bfloat16).to(torch.float32).numpy()
+            L[a:b, :kc] = loc.numpy()
+        last = D.min(axis=1).astype(np.float64)
+        upper = np.where(ok, last + _BF16_OUT_U * np.abs(last) + err, np.inf)
+        L[~ok] = PAD_ID
+        return D, L, upper
+
+    def search_float32(self, q: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """faiss float32 search over the same rows (the widening / fallback path), with its bound."""
+        import faiss
+
+        kk = int(min(kk, self.nb))
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        D, L = faiss.knn(q, self.rows, kk, faiss.METRIC_INNER_PRODUCT)
+        # _tolerance(q, rows) without re-reading every row
+        tol = self.d * 2.0 ** -23 * float(_row_norms(q).max()) * self.row_norm_max + 1e-7 if len(q) else 0.0
+        Dd = np.asarray(D, dtype=np.float64)
+        last = np.where(np.isfinite(Dd), Dd, np.inf).min(axis=1) if kk else np.full(len(q), -np.inf)
+        return D, np.asarray(L, dtype=np.int64), last + tol
+
+
+#: the bfloat16 search widens a query's candidates (2x per round) up to this many, then float32 takes over
+BF16_MAX_CANDIDATES = 1024
+
+
+def knn_bf16(db: Bf16Flat, q: np.ndarray, q_ids: np.ndarray, db_ids: np.ndarray, k: int,
+             margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`knn_flat` with bfloat16 candidates: identical neighbours and similarities.
+
+    First round: ``k + margin + 1`` bfloat16 candidates per query, re-scored exactly; the queries the
+    bfloat16 bound cannot certify are searched again with twice as many (:func:`certified_topk`),
+    in bfloat16 up to :data:`BF16_MAX_CANDIDATES`, then in float32 (faiss); queries the bfloat16
+    selection cannot vouch for at all (negative k-th similarities) go to float32 at once. Blocks
+    of at most that many rows are returned whole (nothing to select).
+    """
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    f32 = np.zeros(len(q), dtype=bool)  # queries handed to the float32 kernel
+
+    def search(sel, kk):
+        n = len(sel)
+        if kk >= db.nb:  # every row is a candidate: no search, no bound needed
+            return (np.zeros((n, db.nb), np.float32), np.broadcast_to(np.arange(db.nb, dtype=np.int64), (n, db.nb)),
+                    np.full(n, -np.inf))
+        qs = q if n == len(q) else q[sel]
+        if kk > BF16_MAX_CANDIDATES:
+            return db.search_float32(qs, kk)
+        D, L, upper = db.search(qs, kk)
+        lost = np.flatnonzero(np.isinf(upper) & ~f32[sel])  # first time unvouched: float32 from now on
+        f32[sel[lost]] = True
+        again = np.flatnonzero(f32[sel])
+        if len(again):
+            D[again], L[again], upper[again] = db.search_float32(qs[again], kk)
+        return D, L, upper
+
+    # tol=0: every round's searcher states its own bound (the third value), so none is computed here
+    return certified_topk(search, q, q_ids, db.rows, db_ids, k, margin, tol=0.0)
 
 
 # -- IVF ---------------------------------------------------------------------------------------

@@ -32,6 +32,10 @@ def test_bench_knn_exact_ratio_and_list_major_ivf(tmp_path):
     r = json.loads((tmp_path / "knn.json").read_text())
     assert r["exact_single_process"]["neighbour_agreement"] > 0.99
     assert r["exact_ratio"] > 0
+    # the configured kernel (auto: bfloat16 candidates where the CPU has them) and today's float32
+    # kernel ran on the same store in the same run: identical outputs
+    assert r["identical_to_float32_kernel"] is True and r["exact_ratio_float32_kernel"] > 0
+    assert r["exact_distributed"]["precision"] and r["exact_distributed_float32"]["precision"] == ["float32"]
     ivf = r["ivf"]
     assert ivf["mode"] == "ivf" and ivf["nprobe"] >= 1 and ivf["edge_recall"] >= 0.97
     assert ivf["speedup_search"] > 0 and ivf["tune_curve"][-1]["edge_recall"] == ivf["edge_recall"]

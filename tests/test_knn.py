@@ -118,6 +118,93 @@ def test_merge_topk_associative_commutative_and_equals_topk_of_concatenation(a, 
         np.testing.assert_array_equal(ab_c[1][r], np.array([e[1] for e in ent], np.int64))
 
 
+# -- the bfloat16 kernel ------------------------------------------------------------------------------
+def adversarial_rows(n, d, seed, kind):
+    """Rows that stress the bfloat16 bound and the int16 selection: clustered with ties, all equal,
+    near-duplicates (differences below bfloat16's resolution), mixed norms (unnormalised), or
+    anti-correlated halves (negative k-th similarities: the float32 fallback)."""
+    rng = np.random.default_rng(seed)
+    if kind == "clustered":
+        return clustered(n, d, seed=seed, centres=max(1, n // 20)) if n >= 10 else unit(rng.standard_normal((n, d)))
+    if kind == "equal":
+        return np.repeat(unit(rng.standard_normal((1, d))), n, axis=0)
+    if kind == "near_dup":
+        base = unit(rng.standard_normal((max(1, n // 8), d)))
+        x = base[rng.integers(0, len(base), n)]
+        return (x + rng.standard_normal((n, d)).astype(np.float32) * 1e-4).astype(np.float32)
+    if kind == "norms":
+        return (unit(rng.standard_normal((n, d))) * np.exp(rng.uniform(-4, 4, (n, 1)))).astype(np.float32)
+    # "negative": two opposite directions plus noise, so most similarities are near -1
+    v = unit(rng.standard_normal((1, d)))
+    sign = np.where(rng.random((n, 1)) < 0.5, 1.0, -1.0).astype(np.float32)
+    return unit(v * sign + 0.05 * rng.standard_normal((n, d)).astype(np.float32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 140), d=st.integers(1, 40), k=st.integers(1, 30), margin=st.integers(0, 12),
+       db_step=st.integers(1, 150), seed=st.integers(0, 10_000),
+       kind=st.sampled_from(["clustered", "equal", "near_dup", "norms", "negative"]))
+def test_bf16_kernel_equals_float32_kernel_and_float64_oracle(n, d, k, margin, db_step, seed, kind):
+    x = np.ascontiguousarray(adversarial_rows(n, d, seed, kind), dtype=np.float32)
+    ids = np.arange(n, dtype=np.int64)
+    oracle_s, oracle_i = K.brute_force_knn(x, k)  # float64 sums rounded once, (sim desc, id asc)
+    parts32, parts16 = [], []
+    for b in range(0, n, db_step):
+        xb, ib = x[b:b + db_step], ids[b:b + db_step]
+        parts32.append(K.knn_block(x, ids, xb, ib, k, margin))
+        parts16.append(K.knn_bf16(K.Bf16Flat(xb, group=int(1 + seed % 8)), x, ids, ib, k, margin))
+    s32, i32 = K.merge_topk_many(parts32, k)
+    s16, i16 = K.merge_topk_many(parts16, k)
+    np.testing.assert_array_equal(i16, i32)
+    np.testing.assert_array_equal(s16, s32)
+    np.testing.assert_array_equal(i16, oracle_i)
+    np.testing.assert_array_equal(s16, oracle_s)
+
+
+@pytest.mark.parametrize("kind", ["clustered", "norms", "near_dup"])
+def test_bf16_bound_holds_for_every_row_left_out(kind):
+    # the per-query bound Bf16Flat.search states must exceed the exact similarity of every row it did not return
+    x = np.ascontiguousarray(adversarial_rows(3000, 64, 11, kind), dtype=np.float32)
+    db = K.Bf16Flat(x)
+    q = x[::7]
+    D, L, upper = db.search(q, 40)
+    exact = q.astype(np.float64) @ x.astype(np.float64).T
+    for r in range(len(q)):
+        if not np.isfinite(upper[r]):
+            continue
+        out = np.ones(len(x), bool)
+        out[L[r][L[r] >= 0]] = False
+        assert exact[r, out].max() <= upper[r]
+        # and the bfloat16 values returned are within the stated error of the exact ones
+        last = float(D[r].min())
+        err = upper[r] - last - 2.0 ** -8 * abs(last)
+        assert np.all(np.abs(D[r] - exact[r, L[r]]) <= 2.0 ** -8 * np.abs(D[r]) + err)
+
+
+def test_bf16_kernel_large_block_matches_float32_with_real_selection():
+    # a block wide enough that the two-stage selection (group maxima, then the best groups' members) is used
+    x = np.ascontiguousarray(adversarial_rows(6000, 48, 3, "clustered"), dtype=np.float32)
+    ids = np.arange(len(x))
+    q, qi = x[:500], ids[:500]
+    a = K.knn_block(q, qi, x, ids, 20)
+    b = K.knn_bf16(K.Bf16Flat(x), q, qi, ids, 20, margin=8)
+    np.testing.assert_array_equal(a[1], b[1])
+    np.testing.assert_array_equal(a[0], b[0])
+
+
+def test_choose_precision_settings_and_cpu_detection():
+    feats = K.cpu_features()
+    assert {"avx512_bf16", "amx_bf16", "avx512_vnni", "amx_int8", "torch_capability"} <= set(feats)
+    assert K.choose_precision("float32")["precision"] == "float32"
+    assert K.choose_precision("bfloat16")["precision"] == "bfloat16"
+    auto = K.choose_precision("auto")
+    assert auto["precision"] in ("float32", "bfloat16") and auto["reason"]
+    if not (feats["avx512_bf16"] or feats["amx_bf16"]):
+        assert auto["precision"] == "float32"  # no native bfloat16: today's kernel
+    with pytest.raises(ValueError):
+        K.choose_precision("int4")
+
+
 def ivf_setup(n, nlist, nprobe, seed):
     """Clustered rows, a trained quantizer, each row's list and its ``nprobe`` probed lists."""
     x = clustered(n, 16, seed=seed)
@@ -249,22 +336,25 @@ def knn_cfg(**kw):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("chunk_rows,db_rows,client_name", [
-    (97, None, "local_client"),      # broadcast, many small query blocks
-    (500, None, "single_worker_client"),
-    (N_STAGE, None, "local_client"),  # one chunk
-    (97, 194, "local_client"),       # blocks: 7 database groups, merge tree with fan-in 2
-    (500, 500, "single_worker_client"),
+@pytest.mark.parametrize("chunk_rows,db_rows,client_name,precision", [
+    (97, None, "local_client", "bfloat16"),      # broadcast, many small query blocks
+    (500, None, "single_worker_client", "float32"),
+    (N_STAGE, None, "local_client", "auto"),  # one chunk
+    (97, 194, "local_client", "bfloat16"),       # blocks: 7 database groups, merge tree with fan-in 2
+    (500, 500, "single_worker_client", "float32"),
 ])
-def test_stage_equals_brute_force_for_any_chunking_and_workers(request, tmp_path, faces, chunk_rows, db_rows, client_name):
+def test_stage_equals_brute_force_for_any_chunking_and_workers(request, tmp_path, faces, chunk_rows, db_rows, client_name,
+                                                              precision):
     client = request.getfixturevalue(client_name)
     path, (bs, bi) = faces
     store = make_store(tmp_path, path, chunk_rows)
     from facecluster.pipeline.stages.knn import run_knn
 
-    cfg = knn_cfg(k=25, mode="exact", db_rows=db_rows, fan_in=2, margin=4)
+    cfg = knn_cfg(k=25, mode="exact", db_rows=db_rows, fan_in=2, margin=4, precision=precision, bf16_margin=6)
     summary = run_knn(store, cfg, client)
     assert summary["strategy"] == ("broadcast" if db_rows is None else "blocks")
+    if precision != "auto":
+        assert summary["precision"] == [precision]
     idx = store.array("knn/index")
     assert idx.chunks == (min(chunk_rows, N_STAGE), 25)
     np.testing.assert_array_equal(idx[...], bi)

@@ -59,6 +59,7 @@ DEFAULT_WORKER_MEMORY = 4 << 30
 _CACHE: "collections.OrderedDict[tuple, tuple[object, int]]" = collections.OrderedDict()
 _CACHE_LOCK = threading.Lock()
 _BLAS_LOGGED = False
+_KERNEL_LOGGED = False
 
 
 def _cached(key: tuple, budget: int, build):
@@ -80,18 +81,25 @@ def clear_cache() -> None:
         _CACHE.clear()
 
 
-def worker_blas() -> dict:
-    """Run on each worker: the OpenBLAS kernel faiss uses there (logged once per worker)."""
+def worker_blas(precision: str | None = None) -> dict:
+    """Run on each worker: the OpenBLAS kernel faiss uses there and, given ``precision`` (the
+    ``knn.precision`` setting), the exact mode's candidate kernel chosen there (each logged once per worker)."""
     import os
 
     import faiss  # noqa: F401  (loads faiss's OpenBLAS so threadpoolctl sees it)
 
-    global _BLAS_LOGGED
+    global _BLAS_LOGGED, _KERNEL_LOGGED
     info = {"OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE"), "libs": K.blas_info(),
             "threads": worker_threads()}
     if not _BLAS_LOGGED:
         log.info("knn worker BLAS: %s", info)
         _BLAS_LOGGED = True
+    if precision is not None:
+        K.set_threads(worker_threads())  # the calibration GEMMs run with the task's threads
+        info["kernel"] = K.choose_precision(precision)
+        if not _KERNEL_LOGGED:
+            log.info("knn worker kernel: %s", info["kernel"])
+            _KERNEL_LOGGED = True
     return info
 
 
@@ -107,6 +115,21 @@ def _flat_group(url: str, g0: int, g1: int, budget: int):
     return _cached(("flat", url, g0, g1), budget, build)
 
 
+def _bf16_group(url: str, g0: int, g1: int, budget: int):
+    def build():
+        db = K.Bf16Flat(_rows(url, g0, g1))
+        return db, db.nbytes
+
+    return _cached(("bf16", url, g0, g1), budget, build)
+
+
+def _precision(kernel: dict | None) -> str:
+    """This worker's candidate GEMM for the exact kernel (``kernel`` = {"precision": setting, "margin": m})."""
+    if not kernel or kernel.get("precision", "float32") == "float32":
+        return "float32"
+    return K.choose_precision(kernel["precision"])["precision"]
+
+
 def _ivf_group(url: str, g0: int, g1: int, trained: np.ndarray, list_path: str, budget: int):
     nlist = _index_of(trained).nlist  # outside build(): _cached holds _CACHE_LOCK while building
 
@@ -119,8 +142,11 @@ def _ivf_group(url: str, g0: int, g1: int, trained: np.ndarray, list_path: str, 
     return _cached(("ivf", url, g0, g1, list_path, hash(bytes(np.asarray(trained)[-4096:]))), budget, build)
 
 
-def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None):
-    """Top-k of query rows [q0, q1) (or the given ``queries``) against database rows [g0, g1)."""
+def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None, kernel=None):
+    """Top-k of query rows [q0, q1) (or the given ``queries``) against database rows [g0, g1).
+
+    ``kernel`` ({"precision", "margin"}): the exact mode's candidate GEMM (identical results either way).
+    """
     K.set_threads(worker_threads())
     if not _BLAS_LOGGED:
         worker_blas()
@@ -131,6 +157,8 @@ def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None):
         q = np.ascontiguousarray(q, dtype=np.float32)
     db_ids = np.arange(g0, g1, dtype=np.int64)
     if ivf is None:
+        if _precision(kernel) == "bfloat16":
+            return K.knn_bf16(_bf16_group(url, g0, g1, budget), q, q_ids, db_ids, k, kernel.get("margin", margin))
         return K.knn_flat(_flat_group(url, g0, g1, budget), q, q_ids, db_ids, k, margin)
     trained, list_path, probes = ivf["trained"], ivf["list_path"], ivf["probes"]
     group = _ivf_group(url, g0, g1, trained, list_path, budget)
@@ -158,17 +186,17 @@ def _write(url, paths, q0, q1, result) -> dict:
     return {"rows": q1 - q0, "padded": int((idx[:, -1] < 0).sum())}
 
 
-def search_write_task(url, paths, q0, q1, g0, g1, k, margin, budget, ivf=None) -> dict:
+def search_write_task(url, paths, q0, q1, g0, g1, k, margin, budget, ivf=None, kernel=None) -> dict:
     """One query block against the whole database (broadcast); writes its output chunks."""
     t0 = time.perf_counter()
-    out = _write(url, paths, q0, q1, _search(url, q0, q1, g0, g1, k, margin, budget, ivf))
+    out = _write(url, paths, q0, q1, _search(url, q0, q1, g0, g1, k, margin, budget, ivf, kernel=kernel))
     out["seconds"] = time.perf_counter() - t0
     return out
 
 
-def search_task(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None):
+def search_task(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None, kernel=None):
     """One (query block, database group) pair: its top-k lists, for the merge tree."""
-    return _search(url, q0, q1, g0, g1, k, margin, budget, ivf, queries)
+    return _search(url, q0, q1, g0, g1, k, margin, budget, ivf, queries, kernel)
 
 
 def merge_task(k, *parts):
@@ -229,6 +257,8 @@ def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, np
     threads = sum(int(w.get("nthreads", 1)) for w in workers) or 1
     budget = int(cfg.memory_fraction * mem)
     per_row = d * 4 * (2 if ivf else 1) + (16 if ivf else 0)
+    if not ivf and getattr(cfg, "precision", "float32") != "float32":
+        per_row += d * 2  # the bfloat16 copy beside the float32 rows (re-scoring)
     if cfg.db_rows:
         db_rows = max(r, -(-cfg.db_rows // r) * r)
     elif n * per_row <= budget:
@@ -328,9 +358,13 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
             summary["skipped"] = True
             return summary
         t0 = time.perf_counter()
-        blas = client.run(worker_blas)
+        blas = client.run(worker_blas, kc.precision if mode == "exact" else None)
         kernels = sorted({str(v["libs"].get("faiss", {}).get("architecture")) for v in blas.values()})
         log.info("knn: faiss OpenBLAS kernel on the workers: %s", ", ".join(kernels))
+        precisions = sorted({v["kernel"]["precision"] for v in blas.values() if "kernel" in v})
+        if precisions:
+            reasons = sorted({v["kernel"]["reason"] for v in blas.values() if "kernel" in v})
+            log.info("knn: exact kernel on the workers: %s candidates (%s)", ", ".join(precisions), "; ".join(reasons))
         if any(kn in ("Prescott", "Core2", "Katmai", "Atom") for kn in kernels):
             log.warning("knn: workers run faiss with the generic OpenBLAS kernel %s (exact search several times slower);"
                         " set dask.openblas_coretype or export OPENBLAS_CORETYPE before starting the workers", kernels)
@@ -342,6 +376,10 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
         token = uuid.uuid4().hex[:8]
         summary = {"n": n, "dim": d, "k": k, "mode": mode, "chunk_rows": r, "workers": len(workers),
                    "openblas": kernels}
+        if precisions:
+            summary["precision"] = precisions
+            summary["kernel"] = sorted({f"{v['kernel']['precision']} ({v['kernel']['reason']})"
+                                        for v in blas.values() if "kernel" in v})
         ivf = None
         if mode == "ivf":
             ivf, info = _prepare_ivf(store, w, client, kc, n, d, r, token, params["nlist"])
@@ -366,12 +404,13 @@ def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
     qblocks = _ranges(n, pl["q_rows"])
     budget = pl["budget"]
     ivf_arg = None if ivf is None else {"trained": ivf["trained"], "list_path": ivf["list_path"], "probes": ivf["probes"]}
+    kernel = _kernel_arg(kc)
     futures = []
     if len(groups) == 1:
         g0, g1 = groups[0]
         for q0, q1 in qblocks:
             futures.append(client.submit(search_write_task, url, paths, q0, q1, g0, g1, k, kc.margin, budget, ivf_arg,
-                                         key=f"knn-search-{token}-{q0}", pure=False))
+                                         kernel, key=f"knn-search-{token}-{q0}", pure=False))
         wait_futures(futures, "knn")
         return len(futures)
     # blocks: waves of query blocks so the intermediate top-k lists stay within memory
@@ -385,7 +424,7 @@ def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
         for g0, g1 in groups:
             for q0, q1 in wave:
                 parts[(q0, q1)].append(client.submit(search_task, url, q0, q1, g0, g1, k, kc.margin, budget, ivf_arg,
-                                                     key=f"knn-block-{token}-{q0}-{g0}", pure=False))
+                                                     None, kernel, key=f"knn-block-{token}-{q0}-{g0}", pure=False))
         roots = []
         for (q0, q1), ps in parts.items():
             roots.append(_tree(client, ps, k, kc.fan_in, f"knn-merge-{token}-{q0}",
@@ -394,6 +433,11 @@ def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
         n_tasks += sum(len(p) for p in parts.values()) + len(roots)
         wait_futures(roots, "knn")
     return n_tasks
+
+
+def _kernel_arg(kc) -> dict:
+    """The exact kernel's settings passed to every search task."""
+    return {"precision": getattr(kc, "precision", "float32"), "margin": getattr(kc, "bf16_margin", kc.margin)}
 
 
 # -- IVF preparation --------------------------------------------------------------------------------
@@ -460,6 +504,7 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
 
     def run(ivf, tag):
         ps = [client.submit(search_task, url, 0, 0, g0, g1, k, kc.margin, budget, ivf, queries,
+                            _kernel_arg(kc) if ivf is None else None,
                             key=f"knn-tune-{tag}-{token}-{g0}") for g0, g1 in groups]
         root = _tree(client, ps, k, kc.fan_in, f"knn-tune-merge-{tag}-{token}",
                      lambda ps: client.submit(merge_task, k, *ps, key=f"knn-tune-root-{tag}-{token}"))
