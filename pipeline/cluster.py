@@ -216,9 +216,16 @@ def _local_cluster(cfg: DaskConfig):
     env = worker_env(cfg)
     # LocalCluster workers are spawned processes: they inherit os.environ at spawn.
     os.environ.update(env)
+    # The workers' own ERROR logs: under the CLI's quiet default (its distributed loggers at ERROR)
+    # they are silenced too. A task's failure reaches the driver, which prints its one line; what
+    # only the workers log is the shutdown race after Ctrl-C (a heartbeat to a scheduler already
+    # gone: "Failed to communicate with scheduler during heartbeat" and a 30-line traceback, seen
+    # on a loaded machine). Elsewhere (the API, -vv) they keep ERROR, as before.
+    quiet = logging.getLogger("distributed.worker").getEffectiveLevel() >= logging.ERROR
     with _children_ignore_sigint():
         return LocalCluster(n_workers=n_workers, threads_per_worker=threads, processes=True,
-                            memory_limit=memory, dashboard_address=":0", silence_logs=logging.ERROR)
+                            memory_limit=memory, dashboard_address=":0",
+                            silence_logs=logging.CRITICAL if quiet else logging.ERROR)
 
 
 @contextlib.contextmanager
