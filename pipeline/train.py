@@ -357,6 +357,12 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
 
     echo = echo or log.info
     g = cfg.gcn
+    # One thread unless configured, for the edge scorer and GCN-D/GCN-S alike: measured 37 s vs 1 s
+    # per GCN epoch with 2 OpenMP threads on a loaded 2-core machine (threads wait for each other on
+    # the many small ops of a step). Set before anything trains: a float reduction's order follows
+    # the thread count, so a scorer trained with the process's default threads differed from one
+    # trained after an earlier train() had left 1 thread (same data, same seed, other weights).
+    torch.set_num_threads(max(1, cfg.dask.threads_per_worker))
     edges = None
     if cfg.edges.learn:
         if client is None:
@@ -378,9 +384,6 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
         store.require("proposals", f"run `facecluster proposals {store.url}` first")
     torch.manual_seed(g.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    # One thread unless configured: measured 37 s vs 1 s per epoch with 2 OpenMP threads on a
-    # loaded 2-core machine (threads wait for each other on the many small ops of a GCN step).
-    torch.set_num_threads(max(1, cfg.dask.threads_per_worker))
     spec = input_spec(cfg)
     t0 = time.perf_counter()
     data = load_training_data(store, spec)
