@@ -44,12 +44,9 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     a, b, w = a[first], b[first], w[first]
     im.add_nodes(range(n))
     im.add_links(zip(a.tolist(), b.tolist(), w.tolist()))
-    result = im.run()
-    # infomap >= 2.16 returns a Result and deprecates Infomap.get_modules (gone in 3.0); older
-    # releases return None and have only get_modules
-    modules = result.modules(level=1) if hasattr(result, "modules") else im.get_modules(depth_level=1)
+    im.run()
     labels = np.full(n, -1, dtype=np.int64)
-    for node_id, module_id in modules.items():
+    for node_id, module_id in im.get_modules(depth_level=1).items():
         labels[node_id] = module_id
     missing = labels < 0
     labels[missing] = labels.max(initial=-1) + 1 + np.arange(int(missing.sum()))
