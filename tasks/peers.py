@@ -45,6 +45,11 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     im.add_nodes(range(n))
     im.add_links(zip(a.tolist(), b.tolist(), w.tolist()))
     im.run()
+    # Infomap.get_modules, not the Result that infomap >= 2.16 returns from run(): reading that
+    # Result's modules goes through a SWIG iterator that, with faiss imported in the same process,
+    # crashed the interpreter (segfault in faiss' swigfaiss __next__, from infomap/result.py, in
+    # training's choose_levels). get_modules is deprecated in 2.16 (a warning) and removed in 3.0,
+    # hence infomap < 3 in pyproject.toml.
     labels = np.full(n, -1, dtype=np.int64)
     for node_id, module_id in im.get_modules(depth_level=1).items():
         labels[node_id] = module_id
