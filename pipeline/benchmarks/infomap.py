@@ -31,7 +31,7 @@ import click
 import numpy as np
 
 from . import MemorySampler, save_result
-from .proposals import RssSampler, build_run
+from .proposals import RssSampler, reuse_or_build_run
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +96,9 @@ def command(n, k, dim, chunk_rows, nprobe, workers, seed, skip_single, store_pat
     from ..config import Config
     from ..stages.graph import run_graph
     from ..stages.infomap import run_infomap_clusters
-    from ..store import RunStore
 
-    path = Path(store_path or "bench-infomap.zarr")
-    setup = None
-    try:
-        store = RunStore.open(path)
-        rec = store.record("ingest") or {}
-        if not (store.is_complete("knn") and store.has("labels") and rec.get("params", {}).get("n") == n and
-                store.array("knn/index").shape[1] == k and rec.get("params", {}).get("dim") == dim):
-            raise LookupError
-        click.echo(f"reusing kNN lists in {path}")
-    except Exception:
-        click.echo(f"building {n} faces x {dim} dims and IVF kNN lists (k={k}) in {path} ...")
-        setup = build_run(path, n, k, dim, chunk_rows, nprobe, seed)
-        store = RunStore.open(path)
-        click.echo(f"  setup: {setup}")
+    store, setup = reuse_or_build_run(Path(store_path or "bench-infomap.zarr"), n, k, dim, chunk_rows, nprobe, seed,
+                                      need_labels=True)
     result = {"n": n, "k": k, "dim": dim, "chunk_rows": int(store.array("knn/index").chunks[0]), "workers": workers,
               "knn": "faiss IVF (nlist ~ sqrt(N), seeded training); not exact", "setup": setup}
     cfg = Config.from_dict({"dask": {"n_workers": workers}})

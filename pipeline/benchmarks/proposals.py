@@ -125,6 +125,29 @@ def build_run(path: Path, n: int, k: int, dim: int, chunk_rows: int, nprobe: int
     return {"generate_s": round(t_gen, 2), "knn_ivf_s": round(t_knn, 2), "nlist": nlist, "nprobe": nprobe}
 
 
+def reuse_or_build_run(path: Path, n: int, k: int, dim: int, chunk_rows: int, nprobe: int, seed: int,
+                       need_labels: bool = False):
+    """(RunStore, setup) of a bench store: reused when its kNN lists are complete for these n, k and dim
+    (and it holds the identities, with ``need_labels``), else built afresh (:func:`build_run`; setup
+    None when reused)."""
+    from ..store import RunStore
+
+    try:
+        store = RunStore.open(path)
+        rec = store.record("ingest") or {}
+        if not (store.is_complete("knn") and (store.has("labels") or not need_labels)
+                and rec.get("params", {}).get("n") == n and store.array("knn/index").shape[1] == k
+                and rec.get("params", {}).get("dim") == dim):
+            raise LookupError
+        click.echo(f"reusing kNN lists in {path}")
+        return store, None
+    except Exception:
+        click.echo(f"building {n} faces x {dim} dims and IVF kNN lists (k={k}) in {path} ...")
+        setup = build_run(path, n, k, dim, chunk_rows, nprobe, seed)
+        click.echo(f"  setup: {setup}")
+        return RunStore.open(path), setup
+
+
 def scipy_baseline(url: str, th0: float, step: float, max_size: int) -> dict:
     """In a fresh process: scipy CC and Algorithm 1 on the full thresholded kNN edge list; peak RSS."""
     import scipy.sparse as sp
@@ -190,22 +213,8 @@ def command(n, k, dim, chunk_rows, nprobe, workers, max_size, step, seed, all_ed
     from ..config import Config
     from ..stages.graph import anchor_task, run_graph
     from ..stages.proposals import threshold_task
-    from ..store import RunStore
 
-    path = Path(store_path or "bench-proposals.zarr")
-    setup = None
-    try:
-        store = RunStore.open(path)
-        rec = store.record("ingest") or {}
-        if not (store.is_complete("knn") and rec.get("params", {}).get("n") == n and
-                store.array("knn/index").shape[1] == k and rec.get("params", {}).get("dim") == dim):
-            raise LookupError
-        click.echo(f"reusing kNN lists in {path}")
-    except Exception:
-        click.echo(f"building {n} faces x {dim} dims and IVF kNN lists (k={k}) in {path} ...")
-        setup = build_run(path, n, k, dim, chunk_rows, nprobe, seed)
-        store = RunStore.open(path)
-        click.echo(f"  setup: {setup}")
+    store, setup = reuse_or_build_run(Path(store_path or "bench-proposals.zarr"), n, k, dim, chunk_rows, nprobe, seed)
     edges_total = int(n) * int(k)
     result = {"n": n, "k": k, "dim": dim, "chunk_rows": int(store.array("knn/index").chunks[0]), "workers": workers,
               "knn": "faiss IVF (nlist ~ sqrt(N), seeded training); not exact", "setup": setup}
