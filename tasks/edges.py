@@ -246,13 +246,16 @@ def face_balanced_weights(src: np.ndarray, same: np.ndarray, valid: np.ndarray) 
     valid : (E,) bool, a real edge (not padding).
     """
     src = np.asarray(src, np.int64)
-    genuine = np.asarray(same, bool) & np.asarray(valid, bool)
+    valid = np.asarray(valid, bool)
+    genuine = np.asarray(same, bool) & valid
     per_face = np.bincount(src[genuine], minlength=int(src.max(initial=-1)) + 1)
     w = np.ones(len(src), np.float64)
     if genuine.any():
         w[genuine] = per_face[per_face > 0].mean() / per_face[src[genuine]]
-    w[~np.asarray(valid, bool)] = 0.0
-    return (w / max(w[np.asarray(valid, bool)].mean() if np.any(valid) else 1.0, 1e-12)).astype(np.float32)
+    w[~valid] = 0.0
+    if valid.any():
+        w /= w[valid].mean()  # >= 1 / max(per-face count) > 0: every valid weight is positive
+    return w.astype(np.float32)
 
 
 def fit_edge_scorer(inputs: np.ndarray, same: np.ndarray, train: np.ndarray, val: np.ndarray, hidden=(64, 64),
