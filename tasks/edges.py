@@ -86,19 +86,37 @@ def sim_stats(index: np.ndarray, sim: np.ndarray) -> SimStats:
     return SimStats(np.quantile(vals, QUANTILE_GRID), float(np.median(top1)), float(np.median(last)))
 
 
-def _row_summaries(sim: np.ndarray, valid: np.ndarray) -> dict:
-    """Per-row first, last, mean, std, density (mean of the first DENSITY_M) of valid similarities."""
+ROW_SUMMARY = ("top", "last", "mean", "std", "dens")
+
+
+def row_summaries(index: np.ndarray, sim: np.ndarray) -> np.ndarray:
+    """Per-row summaries of kNN rows: (R, len(ROW_SUMMARY)) float64, NaN for a row with no valid edge.
+
+    Columns: first, last, mean and std of the valid similarities (index >= 0 and a finite
+    similarity) and the density (mean of the first DENSITY_M). Each row's values depend on
+    that row alone, so the edges stage computes them once per row, chunk-wise, and a task
+    gathers its neighbours' summaries instead of recomputing them from their whole rows.
+    """
+    sim = np.asarray(sim)
+    valid = (np.asarray(index) >= 0) & np.isfinite(sim)
     cnt = np.maximum(valid.sum(1), 1)
     s = np.where(valid, sim, 0.0).astype(np.float64)
     mean = s.sum(1) / cnt
     var = (np.where(valid, (sim - mean[:, None]) ** 2, 0.0)).sum(1) / cnt
-    top = np.where(valid[:, 0], sim[:, 0], np.nan)
-    last = np.where(valid, sim, np.inf).min(1)
+    top = np.where(valid[:, 0], sim[:, 0], np.nan) if sim.shape[1] else np.full(len(sim), np.nan)
+    last = np.where(valid, sim, np.inf).min(1) if sim.shape[1] else np.full(len(sim), np.inf)
     last = np.where(np.isfinite(last), last, np.nan)
     m = min(DENSITY_M, sim.shape[1])
     dcnt = np.maximum(valid[:, :m].sum(1), 1)
     dens = np.where(valid[:, :m], sim[:, :m], 0.0).sum(1) / dcnt
-    return {"top": top, "last": last, "mean": mean, "std": np.sqrt(var), "dens": dens}
+    return np.stack([top, last, mean, np.sqrt(var), dens], 1).astype(np.float64)
+
+
+def _summary_columns(summary: np.ndarray) -> dict:
+    cols = {key: summary[:, c] for c, key in enumerate(ROW_SUMMARY)}
+    # first and last are similarities (float32 in the store): the inputs take their difference in float32
+    cols["top"], cols["last"] = cols["top"].astype(np.float32), cols["last"].astype(np.float32)
+    return cols
 
 
 def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -106,7 +124,8 @@ def _pair(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def edge_inputs(row_ids: np.ndarray, index: np.ndarray, sim: np.ndarray, nbr_pos: np.ndarray,
-                nbr_sim: np.ndarray, nbr_index: np.ndarray, stats: SimStats, block: int = 1024) -> np.ndarray:
+                nbr_sim: np.ndarray, nbr_index: np.ndarray, stats: SimStats, nbr_summary: np.ndarray | None = None,
+                block: int = 1024) -> np.ndarray:
     """Inputs of every kNN edge of a row block: (R, k, N_INPUTS) float32 (NaN rows where index < 0).
 
     Parameters
@@ -117,6 +136,8 @@ def edge_inputs(row_ids: np.ndarray, index: np.ndarray, sim: np.ndarray, nbr_pos
     nbr_sim : (U, k) kNN similarities of the distinct neighbours, non-finite (-inf or NaN) at padding.
     nbr_index : (U, >= SNN_M) their first neighbour ids.
     stats : the data's similarity scale (:func:`sim_stats`).
+    nbr_summary : (U, len(ROW_SUMMARY)) :func:`row_summaries` of the neighbours' rows (computed from
+        ``nbr_sim`` when not given; the same values either way).
     block : rows per vectorised step (memory ~ block * k * max(k, m^2) bytes).
     """
     index = np.asarray(index)
@@ -125,10 +146,11 @@ def edge_inputs(row_ids: np.ndarray, index: np.ndarray, sim: np.ndarray, nbr_pos
     out = np.full((r_n, k, N_INPUTS), np.nan, np.float32)
     if r_n == 0 or k == 0:
         return out
-    u_valid = np.isfinite(nbr_sim)  # padding: the store fills knn/sim with -inf
-    u_sum = _row_summaries(nbr_sim, u_valid)
+    if nbr_summary is None:  # padding: the store fills knn/sim with -inf
+        nbr_summary = row_summaries(np.where(np.isfinite(nbr_sim), 0, -1), nbr_sim)
+    u_sum = _summary_columns(np.asarray(nbr_summary, np.float64))
     row_valid = index >= 0
-    r_sum = _row_summaries(np.where(row_valid, sim, -np.inf), row_valid)
+    r_sum = _summary_columns(row_summaries(index, np.where(row_valid, sim, -np.inf)))
     m = min(SNN_M, k, nbr_index.shape[1])
     for a in range(0, r_n, block):
         b = min(a + block, r_n)
@@ -158,9 +180,14 @@ def edge_inputs(row_ids: np.ndarray, index: np.ndarray, sim: np.ndarray, nbr_pos
     return out
 
 
+def sample_stride(n: int, max_rows: int = 20_000) -> int:
+    """Stride of the row sample the data's similarity scale is read from (1: every row, up to ``max_rows``)."""
+    return max(1, -(-n // max_rows))
+
+
 def sample_rows(n: int, max_rows: int = 20_000) -> np.ndarray:
     """The stride sample of rows the data's similarity scale is read from (every row up to ``max_rows``)."""
-    return np.arange(0, n, max(1, -(-n // max_rows)))
+    return np.arange(0, n, sample_stride(n, max_rows))
 
 
 def run_edge_inputs(index: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, SimStats]:
@@ -169,7 +196,9 @@ def run_edge_inputs(index: np.ndarray, sim: np.ndarray) -> tuple[np.ndarray, Sim
     rows = sample_rows(len(index))
     stats = sim_stats(index[rows], sim[rows])
     uniq, pos = gather_positions(index)
-    x = edge_inputs(np.arange(len(index)), index, sim, pos, np.asarray(sim)[uniq], index[uniq, :SNN_M], stats)
+    summary = row_summaries(index, sim)
+    x = edge_inputs(np.arange(len(index)), index, sim, pos, np.asarray(sim)[uniq], index[uniq, :SNN_M], stats,
+                    nbr_summary=summary[uniq])
     return x, stats
 
 

@@ -15,7 +15,7 @@ from facecluster.pipeline.config import Config, IngestConfig
 from facecluster.pipeline.errors import BadInput
 from facecluster.pipeline.store import RunStore
 from facecluster.tasks.edges import (INPUT_NAMES, N_INPUTS, SNN_M, attach, best_claimed_neighbour, calibration, edge_inputs,
-                         gather_positions, roc_auc, run_edge_inputs, sim_stats)
+                                     gather_positions, roc_auc, row_summaries, run_edge_inputs, sim_stats)
 from facecluster.tasks.synth import make_faces, make_splits
 
 
@@ -60,15 +60,18 @@ def test_inputs_are_symmetric_for_mutual_edges(small_knn):
 @given(cut=st.integers(1, 599), block=st.integers(1, 700))
 def test_inputs_do_not_depend_on_the_row_partition(small_knn, cut, block):
     """A chunk computes its rows from its own rows plus its neighbours' rows only: any split and block
-    size gives the same inputs as the whole run."""
+    size gives the same inputs as the whole run, with the neighbours' summaries computed from their rows
+    or read from the edges stage's first pass (``row_summaries`` of every row, computed once)."""
     idx, sim, _ = small_knn
     whole, stats = run_edge_inputs(idx, sim)
-    parts = []
-    for a, b in ((0, cut), (cut, len(idx))):
-        uniq, pos = gather_positions(idx[a:b])
-        parts.append(edge_inputs(np.arange(a, b), idx[a:b], sim[a:b], pos, sim[uniq], idx[uniq, :SNN_M], stats,
-                                 block=block))
-    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    summary = row_summaries(idx, sim)
+    for given_summary in (False, True):
+        parts = []
+        for a, b in ((0, cut), (cut, len(idx))):
+            uniq, pos = gather_positions(idx[a:b])
+            parts.append(edge_inputs(np.arange(a, b), idx[a:b], sim[a:b], pos, sim[uniq], idx[uniq, :SNN_M], stats,
+                                     nbr_summary=summary[uniq] if given_summary else None, block=block))
+        np.testing.assert_array_equal(np.concatenate(parts), whole)
 
 
 def test_padding_gives_nan_inputs_and_shared_neighbours_count():
@@ -238,6 +241,10 @@ def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_cli
         np.testing.assert_array_equal(a.array(name)[:], b.array(name)[:], err_msg=name)
     prob = a.array("edges/prob")[:]
     assert prob.shape == a.array("knn/index").shape and prob.min() >= 0 and prob.max() <= 1
+    # the first pass's per-row arrays: each row's summary and first ids, as the kernel computes them whole
+    index = a.array("knn/index")[:]
+    np.testing.assert_array_equal(a.array("edges/row_summary")[:], row_summaries(index, a.array("knn/sim")[:]))
+    np.testing.assert_array_equal(a.array("edges/first_ids")[:], index[:, :SNN_M])
     summary = a.record("dedup")["summary"]
     assert summary["attach_level"] == trained["meta"]["edges"]["attach"]
     floors = a.record("communities")["summary"]["floors"]

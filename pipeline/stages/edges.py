@@ -4,9 +4,18 @@ Runs the model's edge scorer (``facecluster.tasks.edges``) chunk-wise on the wor
 "knn". The data's similarity scale (:class:`facecluster.tasks.edges.SimStats`: the CDF of
 its kNN similarities and its median first / last neighbour similarity) is taken
 once from a stride sample of rows, so every input is read on this data's own
-scale, whatever the face model. Each task reads its rows' kNN lists and the rows
-of their distinct neighbours (an orthogonal selection: never the whole matrix),
-and writes its whole chunk of ``edges/prob`` (chunked like ``knn``).
+scale, whatever the face model.
+
+Two passes, one task per chunk of ``knn`` rows each:
+
+1. each row's summary (first, last, mean, std, density of its similarities) and first
+   ``SNN_M`` ids, written to ``edges/row_summary`` and ``edges/first_ids``: computed once
+   per row. (Before, every task recomputed the summaries of its ~590k distinct
+   neighbours at 1M faces and decoded all of ``knn/index`` for their first ids: 2.8 s of
+   a 3.4 s block.)
+2. ``edges/prob``: a task reads its rows' kNN lists and, for their distinct neighbours,
+   their similarity rows, summaries and first ids (orthogonal selections: never the
+   whole matrix), and writes its whole chunk (chunked like ``knn``).
 """
 
 from __future__ import annotations
@@ -38,31 +47,44 @@ def _scorer(model_dir: str, digest: str):
     return _SCORERS[key]
 
 
-def stats_task(url: str, max_rows: int = SAMPLE_ROWS) -> dict:
-    """Worker task: the data's similarity scale from a stride sample of kNN rows."""
-    from facecluster.tasks.edges import sample_rows, sim_stats
+def summary_task(url: str, summary_path: str, first_path: str, r0: int, r1: int, stride: int) -> dict:
+    """Worker task, first pass: rows r0..r1's summaries and first SNN_M ids, and the scale sample's rows among them.
 
-    idx = open_array(url, "knn/index")
-    rows = sample_rows(idx.shape[0], max_rows)
-    return sim_stats(idx.get_orthogonal_selection((rows, slice(None))),
-                     open_array(url, "knn/sim").get_orthogonal_selection((rows, slice(None)))).to_dict()
+    Writes ``edges/row_summary`` and ``edges/first_ids`` (one whole chunk each); returns the
+    kNN rows of the scale sample (every ``stride``-th row, as :func:`facecluster.tasks.edges.sample_rows`) that fall in r0..r1.
+    """
+    from facecluster.tasks.edges import SNN_M, row_summaries
+
+    idx, sim = open_array(url, "knn/index")[r0:r1], open_array(url, "knn/sim")[r0:r1]
+    open_array(url, summary_path, mode="r+")[r0:r1] = row_summaries(idx, sim)
+    open_array(url, first_path, mode="r+")[r0:r1] = idx[:, :min(SNN_M, idx.shape[1])]
+    local = np.arange(-(-r0 // stride) * stride, r1, stride) - r0
+    return {"index": idx[local], "sim": sim[local]}
 
 
-def edges_task(url: str, out_path: str, r0: int, r1: int, model_dir: str, digest: str, stats: dict) -> dict:
-    """Worker task: ``edges/prob`` rows r0..r1 (one whole chunk)."""
+def edges_task(url: str, out_path: str, summary_path: str, first_path: str, r0: int, r1: int, model_dir: str,
+               digest: str, stats: dict) -> dict:
+    """Worker task, second pass: ``edges/prob`` rows r0..r1 (one whole chunk).
+
+    Gathers, for its rows' distinct neighbours, their similarity rows (the rank an edge
+    would have in the other end's list needs them whole), summaries and first ids: from the
+    first pass's arrays, so no task recomputes a neighbour's summary or decodes ``knn/index``.
+    """
     import torch
 
-    from facecluster.tasks.edges import SNN_M, SimStats, edge_inputs, gather_positions, predict_edges
+    from facecluster.tasks.edges import SimStats, edge_inputs, gather_positions, predict_edges
 
     from ..cluster import worker_threads
 
     torch.set_num_threads(worker_threads())
-    zi, zs = open_array(url, "knn/index"), open_array(url, "knn/sim")
-    idx, sim = zi[r0:r1], zs[r0:r1]
+    zs = open_array(url, "knn/sim")
+    idx, sim = open_array(url, "knn/index")[r0:r1], zs[r0:r1]
     uniq, pos = gather_positions(idx)
     nbr_sim = zs.get_orthogonal_selection((uniq, slice(None)))
-    nbr_idx = zi.get_orthogonal_selection((uniq, slice(0, min(SNN_M, zi.shape[1]))))
-    x = edge_inputs(np.arange(r0, r1), idx, sim, pos, nbr_sim, nbr_idx, SimStats.from_dict(stats))
+    nbr_summary = open_array(url, summary_path).get_orthogonal_selection((uniq, slice(None)))
+    nbr_idx = open_array(url, first_path).get_orthogonal_selection((uniq, slice(None)))
+    x = edge_inputs(np.arange(r0, r1), idx, sim, pos, nbr_sim, nbr_idx, SimStats.from_dict(stats),
+                    nbr_summary=nbr_summary)
     p = predict_edges(_scorer(model_dir, digest), x)
     open_array(url, out_path, mode="r+")[r0:r1] = p
     ok = idx >= 0
@@ -76,6 +98,8 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
     Returns the stage summary: the data's similarity scale, edges scored, share with
     P >= 0.5, the largest neighbour gather of a task.
     """
+    from facecluster.tasks.edges import ROW_SUMMARY, SNN_M, sample_stride, sim_stats  # torch: imported when run
+
     store.require("knn", f"run `facecluster knn {store.url}` first")
     load_edge_scorer(model_dir)  # a bad model fails here, before any task runs
     index = store.array("knn/index")
@@ -87,10 +111,21 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         if w is None:
             return store.record(STAGE).get("summary", {})
         token = uuid.uuid4().hex[:8]
-        stats = client.submit(stats_task, store.url, key=f"edges-scale-{token}").result()
+        m = min(SNN_M, k)
+        w.create_array("edges/row_summary", (n, len(ROW_SUMMARY)), (r, len(ROW_SUMMARY)), np.float64,
+                       fill_value=np.nan, attrs={"columns": list(ROW_SUMMARY)})
+        w.create_array("edges/first_ids", (n, m), (r, m), index.dtype)
         w.create_array("edges/prob", (n, k), (r, k), np.float32, fill_value=0.0)
-        futs = [client.submit(edges_task, store.url, w.tmp_path("edges/prob"), a, b, os.path.abspath(model_dir), digest,
-                              stats, key=f"edges-{a}-{token}") for a, b in row_chunks(n, r)]
+        summary_path, first_path = w.tmp_path("edges/row_summary"), w.tmp_path("edges/first_ids")
+        stride = sample_stride(n, SAMPLE_ROWS)
+        futs = [client.submit(summary_task, store.url, summary_path, first_path, a, b, stride, key=f"edges-rows-{a}-{token}")
+                for a, b in row_chunks(n, r)]
+        rows = wait_futures(futs, "edges (row summaries)")
+        # the scale sample's rows in row order: the same quantiles however the rows were chunked
+        stats = sim_stats(np.concatenate([p["index"] for p in rows]), np.concatenate([p["sim"] for p in rows])).to_dict()
+        futs = [client.submit(edges_task, store.url, w.tmp_path("edges/prob"), summary_path, first_path, a, b,
+                              os.path.abspath(model_dir), digest, stats, key=f"edges-{a}-{token}")
+                for a, b in row_chunks(n, r)]
         parts = wait_futures(futs, "edges")
         n_edges = sum(p["edges"] for p in parts)
         summary = {"n": int(n), "k": int(k), "tasks": len(parts), "edges": int(n_edges),
