@@ -114,12 +114,13 @@ def infomap_components(client, url: str, n: int, forest, floors: list[float], we
         order = np.argsort(comp, kind="stable")
         starts = np.concatenate([[0], np.cumsum(sizes)])
         groups = pack_components(sizes, budget)
-        futs, node_sets = [], []
-        for g_i, cids in enumerate(groups):
-            nodes = np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids]))
-            node_sets.append(nodes)
-            futs.append(client.submit(component_task, url, nodes, comp[nodes], floor, weights, joint,
-                                      key=f"{name}-infomap-{f_i}-{g_i}-{token}"))
+        node_sets = [np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids])) for cids in groups]
+        # the node lists go to the workers as data, not inside the task graph (N ids per floor in all:
+        # 10 MiB at 1M faces, which distributed warns about and ships through the scheduler)
+        nodes_f = client.scatter(node_sets, hash=False) if node_sets else []
+        comp_f = client.scatter([comp[nodes] for nodes in node_sets], hash=False) if node_sets else []
+        futs = [client.submit(component_task, url, nf, cf, floor, weights, joint, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
+                for g_i, (nf, cf) in enumerate(zip(nodes_f, comp_f))]
         plans.append((floor, comp, sizes, groups, futs, node_sets))
     results = []
     for floor, comp, sizes, groups, futs, node_sets in plans:
