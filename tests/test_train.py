@@ -285,15 +285,25 @@ def test_segmentation_gate_pairwise_gain_without_bcubed_loss(monkeypatch, bc_cha
     assert (res["iop_range"], res["keep_prob"]) == want
 
 
-def test_auto_score_batch():
-    """About 4 score tasks per worker, never below 512 (small runs) nor above 4096 proposals per task."""
-    from facecluster.pipeline.stages.score import auto_batch
+def test_score_task_bounds():
+    """Default score tasks: equal member counts, the fewest that fit the byte budget, at least 2 per worker and a
+    multiple of the worker count; never a split proposal; ``per`` gives fixed proposal counts; batches inside a
+    task hold at most max_rows members (a larger proposal alone)."""
+    from facecluster.pipeline.stages.score import row_batches, task_bounds
 
-    assert auto_batch(100, 2) == 512
-    assert auto_batch(8000, 2) == 1000
-    assert auto_batch(310_054, 2) == 4096
-    assert auto_batch(310_054, 64) == 1212
-    assert auto_batch(0, 0) == 512
+    sizes = np.random.default_rng(0).integers(1, 50, 10_000)
+    off = np.r_[0, np.cumsum(sizes)]
+    b = task_bounds(off, 2, 100, task_bytes=int(off[-1]) * 100 // 9)  # rows need 10 tasks
+    assert len(b) - 1 == 10 and b[0] == 0 and b[-1] == len(sizes)
+    rows = np.diff(off[b])
+    assert rows.max() - rows.min() <= 2 * sizes.max()
+    assert len(task_bounds(off, 2, 1)) - 1 == 4  # small: 2 per worker
+    assert len(task_bounds(off, 3, 100, task_bytes=int(off[-1]) * 100 // 9)) - 1 == 12  # a multiple of 3
+    assert task_bounds(off, 2, 100, per=4000) == [0, 4000, 8000, 10_000]
+    assert task_bounds(np.array([0]), 2, 100) == [0]
+    assert len(task_bounds(np.array([0, 5, 9]), 4, 100)) - 1 == 2  # never more tasks than proposals
+    rb = row_batches(np.array([0, 3, 5, 20, 21, 22]), 4)
+    assert rb == [(0, 1), (1, 2), (2, 3), (3, 5)]
 
 
 class _RunsCode:
