@@ -53,6 +53,7 @@ def model_loads() -> int:
 
 TASK_BYTES = 1 << 30  # member rows (features + kNN rows) one score task reads and holds
 BUILD_ROWS = 1 << 16  # member rows one ``build_batch`` call expands (its n x k temporaries)
+SCORE_BLOCK = 4096  # proposals per forward block: proposals [j * SCORE_BLOCK, (j + 1) * SCORE_BLOCK) share forwards
 
 
 def row_bytes(dim: int, k: int, spec: dict) -> int:
@@ -61,20 +62,31 @@ def row_bytes(dim: int, k: int, spec: dict) -> int:
 
 
 def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_range, keep_prob: float,
-               segment: bool = True) -> dict:
-    """Worker task: score proposals ``[p0, p1)``; returns their outputs (small arrays).
+               segment: bool = True, block: int = SCORE_BLOCK) -> dict:
+    """Worker task: score proposals ``[p0, p1)`` (whole blocks: ``p0`` a multiple of ``block``); returns their outputs.
 
     The rows of all the task's members are read once (each read decodes nearly every
-    chunk of its array, whatever the task's size), then batches of at most
-    ``BUILD_ROWS`` member rows are built and scored one after another, so the task's
-    memory is its rows plus one batch's temporaries.
+    chunk of its array, whatever the task's size). Each block of ``block`` proposals is
+    then built ``BUILD_ROWS`` member rows at a time (a proposal's inputs do not depend
+    on its batch) and scored as one batch, so the task's memory is its rows plus one
+    block's inputs and one build's temporaries.
+
+    Why blocks: ``score_batch`` runs fixed-shape forwards of proposals grouped by size
+    within its batch, and a proposal's last bit can depend on its slot in a forward
+    (the 64 -> 2 head GEMM; measured at 1M faces: 1 proposal in 4,096 changed in the
+    last bit when its batch changed). Fixed blocks make every forward's members a
+    function of the proposal index alone, so the scores are bitwise the same for any
+    task split or worker count, and equal those of the releases that ran one task per
+    4,096 proposals.
     """
     import torch
 
-    from facecluster.tasks.gcn import build_batch, score_batch
+    from facecluster.tasks.gcn import build_batch, concat_batches, score_batch
 
     from ..cluster import worker_threads
 
+    if p0 % block:
+        raise ValueError(f"score_task: p0={p0} is not a multiple of the block ({block})")
     torch.set_num_threads(worker_threads())
     gcnd, gcns, meta = _models(model_dir, digest)
     off = open_array(url, "proposals/offsets")[p0:p1 + 1]
@@ -87,18 +99,27 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     if iop_range is None:  # the model's validation tuning found GCN-S does not help
         segment, iop_range = False, (1.0, 0.0)
     outs = []
-    for a, b in row_batches(off, BUILD_ROWS):
-        sel = inv[off[a]:off[b]]
-        batch = build_batch(np.diff(off[a:b + 1]), members[off[a]:off[b]], *(r[sel] for r in rows[:3]), meta["spec"],
-                            knn_cos=rows[3][sel] if len(rows) > 3 else None)
+    for q0 in range(0, p1 - p0, block):
+        q1 = min(q0 + block, p1 - p0)
+        parts = []
+        for a, b in row_batches(off[q0:q1 + 1], BUILD_ROWS):
+            a, b = a + q0, b + q0
+            sel = inv[off[a]:off[b]]
+            parts.append(build_batch(np.diff(off[a:b + 1]), members[off[a]:off[b]], *(r[sel] for r in rows[:3]),
+                                     meta["spec"], knn_cos=rows[3][sel] if len(rows) > 3 else None))
+        batch = parts[0] if len(parts) == 1 else concat_batches(parts)
         outs.append(score_batch(gcnd, batch, gcns if segment else None, tuple(iop_range), keep_prob))
+        del parts, batch
     cat = (lambda key, dt: np.concatenate([o[key] for o in outs]) if outs else np.zeros(0, dt))
     return {"p0": p0, "iou": cat("iou", np.float32), "iop": cat("iop", np.float32),
             "segmented": cat("segmented", bool), "keep": cat("keep", bool)}
 
 
 def row_batches(offsets: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
-    """Consecutive proposal ranges ``[a, b)`` of a CSR with at most ``max_rows`` members each (a larger proposal alone)."""
+    """Consecutive proposal ranges ``[a, b)`` of a CSR with at most ``max_rows`` members each.
+
+    A proposal larger than ``max_rows`` is a range of its own.
+    """
     offsets = np.asarray(offsets, dtype=np.int64)
     out, a, n = [], 0, len(offsets) - 1
     while a < n:
@@ -109,25 +130,29 @@ def row_batches(offsets: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
 
 
 def task_bounds(offsets: np.ndarray, n_workers: int, bytes_per_row: int, per: int | None = None,
-                task_bytes: int = TASK_BYTES) -> list[int]:
-    """Proposal bounds of the score tasks: ``per`` proposals each, or by default equal member counts.
+                task_bytes: int = TASK_BYTES, block: int = SCORE_BLOCK) -> list[int]:
+    """Proposal bounds of the score tasks, on whole blocks: ``per`` proposals each (rounded up to blocks), or by
+    default about equal member counts.
 
     Why few large tasks: every task's reads decode nearly every chunk of ``features``
     and ``knn`` (a proposal's members are scattered over the store), 2.4 s of CPU
     per task at 1M faces whatever its size, so the task count is what the reads
     cost. The default is the fewest tasks whose member rows fit ``task_bytes``, at
     least 2 per worker and a multiple of the worker count (so no worker waits on a
-    last lone task); a task never splits a proposal.
+    last lone task), as far as there are blocks.
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     n_prop = len(offsets) - 1
+    block = max(1, int(block))
     if per:
-        return list(range(0, n_prop, int(per))) + [n_prop]
+        step = -(-int(per) // block) * block
+        return list(range(0, n_prop, step)) + [n_prop]
     w = max(1, int(n_workers))
     rows = int(offsets[-1]) if n_prop else 0
     n_tasks = max(2 * w, -(-rows * int(bytes_per_row) // int(task_bytes)))
-    n_tasks = min(max(1, n_prop), -(-n_tasks // w) * w)
+    n_tasks = -(-n_tasks // w) * w
     cuts = np.searchsorted(offsets, np.linspace(0, rows, n_tasks + 1)[1:-1], side="left")
+    cuts = np.round(cuts / block).astype(np.int64) * block  # the nearest block bound
     return sorted({0, n_prop, *(int(c) for c in cuts if 0 < c < n_prop)})
 
 
@@ -169,11 +194,13 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         spec = meta["spec"]
         offsets = store.array("proposals/offsets")[:]
+        block = SCORE_BLOCK
         bounds = task_bounds(offsets, n_workers, row_bytes(store.array("features").shape[1],
-                                                           store.array("knn/index").shape[1], spec), g.score_batch)
+                                                           store.array("knn/index").shape[1], spec), g.score_batch,
+                             block=block)
         model_dir = os.path.abspath(model_dir)
         futs = [client.submit(score_task, store.url, model_dir, digest, a, b, iop_range, keep_prob,
-                              g.segment, key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
+                              g.segment, block, key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
         import time
 
         t0 = time.perf_counter()
@@ -188,7 +215,8 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         w.write_array("score/iop", iop)
         w.write_array("score/segmented", seg)
         w.write_array("score/keep", keep)
-        summary = {"n_proposals": int(n_prop), "tasks": len(futs), "proposals_per_task": int(np.max(np.diff(bounds), initial=0)),
+        summary = {"n_proposals": int(n_prop), "tasks": len(futs),
+                   "proposals_per_task": int(np.max(np.diff(bounds), initial=0)),
                    "seconds": round(seconds, 3),
                    "proposals_per_s": round(n_prop / max(seconds, 1e-9), 1),
                    "proposals_per_s_per_worker": round(n_prop / max(seconds, 1e-9) / n_workers, 1),
