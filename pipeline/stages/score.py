@@ -10,8 +10,10 @@ worker process (module-level cache keyed by model directory + digest) and torch
 uses the worker's thread count.
 
 Determinism: ``facecluster.tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
-(size bucket x fixed proposal count), so a proposal's scores are bitwise the same
-for any batch size or worker count (tested), which dedup's tie-breaking needs.
+(size bucket x fixed proposal count), and the forwards are formed within fixed blocks
+of ``SCORE_BLOCK`` proposals (by proposal index, whatever the tasks), so a proposal's
+scores are bitwise the same for any task size or worker count (tested), which
+dedup's tie-breaking needs.
 
 Outputs: ``score/iou``, ``score/iop`` (P float32), ``score/segmented`` (P bool: GCN-S
 ran on it), ``score/keep`` (M bool, aligned with ``proposals/members``: False where
