@@ -89,7 +89,8 @@ def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = EXACT_MA
     n, d = x.shape
     if n > exact_max:
         plan = ivf_plan(x, threads, seed)
-        return join_blocks([ivf_block(plan, a, k, threads) for a in range(0, n, QUERY_BLOCK)])
+        blocks = [(a, min(a + QUERY_BLOCK, n)) for a in range(0, n, QUERY_BLOCK)]
+        return join_blocks([ivf_block(plan, a, b, k, threads) for a, b in blocks])
     kk = min(k + 1, n)
     index = faiss.IndexFlatIP(d)
     index.add(x)
@@ -129,8 +130,8 @@ def ivf_plan(x: np.ndarray, threads: int = 1, seed: int = 1234) -> dict:
     return {"lists": lists, "probes": probes, "where": where, "n": n}
 
 
-def ivf_block(plan: dict, a: int, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """Raw top-``k`` (sim, idx) of rows ``[a, a + QUERY_BLOCK)`` of a :func:`ivf_plan`.
+def ivf_block(plan: dict, a: int, b: int, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Raw top-``k`` (sim, idx) of rows ``[a, b)`` of a :func:`ivf_plan`.
 
     The results do not depend on the blocking (tested).
     """
@@ -140,7 +141,6 @@ def ivf_block(plan: dict, a: int, k: int, threads: int = 1) -> tuple[np.ndarray,
 
     faiss.omp_set_num_threads(max(1, int(threads)))
     set_threads(threads)
-    b = min(a + QUERY_BLOCK, plan["n"])
     lists = plan["lists"]
     return knn_ivf_lists(lists, lists.rows[plan["where"][a:b]], np.arange(a, b, dtype=np.int64), plan["probes"][a:b], k)
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from distributed import as_completed
 
-from facecluster.tasks.proposals import QUERY_BLOCK
+from facecluster.tasks import proposals as tp
 
 from ..cluster import pick
 from ..config import Config
@@ -84,7 +84,7 @@ def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: i
     return state
 
 
-def plan_task(state: dict, k: int) -> dict | None:
+def plan_task(state: dict, k: int, exact_max: int) -> dict | None:
     """Worker task: the IVF plan of a cut's level-1 kNN (above ``EXACT_MAX`` super-vertices; else None: the
     levels task searches exactly). Its query blocks run as :func:`knn_block_task` tasks on any worker, and it is
     freed when they are done."""
@@ -93,25 +93,22 @@ def plan_task(state: dict, k: int) -> dict | None:
     from ..cluster import worker_threads
 
     n = state["n_groups"]
-    if state["sums0"] is None or min(k, n - 1) <= 0 or n <= P.EXACT_MAX:
+    if state["sums0"] is None or min(k, n - 1) <= 0 or n <= exact_max:
         return None
     return P.ivf_plan(P.unit_means(state["sums0"]), worker_threads())
 
 
-def knn_blocks(plan: dict | None) -> int:
-    """Worker task: the number of level-1 kNN query blocks of a plan (0 without one)."""
-    from facecluster.tasks.proposals import QUERY_BLOCK
+def knn_blocks(plan: dict | None, block: int) -> list[tuple[int, int]]:
+    """Worker task: the level-1 kNN query blocks (row ranges) of a plan (none without one)."""
+    n = 0 if plan is None else plan["n"]
+    return [(a, min(a + block, n)) for a in range(0, n, block)]
 
-    return 0 if plan is None else -(-plan["n"] // QUERY_BLOCK)
 
-
-def knn_block_task(plan: dict, a: int, k: int):
-    """Worker task: one query block of a cut's level-1 kNN (the plan travels to the worker once)."""
-    from facecluster.tasks.proposals import ivf_block
-
+def knn_block_task(plan: dict, a: int, b: int, k: int):
+    """Worker task: rows ``[a, b)`` of a cut's level-1 kNN (the plan travels to each worker once)."""
     from ..cluster import worker_threads
 
-    return ivf_block(plan, a, k, worker_threads())
+    return tp.ivf_block(plan, a, b, k, worker_threads())
 
 
 def levels_task(settings: list[dict], state: dict, min_size: int, max_proposal_size: int, *blocks) -> list[dict]:
@@ -150,7 +147,8 @@ def levels_task(settings: list[dict], state: dict, min_size: int, max_proposal_s
     return outs
 
 
-def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int) -> list[dict]:
+def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int, exact_max: int | None = None,
+                  block: int | None = None) -> list[dict]:
     """All levels of settings that share one :func:`cut_key`, in one process (what the stage's
     cut / kNN block / levels tasks compute together).
 
@@ -158,12 +156,10 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
     computed once for the group (at 1M faces that kNN was 87% of a setting's time);
     each setting then groups them with its own ``sv_th`` / ``sv_max_size``.
     """
-    from facecluster.tasks.proposals import QUERY_BLOCK
-
     state = cut_task(url, settings, min_size, max_proposal_size)
     k = settings[0]["sv_k"]
-    plan = plan_task(state, k)
-    blocks = [knn_block_task(plan, b * QUERY_BLOCK, k) for b in range(knn_blocks(plan))]
+    plan = plan_task(state, k, tp.EXACT_MAX if exact_max is None else exact_max)
+    blocks = [knn_block_task(plan, a, b, k) for a, b in knn_blocks(plan, block or tp.QUERY_BLOCK)]
     return levels_task(settings, state, min_size, max_proposal_size, *blocks)
 
 
@@ -299,14 +295,15 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
             group = [settings[i] for i in members]
             cuts[j] = client.submit(cut_task, store.url, group, pc.min_size, pc.max_proposal_size,
                                     key=f"proposals-cut-{j}-{token}", priority=len(order) - j)
-            plans[j] = client.submit(plan_task, cuts[j], group[0]["sv_k"], key=f"proposals-plan-{j}-{token}",
-                                     priority=len(order) - j)
-            nb = client.submit(knn_blocks, plans[j], key=f"proposals-knn-blocks-{j}-{token}", priority=len(order) - j)
+            plans[j] = client.submit(plan_task, cuts[j], group[0]["sv_k"], tp.EXACT_MAX, priority=len(order) - j,
+                                     key=f"proposals-plan-{j}-{token}")
+            nb = client.submit(knn_blocks, plans[j], tp.QUERY_BLOCK, key=f"proposals-knn-blocks-{j}-{token}",
+                               priority=len(order) - j)
             levels[nb] = (j, group, members)
         for nb in as_completed(list(levels)):
             j, group, members = levels[nb]
-            blocks = [client.submit(knn_block_task, plans[j], b * QUERY_BLOCK, group[0]["sv_k"], priority=len(order),
-                                    key=f"proposals-knn-{j}-{b}-{token}") for b in range(nb.result())]
+            blocks = [client.submit(knn_block_task, plans[j], a, b, group[0]["sv_k"], priority=len(order),
+                                    key=f"proposals-knn-{j}-{a}-{token}") for a, b in nb.result()]
             grp = client.submit(levels_task, group, cuts[j], pc.min_size, pc.max_proposal_size, *blocks,
                                 key=f"proposals-levels-{j}-{token}")
             for pos, i in enumerate(members):
