@@ -11,7 +11,7 @@ uses the worker's thread count.
 
 Determinism: ``facecluster.tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
 (size bucket x fixed proposal count), and the forwards are formed within fixed blocks
-of ``SCORE_BLOCK`` proposals (by proposal index, whatever the tasks), so a proposal's
+of :func:`score_block` proposals (by proposal index, whatever the tasks), so a proposal's
 scores are bitwise the same for any task size or worker count (tested), which
 dedup's tie-breaking needs.
 
@@ -55,7 +55,18 @@ def model_loads() -> int:
 
 TASK_BYTES = 1 << 30  # member rows (features + kNN rows) one score task reads and holds
 BUILD_ROWS = 1 << 16  # member rows one ``build_batch`` call expands (its n x k temporaries)
-SCORE_BLOCK = 4096  # proposals per forward block: proposals [j * SCORE_BLOCK, (j + 1) * SCORE_BLOCK) share forwards
+SCORE_BLOCK, MIN_BLOCK = 4096, 512  # proposals per forward block, at most / at least (see score_block)
+
+
+def score_block(n_prop: int) -> int:
+    """Proposals per forward block of a run: P / 8 within ``MIN_BLOCK``..``SCORE_BLOCK``.
+
+    A function of the run alone (never of the workers), so scores do not depend on
+    them. P / 8: small runs still make 8 blocks to share among workers; and it is what
+    0.3.0 and earlier used as proposals per task on 2 workers, so runs scored
+    with 2 workers keep their scores bit for bit (all 367,531 at 1M faces checked).
+    """
+    return int(min(SCORE_BLOCK, max(MIN_BLOCK, -(-int(n_prop) // 8))))
 
 
 def row_bytes(dim: int, k: int, spec: dict) -> int:
@@ -78,8 +89,7 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     (the 64 -> 2 head GEMM; measured at 1M faces: 1 proposal in 4,096 changed in the
     last bit when its batch changed). Fixed blocks make every forward's members a
     function of the proposal index alone, so the scores are bitwise the same for any
-    task split or worker count, and equal those of the releases that ran one task per
-    4,096 proposals.
+    task split or worker count (:func:`score_block`).
     """
     import torch
 
@@ -196,7 +206,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         spec = meta["spec"]
         offsets = store.array("proposals/offsets")[:]
-        block = SCORE_BLOCK
+        block = score_block(n_prop)
         bounds = task_bounds(offsets, n_workers, row_bytes(store.array("features").shape[1],
                                                            store.array("knn/index").shape[1], spec), g.score_batch,
                              block=block)
