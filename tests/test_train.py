@@ -176,7 +176,8 @@ def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
 
 def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client, single_worker_client, monkeypatch):
     """Scores bitwise the same for any task split and worker count (blocks of 8 proposals here, so that
-    both runs have several tasks of several blocks), and dedup's clusters with them."""
+    the default run has several tasks of several blocks; the second has one block per task), and dedup's
+    clusters with them."""
     from facecluster.pipeline.stages import score as S
     from facecluster.pipeline.stages.dedup import run_dedup
     from facecluster.pipeline.stages.score import run_score
@@ -192,7 +193,7 @@ def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client,
     assert not out1["keep"].all()  # GCN-S pruned something on the whole-range setting
     d1 = run_dedup(store, Config.from_dict({"gcn": {**cfg.gcn.to_dict(), "dedup_faces": 97}}), local_client)
     c1 = store.array("clusters")[:]
-    cfg2 = Config.from_dict({**cfg.to_dict(), "gcn": {**cfg.gcn.to_dict(), "score_batch": 7}})
+    cfg2 = Config.from_dict({**cfg.to_dict(), "gcn": {**cfg.gcn.to_dict(), "score_batch": 8}})  # the same blocks
     s2 = run_score(store, str(runs["model"]), cfg2, single_worker_client, force=True)
     assert s2["tasks"] > s1["tasks"] and s2["proposals_per_task"] == 8
     out2 = {k: store.array(f"score/{k}")[:] for k in out1}

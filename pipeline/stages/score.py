@@ -206,7 +206,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         spec = meta["spec"]
         offsets = store.array("proposals/offsets")[:]
-        block = score_block(n_prop)
+        block = int(g.score_batch) if g.score_batch else score_block(n_prop)  # an explicit one: as in 0.3.0
         bounds = task_bounds(offsets, n_workers, row_bytes(store.array("features").shape[1],
                                                            store.array("knn/index").shape[1], spec), g.score_batch,
                              block=block)
