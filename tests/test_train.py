@@ -194,6 +194,7 @@ def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client,
     d1 = run_dedup(store, Config.from_dict({"gcn": {**cfg.gcn.to_dict(), "dedup_faces": 97}}), local_client)
     c1 = store.array("clusters")[:]
     cfg2 = Config.from_dict({**cfg.to_dict(), "gcn": {**cfg.gcn.to_dict(), "score_batch": 8}})  # the same blocks
+    monkeypatch.setattr(S, "BUILD_ROWS", 20)  # and each block's inputs built in parts
     s2 = run_score(store, str(runs["model"]), cfg2, single_worker_client, force=True)
     assert s2["tasks"] > s1["tasks"] and s2["proposals_per_task"] == 8
     out2 = {k: store.array(f"score/{k}")[:] for k in out1}

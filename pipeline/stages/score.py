@@ -75,12 +75,12 @@ def row_bytes(dim: int, k: int, spec: dict) -> int:
 
 
 def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_range, keep_prob: float,
-               segment: bool = True, block: int = SCORE_BLOCK) -> dict:
+               segment: bool = True, block: int = SCORE_BLOCK, build_rows: int = BUILD_ROWS) -> dict:
     """Worker task: score proposals ``[p0, p1)`` (whole blocks: ``p0`` a multiple of ``block``); returns their outputs.
 
     The rows of all the task's members are read once (each read decodes nearly every
     chunk of its array, whatever the task's size). Each block of ``block`` proposals is
-    then built ``BUILD_ROWS`` member rows at a time (a proposal's inputs do not depend
+    then built ``build_rows`` member rows at a time (a proposal's inputs do not depend
     on its batch) and scored as one batch, so the task's memory is its rows plus one
     block's inputs and one build's temporaries.
 
@@ -114,7 +114,7 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     for q0 in range(0, p1 - p0, block):
         q1 = min(q0 + block, p1 - p0)
         parts = []
-        for a, b in row_batches(off[q0:q1 + 1], BUILD_ROWS):
+        for a, b in row_batches(off[q0:q1 + 1], build_rows):
             a, b = a + q0, b + q0
             sel = inv[off[a]:off[b]]
             parts.append(build_batch(np.diff(off[a:b + 1]), members[off[a]:off[b]], *(r[sel] for r in rows[:3]),
@@ -212,7 +212,8 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
                              block=block)
         model_dir = os.path.abspath(model_dir)
         futs = [client.submit(score_task, store.url, model_dir, digest, a, b, iop_range, keep_prob,
-                              g.segment, block, key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
+                              g.segment, block, BUILD_ROWS, key=f"score-{a}-{token}")
+                for a, b in zip(bounds[:-1], bounds[1:])]
         import time
 
         t0 = time.perf_counter()
