@@ -321,21 +321,23 @@ def _inside_adjacency(r, col, w, sizes, starts, seg, connectivity: bool, cells: 
         boff = np.concatenate([[0], m2[a:b] - before])
         block = np.full(int(boff[-1]), -1.0, np.float32)  # -1: no edge
         e0, e1 = ebound[a], ebound[b]
-        rr, cc = r[e0:e1], col[e0:e1]
-        p = seg[rr]
-        base, m, s0 = boff[p - a], sizes[p], starts[p]
-        np.maximum.at(block, base + (rr - s0) * m + (cc - s0), w[e0:e1])  # forward first: ties keep its entry
-        np.maximum.at(block, base + (cc - s0) * m + (rr - s0), w[e0:e1])
-        nodes = np.arange(starts[a], starts[a] + sizes[a:b].sum())
-        pn = seg[nodes]
-        np.maximum.at(block, boff[pn - a] + (nodes - starts[pn]) * (sizes[pn] + 1), np.float32(1.0))
-        at = np.flatnonzero(block >= 0)
-        pp = np.searchsorted(boff, at, side="right") - 1
-        rem = at - boff[pp]
-        mm = sizes[a + pp]
-        lr = rem // mm
-        out_r.append(starts[a + pp] + lr)
-        out_c.append(starts[a + pp] + rem - lr * mm)
+        per = np.diff(ebound[a:b + 1])  # the pairs are grouped by proposal: repeats, not gathers
+        lr, lc = r[e0:e1] - np.repeat(starts[a:b], per), col[e0:e1] - np.repeat(starts[a:b], per)
+        base, m = np.repeat(boff[:-1], per), np.repeat(sizes[a:b], per)
+        np.maximum.at(block, base + lr * m + lc, w[e0:e1])  # forward first: ties keep its entry
+        np.maximum.at(block, base + lc * m + lr, w[e0:e1])
+        ln = np.arange(int(sizes[a:b].sum())) - np.repeat(starts[a:b] - starts[a], sizes[a:b])
+        np.maximum.at(block, np.repeat(boff[:-1], sizes[a:b]) + ln * (np.repeat(sizes[a:b], sizes[a:b]) + 1),
+                      np.float32(1.0))
+        present = block >= 0
+        at = np.flatnonzero(present)
+        cnt = np.add.reduceat(present, boff[:-1], dtype=np.int64)  # every block has >= 1 cell
+        rem = at - np.repeat(boff[:-1], cnt)
+        mm = np.repeat(sizes[a:b], cnt)
+        lr = (rem / mm).astype(np.int64)  # exact: rem < 2^53 and a quotient is never within 1/|P| of the next integer
+        s0 = np.repeat(starts[a:b], cnt)
+        out_r.append(s0 + lr)
+        out_c.append(s0 + rem - lr * mm)
         out_w.append(block[at])
         if connectivity:
             with threadpool_limits(1, user_api="blas"):
