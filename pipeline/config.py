@@ -222,7 +222,7 @@ class GCNConfig(_Section):
     connectivity: bool = opt(True, _bool(), "proposal inputs: algebraic connectivity (lambda_2) of the proposal's inside kNN graph")
     weights: str = opt("both", _choice("both", "prob", "sim"), "edge weights of GCN-D/GCN-S with an edge scorer: the learned P (prob), P plus the cosine inputs (both), or the cosine (sim); without one: sim")
     layout: str = opt("padded", _choice("padded", "block"), "training batch layout: size-sorted padded dense or block-diagonal sparse")
-    score_batch: int | None = opt(None, _int(1, none=True), "proposals per inference task (default: P / (4 x workers), within 512..4096)")
+    score_batch: int | None = opt(None, _int(1, none=True), "proposals per score task and per forward block (a score's last bit can depend on it; default: blocks of P / 8 within 512..4,096, as few tasks as hold 1 GiB of member rows each, at least 2 per worker)")
     segment: bool = opt(True, _bool(), "run GCN-S (false: GCN-D only)")
     iop_range: tuple | None = opt(None, _range01(none=True), "GCN-S runs on proposals whose predicted IoP is in this range (default: the range tuned on the validation identities in training, recorded in the model)")
     keep_prob: float | None = opt(None, _float(0.0, 1.0, none=True), "GCN-S removes vertices with P(member) <= this (default: the model's tuned value)")

@@ -33,8 +33,8 @@ vertex gets
   LFW GCN-D pairwise F 0.986 -> 0.992 (min 0.982 -> 0.991); built-in about the same.
 
 Two batch layouts are provided: ``Padded`` (dense (B, n, n) adjacency per size
-bucket; used for inference because fixed shapes make every proposal's output
-bitwise independent of what else is in its batch) and ``Block`` (block-diagonal
+bucket; used for inference: fixed shapes make a proposal's output a function of
+the proposals sharing its forward, see ``score_batch``) and ``Block`` (block-diagonal
 sparse adjacency with segment pooling). Both run the same module weights.
 """
 
@@ -141,9 +141,8 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     sim = np.where(valid, np.asarray(knn_sim, dtype=np.float32), np.float32(-1.0))
 
     # per-proposal mean feature (float64 segment sums: order-independent of the batch)
-    sums = np.zeros((B, feats.shape[1]), dtype=np.float64)
-    np.add.at(sums, seg, feats)
-    mean = (sums / sizes[:, None]).astype(np.float32)
+    starts = np.cumsum(sizes) - sizes
+    mean = (_segment_sums(feats, sizes, starts) / sizes[:, None]).astype(np.float32)
     mnorm = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
     cos_mean = np.einsum("ij,ij->i", feats, mnorm[seg])
 
@@ -154,31 +153,23 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
         cols.append(feats)
     elif spec["x"] != "none":
         raise ValueError(f"input spec x must be 'mean', 'raw' or 'none', got {spec['x']!r}")
-    weighted, s_in, n_in = _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, big, spec)
+    runs = _outside_runs(nkey, valid & ~inside, big, min(10, k), B) if spec["outside"] else None
+    weighted, s_in, n_in = _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, runs, spec)
     cols += weighted
     extra = []
     if spec.get("weights") == "both":
         if knn_cos is None:
             raise ValueError("input spec weights 'both' needs the cosine rows (knn_cos)")
         cos = np.where(valid, np.asarray(knn_cos, dtype=np.float32), np.float32(-1.0))
-        extra = _weighted_inputs(cos, knn_idx, inside, valid, seg, sizes, cos_mean, big, spec)[0]
+        extra = _weighted_inputs(cos, knn_idx, inside, valid, seg, sizes, cos_mean, runs, spec)[0]
     x = np.concatenate([c.astype(np.float32) for c in cols], axis=1) if cols else np.zeros((n, 0), np.float32)
 
     # adjacency: inside kNN pairs, both directions, weight max(cos, 0); duplicates -> max
     r, c = np.nonzero(inside)
-    col = pos[r, c]
-    w = np.maximum(sim[r, c], 0.0).astype(np.float32)
-    rows = np.concatenate([r, col, np.arange(n)])
-    colsx = np.concatenate([col, r, np.arange(n)])
-    ws = np.concatenate([w, w, np.ones(n, np.float32)])
-    key = rows * n + colsx
-    order = np.lexsort((-ws, key))
-    keep = np.ones(len(order), dtype=bool)
-    keep[1:] = key[order][1:] != key[order][:-1]
-    order = order[keep]
-    rows, colsx, ws = rows[order], colsx[order], ws[order]
+    rows, colsx, ws, conn = _inside_adjacency(r, pos[r, c], np.maximum(sim[r, c], 0.0).astype(np.float32), sizes,
+                                              starts, seg, spec["connectivity"])
     if spec["connectivity"]:
-        x = np.concatenate([x, _connectivity(rows, colsx, ws, sizes, np.cumsum(sizes) - sizes)[seg]], axis=1)
+        x = np.concatenate([x, conn[seg]], axis=1)
     if extra:
         x = np.concatenate([x] + [c.astype(np.float32) for c in extra], axis=1)
     deg = np.bincount(rows, weights=ws, minlength=n)
@@ -192,8 +183,11 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     return ProposalBatch(sizes=sizes, members=members, x=x, edges=(rows, colsx, ws), seed=seed, unit=feats)
 
 
-def _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, big, spec) -> tuple[list, np.ndarray, np.ndarray]:
-    """Boundary, structure and outside columns from one edge-weight array; also the inside sums and counts."""
+def _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, runs, spec) -> tuple[list, np.ndarray, np.ndarray]:
+    """Boundary, structure and outside columns from one edge-weight array; also the inside sums and counts.
+
+    ``runs``: ``_outside_runs`` of the batch (None without outside inputs).
+    """
     n, k = knn_idx.shape
     B = len(sizes)
     n_in = inside.sum(1)
@@ -220,65 +214,156 @@ def _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, big, spe
                               np.log(size_n) / math.log(512.0), sim[:, 0]], 1))
     if spec["outside"]:
         mean_in_p = np.bincount(seg, weights=s_in, minlength=B) / np.maximum(np.bincount(seg, weights=n_in, minlength=B), 1)
-        cols.append(_outside_estimates(seg, knn_idx, sim, out, sizes, mean_in_p, big, k10)[seg])
+        cols.append(_outside_estimates(runs, sim, sizes, mean_in_p)[seg])
     return cols, s_in, n_in
 
 
-def _outside_estimates(seg, knn_idx, sim, out, sizes, mean_in, big, k10) -> np.ndarray:
+def _outside_runs(nkey, out, big, k10, B) -> tuple:
+    """The (proposal, outside face) pairs of a batch, grouped: what ``_outside_estimates`` shares between weights.
+
+    ``nkey``: (n, k) proposal * big + neighbour id of every kNN entry. Returns the
+    pairs' kNN positions ``(r, c)`` in grouped order, the start of each group
+    ``first``, its proposal ``p`` and the three weight-free counts ((B, 3): distinct
+    outside faces, those in a first-10 neighbour, those reached twice). Grouped by one
+    sort per batch of (key, position) packed in an int64 where they fit (a plain
+    sort; an argsort of the keys took 4x as long), in any order within a group:
+    only maxima, any-of and counts are read.
+    """
+    k = nkey.shape[1]
+    flat = np.flatnonzero(out)
+    key = nkey.ravel()[flat]  # (proposal, outside face)
+    shift = max(1, int(out.size).bit_length())
+    if len(key) and int(key.max()).bit_length() + shift <= 63:
+        packed = np.sort((key << shift) | flat)
+        key, flat = packed >> shift, packed & ((1 << shift) - 1)
+    else:
+        order = np.argsort(key)
+        key, flat = key[order], flat[order]
+    r, c = flat // k, flat % k
+    d = np.zeros((B, 3))
+    if not len(key):
+        return r, c, np.zeros(0, np.int64), np.zeros(0, np.int64), d
+    first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])  # runs of one (proposal, face) in the sorted keys
+    count = np.diff(np.r_[first, len(key)])
+    p = key[first] // big
+    d[:, 0] = np.bincount(p, minlength=B)
+    d[:, 1] = np.bincount(p, weights=np.logical_or.reduceat(c < k10, first), minlength=B)
+    d[:, 2] = np.bincount(p, weights=count >= 2, minlength=B)
+    return r, c, first, p, d
+
+
+def _outside_estimates(runs, sim, sizes, mean_in) -> np.ndarray:
     """(B, 4) ``|P| / (|P| + D)`` for the four counts D of distinct outside faces (see ``OUTSIDE``).
 
     Only P's own members' rows enter, so a proposal's values do not depend on the batch.
     """
+    r, c, first, p, d3 = runs
     B = len(sizes)
-    r, c = np.nonzero(out)
-    key = seg[r] * big + knn_idx[r, c]  # (proposal, outside face)
-    order = np.argsort(key, kind="stable")
-    key, s, top = key[order], sim[r, c][order], (c < k10)[order]
     d = np.zeros((B, 4))
-    if len(key):
-        first = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])  # runs of one (proposal, face) in the sorted keys
-        uniq, count = key[first], np.diff(np.r_[first, len(key)])
-        best = np.maximum.reduceat(s, first)  # the outside face's best similarity to a member
-        in_top = np.logical_or.reduceat(top, first)
-        p = uniq // big
-        d[:, 0] = np.bincount(p, minlength=B)
-        d[:, 1] = np.bincount(p, weights=in_top, minlength=B)
-        d[:, 2] = np.bincount(p, weights=count >= 2, minlength=B)
+    d[:, :3] = d3
+    if len(first):
+        best = np.maximum.reduceat(sim[r, c], first)  # the outside face's best similarity to a member
         d[:, 3] = np.bincount(p, weights=best >= mean_in[p], minlength=B)
     size = sizes.astype(np.float64)[:, None]
     return (size / (size + d)).astype(np.float32)
 
 
-def _connectivity(rows, cols, ws, sizes, starts) -> np.ndarray:
-    """(B, 2) algebraic connectivity of each proposal's inside graph: lambda_2, lambda_2 * sqrt(|P|).
+def _segment_sums(values: np.ndarray, sizes: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """(B, d) float64 sums of each proposal's rows, added in member order.
 
-    lambda_2 is the second-smallest eigenvalue of the normalised Laplacian
-    I - D^-1/2 A D^-1/2, A the symmetric inside kNN adjacency (max(cos, 0), no self
-    loops). Two identities joined by a few edges have a small one. Proposals under 3
-    faces get (1, 1); one with a vertex without inside weight gets (0, 0). Dense per
-    proposal, like the padded scorer (proposals hold at most ``whole_size`` faces).
-    ``rows``/``cols``/``ws`` are the batch's deduplicated edges (self loops included,
-    sorted by row), before row normalisation.
+    The order ``np.add.at`` adds in (so the bits are those of earlier releases), one
+    vectorised step per member position over the proposals that long: O(n d), where
+    ``np.add.at`` took 1.6 s on 177k x 256 rows (1M store, one score task).
+    """
+    out = np.zeros((len(sizes), values.shape[1]), dtype=np.float64)
+    order = np.argsort(-sizes, kind="stable")
+    longest = -np.sort(-sizes)
+    for j in range(int(longest[0]) if len(sizes) else 0):
+        act = order[:np.searchsorted(-longest, -j, side="left")]  # the proposals with more than j members
+        out[act] += values[starts[act] + j]
+    return out
+
+
+def _inside_adjacency(r, col, w, sizes, starts, seg, connectivity: bool, cells: int = 1 << 23):
+    """Deduplicated inside adjacency of a batch, and each proposal's algebraic connectivity.
+
+    ``(r, col, w)``: the inside kNN pairs (``r`` ascending) and weights max(sim, 0).
+    Returns ``rows, cols, ws``: those pairs in both directions plus self loops of weight
+    1, one entry per (row, col) holding the largest weight, sorted by (row, col); and
+    ``conn`` ((B, 2) float32, see below; ones when ``connectivity`` is False).
+
+    Why dense blocks: the pairs are scattered into each proposal's |P| x |P| block (a
+    chunk of proposals with at most ``cells`` block entries at a time), so the
+    maximum per pair is a scatter and the (row, col) order is the blocks' memory order,
+    where a lexsort of the pairs took 8.4 s of a 20 s score task (1M store, 9.5M
+    pairs). The padded scorer and ``lambda_2`` pay |P|^2 per proposal anyway.
+
+    ``conn``: lambda_2 of the normalised Laplacian I - D^-1/2 A D^-1/2 of each
+    proposal's inside graph (A: the block without self loops), and lambda_2 * sqrt(|P|).
+    Two identities joined by a few edges have a small one. Proposals under 3 faces get
+    (1, 1); one with a vertex without inside weight gets (0, 0). Proposals of one size
+    share one stacked ``eigvalsh`` call (LAPACK runs on each matrix alone, one thread:
+    the same bits as one call per proposal, whatever the batch or the worker's threads).
     """
     from threadpoolctl import threadpool_limits
 
-    out = np.ones((len(sizes), 2), np.float64)
-    bounds = _edge_bounds(rows, starts, int(sizes.sum()))
-    with threadpool_limits(1, user_api="blas"):  # one LAPACK thread: the same bits whatever the worker's threads
-        for p in np.flatnonzero(sizes >= 3):
-            a, b, s0, m = bounds[p], bounds[p + 1], starts[p], int(sizes[p])
-            r, c, w = rows[a:b] - s0, cols[a:b] - s0, ws[a:b]
-            off = r != c
-            A = np.zeros((m, m))
-            A[r[off], c[off]] = w[off]
-            d = A.sum(1)
-            if (d <= 0).any():
-                out[p] = 0.0
-                continue
-            di = 1.0 / np.sqrt(d)
-            lam2 = np.linalg.eigvalsh(np.eye(m) - di[:, None] * A * di[None, :])[1]
-            out[p] = (lam2, lam2 * math.sqrt(m))
-    return out.astype(np.float32)
+    B = len(sizes)
+    sizes = sizes.astype(np.int64)
+    n = int(sizes.sum())
+    m2 = np.cumsum(sizes * sizes)
+    ebound = np.searchsorted(r, np.append(starts, n)).astype(np.int64)
+    conn = np.ones((B, 2), np.float64)
+    out_r, out_c, out_w = [], [], []
+    a = 0
+    while a < B:
+        before = m2[a - 1] if a else 0
+        b = max(a + 1, int(np.searchsorted(m2, before + cells, side="right")))
+        boff = np.concatenate([[0], m2[a:b] - before])
+        block = np.full(int(boff[-1]), -1.0, np.float32)  # -1: no edge
+        e0, e1 = ebound[a], ebound[b]
+        per = np.diff(ebound[a:b + 1])  # the pairs are grouped by proposal: repeats, not gathers
+        lr, lc = r[e0:e1] - np.repeat(starts[a:b], per), col[e0:e1] - np.repeat(starts[a:b], per)
+        base, m = np.repeat(boff[:-1], per), np.repeat(sizes[a:b], per)
+        np.maximum.at(block, base + lr * m + lc, w[e0:e1])  # forward first: ties keep its entry
+        np.maximum.at(block, base + lc * m + lr, w[e0:e1])
+        ln = np.arange(int(sizes[a:b].sum())) - np.repeat(starts[a:b] - starts[a], sizes[a:b])
+        np.maximum.at(block, np.repeat(boff[:-1], sizes[a:b]) + ln * (np.repeat(sizes[a:b], sizes[a:b]) + 1),
+                      np.float32(1.0))
+        present = block >= 0
+        at = np.flatnonzero(present)
+        cnt = np.add.reduceat(present, boff[:-1], dtype=np.int64)  # every block has >= 1 cell
+        rem = at - np.repeat(boff[:-1], cnt)
+        mm = np.repeat(sizes[a:b], cnt)
+        lr = (rem / mm).astype(np.int64)  # exact: rem < 2^53 and a quotient is never within 1/|P| of the next integer
+        s0 = np.repeat(starts[a:b], cnt)
+        out_r.append(s0 + lr)
+        out_c.append(s0 + rem - lr * mm)
+        out_w.append(block[at])
+        if connectivity:
+            with threadpool_limits(1, user_api="blas"):
+                _block_connectivity(block, boff, sizes[a:b], conn[a:b])
+        a = b
+    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+    return cat(out_r, np.int64), cat(out_c, np.int64), cat(out_w, np.float32), conn.astype(np.float32)
+
+
+def _block_connectivity(block, boff, sizes, out) -> None:
+    """Fill ``out`` ((b, 2) float64) with lambda_2, lambda_2 * sqrt(|P|) of proposals of size >= 3 (see above)."""
+    for m in np.unique(sizes[sizes >= 3]):
+        m = int(m)
+        ps = np.flatnonzero(sizes == m)
+        A = block[boff[ps][:, None] + np.arange(m * m)].reshape(len(ps), m, m)
+        A = np.where(A >= 0, A, np.float32(0.0)).astype(np.float64)
+        A[:, np.arange(m), np.arange(m)] = 0.0
+        d = A.sum(2)
+        ok = (d > 0).all(1)
+        out[ps[~ok]] = 0.0
+        if not ok.any():
+            continue
+        di = 1.0 / np.sqrt(d[ok])
+        lam2 = np.linalg.eigvalsh(np.eye(m) - di[:, :, None] * A[ok] * di[:, None, :])[:, 1]
+        out[ps[ok], 0] = lam2
+        out[ps[ok], 1] = lam2 * math.sqrt(m)
 
 
 def seed_inputs(batch: ProposalBatch, seed: np.ndarray) -> np.ndarray:
@@ -513,8 +598,12 @@ def score_batch(model_d: GCND, batch: ProposalBatch, model_s: GCNS | None = None
     """Predicted IoU/IoP of every proposal, and GCN-S membership where IoP is in ``iop_range``.
 
     Proposals are grouped by size bucket and run through fixed-shape forward calls
-    (``props_per_forward`` proposals x bucket nodes, empty proposals as filler), so a
-    proposal's outputs are bitwise the same whatever else is in ``batch``.
+    (``props_per_forward`` proposals x bucket nodes, in batch order, empty proposals as
+    filler). A proposal's outputs are bitwise a function of its forward's proposals and
+    its slot there, not of the rest of ``batch``: the slot can change the last bit
+    (measured at 1M faces with the 64 -> 2 head: 1 proposal in 4,096 moved by one ulp
+    when its batch changed), so callers that need bits independent of the batching fix
+    the batches (the score stage scores fixed blocks of proposals).
 
     Returns
     -------

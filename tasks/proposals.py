@@ -69,10 +69,11 @@ def unit_means(sums: np.ndarray) -> np.ndarray:
     return (sums / norm).astype(np.float32)
 
 
-QUERY_BLOCK = 32768  # level-graph queries per list-major search call
+QUERY_BLOCK = 32768  # level-graph queries per list-major search call (and per proposals kNN task)
+EXACT_MAX = 50_000  # level graphs up to this many nodes: exact kNN
 
 
-def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = 50_000, seed: int = 1234):
+def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = EXACT_MAX, seed: int = 1234):
     """kNN among ``x`` rows (self excluded): (index int64, sim float32), rows sorted (sim desc, id asc).
 
     Exact (faiss IndexFlatIP) up to ``exact_max`` rows; above, IVF (nlist ~ 4 sqrt(n),
@@ -83,27 +84,13 @@ def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = 50_000, 
     """
     import faiss
 
-    from .knn import IvfLists, ivf_assign, knn_ivf_lists, load_ivf, set_threads, train_ivf
-
     faiss.omp_set_num_threads(max(1, int(threads)))
     x = np.ascontiguousarray(x, np.float32)
     n, d = x.shape
     if n > exact_max:
-        set_threads(threads)
-        nlist = int(4 * np.sqrt(n))
-        rng = np.random.default_rng(seed)
-        sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
-        index = load_ivf(train_ivf(sample, nlist, seed))
-        ids = np.arange(n, dtype=np.int64)
-        probes = ivf_assign(index, x, 16)  # ranked by (similarity, list id): column 0 = the row's own list
-        lists = IvfLists(x, ids, probes[:, 0], nlist)
-        # query blocks bound the search's temporaries (results do not depend on the blocking)
-        parts = [knn_ivf_lists(lists, x[a:a + QUERY_BLOCK], ids[a:a + QUERY_BLOCK], probes[a:a + QUERY_BLOCK], k)
-                 for a in range(0, n, QUERY_BLOCK)]
-        sim = np.concatenate([p[0] for p in parts])
-        idx = np.concatenate([p[1] for p in parts])
-        ok = np.isfinite(sim)
-        return np.where(ok, idx, -1).astype(np.int64), np.where(ok, sim, 0).astype(np.float32)
+        plan = ivf_plan(x, threads, seed)
+        blocks = [(a, min(a + QUERY_BLOCK, n)) for a in range(0, n, QUERY_BLOCK)]
+        return join_blocks([ivf_block(plan, a, b, k, threads) for a, b in blocks])
     kk = min(k + 1, n)
     index = faiss.IndexFlatIP(d)
     index.add(x)
@@ -117,6 +104,53 @@ def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = 50_000, 
     idx = np.where(np.isfinite(sim), idx, -1).astype(np.int64)
     sim = np.where(np.isfinite(sim), sim, 0).astype(np.float32)
     return idx, sim
+
+
+def ivf_plan(x: np.ndarray, threads: int = 1, seed: int = 1234) -> dict:
+    """The IVF side of :func:`small_knn` above ``exact_max`` rows, before any query: seeded
+    training (nlist ~ 4 sqrt(n)), each row's 16 probes, the rows grouped by list.
+
+    Returns ``{"lists", "probes", "where", "n"}`` (``where``: each row's position in
+    ``lists.rows``, so a query block needs nothing else: the stage ships the plan to
+    the :func:`ivf_block` tasks of both workers).
+    """
+    from .knn import IvfLists, ivf_assign, load_ivf, set_threads, train_ivf
+
+    set_threads(threads)
+    x = np.ascontiguousarray(x, np.float32)
+    n = len(x)
+    nlist = int(4 * np.sqrt(n))
+    rng = np.random.default_rng(seed)
+    sample = x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))]
+    index = load_ivf(train_ivf(sample, nlist, seed))
+    probes = ivf_assign(index, x, 16)  # ranked by (similarity, list id): column 0 = the row's own list
+    lists = IvfLists(x, np.arange(n, dtype=np.int64), probes[:, 0], nlist)
+    where = np.empty(n, np.int64)
+    where[lists.ids] = np.arange(n, dtype=np.int64)
+    return {"lists": lists, "probes": probes, "where": where, "n": n}
+
+
+def ivf_block(plan: dict, a: int, b: int, k: int, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Raw top-``k`` (sim, idx) of rows ``[a, b)`` of a :func:`ivf_plan`.
+
+    The results do not depend on the blocking (tested).
+    """
+    import faiss
+
+    from .knn import knn_ivf_lists, set_threads
+
+    faiss.omp_set_num_threads(max(1, int(threads)))
+    set_threads(threads)
+    lists = plan["lists"]
+    return knn_ivf_lists(lists, lists.rows[plan["where"][a:b]], np.arange(a, b, dtype=np.int64), plan["probes"][a:b], k)
+
+
+def join_blocks(parts) -> tuple[np.ndarray, np.ndarray]:
+    """(index int64, sim float32) of all rows from the :func:`ivf_block` results in row order; missing: -1, 0."""
+    sim = np.concatenate([p[0] for p in parts])
+    idx = np.concatenate([p[1] for p in parts])
+    ok = np.isfinite(sim)
+    return np.where(ok, idx, -1).astype(np.int64), np.where(ok, sim, 0).astype(np.float32)
 
 
 def level_knn(sums: np.ndarray, k: int, threads: int = 1):

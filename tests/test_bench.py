@@ -55,6 +55,14 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
     for stage, mem in r["memory_by_stage"].items():
         assert len(mem["peak_rss_mib_per_worker"]) == 2 and min(mem["peak_rss_mib_per_worker"]) > 0, stage
     assert "proposals/s/worker" in out.stdout
+    assert r["gemm_flop_per_s"] > 0 and abs(sum(r["stage_share"].values()) - 1) < 0.01
+    bound = r["work_bound_seconds"]
+    assert all(bound[s] > 0 for s in ("knn", "edges", "proposals", "score"))
+    assert bound["graph"] is None and bound["dedup"] is None
+    for stage, busy in r["busy_share_per_worker"].items():  # every worker listed, computing within the stage's time
+        assert len(busy) == 2 and all(0 <= b <= 1.05 for b in busy.values()), stage
+    assert max(r["busy_share_per_worker"]["score"].values()) > 0
+    assert "work-bound" in out.stdout and "busy per worker" in out.stdout
 
 
 def test_bench_infomap_compares_distributed_and_single_process_partitions(tmp_path):

@@ -182,6 +182,65 @@ def test_connectivity_of_known_graphs():
     assert 0.0 < lambda2(2 * n, two + [(0, n, 0.5)]) < 0.2
 
 
+def _reference_adjacency(sizes, members, kidx, ksim):
+    """The inside adjacency as earlier releases built it: both directions and self loops, one lexsort, the largest
+    weight kept per (row, col), then λ₂ per proposal from a dense matrix and one eigvalsh each."""
+    import math
+
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    n = len(members)
+    big = int(max(members.max(), kidx.max())) + 1
+    mkey, nkey = seg * big + members, seg[:, None] * big + np.maximum(kidx, 0)
+    pos = np.searchsorted(mkey, nkey)
+    inside = (kidx >= 0) & (mkey[np.minimum(pos, n - 1)] == nkey)
+    r, c = np.nonzero(inside)
+    col, w = pos[r, c], np.maximum(ksim[r, c], 0.0).astype(np.float32)
+    rows, cols = np.concatenate([r, col, np.arange(n)]), np.concatenate([col, r, np.arange(n)])
+    ws = np.concatenate([w, w, np.ones(n, np.float32)])
+    key = rows * n + cols
+    order = np.lexsort((-ws, key))
+    keep = np.r_[True, key[order][1:] != key[order][:-1]]
+    rows, cols, ws = rows[order][keep], cols[order][keep], ws[order][keep]
+    starts = np.cumsum(sizes) - sizes
+    lam = np.ones((len(sizes), 2))
+    for p in np.flatnonzero(sizes >= 3):
+        m, s0 = int(sizes[p]), starts[p]
+        sel = (rows >= s0) & (rows < s0 + m) & (rows != cols)
+        A = np.zeros((m, m))
+        A[rows[sel] - s0, cols[sel] - s0] = ws[sel]
+        d = A.sum(1)
+        if (d <= 0).any():
+            lam[p] = 0.0
+            continue
+        di = 1.0 / np.sqrt(d)
+        lam2 = np.linalg.eigvalsh(np.eye(m) - di[:, None] * A * di[None, :])[1]
+        lam[p] = (lam2, lam2 * math.sqrt(m))
+    return rows, cols, ws, lam.astype(np.float32)
+
+
+@pytest.mark.parametrize("cells", [1 << 23, 40])
+def test_adjacency_and_connectivity_bitwise_as_built_by_a_sort(toy, monkeypatch, cells):
+    """The dense-block adjacency (scatter-max, no sort) and the stacked λ₂ equal, bit for bit, a lexsort
+    de-duplication and one eigvalsh per proposal, also with kNN rows that repeat a neighbour or hold the
+    face itself and with chunks of one proposal (``cells`` 40)."""
+    f, ki, ks, off, mem = toy["feats"], toy["kidx"].copy(), toy["ksim"], toy["offsets"], toy["members"]
+    ki[::7, 3] = ki[::7, 1]  # a repeated neighbour
+    ki[::11, 5] = np.arange(len(ki))[::11]  # the face itself
+    ki[::13, -2:] = -1  # missing neighbours
+    take = np.arange(0, len(off) - 1, 2)
+    parts = [mem[off[i]:off[i + 1]] for i in take]
+    sizes, m = np.array([len(p) for p in parts]), np.concatenate(parts)
+    orig = gcn._inside_adjacency
+    monkeypatch.setattr(gcn, "_inside_adjacency", lambda *a: orig(*a, cells=cells))
+    b = gcn.build_batch(sizes, m, f[m], ki[m], ks[m])
+    rows, cols, ws, lam = _reference_adjacency(sizes, m, ki[m], ks[m])
+    deg = np.bincount(rows, weights=ws, minlength=len(m))
+    assert np.array_equal(b.edges[0], rows) and np.array_equal(b.edges[1], cols)
+    assert np.array_equal(b.edges[2], (ws / deg[rows]).astype(np.float32))
+    assert np.array_equal(b.x[:, -2:], lam[np.repeat(np.arange(len(sizes)), sizes)])
+    assert (sizes >= 3).sum() > 10 and (lam[:, 0] < 1).any()
+
+
 def test_input_spec_widths(toy):
     f, ki, ks = toy["feats"], toy["kidx"], toy["ksim"]
     off, mem = toy["offsets"][:6], toy["members"][:toy["offsets"][5]]

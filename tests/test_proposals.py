@@ -255,3 +255,37 @@ def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local
                 np.testing.assert_array_equal(m1, m2)
     with pytest.raises(ValueError, match="cut_key"):
         settings_task(store.url, [settings[0], settings[1]], 2, 500)
+
+
+def test_level_knn_split_into_query_block_tasks_equals_one_process(tmp_path, local_client, monkeypatch):
+    """Above EXACT_MAX super-vertices the stage runs a group's level-1 kNN as query-block tasks on both workers
+    (small EXACT_MAX / QUERY_BLOCK here so that this data has several blocks): the stored proposals equal those of
+    every group's settings run in one process with the same limits."""
+    from facecluster.pipeline.stages.proposals import (combine_task, cut_key, cut_task, knn_blocks, plan_task,
+                                                       resolve_settings, settings_task)
+    from facecluster.tasks import proposals as tp
+
+    feats, _ = clustered_features(3000, d=16, n_ids=120, spread=0.7, seed=5)
+    cfg = Config.from_dict({"proposals": {"preset": "fast", "max_size": 25, "levels": 3}})
+    store = make_run(tmp_path / "b.zarr", feats, 8, 700)
+    run_graph(store, cfg, local_client)
+    settings, _ = resolve_settings(store, cfg, local_client)
+    multi = [s for s in settings if s["levels"] > 1]
+    state = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size)
+    assert state["n_groups"] > 400
+    monkeypatch.setattr(tp, "EXACT_MAX", 200)
+    monkeypatch.setattr(tp, "QUERY_BLOCK", 128)
+    assert len(knn_blocks(plan_task(state, multi[0]["sv_k"], 200), 128)) >= 3
+    run_proposals(store, cfg, local_client)
+    got = read_proposals(store)
+    groups = {}
+    for s in settings:
+        groups.setdefault(cut_key(s), []).append(s)
+    res = {}
+    for g in groups.values():
+        for s, r in zip(g, settings_task(store.url, g, cfg.proposals.min_size, cfg.proposals.max_proposal_size,
+                                         exact_max=200, block=128)):
+            res[s["id"]] = r
+    want = combine_task(settings, [res[s["id"]] for s in settings])
+    for key in ("offsets", "members", "setting", "level"):
+        np.testing.assert_array_equal(got[key], want[key])

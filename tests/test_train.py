@@ -174,7 +174,11 @@ def test_dim_mismatch_and_missing_model_are_bad_input(runs, tmp_path):
         load_models(tmp_path)
 
 
-def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client, single_worker_client):
+def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client, single_worker_client, monkeypatch):
+    """Scores bitwise the same for any task split and worker count (blocks of 8 proposals here, so that
+    the default run has several tasks of several blocks; the second has one block per task), and dedup's
+    clusters with them."""
+    from facecluster.pipeline.stages import score as S
     from facecluster.pipeline.stages.dedup import run_dedup
     from facecluster.pipeline.stages.score import run_score
     from facecluster.tasks.dedup import dedup, dedup_sequential
@@ -182,14 +186,17 @@ def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client,
     store, cfg = runs["stores"]["test"], runs["cfg"]
     ensure = __import__("facecluster.pipeline.train", fromlist=["ensure_proposals"]).ensure_proposals
     ensure(store, cfg, local_client, runs["model"])  # with the edge scorer: edges, communities, then proposals
-    s1 = run_score(store, str(runs["model"]), cfg, local_client)
-    assert s1["n_proposals"] > 20 and s1["segmented"] == s1["n_proposals"]
+    monkeypatch.setattr(S, "SCORE_BLOCK", 8)
+    s1 = run_score(store, str(runs["model"]), cfg, local_client, force=True)
+    assert s1["n_proposals"] > 20 and s1["segmented"] == s1["n_proposals"] and s1["tasks"] >= 4
     out1 = {k: store.array(f"score/{k}")[:] for k in ("iou", "iop", "keep", "segmented")}
     assert not out1["keep"].all()  # GCN-S pruned something on the whole-range setting
     d1 = run_dedup(store, Config.from_dict({"gcn": {**cfg.gcn.to_dict(), "dedup_faces": 97}}), local_client)
     c1 = store.array("clusters")[:]
-    cfg2 = Config.from_dict({**cfg.to_dict(), "gcn": {**cfg.gcn.to_dict(), "score_batch": 7}})
-    run_score(store, str(runs["model"]), cfg2, single_worker_client, force=True)
+    cfg2 = Config.from_dict({**cfg.to_dict(), "gcn": {**cfg.gcn.to_dict(), "score_batch": 8}})  # the same blocks
+    monkeypatch.setattr(S, "BUILD_ROWS", 20)  # and each block's inputs built in parts
+    s2 = run_score(store, str(runs["model"]), cfg2, single_worker_client, force=True)
+    assert s2["tasks"] > s1["tasks"] and s2["proposals_per_task"] == 8
     out2 = {k: store.array(f"score/{k}")[:] for k in out1}
     for k in out1:
         assert np.array_equal(out1[k], out2[k]), k
@@ -285,15 +292,26 @@ def test_segmentation_gate_pairwise_gain_without_bcubed_loss(monkeypatch, bc_cha
     assert (res["iop_range"], res["keep_prob"]) == want
 
 
-def test_auto_score_batch():
-    """About 4 score tasks per worker, never below 512 (small runs) nor above 4096 proposals per task."""
-    from facecluster.pipeline.stages.score import auto_batch
+def test_score_task_bounds():
+    """Default score tasks: whole blocks, about equal member counts, the fewest that fit the byte budget, at least
+    2 per worker and a multiple of the worker count; ``per`` gives fixed proposal counts (whole blocks); batches
+    inside a task hold at most max_rows members (a larger proposal alone)."""
+    from facecluster.pipeline.stages.score import row_batches, task_bounds
 
-    assert auto_batch(100, 2) == 512
-    assert auto_batch(8000, 2) == 1000
-    assert auto_batch(310_054, 2) == 4096
-    assert auto_batch(310_054, 64) == 1212
-    assert auto_batch(0, 0) == 512
+    sizes = np.random.default_rng(0).integers(1, 50, 10_000)
+    off = np.r_[0, np.cumsum(sizes)]
+    b = task_bounds(off, 2, 100, task_bytes=int(off[-1]) * 100 // 9, block=10)  # rows need 10 tasks
+    assert len(b) - 1 == 10 and b[0] == 0 and b[-1] == len(sizes) and all(x % 10 == 0 for x in b)
+    rows = np.diff(off[b])
+    assert rows.max() - rows.min() <= 2 * 10 * sizes.max()
+    assert len(task_bounds(off, 2, 1, block=10)) - 1 == 4  # small: 2 per worker
+    assert len(task_bounds(off, 3, 100, task_bytes=int(off[-1]) * 100 // 9, block=10)) - 1 == 12  # a multiple of 3
+    assert task_bounds(off, 2, 100, per=4000, block=1000) == [0, 4000, 8000, 10_000]
+    assert task_bounds(off, 2, 100, per=3500, block=1000) == [0, 4000, 8000, 10_000]
+    assert task_bounds(off, 2, 100) == [0, 4096, 8192, 10_000]  # no more tasks than blocks
+    assert task_bounds(np.array([0]), 2, 100) == [0]
+    rb = row_batches(np.array([0, 3, 5, 20, 21, 22]), 4)
+    assert rb == [(0, 1), (1, 2), (2, 3), (3, 5)]
 
 
 class _RunsCode:

@@ -4,8 +4,11 @@ Setup: the built-in dataset: a labelled training split (``--train-n`` faces) on
 which a model is trained (``--epochs``, not part of the timed chain), and
 ``--n`` faces of other identities to cluster. Timed: the learned chain
 knn -> graph -> proposals -> score (GCN-D + GCN-S) -> dedup on a fresh
-LocalCluster, each stage's wall time, the score stage's proposals per second per
-worker, and each worker's peak resident memory during every stage (sampled every 0.2 s).
+LocalCluster, each stage's wall time and share of the total, its work bound (its
+dense arithmetic at the GEMM rate the workers reach in this run, see
+:mod:`.work`), each worker's busy share (task compute time / stage time, from the
+Dask task stream), the score stage's proposals per second per worker, and each
+worker's peak resident memory during every stage (sampled every 0.2 s).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import click
 import numpy as np
 
 from . import MemorySampler, save_result
+from .work import busy_shares, gemm_rate, stage_flop
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,8 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
       facecluster bench cluster --n 100000
       facecluster bench cluster --n 1000000 --train-n 20000 --workdir /scratch/bench
     """
+    from distributed import get_task_stream
+
     from ..cluster import connect
     from ..config import Config
     from ..run import stage_runners, run_stages
@@ -64,23 +70,39 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
         result["train_seconds_incl_stages"] = round(time.perf_counter() - t0, 1)
         result["train_metrics"] = meta["metrics"]
         store = RunStore.open(str(wd / "test.zarr"))
-        stages, memory = {}, {}
+        rates = client.run(gemm_rate)  # all workers at once: the rate they share
+        result["gemm_flop_per_s"] = round(sum(rates.values()))
+        click.echo(f"float32 GEMM, all workers at once: {sum(rates.values()) / 1e9:.1f} GFLOP/s", err=True)
+        stages, memory, busy, bound = {}, {}, {}, {}
         for name, runner in stage_runners(str(wd / "model"), cfg, log.info).items():
-            with MemorySampler(client) as mem:
+            with MemorySampler(client) as mem, get_task_stream(client) as stream:
                 rep = run_stages(store, cfg, client, {name: runner}, echo=log.info)[name]
             stages[name] = rep["seconds"]
             memory[name] = mem.summary()
-            click.echo(f"{name}: {rep['seconds']:.1f}s, peak RSS per worker {memory[name]['peak_rss_mib_per_worker']} MiB,"
-                       f" driver {memory[name]['driver_peak_rss_mib']} MiB", err=True)
+            busy[name] = busy_shares(stream.data, list(rates), rep["seconds"])
+            flop = stage_flop(name, rep.get("summary", {}), store, str(wd / "model"))
+            bound[name] = None if flop is None else round(flop / sum(rates.values()), 2)
+            click.echo(f"{name}: {rep['seconds']:.1f}s, busy per worker {list(busy[name].values())}, peak RSS per "
+                       f"worker {memory[name]['peak_rss_mib_per_worker']} MiB, driver "
+                       f"{memory[name]['driver_peak_rss_mib']} MiB",
+                       err=True)
             if name == "score":
                 s = rep["summary"]
                 result["score"] = {k: s.get(k) for k in ("n_proposals", "seconds", "proposals_per_s",
                                                          "proposals_per_s_per_worker", "segmented")}
         result["stage_seconds"] = stages
         result["total_seconds"] = round(sum(stages.values()), 2)
+        result["stage_share"] = {k: round(v / max(result["total_seconds"], 1e-9), 3) for k, v in stages.items()}
+        result["work_bound_seconds"] = bound
+        result["busy_share_per_worker"] = busy
         result["memory_by_stage"] = memory
     path = save_result("cluster", result, out)
-    click.echo(f"{n} faces, {workers} workers: " + ", ".join(f"{k} {v:.1f}s" for k, v in stages.items()))
+    click.echo(f"{n} faces, {workers} workers, {result['total_seconds']:.1f}s in all:")
+    for k, v in stages.items():
+        b = bound[k]
+        click.echo(f"  {k:<12} {v:8.1f}s {100 * result['stage_share'][k]:5.1f}%   work-bound "
+                   + ("-" if b is None else f"{b:.1f}s ({v / max(b, 1e-9):.1f}x)")
+                   + "   busy per worker " + " ".join(f"{x:.2f}" for x in busy[k].values()))
     sc = result.get("score", {})
     click.echo(f"score: {sc.get('n_proposals')} proposals, {sc.get('proposals_per_s_per_worker')} proposals/s/worker")
     peak = max(max(v["peak_rss_mib_per_worker"] or [0]) for v in memory.values())

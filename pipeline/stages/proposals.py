@@ -4,10 +4,11 @@ Every setting's super-vertices, at its th0 and at every raised threshold of its
 ladder, are cuts of the one maximum spanning forest written by the "graph"
 stage, so a setting needs only the forest (<= N-1 edges) and one streaming pass
 over ``features`` for the level >= 1 mean features. Settings run as parallel
-Dask tasks, one per group of settings sharing a level-0 cut (:func:`cut_key`:
-they differ only at level >= 1, and share the cut, the sums and the level-1 kNN);
-their proposals are merged, de-duplicated (identical member sets kept once, first
-by (setting, level)) and stored as CSR.
+Dask tasks per group of settings sharing a level-0 cut (:func:`cut_key`: they
+differ only at level >= 1, and share the cut, the sums and the level-1 kNN): one
+cut task, the level-1 kNN's query blocks as tasks of their own (any worker), one
+levels task; their proposals are merged, de-duplicated (identical member sets kept
+once, first by (setting, level)) and stored as CSR.
 
 Thresholds: unless explicit ones are given, the anchor threshold is derived from
 the data's kNN similarity distribution (:func:`facecluster.tasks.thresholds.auto_threshold`)
@@ -23,6 +24,10 @@ import logging
 import uuid
 
 import numpy as np
+
+from distributed import as_completed
+
+from facecluster.tasks import proposals as tp
 
 from ..cluster import pick
 from ..config import Config
@@ -47,14 +52,11 @@ def cut_key(setting: dict) -> tuple:
     return (setting["th0"], setting["step"], setting["max_size"], setting["sv_k"], setting["levels"] > 1)
 
 
-def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int) -> list[dict]:
-    """Worker task: all levels of settings that share one :func:`cut_key`.
+def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int) -> dict:
+    """Worker task: what the settings of one :func:`cut_key` share, up to their level-1 kNN.
 
-    The super-vertices, the feature sums and the level-1 kNN among super-vertices are
-    computed once for the group (at 1M faces that kNN was 87% of a setting's time);
-    each setting then groups them with its own ``sv_th`` / ``sv_max_size``. Returns,
-    per setting, ``{"levels": [(level, offsets, members), ...], "n_super_vertices": ...,
-    "largest_super_vertex": ...}`` (the same as running each setting alone).
+    The super-vertices, their level-0 proposals and, for multi-level settings, the
+    feature sums of the super-vertices (one streaming pass over ``features``).
     """
     from facecluster.tasks import proposals as P
     from facecluster.tasks.components import super_vertices
@@ -69,24 +71,69 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
     n = feats.shape[0]
     labels, _ = super_vertices(n, src, dst, sim, first["th0"], first["step"], first["max_size"])
     n_groups = int(labels.max()) + 1 if n else 0
-    largest = int(np.bincount(labels).max()) if n else 0
     # whole-component settings (max_size above the proposal cap) keep components up to their own max_size
     cap0 = max(int(max_proposal_size), int(first["max_size"]))
-    level0 = (0,) + P.to_csr(P.select_proposals(labels, min_size, cap0))
-    sums0 = knn1 = None
+    state = {"labels": labels, "n_groups": n_groups, "largest": int(np.bincount(labels).max()) if n else 0,
+             "level0": (0,) + P.to_csr(P.select_proposals(labels, min_size, cap0)), "sums0": None}
     if first["levels"] > 1 and n_groups > 1:
         r = int(feats.chunks[0])
         sums0 = np.zeros((n_groups, feats.shape[1]), np.float64)
         for a in range(0, n, r):  # stream the features: one chunk in memory at a time
             sums0 += P.group_sums(feats[a:a + r], labels[a:a + r], n_groups)
-        knn1 = P.level_knn(sums0, first["sv_k"], worker_threads())
+        state["sums0"] = sums0
+    return state
+
+
+def plan_task(state: dict, k: int, exact_max: int) -> dict | None:
+    """Worker task: the IVF plan of a cut's level-1 kNN (above ``EXACT_MAX`` super-vertices; else None: the
+    levels task searches exactly). Its query blocks run as :func:`knn_block_task` tasks on any worker, and it is
+    freed when they are done."""
+    from facecluster.tasks import proposals as P
+
+    from ..cluster import worker_threads
+
+    n = state["n_groups"]
+    if state["sums0"] is None or min(k, n - 1) <= 0 or n <= exact_max:
+        return None
+    return P.ivf_plan(P.unit_means(state["sums0"]), worker_threads())
+
+
+def knn_blocks(plan: dict | None, block: int) -> list[tuple[int, int]]:
+    """Worker task: the level-1 kNN query blocks (row ranges) of a plan (none without one)."""
+    n = 0 if plan is None else plan["n"]
+    return [(a, min(a + block, n)) for a in range(0, n, block)]
+
+
+def knn_block_task(plan: dict, a: int, b: int, k: int):
+    """Worker task: rows ``[a, b)`` of a cut's level-1 kNN (the plan travels to each worker once)."""
+    from ..cluster import worker_threads
+
+    return tp.ivf_block(plan, a, b, k, worker_threads())
+
+
+def levels_task(settings: list[dict], state: dict, min_size: int, max_proposal_size: int, *blocks) -> list[dict]:
+    """Worker task: every setting's levels >= 1 from its cut.
+
+    ``blocks``: the level-1 kNN query blocks when the cut had a plan (else the kNN is
+    searched here). Returns, per setting, ``{"levels": [(level, offsets, members), ...],
+    "n_super_vertices": ..., "largest_super_vertex": ...}`` (the same as running each
+    setting alone).
+    """
+    from facecluster.tasks import proposals as P
+
+    from ..cluster import worker_threads
+
+    first, sums0 = settings[0], state["sums0"]
+    knn1 = None
+    if sums0 is not None:
+        knn1 = P.join_blocks(blocks) if blocks else P.level_knn(sums0, first["sv_k"], worker_threads())
     outs = []
     for setting in settings:
-        out = {"levels": [level0], "n_super_vertices": n_groups, "largest_super_vertex": largest}
+        out = {"levels": [state["level0"]], "n_super_vertices": state["n_groups"], "largest_super_vertex": state["largest"]}
         outs.append(out)
         if sums0 is None:
             continue
-        sums, face_labels = sums0, labels
+        sums, face_labels = sums0, state["labels"]
         for level in range(1, setting["levels"]):
             g, ng = P.higher_level(sums, setting["sv_k"], setting["sv_th"], setting["step"], setting["sv_max_size"],
                                    worker_threads(), knn=knn1 if level == 1 else None)
@@ -98,6 +145,22 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
                 break  # nothing merged: higher levels would repeat this one
             sums = P.aggregate_sums(sums, g, ng)
     return outs
+
+
+def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int, exact_max: int | None = None,
+                  block: int | None = None) -> list[dict]:
+    """All levels of settings that share one :func:`cut_key`, in one process (what the stage's
+    cut / kNN block / levels tasks compute together).
+
+    The super-vertices, the feature sums and the level-1 kNN among super-vertices are
+    computed once for the group (at 1M faces that kNN was 87% of a setting's time);
+    each setting then groups them with its own ``sv_th`` / ``sv_max_size``.
+    """
+    state = cut_task(url, settings, min_size, max_proposal_size)
+    k = settings[0]["sv_k"]
+    plan = plan_task(state, k, tp.EXACT_MAX if exact_max is None else exact_max)
+    blocks = [knn_block_task(plan, a, b, k) for a, b in knn_blocks(plan, block or tp.QUERY_BLOCK)]
+    return levels_task(settings, state, min_size, max_proposal_size, *blocks)
 
 
 def communities_task(url: str, column: int, min_size: int, max_size: int) -> dict:
@@ -222,10 +285,27 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
         groups = {}
         for i, s in enumerate(settings):
             groups.setdefault(cut_key(s), []).append(i)
+        # Multi-level groups with more super-vertices first (a higher th0 cuts more): the longest work starts
+        # first. Each group's level-1 kNN query blocks are tasks of their own, so both workers share the
+        # longest group's search instead of one worker finishing it alone.
+        order = sorted(groups.values(), key=lambda ix: (settings[ix[0]]["levels"] <= 1, -settings[ix[0]]["th0"]))
         futs = [None] * len(settings)
-        for j, members in enumerate(groups.values()):
-            grp = client.submit(settings_task, store.url, [settings[i] for i in members], pc.min_size,
-                                pc.max_proposal_size, key=f"proposals-group-{j}-{token}")
+        cuts, plans, levels = {}, {}, {}
+        for j, members in enumerate(order):
+            group = [settings[i] for i in members]
+            cuts[j] = client.submit(cut_task, store.url, group, pc.min_size, pc.max_proposal_size,
+                                    key=f"proposals-cut-{j}-{token}", priority=len(order) - j)
+            plans[j] = client.submit(plan_task, cuts[j], group[0]["sv_k"], tp.EXACT_MAX, priority=len(order) - j,
+                                     key=f"proposals-plan-{j}-{token}")
+            nb = client.submit(knn_blocks, plans[j], tp.QUERY_BLOCK, key=f"proposals-knn-blocks-{j}-{token}",
+                               priority=len(order) - j)
+            levels[nb] = (j, group, members)
+        for nb in as_completed(list(levels)):
+            j, group, members = levels[nb]
+            blocks = [client.submit(knn_block_task, plans[j], a, b, group[0]["sv_k"], priority=len(order),
+                                    key=f"proposals-knn-{j}-{a}-{token}") for a, b in nb.result()]
+            grp = client.submit(levels_task, group, cuts[j], pc.min_size, pc.max_proposal_size, *blocks,
+                                key=f"proposals-levels-{j}-{token}")
             for pos, i in enumerate(members):
                 futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
         if communities:

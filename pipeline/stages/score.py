@@ -1,15 +1,19 @@
 """Stage "score": GCN-D (predicted IoU, IoP) on every proposal, then GCN-S on the uncertain ones.
 
-One Dask task per batch of ``gcn.score_batch`` proposals (default :func:`auto_batch`). A task reads only what it
-needs from the store by URL: its slice of ``proposals/offsets`` and ``members``, and
-the ``features`` / ``knn`` rows of those members (orthogonal selection of the sorted
-unique ids), so no worker holds the feature matrix. The models are loaded once per
+One Dask task per range of proposals (``gcn.score_batch`` proposals, by default
+:func:`task_bounds`: few tasks of up to ``TASK_BYTES`` of member rows). A task reads
+only what it needs from the store by URL: its slice of ``proposals/offsets`` and
+``members``, and the ``features`` / ``knn`` rows of those members (orthogonal
+selection of the sorted unique ids, once per task), so no worker holds the feature
+matrix; it builds and scores them ``BUILD_ROWS`` member rows at a time. The models are loaded once per
 worker process (module-level cache keyed by model directory + digest) and torch
 uses the worker's thread count.
 
 Determinism: ``facecluster.tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
-(size bucket x fixed proposal count), so a proposal's scores are bitwise the same
-for any batch size or worker count (tested), which dedup's tie-breaking needs.
+(size bucket x fixed proposal count), and the forwards are formed within fixed blocks
+of :func:`score_block` proposals (by proposal index, whatever the tasks), so a proposal's
+scores are bitwise the same for any task size or worker count (tested), which
+dedup's tie-breaking needs.
 
 Outputs: ``score/iou``, ``score/iop`` (P float32), ``score/segmented`` (P bool: GCN-S
 ran on it), ``score/keep`` (M bool, aligned with ``proposals/members``: False where
@@ -49,43 +53,119 @@ def model_loads() -> int:
     return len(_MODELS)
 
 
+TASK_BYTES = 1 << 30  # member rows (features + kNN rows) one score task reads and holds
+BUILD_ROWS = 1 << 16  # member rows one ``build_batch`` call expands (its n x k temporaries)
+SCORE_BLOCK, MIN_BLOCK = 4096, 512  # proposals per forward block, at most / at least (see score_block)
+
+
+def score_block(n_prop: int) -> int:
+    """Proposals per forward block of a run: P / 8 within ``MIN_BLOCK``..``SCORE_BLOCK``.
+
+    A function of the run alone (never of the workers), so scores do not depend on
+    them. P / 8: small runs still make 8 blocks to share among workers; and it is what
+    0.3.0 and earlier used as proposals per task on 2 workers, so runs scored
+    with 2 workers keep their scores bit for bit (all 367,531 at 1M faces checked).
+    """
+    return int(min(SCORE_BLOCK, max(MIN_BLOCK, -(-int(n_prop) // 8))))
+
+
+def row_bytes(dim: int, k: int, spec: dict) -> int:
+    """Bytes of one member's rows a score task holds: feature, kNN ids, edge weights (and cosines)."""
+    return 4 * dim + 8 * k + 4 * k * (2 if spec.get("weights") == "both" else 1)
+
+
 def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_range, keep_prob: float,
-               segment: bool = True) -> dict:
-    """Worker task: score proposals ``[p0, p1)``; returns their outputs (small arrays)."""
+               segment: bool = True, block: int = SCORE_BLOCK, build_rows: int = BUILD_ROWS) -> dict:
+    """Worker task: score proposals ``[p0, p1)`` (whole blocks: ``p0`` a multiple of ``block``); returns their outputs.
+
+    The rows of all the task's members are read once (each read decodes nearly every
+    chunk of its array, whatever the task's size). Each block of ``block`` proposals is
+    then built ``build_rows`` member rows at a time (a proposal's inputs do not depend
+    on its batch) and scored as one batch, so the task's memory is its rows plus one
+    block's inputs and one build's temporaries.
+
+    Why blocks: ``score_batch`` runs fixed-shape forwards of proposals grouped by size
+    within its batch, and a proposal's last bit can depend on its slot in a forward
+    (the 64 -> 2 head GEMM; measured at 1M faces: 1 proposal in 4,096 changed in the
+    last bit when its batch changed). Fixed blocks make every forward's members a
+    function of the proposal index alone, so the scores are bitwise the same for any
+    task split or worker count (:func:`score_block`).
+    """
     import torch
 
-    from facecluster.tasks.gcn import build_batch, score_batch
+    from facecluster.tasks.gcn import build_batch, concat_batches, score_batch
 
     from ..cluster import worker_threads
 
+    if p0 % block:
+        raise ValueError(f"score_task: p0={p0} is not a multiple of the block ({block})")
     torch.set_num_threads(worker_threads())
     gcnd, gcns, meta = _models(model_dir, digest)
     off = open_array(url, "proposals/offsets")[p0:p1 + 1]
     members = open_array(url, "proposals/members")[int(off[0]):int(off[-1])]
+    off = off - off[0]
     ids, inv = np.unique(members, return_inverse=True)  # sorted: row locality in the store
-    feats = open_array(url, "features").get_orthogonal_selection((ids, slice(None)))
-    kidx = open_array(url, "knn/index").get_orthogonal_selection((ids, slice(None)))
-    ksim = open_array(url, edge_weight_array(meta["spec"])).get_orthogonal_selection((ids, slice(None)))
-    kcos = (open_array(url, "knn/sim").get_orthogonal_selection((ids, slice(None)))[inv]
-            if meta["spec"].get("weights") == "both" else None)
-    batch = build_batch(np.diff(off), members, feats[inv], kidx[inv], ksim[inv], meta["spec"], knn_cos=kcos)
+    names = ["features", "knn/index", edge_weight_array(meta["spec"])]
+    names += ["knn/sim"] if meta["spec"].get("weights") == "both" else []
+    rows = [open_array(url, name).get_orthogonal_selection((ids, slice(None))) for name in names]
     if iop_range is None:  # the model's validation tuning found GCN-S does not help
         segment, iop_range = False, (1.0, 0.0)
-    out = score_batch(gcnd, batch, gcns if segment else None, tuple(iop_range), keep_prob)
-    return {"p0": p0, "iou": out["iou"], "iop": out["iop"], "segmented": out["segmented"], "keep": out["keep"]}
+    outs = []
+    for q0 in range(0, p1 - p0, block):
+        q1 = min(q0 + block, p1 - p0)
+        parts = []
+        for a, b in row_batches(off[q0:q1 + 1], build_rows):
+            a, b = a + q0, b + q0
+            sel = inv[off[a]:off[b]]
+            parts.append(build_batch(np.diff(off[a:b + 1]), members[off[a]:off[b]], *(r[sel] for r in rows[:3]),
+                                     meta["spec"], knn_cos=rows[3][sel] if len(rows) > 3 else None))
+        batch = parts[0] if len(parts) == 1 else concat_batches(parts)
+        outs.append(score_batch(gcnd, batch, gcns if segment else None, tuple(iop_range), keep_prob))
+        del parts, batch
+    cat = (lambda key, dt: np.concatenate([o[key] for o in outs]) if outs else np.zeros(0, dt))
+    return {"p0": p0, "iou": cat("iou", np.float32), "iop": cat("iop", np.float32),
+            "segmented": cat("segmented", bool), "keep": cat("keep", bool)}
 
 
-def auto_batch(n_prop: int, n_workers: int, lo: int = 512, hi: int = 4096) -> int:
-    """Proposals per score task: about 4 tasks per worker, within ``lo..hi``.
+def row_batches(offsets: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
+    """Consecutive proposal ranges ``[a, b)`` of a CSR with at most ``max_rows`` members each.
 
-    Large batches because a task's reads dominate at scale: the members of a batch are
-    scattered over the whole store, so every task decodes nearly every chunk of
-    ``features`` and ``knn`` (measured at 1M faces, one task: 512 proposals 200/s,
-    4,096 proposals 1,219/s); ``lo`` keeps small runs spread over the workers. The
-    price is memory, bounded by ``hi``: at 100k faces 3,149 proposals per task peaked
-    at 1.4 GB per worker against 0.75 GB with 512 (``gcn.score_batch`` sets it).
+    A proposal larger than ``max_rows`` is a range of its own.
     """
-    return int(min(hi, max(lo, -(-int(n_prop) // (4 * max(1, int(n_workers)))))))
+    offsets = np.asarray(offsets, dtype=np.int64)
+    out, a, n = [], 0, len(offsets) - 1
+    while a < n:
+        b = max(a + 1, int(np.searchsorted(offsets, offsets[a] + max_rows, side="right")) - 1)
+        out.append((a, min(b, n)))
+        a = out[-1][1]
+    return out
+
+
+def task_bounds(offsets: np.ndarray, n_workers: int, bytes_per_row: int, per: int | None = None,
+                task_bytes: int = TASK_BYTES, block: int = SCORE_BLOCK) -> list[int]:
+    """Proposal bounds of the score tasks, on whole blocks: ``per`` proposals each (rounded up to blocks), or by
+    default about equal member counts.
+
+    Why few large tasks: every task's reads decode nearly every chunk of ``features``
+    and ``knn`` (a proposal's members are scattered over the store), 2.4 s of CPU
+    per task at 1M faces whatever its size, so the task count is what the reads
+    cost. The default is the fewest tasks whose member rows fit ``task_bytes``, at
+    least 2 per worker and a multiple of the worker count (so no worker waits on a
+    last lone task), as far as there are blocks.
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n_prop = len(offsets) - 1
+    block = max(1, int(block))
+    if per:
+        step = -(-int(per) // block) * block
+        return list(range(0, n_prop, step)) + [n_prop]
+    w = max(1, int(n_workers))
+    rows = int(offsets[-1]) if n_prop else 0
+    n_tasks = max(2 * w, -(-rows * int(bytes_per_row) // int(task_bytes)))
+    n_tasks = -(-n_tasks // w) * w
+    cuts = np.searchsorted(offsets, np.linspace(0, rows, n_tasks + 1)[1:-1], side="left")
+    cuts = np.round(cuts / block).astype(np.int64) * block  # the nearest block bound
+    return sorted({0, n_prop, *(int(c) for c in cuts if 0 < c < n_prop)})
 
 
 def segmentation_params(cfg: Config, meta: dict) -> tuple[list | None, float]:
@@ -124,11 +204,16 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         n_prop = store.array("proposals/offsets").shape[0] - 1
         token = uuid.uuid4().hex[:8]
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        per = g.score_batch or auto_batch(n_prop, n_workers)
-        bounds = list(range(0, n_prop, per)) + [n_prop]
+        spec = meta["spec"]
+        offsets = store.array("proposals/offsets")[:]
+        block = int(g.score_batch) if g.score_batch else score_block(n_prop)  # an explicit one: as in 0.3.0
+        bounds = task_bounds(offsets, n_workers, row_bytes(store.array("features").shape[1],
+                                                           store.array("knn/index").shape[1], spec), g.score_batch,
+                             block=block)
         model_dir = os.path.abspath(model_dir)
         futs = [client.submit(score_task, store.url, model_dir, digest, a, b, iop_range, keep_prob,
-                              g.segment, key=f"score-{a}-{token}") for a, b in zip(bounds[:-1], bounds[1:])]
+                              g.segment, block, BUILD_ROWS, key=f"score-{a}-{token}")
+                for a, b in zip(bounds[:-1], bounds[1:])]
         import time
 
         t0 = time.perf_counter()
@@ -143,7 +228,8 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         w.write_array("score/iop", iop)
         w.write_array("score/segmented", seg)
         w.write_array("score/keep", keep)
-        summary = {"n_proposals": int(n_prop), "tasks": len(futs), "proposals_per_task": int(per),
+        summary = {"n_proposals": int(n_prop), "tasks": len(futs),
+                   "proposals_per_task": int(np.max(np.diff(bounds), initial=0)),
                    "seconds": round(seconds, 3),
                    "proposals_per_s": round(n_prop / max(seconds, 1e-9), 1),
                    "proposals_per_s_per_worker": round(n_prop / max(seconds, 1e-9) / n_workers, 1),
