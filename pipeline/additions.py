@@ -1,0 +1,282 @@
+"""Adding faces to a clustered run: ``facecluster add RUN NEW_FEATURES`` and ``FaceClusterer.add``.
+
+The steps (:mod:`facecluster.pipeline.stages.add` has the worker tasks):
+
+1. the new file is ingested on its own (every check of ``ingest``: NaN/inf rows, dimension, format) into
+   ``_tmp/``; a dimension other than the run's is refused;
+2. the grown ``features`` / ``input_rows`` / ``labels``, the grown kNN lists (exact search: the new faces
+   against every face, the old faces against the new ones, merged), and for the learned method the edge
+   probabilities of every row whose inputs changed;
+3. the faces to re-cluster: those connected to a new face (or to an old face that lost a listed
+   neighbour above the cut) by an edge above the lowest cut the method uses (cosine: the threshold, or
+   the lowest level-0 proposal threshold; learned: also P at the lowest communities floor), closed under
+   "member of one old cluster";
+4. those faces become a sub-run (their features, their kNN lists among themselves, their edge
+   probabilities) and the method's stages run on it with the whole run's anchor and thresholds pinned;
+5. ``clusters``: every other face keeps its id; a re-clustered cluster whose members are exactly an old
+   cluster's keeps that id; the others get fresh ids (after the largest id in use);
+6. one journalled commit moves every array into place and writes the records: ``ingest`` / ``knn`` /
+   ``edges`` describe the grown arrays, the ``add`` record owns ``clusters`` and holds the ``additions``
+   log (rows, source, digest, time); the stages whose outputs predate the add (graph, proposals, score,
+   ...) are marked superseded, so ``facecluster cluster`` recomputes them on every face.
+
+Crash safety: everything before the commit is under ``_tmp/`` (removed by the next writing command: the
+run is as before the add); the commit itself is finished by the next writing command. Re-running the
+same add after it completed is a no-op (the log's last entry has the same source digest).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+import time
+import uuid
+from typing import Callable
+
+import numpy as np
+
+from .config import Config
+from .errors import BadInput
+from .model_files import edge_meta, model_digest
+from .run import stage_runners
+from .stages import add as A
+from .stages.ingest import run_ingest
+from .stages.proposals import run_threshold_clusters
+from .stages.graph import run_graph
+from .store import RunStore, StageWriter, digest, file_fingerprint, now_iso, record_identity
+
+log = logging.getLogger(__name__)
+
+STAGE = A.STAGE
+SUPERSEDED = ("communities", "graph", "proposals", "score", "dedup", "clusters")
+
+
+def clustering_of(store: RunStore) -> dict:
+    """How the run's ``clusters`` were made: {"method", "pinned": the thresholds an add must reuse}.
+
+    Raises
+    ------
+    BadInput
+        The run never finished ``cluster`` (or its clustering is stale), or was clustered by a method an
+        add cannot extend.
+    """
+    hint = f"run `facecluster cluster {store.url}` first, then add"
+    for name in ("dedup", "clusters"):
+        rec = store.record(name)
+        if rec and not rec.get("complete") and not rec.get("superseded_by") and rec.get("status") != "invalidated":
+            raise BadInput(f"{store.url}: its clustering did not finish (stage {name!r} {rec.get('status')}); "
+                           f"re-run `facecluster cluster {store.url}` to finish it, then add")
+    owner = store.owner("clusters")
+    if owner is None:
+        raise BadInput(f"{store.url}: has no clustering to add faces to; {hint}")
+    name, rec = owner
+    why = store.stale_reason(name)
+    if why:
+        raise BadInput(f"{store.url}: its clustering is not current ({why}); re-run `facecluster cluster "
+                       f"{store.url}`, then add")
+    if name == STAGE:
+        return dict(rec["params"]["clustering"])
+    graph = (store.record("graph") or {}).get("summary", {})
+    pinned = {"anchor": graph.get("anchor"), "min_edge_sim": graph.get("min_edge_sim")}
+    if name == "dedup":
+        settings = (store.record("proposals") or {}).get("params", {}).get("settings", [])
+        comm = store.record("communities")
+        pinned.update(t_cos=min((float(s["th0"]) for s in settings), default=None),
+                      t_prob=min(comm["summary"]["floors"]) if comm else None,
+                      model_digest=(store.record("edges") or {}).get("params", {}).get("model_digest"))
+        return {"method": "gcn", "pinned": pinned}
+    method = rec["params"].get("method")
+    if method == "threshold":
+        pinned.update(th=float(rec["params"]["th"]), max_size=rec["params"].get("max_size"),
+                      t_cos=float(rec["params"]["th"]), t_prob=None)
+        return {"method": "threshold", "pinned": pinned}
+    raise BadInput(f"{store.url}: was clustered with --method {method}; adding faces extends the learned and the "
+                   f"threshold methods: re-run `facecluster cluster {store.url} --method {method}` on the grown data")
+
+
+def check_add_model(store: RunStore, clustering: dict, model_dir: str | None) -> None:
+    """The learned method needs the run's model (the one that scored its edges): BadInput otherwise."""
+    if clustering["method"] != "gcn":
+        return
+    if not model_dir:
+        raise BadInput(f"{store.url}: was clustered by the learned method; pass the model it used (--model DIR)")
+    want = clustering["pinned"].get("model_digest")
+    if edge_meta(model_dir) is None:
+        raise BadInput(f"{model_dir}: has no edge scorer (trained before facecluster 0.2); adding faces needs one: "
+                       "re-train it and re-run cluster")
+    if want and model_digest(model_dir) != want:
+        raise BadInput(f"{model_dir}: is not the model {store.url} was clustered with; pass that model (--model), "
+                       f"or re-run `facecluster cluster {store.url} --model {model_dir}`")
+
+
+def additions_log(store: RunStore) -> list[dict]:
+    rec = store.record(STAGE)
+    return list((rec or {}).get("params", {}).get("additions", [])) if rec and rec.get("complete") else []
+
+
+def _source_digest(src, labels) -> tuple[dict, str]:
+    if not os.path.exists(src):
+        raise BadInput(f"{src}: no such file; give the path of the new faces' features (.npy, .npz, .bin, .zarr, .parquet)")
+    fp = {"features": file_fingerprint(src), "labels": file_fingerprint(labels) if labels else None}
+    return fp, digest(fp)
+
+
+def run_add(store: RunStore, src, cfg: Config, client, model_dir: str | None = None, labels=None,
+            echo: Callable[[str], None] | None = None) -> dict:
+    """Add the faces of ``src`` to the clustered run ``store``; the add's summary (see the module docstring)."""
+    echo = echo or log.info
+    t_start = time.perf_counter()
+    with store.writing(STAGE):
+        store.clean_tmp()  # finishes an interrupted commit, or drops a killed add's leftovers
+        clustering = clustering_of(store)
+        check_add_model(store, clustering, model_dir)
+        fp, src_digest = _source_digest(src, labels)
+        done = additions_log(store)
+        if done and done[-1]["digest"] == src_digest and done[-1]["rows"][1] == store.array("features").shape[0]:
+            echo(f"add: {src} was the last addition (rows {done[-1]['rows'][0]}..{done[-1]['rows'][1] - 1}); nothing to do")
+            return {**store.record(STAGE)["summary"], "skipped": True}
+        return _add(store, src, labels, cfg, client, model_dir, clustering, fp, src_digest, done, echo, t_start)
+
+
+def _add(store, src, labels, cfg, client, model_dir, clustering, fp, src_digest, done, echo, t_start) -> dict:
+    method, pinned = clustering["method"], clustering["pinned"]
+    feats = store.array("features")
+    n_old, dim = (int(s) for s in feats.shape)
+    token = uuid.uuid4().hex[:8]
+    timings = {}
+    t0 = time.perf_counter()
+    new_url = f"{store.url}/_tmp/add-input-{token}"
+    summary_in = run_ingest(src, new_url, labels=labels, cfg=cfg.ingest)
+    new = RunStore.open(new_url)
+    m, d = (int(s) for s in new.array("features").shape)
+    if d != dim:
+        raise BadInput(f"{src}: {d}-dimensional features, but {store.url} holds {dim}-dimensional ones; add features "
+                       "of the same face model (the same dimension)")
+    if m == 0:
+        raise BadInput(f"{src}: holds no faces to add (after dropping invalid rows); check the file")
+    n = n_old + m
+    prev_inputs = int(store.record("ingest")["summary"].get("n_input", n_old)) + sum(a["n_input"] for a in done)
+    w = StageWriter(store, STAGE)
+    paths = A.grow(store, w, new, client, prev_inputs)
+    timings["ingest_copy"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kn = A.knn(store, w, client, paths, n_old, cfg.proposals.fan_in)
+    timings["knn"] = time.perf_counter() - t0
+    echo(f"add: kNN of {m} new faces; {kn['old_rows_changed']} of {n_old} old lists entered by a new face "
+         f"({timings['knn']:.1f}s)")
+    learned = method == "gcn"
+    ed = {}
+    if learned:
+        t0 = time.perf_counter()
+        ed = A.edges(store, w, client, paths, n_old, kn["changed"], model_dir, model_digest(model_dir))
+        timings["edges"] = time.perf_counter() - t0
+        echo(f"add: edge probabilities of {ed['rows_rescored']} rows recomputed ({timings['edges']:.1f}s)")
+    t0 = time.perf_counter()
+    old_labels = np.asarray(store.array("clusters")[:], np.int64)
+    seeds = _seeds(store, paths, n_old, n, kn["changed"], pinned)
+    mask = A.affected(store, client, paths, n, old_labels, seeds, pinned.get("t_cos"),
+                      pinned.get("t_prob") if learned else None)
+    rows = np.flatnonzero(mask)
+    timings["closure"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    sub = A.build_sub_run(store, client, paths, rows, f"{store.url}/_tmp/add-sub-{token}", learned)
+    sub_labels, sub_scores = _cluster_sub(sub, cfg, client, method, pinned, model_dir)
+    timings["recluster"] = time.perf_counter() - t0
+    echo(f"add: {len(rows)} faces re-clustered ({len(rows) - m} old, {m} new; {timings['recluster']:.1f}s)")
+    from facecluster.tasks.additions import keep_ids
+
+    ids, _ = keep_ids(old_labels, rows, sub_labels, int(old_labels.max()) + 1 if n_old else 0)
+    labels_out = np.concatenate([old_labels, np.full(m, -1, np.int64)])
+    labels_out[rows] = ids
+    w.write_array("clusters", labels_out, chunks=(max(1, min(n, 1 << 20)),))
+    if learned:
+        old_scores = np.asarray(store.array("clusters_score")[:], np.float32) if store.has("clusters_score") else \
+            np.full(n_old, np.nan, np.float32)
+        scores = np.concatenate([old_scores, np.full(m, np.nan, np.float32)])
+        scores[rows] = sub_scores
+        w.write_array("clusters_score", scores, chunks=(max(1, min(n, 1 << 20)),))
+    kept = int(len(np.intersect1d(np.unique(labels_out[:n_old]), np.unique(old_labels))))
+    entry = {"rows": [n_old, n], "n": m, "n_input": int(summary_in.get("n_input", m)), "source": os.path.abspath(src),
+             "labels": os.path.abspath(labels) if labels else None, "digest": src_digest, "fingerprint": fp,
+             "time": now_iso()}
+    summary = {"n_old": n_old, "n_new": m, "n": n, "method": method, "old_lists_changed": kn["old_rows_changed"],
+               "edge_rows_rescored": ed.get("rows_rescored"), "reclustered": int(len(rows)),
+               "n_clusters": int(len(np.unique(labels_out))), "old_cluster_ids_kept": kept,
+               "old_clusters": int(len(np.unique(old_labels))),
+               "seconds": {k: round(v, 3) for k, v in timings.items()}}
+    t0 = time.perf_counter()
+    _commit(store, w, clustering, done + [entry], summary, model_dir if learned else None)
+    summary["seconds"]["commit"] = round(time.perf_counter() - t0, 3)
+    summary["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+    return summary
+
+
+def _seeds(store, paths, n_old, n, changed, pinned) -> np.ndarray:
+    """The new faces, and the old faces whose list lost a neighbour at or above the cut (an edge the
+    clustering may have used is gone from that side)."""
+    t = pinned.get("t_cos")
+    old_last = np.asarray(store.array("knn/sim")[:, -1], np.float32)
+    lost = changed[:n_old] & (old_last >= np.float32(t if t is not None else -1.0))
+    return np.concatenate([np.flatnonzero(lost), np.arange(n_old, n)])
+
+
+def _cluster_sub(sub: RunStore, cfg: Config, client, method: str, pinned: dict, model_dir: str | None):
+    """Run the method's stages on the sub-run with the whole run's anchor and thresholds; (labels, scores)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(cfg, proposals=dataclasses.replace(cfg.proposals, min_edge_sim=pinned["min_edge_sim"]))
+    if method == "threshold":
+        run_graph(sub, cfg, client, anchor=pinned["anchor"])
+        run_threshold_clusters(sub, pinned["th"], cfg, client, max_size=pinned.get("max_size"))
+        return np.asarray(sub.array("clusters")[:], np.int64), None
+    runners = stage_runners(model_dir, cfg, log.info)
+    for name, runner in runners.items():
+        if name in ("knn", "edges"):
+            continue  # written by the add
+        if name == "graph":
+            run_graph(sub, cfg, client, anchor=pinned["anchor"])
+        else:
+            runner(sub, cfg, client)
+    return np.asarray(sub.array("clusters")[:], np.int64), np.asarray(sub.array("clusters_score")[:], np.float32)
+
+
+def _commit(store: RunStore, w: StageWriter, clustering: dict, additions: list[dict], summary: dict,
+            model_dir: str | None):
+    """Seal the add's arrays and commit them with every record they change (one journalled step).
+
+    The grown stages' records get the digests their stages would compute now, so a later
+    ``facecluster cluster`` keeps the grown kNN lists and edge probabilities and recomputes the rest."""
+    learned = model_dir is not None
+    sealed = store.seal(w)
+    now = now_iso()
+    records = {}
+    owned = {"ingest": ["features", "input_rows", "labels"], "knn": ["knn/index", "knn/sim"]}
+    if learned:
+        owned["edges"] = ["edges/prob"]
+    identities = {}
+    for stage, names in owned.items():
+        rec = dict(store.record(stage))
+        arrays = dict(rec.get("arrays") or {})
+        arrays.update({a: sealed[a] for a in names if a in sealed})
+        rec.update(arrays=arrays, run=uuid.uuid4().hex[:16], added=len(additions), finished=now)
+        rec["summary"] = {**rec.get("summary", {}), "n": summary["n"]}
+        if stage != "ingest":  # its input is the grown upstream stage
+            rec["upstream"] = {dep: identities[dep] for dep in rec.get("inputs", [])}
+            # the edges stage's digest chains its model's path (run_edges' ``extra``)
+            extra = {"model": os.path.abspath(model_dir)} if stage == "edges" else None
+            rec["digest"] = digest(stage, rec["params"], rec["upstream"], extra)
+        records[stage] = rec
+        identities[stage] = record_identity(rec)
+    inputs = ["knn"] + (["edges"] if learned else [])
+    upstream = {dep: identities[dep] for dep in inputs}
+    params = {"clustering": clustering, "additions": additions}
+    records[STAGE] = {"params": params, "inputs": inputs, "upstream": upstream, "digest": digest(STAGE, params, upstream),
+                      "run": uuid.uuid4().hex[:16], "started": additions[-1]["time"], "finished": now,
+                      "complete": True, "status": "complete", "outputs": sorted(k for k in sealed if k.startswith("clusters")),
+                      "arrays": {k: v for k, v in sealed.items() if k.startswith("clusters")}, "summary": summary,
+                      "versions": store.record("ingest").get("versions")}
+    for name, rec in store.records().items():
+        if (name in SUPERSEDED or name.startswith("dedup:")) and not rec.get("superseded_by"):
+            records[name] = {**rec, "superseded_by": STAGE, "complete": False, "status": "superseded by add"}
+    store.commit(w, records)
