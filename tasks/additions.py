@@ -13,6 +13,59 @@ from .components import components
 from .knn import merge_topk
 
 
+def entering(rows: np.ndarray, kth: np.ndarray, new: np.ndarray, new_ids: np.ndarray,
+             tile: tuple[int, int] = (2048, 8192)) -> tuple[np.ndarray, np.ndarray]:
+    """For each old row, the new faces whose similarity may beat the row's k-th listed similarity.
+
+    One float32 GEMM of the rows against the new faces (tile by tile); every pair within the GEMM's
+    error bound of the k-th is re-scored exactly (float64 sums rounded once to float32: the value the
+    kNN stage stores for a pair), so no entering face is missed and the values are the exact ones. The
+    cost is the GEMM, not a top-k search and re-scoring of k candidates per old row.
+
+    Parameters
+    ----------
+    rows : (R, d) float32 old faces. kth : (R,) their k-th listed similarity (-inf for a padded list).
+    new : (M, d) float32 new faces, ``new_ids`` their ids.
+
+    Returns
+    -------
+    cand_sim, cand_index : (R, c) float32 / int64, each row's candidates (padding -inf / -1), c >= 1.
+    """
+    rows = np.ascontiguousarray(rows, np.float32)
+    new = np.ascontiguousarray(new, np.float32)
+    kth = np.asarray(kth, np.float32)
+    d = rows.shape[1] if rows.ndim == 2 else 0
+    norms_r = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64)) if len(rows) else np.zeros(0)
+    norm_n = float(np.sqrt(np.max(np.einsum("ij,ij->i", new, new, dtype=np.float64)))) if len(new) else 0.0
+    # |float32 GEMM - exact| <= 2 d u |x| |y| (any summation order), plus a margin for the rounding of kth
+    tol = (d * 2.0 ** -23 * norms_r * norm_n + 1e-6).astype(np.float32)
+    pr, pc = [], []
+    for a in range(0, len(rows), tile[0]):
+        b = min(a + tile[0], len(rows))
+        lim = kth[a:b] - tol[a:b]
+        for c0 in range(0, len(new), tile[1]):
+            c1 = min(c0 + tile[1], len(new))
+            g = rows[a:b] @ new[c0:c1].T
+            r, c = np.nonzero(g >= lim[:, None])
+            pr.append(r + a)
+            pc.append(c + c0)
+    r = np.concatenate(pr) if pr else np.zeros(0, np.int64)
+    c = np.concatenate(pc) if pc else np.zeros(0, np.int64)
+    exact = np.einsum("pd,pd->p", rows[r], new[c], dtype=np.float64).astype(np.float32)
+    keep = exact > kth[r]  # a new id is larger than every old one: on a tie with the k-th it stays out
+    r, c, exact = r[keep], c[keep], exact[keep]
+    counts = np.bincount(r, minlength=len(rows))
+    width = max(1, int(counts.max()) if len(counts) else 1)
+    order = np.lexsort((c, r))
+    r, c, exact = r[order], c[order], exact[order]
+    slot = np.arange(len(r)) - np.repeat(np.cumsum(counts) - counts, counts)
+    cand_sim = np.full((len(rows), width), -np.inf, np.float32)
+    cand_idx = np.full((len(rows), width), -1, np.int64)
+    cand_sim[r, slot] = exact
+    cand_idx[r, slot] = np.asarray(new_ids, np.int64)[c]
+    return cand_sim, cand_idx
+
+
 def merge_entering(index: np.ndarray, sim: np.ndarray, cand_index: np.ndarray, cand_sim: np.ndarray,
                    k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Old rows' kNN lists with the new faces that enter them.
@@ -34,13 +87,46 @@ def merge_entering(index: np.ndarray, sim: np.ndarray, cand_index: np.ndarray, c
     return new_sim, new_index, changed
 
 
-def touched_rows(index: np.ndarray, row0: int, changed: np.ndarray) -> np.ndarray:
-    """Rows (local to the block starting at ``row0``) whose edge inputs change: the row's own list changed,
-    or it lists a face whose list changed (an edge's inputs read both ends' lists)."""
+def carried_over(index: np.ndarray, old_prob: np.ndarray, n_old: int) -> tuple[np.ndarray, np.ndarray]:
+    """Old rows' edge probabilities moved to their columns in the merged lists, and the entries to score.
+
+    A merge keeps a row's old entries in their order, so they are the old list's first entries; the
+    entries to score are those of new faces (ids >= ``n_old``).
+
+    Returns
+    -------
+    prob : (R, k) float32, the old probabilities where the entry is old, 0 elsewhere.
+    want : (R, k) bool, the entries that lead to a new face.
+    """
     index = np.asarray(index)
-    own = changed[row0:row0 + len(index)]
-    nb = np.where(index >= 0, index, 0)
-    return own | (changed[nb] & (index >= 0)).any(1)
+    keep = (index >= 0) & (index < n_old)
+    rank = np.cumsum(keep, axis=1) - 1
+    rows = np.broadcast_to(np.arange(len(index))[:, None], index.shape)
+    prob = np.zeros(index.shape, np.float32)
+    prob[keep] = np.asarray(old_prob, np.float32)[rows[keep], rank[keep]]
+    return prob, index >= n_old
+
+
+def attach_new(index: np.ndarray, prob: np.ndarray, old_labels: np.ndarray, joinable: np.ndarray,
+               level: float) -> np.ndarray:
+    """The old cluster each new face joins: that of its most probable neighbour among the old faces in a
+    ``joinable`` cluster, when that probability is at least ``level``; -1 where none is.
+
+    Parameters
+    ----------
+    index, prob : (M, k) the new faces' kNN lists and their edge probabilities.
+    old_labels : (n_old,) the stored cluster ids. joinable : (C,) bool per cluster id.
+    """
+    index = np.asarray(index)
+    n_old = len(old_labels)
+    ok = (index >= 0) & (index < n_old)
+    lab = np.where(ok, old_labels[np.where(ok, index, 0)], -1)
+    ok &= lab >= 0
+    ok[ok] &= joinable[lab[ok]]
+    p = np.where(ok, np.asarray(prob, np.float32), -1.0)
+    best = p.argmax(1) if p.shape[1] else np.zeros(len(p), np.int64)
+    rows = np.arange(len(p))
+    return np.where(p[rows, best] >= np.float32(level), lab[rows, best], -1)
 
 
 def affected_rows(n_nodes: int, src: np.ndarray, dst: np.ndarray, seeds: np.ndarray) -> np.ndarray:

@@ -9,9 +9,11 @@ the next writing command):
 * ``knn/index``, ``knn/sim``: the new faces' lists, exact search against every face (old and new), and
   every old list a new face enters (an exact search of the old faces against the new ones, merged into
   the stored lists: the lists exact search over all faces gives);
-* ``edges/prob`` (learned method): recomputed for every row whose inputs changed (its own list
-  changed, or it lists a face whose list changed: an edge's inputs read both ends' lists), kept
-  elsewhere.
+* ``edges/prob`` (learned method): every edge of a new face scored, and every edge from an old face to
+  a new one; an old face's other edges keep their stored probability. (Strictly, an edge's inputs read
+  both ends' whole lists, so a list that gained a new face shifts the inputs of all its edges a little;
+  re-scoring those too touches nearly every row at 5% added - 98.9% of old lists gain a new face - and
+  costs what the edges stage costs, mostly its neighbour gather.)
 
 The re-clustering itself (which method, on which rows) is :mod:`facecluster.pipeline.additions`.
 """
@@ -58,14 +60,14 @@ def knn_group_task(url: str, paths: dict, g0: int, g1: int, n_old: int, k: int) 
     q = np.ascontiguousarray(feats[n_old:n], dtype=np.float32)
     q_ids = np.arange(n_old, n, dtype=np.int64)
     new_lists = K.knn_flat(K.flat_index(db), q, q_ids, np.arange(g0, g1, dtype=np.int64), k)
-    from facecluster.tasks.additions import merge_entering
+    from facecluster.tasks.additions import entering, merge_entering
 
     changed = np.zeros(0, bool)
     o1 = min(g1, n_old)
     if o1 > g0:
-        cand = K.knn_flat(K.flat_index(q), db[:o1 - g0], np.arange(g0, o1, dtype=np.int64), q_ids, min(k, n - n_old))
-        sim, idx, changed = merge_entering(open_array(url, "knn/index")[g0:o1], open_array(url, "knn/sim")[g0:o1],
-                                           cand[1], cand[0], k)
+        old_sim = open_array(url, "knn/sim")[g0:o1]
+        cand_sim, cand_idx = entering(db[:o1 - g0], old_sim[:, -1], q, q_ids)
+        sim, idx, changed = merge_entering(open_array(url, "knn/index")[g0:o1], old_sim, cand_idx, cand_sim, k)
         open_array(url, paths["knn/index"], "r+")[g0:o1] = idx
         open_array(url, paths["knn/sim"], "r+")[g0:o1] = sim
     return {"new": new_lists, "changed": changed, "g0": g0}
@@ -88,33 +90,53 @@ def stats_task(url: str, paths: dict) -> dict:
                      open_array(url, paths["knn/sim"]).get_orthogonal_selection((rows, slice(None)))).to_dict()
 
 
-def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, changed: np.ndarray, model_dir: str, digest: str,
-               stats: dict) -> int:
-    """``edges/prob`` rows [r0, r1): recomputed where the rows' inputs changed, the stored values elsewhere."""
+def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: str, digest: str, stats: dict) -> int:
+    """``edges/prob`` rows [r0, r1) of the grown run: every edge of a new face's row, and every edge of an old
+    row that leads to a new face, scored; an old row's other edges keep their stored probability (they keep
+    their order in the merged list, so they are its first entries, in order)."""
     import torch
 
-    from facecluster.tasks.additions import touched_rows
+    from facecluster.tasks.additions import carried_over
     from facecluster.tasks.edges import SNN_M, SimStats, edge_inputs, gather_positions, predict_edges
 
     from .edges import _scorer as scorer
 
     torch.set_num_threads(worker_threads())
     zi, zs = open_array(url, paths["knn/index"]), open_array(url, paths["knn/sim"])
-    idx = zi[r0:r1]
+    idx, sim = zi[r0:r1], zs[r0:r1]
+    m_snn = min(SNN_M, zi.shape[1])
     out = np.zeros(idx.shape, np.float32)
-    if r0 < n_old:
-        out[:min(r1, n_old) - r0] = open_array(url, "edges/prob")[r0:min(r1, n_old)]
-    redo = touched_rows(idx, r0, changed)
-    rows = np.flatnonzero(redo)
-    if len(rows):
-        ridx, rsim = idx[rows], zs[r0:r1][rows]
-        uniq, pos = gather_positions(ridx)
-        nbr_sim = zs.get_orthogonal_selection((uniq, slice(None)))
-        nbr_idx = zi.get_orthogonal_selection((uniq, slice(0, min(SNN_M, zi.shape[1]))))
-        x = edge_inputs(r0 + rows, ridx, rsim, pos, nbr_sim, nbr_idx, SimStats.from_dict(stats))
-        out[rows] = predict_edges(scorer(model_dir, digest), x)
+    o1 = min(r1, n_old)
+    scored = 0
+    if o1 > r0:  # old rows: carry the stored probabilities over, score the edges to new faces
+        old = slice(0, o1 - r0)
+        out[old], want = carried_over(idx[old], open_array(url, "edges/prob")[r0:o1], n_old)
+        rows = np.flatnonzero(want.any(1))
+        if len(rows):
+            ridx = idx[old][rows]
+            uniq = np.unique(ridx[want[rows]])
+            # only new faces are gathered; the other entries point at an empty row and are not used
+            pos = np.where(want[rows], np.searchsorted(uniq, np.where(want[rows], ridx, 0)), len(uniq))
+            nbr_sim = np.concatenate([zs.get_orthogonal_selection((uniq, slice(None))),
+                                      np.full((1, zs.shape[1]), np.nan, np.float32)])
+            nbr_idx = np.concatenate([zi.get_orthogonal_selection((uniq, slice(0, m_snn))),
+                                      np.full((1, m_snn), -1, np.int64)])
+            x = edge_inputs(r0 + rows, ridx, sim[old][rows], pos, nbr_sim, nbr_idx, SimStats.from_dict(stats))
+            p = predict_edges(scorer(model_dir, digest), x[want[rows]][:, None, :])[:, 0]
+            sub = out[old][rows]
+            sub[want[rows]] = p
+            out[rows] = sub
+            scored += int(want.sum())
+    if r1 > n_old:  # new faces' rows: every edge
+        a = max(r0, n_old) - r0
+        nidx = idx[a:]
+        uniq, pos = gather_positions(nidx)
+        x = edge_inputs(np.arange(r0 + a, r1), nidx, sim[a:], pos, zs.get_orthogonal_selection((uniq, slice(None))),
+                        zi.get_orthogonal_selection((uniq, slice(0, m_snn))), SimStats.from_dict(stats))
+        out[a:] = predict_edges(scorer(model_dir, digest), x)
+        scored += int((nidx >= 0).sum())
     open_array(url, paths["edges/prob"], "r+")[r0:r1] = out
-    return int(len(rows))
+    return scored
 
 
 def closure_task(url: str, paths: dict, r0: int, r1: int, t_cos: float | None, t_prob: float | None) -> tuple:
@@ -219,20 +241,18 @@ def knn(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, fan_in
     return {"changed": changed, "k": k, "groups": len(groups), "old_rows_changed": int(changed[:n_old].sum())}
 
 
-def edges(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, changed: np.ndarray, model_dir: str,
-          digest: str) -> dict:
-    """The grown ``edges/prob``: recomputed on the rows whose inputs changed."""
+def edges(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, model_dir: str, digest: str) -> dict:
+    """The grown ``edges/prob``: the new faces' edges scored, the others carried over."""
     n, k = store.root[paths["knn/index"]].shape
     r = int(store.array("edges/prob").chunks[0])
     w.create_array("edges/prob", (n, k), (r, k), np.float32, fill_value=0.0)
     paths["edges/prob"] = w.tmp_path("edges/prob")
     token = uuid.uuid4().hex[:8]
     stats = client.submit(stats_task, store.url, paths, key=f"add-edges-scale-{token}").result()
-    changed_f = client.scatter(changed, broadcast=True)
-    counts = wait_futures([client.submit(edges_task, store.url, paths, a, b, n_old, changed_f, os.path.abspath(model_dir),
+    counts = wait_futures([client.submit(edges_task, store.url, paths, a, b, n_old, os.path.abspath(model_dir),
                                          digest, stats, key=f"add-edges-{a}-{token}") for a, b in row_chunks(n, r)],
                           "add: edges")
-    return {"rows_rescored": int(sum(counts)), "scale": {"top1": stats["top1"], "last": stats["last"]}}
+    return {"edges_scored": int(sum(counts)), "scale": {"top1": stats["top1"], "last": stats["last"]}}
 
 
 def affected(store: RunStore, client, paths: dict, n: int, old_labels: np.ndarray, seeds: np.ndarray,
