@@ -7,14 +7,22 @@ The steps (:mod:`facecluster.pipeline.stages.add` has the worker tasks):
 2. the grown ``features`` / ``input_rows`` / ``labels``, the grown kNN lists (exact search: the new faces
    against every face, the old faces against the new ones, merged), and for the learned method the edge
    probabilities of every row whose inputs changed;
-3. the faces to re-cluster: those connected to a new face (or to an old face that lost a listed
-   neighbour above the cut) by an edge above the lowest cut the method uses (cosine: the threshold, or
-   the lowest level-0 proposal threshold; learned: also P at the lowest communities floor), closed under
-   "member of one old cluster";
+3. the faces to re-cluster, by method:
+
+   * threshold: every face connected to a new face (or to an old face that lost a listed neighbour
+     at or above the threshold) by an edge at or above it, closed under "member of one old cluster":
+     the result is the threshold clustering of all faces at the run's threshold, exactly (tested);
+   * learned (``[add] recluster = "new"``, the default): each new face joins the cluster of its most
+     probable old neighbour when P >= the model's floor and that cluster has >= 2 faces; the new faces
+     that join none are re-clustered with the old singletons they reach at P >= the floor. With
+     ``"touched"``: every old cluster a new face reaches at P >= the floor is re-clustered with the new
+     faces (no face joins as it is);
+
 4. those faces become a sub-run (their features, their kNN lists among themselves, their edge
    probabilities) and the method's stages run on it with the whole run's anchor and thresholds pinned;
-5. ``clusters``: every other face keeps its id; a re-clustered cluster whose members are exactly an old
-   cluster's keeps that id; the others get fresh ids (after the largest id in use);
+5. ``clusters``: every face outside the re-clustered ones keeps its id (an old cluster that new faces
+   joined keeps its id too); a re-clustered cluster whose members are exactly an old cluster's keeps
+   that id; the others get fresh ids (after the largest id in use);
 6. one journalled commit moves every array into place and writes the records: ``ingest`` / ``knn`` /
    ``edges`` describe the grown arrays, the ``add`` record owns ``clusters`` and holds the ``additions``
    log (rows, source, digest, time); the stages whose outputs predate the add (graph, proposals, score,
@@ -27,11 +35,11 @@ same add after it completed is a no-op (the log's last entry has the same source
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -122,9 +130,35 @@ def _source_digest(src, labels) -> tuple[dict, str]:
     return fp, digest(fp)
 
 
-def run_add(store: RunStore, src, cfg: Config, client, model_dir: str | None = None, labels=None,
-            echo: Callable[[str], None] | None = None) -> dict:
-    """Add the faces of ``src`` to the clustered run ``store``; the add's summary (see the module docstring)."""
+@dataclass
+class Addition:
+    """What :func:`prepare_add` checked and ingested, for :func:`finish_add` (or ``skipped``: nothing to do)."""
+
+    src: str
+    labels: str | None
+    clustering: dict
+    fingerprint: dict
+    digest: str
+    done: list
+    new: RunStore | None = None
+    summary_in: dict | None = None
+    skipped: dict | None = None
+    t_start: float = 0.0
+    seconds: float = 0.0
+
+
+def prepare_add(store: RunStore, src, cfg: Config, model_dir: str | None = None, labels=None,
+                echo: Callable[[str], None] | None = None) -> Addition:
+    """Every check of an add that needs no Dask cluster, and the new file ingested under ``_tmp/``.
+
+    Call it holding the run's writer lock (``store.writing``), then :func:`finish_add` under the same lock.
+
+    Raises
+    ------
+    BadInput
+        One line naming the file and the fix: the run has no current clustering, the learned method's model
+        is missing or another, the file is missing, unreadable, holds NaN/inf rows or another dimension.
+    """
     echo = echo or log.info
     t_start = time.perf_counter()
     with store.writing(STAGE):
@@ -133,33 +167,58 @@ def run_add(store: RunStore, src, cfg: Config, client, model_dir: str | None = N
         check_add_model(store, clustering, model_dir)
         fp, src_digest = _source_digest(src, labels)
         done = additions_log(store)
+        add = Addition(str(src), None if labels is None else str(labels), clustering, fp, src_digest, done,
+                       t_start=t_start)
         if done and done[-1]["digest"] == src_digest and done[-1]["rows"][1] == store.array("features").shape[0]:
             echo(f"add: {src} was the last addition (rows {done[-1]['rows'][0]}..{done[-1]['rows'][1] - 1}); nothing to do")
-            return {**store.record(STAGE)["summary"], "skipped": True}
-        return _add(store, src, labels, cfg, client, model_dir, clustering, fp, src_digest, done, echo, t_start)
+            add.skipped = {**store.record(STAGE)["summary"], "skipped": True}
+            return add
+        dim = int(store.array("features").shape[1])
+        new_url = f"{store.url}/_tmp/add-input-{uuid.uuid4().hex[:8]}"
+        add.summary_in = run_ingest(src, new_url, labels=labels, cfg=cfg.ingest)
+        add.new = RunStore.open(new_url)
+        m, d = (int(s) for s in add.new.array("features").shape)
+        if d != dim:
+            raise BadInput(f"{src}: {d}-dimensional features, but {store.url} holds {dim}-dimensional ones; add features "
+                           "of the same face model (the same dimension)")
+        if m == 0:
+            raise BadInput(f"{src}: holds no faces to add (after dropping invalid rows); check the file")
+        add.seconds = time.perf_counter() - t_start
+        return add
 
 
-def _add(store, src, labels, cfg, client, model_dir, clustering, fp, src_digest, done, echo, t_start) -> dict:
-    method, pinned = clustering["method"], clustering["pinned"]
+def finish_add(store: RunStore, add: Addition, cfg: Config, client, model_dir: str | None = None,
+               echo: Callable[[str], None] | None = None) -> dict:
+    """The add itself, after :func:`prepare_add`; its summary (see the module docstring)."""
+    if add.skipped is not None:
+        return add.skipped
+    with store.writing(STAGE):
+        return _add(store, add, cfg, client, model_dir, echo or log.info)
+
+
+def run_add(store: RunStore, src, cfg: Config, client, model_dir: str | None = None, labels=None,
+            echo: Callable[[str], None] | None = None) -> dict:
+    """Add the faces of ``src`` to the clustered run ``store`` (:func:`prepare_add`, then :func:`finish_add`)."""
+    with store.writing(STAGE):
+        add = prepare_add(store, src, cfg, model_dir, labels, echo)
+        return finish_add(store, add, cfg, client, model_dir, echo)
+
+
+def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -> dict:
+    method, pinned = add.clustering["method"], add.clustering["pinned"]
+    clustering, done, src, labels = add.clustering, add.done, add.src, add.labels
     feats = store.array("features")
     n_old, dim = (int(s) for s in feats.shape)
     token = uuid.uuid4().hex[:8]
-    timings = {}
+    timings = {"ingest": add.seconds}
+    new, summary_in = add.new, add.summary_in
+    m = int(new.array("features").shape[0])
     t0 = time.perf_counter()
-    new_url = f"{store.url}/_tmp/add-input-{token}"
-    summary_in = run_ingest(src, new_url, labels=labels, cfg=cfg.ingest)
-    new = RunStore.open(new_url)
-    m, d = (int(s) for s in new.array("features").shape)
-    if d != dim:
-        raise BadInput(f"{src}: {d}-dimensional features, but {store.url} holds {dim}-dimensional ones; add features "
-                       "of the same face model (the same dimension)")
-    if m == 0:
-        raise BadInput(f"{src}: holds no faces to add (after dropping invalid rows); check the file")
     n = n_old + m
     prev_inputs = int(store.record("ingest")["summary"].get("n_input", n_old)) + sum(a["n_input"] for a in done)
     w = StageWriter(store, STAGE)
     paths = A.grow(store, w, new, client, prev_inputs)
-    timings["ingest_copy"] = time.perf_counter() - t0
+    timings["copy"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     kn = A.knn(store, w, client, paths, n_old, cfg.proposals.fan_in)
     timings["knn"] = time.perf_counter() - t0
@@ -176,7 +235,7 @@ def _add(store, src, labels, cfg, client, model_dir, clustering, fp, src_digest,
         timings["edges"] = time.perf_counter() - t0
         echo(f"add: {ed['edges_scored']} edges scored ({timings['edges']:.1f}s)")
         t0 = time.perf_counter()
-        rows, attached = _learned_targets(store, paths, old_labels, n_old, n, model_dir)
+        rows, attached = _learned_targets(store, paths, old_labels, n_old, n, model_dir, cfg.add.recluster)
         labels_out[n_old:][attached >= 0] = attached[attached >= 0]
     else:
         t0 = time.perf_counter()
@@ -206,7 +265,7 @@ def _add(store, src, labels, cfg, client, model_dir, clustering, fp, src_digest,
         w.write_array("clusters_score", scores, chunks=(max(1, min(n, 1 << 20)),))
     kept = int(len(np.intersect1d(np.unique(labels_out[:n_old]), np.unique(old_labels))))
     entry = {"rows": [n_old, n], "n": m, "n_input": int(summary_in.get("n_input", m)), "source": os.path.abspath(src),
-             "labels": os.path.abspath(labels) if labels else None, "digest": src_digest, "fingerprint": fp,
+             "labels": os.path.abspath(labels) if labels else None, "digest": add.digest, "fingerprint": add.fingerprint,
              "time": now_iso()}
     summary = {"n_old": n_old, "n_new": m, "n": n, "method": method, "old_lists_changed": kn["old_rows_changed"],
                "edges_scored": ed.get("edges_scored"), "joined_old_clusters": int((attached >= 0).sum()),
@@ -217,7 +276,7 @@ def _add(store, src, labels, cfg, client, model_dir, clustering, fp, src_digest,
     t0 = time.perf_counter()
     _commit(store, w, clustering, done + [entry], summary, model_dir if learned else None)
     summary["seconds"]["commit"] = round(time.perf_counter() - t0, 3)
-    summary["seconds"]["total"] = round(time.perf_counter() - t_start, 3)
+    summary["seconds"]["total"] = round(time.perf_counter() - add.t_start, 3)
     return summary
 
 
@@ -231,10 +290,15 @@ def _seeds(store, paths, n_old, n, changed, pinned) -> np.ndarray:
 
 
 def _learned_targets(store: RunStore, paths: dict, old_labels: np.ndarray, n_old: int, n: int,
-                     model_dir: str) -> tuple[np.ndarray, np.ndarray]:
-    """Learned method: the old cluster each new face joins (its most probable old neighbour's, at the model's
-    attach level, else its floor), and the faces to re-cluster: the new faces that joined none, with the
-    old singletons they reach at P >= the floor. Returns (rows to re-cluster, joined id per new face or -1).
+                     model_dir: str, mode: str = "new") -> tuple[np.ndarray, np.ndarray]:
+    """Learned method: which new faces join an old cluster as they are, and which faces are re-clustered.
+
+    ``mode="new"``: each new face joins the cluster of its most probable old neighbour (at the model's
+    attach level, else its floor) when it is a cluster of >= 2 faces; the new faces that join none are
+    re-clustered with the old singletons they reach at P >= the floor.
+    ``mode="touched"``: no face joins as it is; the new faces are re-clustered with every old cluster one
+    of them reaches at P >= the floor (whole clusters).
+    Returns (rows to re-cluster, joined id per new face or -1).
 
     Why not re-cluster every component a new face touches: at 5% added nearly every identity of more than
     a few faces gains one, and the closure held 92% of the faces (20k built-in faces: the add took 0.88
@@ -243,10 +307,16 @@ def _learned_targets(store: RunStore, paths: dict, old_labels: np.ndarray, n_old
 
     meta = edge_meta(model_dir)
     floor = float(meta["floor"])
-    level = float(meta.get("attach") if meta.get("attach") is not None else floor)
+    level = floor
     idx = np.asarray(store.root[paths["knn/index"]][n_old:n])
     prob = np.asarray(store.root[paths["edges/prob"]][n_old:n])
     sizes = np.bincount(old_labels) if n_old else np.zeros(0, np.int64)
+    if mode == "touched":
+        reach = (idx >= 0) & (idx < n_old) & (prob >= np.float32(floor))
+        hit = np.zeros(len(sizes), bool)
+        hit[old_labels[idx[reach]]] = True
+        return (np.concatenate([np.flatnonzero(hit[old_labels]), np.arange(n_old, n)]).astype(np.int64),
+                np.full(n - n_old, -1, np.int64))
     attached = attach_new(idx, prob, old_labels, sizes >= 2, level)
     free = attached < 0
     nb, p = idx[free], prob[free]
@@ -271,8 +341,17 @@ def _cluster_sub(sub: RunStore, cfg: Config, client, method: str, pinned: dict, 
             continue  # written by the add
         if name == "graph":
             run_graph(sub, cfg, client, anchor=pinned["anchor"])
-        else:
+            continue
+        try:
             runner(sub, cfg, client)
+        except BadInput:
+            if name != "proposals":
+                raise
+            # no group of these faces reaches any proposal threshold: each stays on its own (a whole run
+            # with no proposal is refused as a sign of wrong thresholds; here the thresholds are the run's)
+            log.info("add: the faces re-clustered form no proposal; they stay singletons")
+            n = int(sub.array("features").shape[0])
+            return np.arange(n, dtype=np.int64), np.full(n, np.nan, np.float32)
     return np.asarray(sub.array("clusters")[:], np.int64), np.asarray(sub.array("clusters_score")[:], np.float32)
 
 

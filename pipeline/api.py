@@ -486,7 +486,7 @@ class FaceClusterer:
         ValueError
             Nothing fitted yet, or bad input (another dimension, NaN/inf rows), one message naming it.
         """
-        from .additions import run_add
+        from .additions import finish_add, prepare_add
         from .store import RunStore
 
         if getattr(self, "run_", None) is None:
@@ -501,10 +501,13 @@ class FaceClusterer:
             if y_new is not None and not _is_path(y_new):
                 _write_labels(y_new, labels)
             try:
-                with store.writing("add"), connected(self.client, cfg, store.url) as client:
-                    self.add_summary_ = run_add(store, str(src), cfg, client,
-                                                model_dir=None if self.model is None else str(self.model),
-                                                labels=None if labels is None else str(labels), echo=log.info)
+                model = None if self.model is None else str(self.model)
+                with store.writing("add"):
+                    add = prepare_add(store, str(src), cfg, model, None if labels is None else str(labels), log.info)
+                    self.add_summary_ = add.skipped
+                    if add.skipped is None:
+                        with connected(self.client, cfg, store.url) as client:
+                            self.add_summary_ = finish_add(store, add, cfg, client, model, log.info)
             except BadInput as e:
                 msg = str(e).replace(str(Path(tmp) / "X_new.npy"), "X_new").replace(str(Path(tmp) / "y_new.npy"), "y_new")
                 raise BadInput(msg.replace("pass --drop-invalid", "set config {'ingest': {'drop_invalid': True}}")

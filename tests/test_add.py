@@ -122,6 +122,8 @@ def test_a_crash_mid_add_leaves_the_run_as_it_was_or_resumes(faces, tmp_path, lo
     real_move = Store._move
 
     def move_then_die(self, tmp, final):
+        if self.url != run.url:  # the stores the add ingests the file into and re-clusters in
+            return real_move(self, tmp, final)
         if len(moved) == 2:
             raise KeyboardInterrupt
         moved.append(final)
@@ -131,7 +133,7 @@ def test_a_crash_mid_add_leaves_the_run_as_it_was_or_resumes(faces, tmp_path, lo
     with pytest.raises(KeyboardInterrupt):
         fc.add(tmp_path / "new.npy")
     monkeypatch.undo()
-    assert len(moved) == 2
+    assert len(moved) == 2 and (tmp_path / "run.zarr" / "_journal").exists()
     fc.add(tmp_path / "new.npy")  # finishes the commit, then finds this file already added
     assert fc.add_summary_.get("skipped")
     assert np.array_equal(fc.labels_, ref.labels_)

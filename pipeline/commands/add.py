@@ -29,15 +29,19 @@ def command(run, new_features, labels, model, cfg):
       facecluster add run.zarr new_faces.npy --model model/    # a run clustered by the learned method
       facecluster add run.zarr new_faces.npy                   # a run clustered with --method threshold
     """
-    from ..additions import check_add_model, clustering_of, run_add
+    from ..additions import finish_add, prepare_add
     from ..cluster import connect
     from ..store import RunStore
 
     store = RunStore.open(run)
-    check_add_model(store, clustering_of(store), model)  # bad input fails before a cluster starts
-    with store.writing("add"), connect(cfg.dask) as client:
-        s = run_add(store, new_features, cfg, client, model_dir=model, labels=labels,
-                    echo=lambda line: click.echo(line, err=True))
+    echo = lambda line: click.echo(line, err=True)  # noqa: E731
+    with store.writing("add"):
+        add = prepare_add(store, new_features, cfg, model_dir=model, labels=labels, echo=echo)  # bad input: before
+        if add.skipped is not None:                                                             # a cluster starts
+            s = add.skipped
+        else:
+            with connect(cfg.dask) as client:
+                s = finish_add(store, add, cfg, client, model_dir=model, echo=echo)
     if s.get("skipped"):
         click.echo(f"add: up to date ({s['n_new']} faces of {new_features} already added)")
         return
