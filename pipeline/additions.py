@@ -96,8 +96,10 @@ def clustering_of(store: RunStore) -> dict:
         return {"method": "gcn", "pinned": pinned}
     method = rec["params"].get("method")
     if method == "threshold":
+        auto = (rec.get("summary", {}).get("threshold") or {}).get("source", "explicit") != "explicit"
         pinned.update(th=float(rec["params"]["th"]), max_size=rec["params"].get("max_size"),
-                      t_cos=float(rec["params"]["th"]), t_prob=None)
+                      t_cos=float(rec["params"]["th"]), t_prob=None, auto=auto,
+                      auto_floor=(store.record("graph") or {}).get("params", {}).get("min_edge_sim") is None)
         return {"method": "threshold", "pinned": pinned}
     raise BadInput(f"{store.url}: was clustered with --method {method}; adding faces extends the learned and the "
                    f"threshold methods: re-run `facecluster cluster {store.url} --method {method}` on the grown data")
@@ -239,9 +241,15 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
         labels_out[n_old:][attached >= 0] = attached[attached >= 0]
     else:
         t0 = time.perf_counter()
-        seeds = _seeds(store, paths, n_old, n, kn["changed"], pinned)
-        rows = np.flatnonzero(A.affected(store, client, paths, n, old_labels, seeds, pinned.get("t_cos"), None))
         attached = np.full(m, -1, np.int64)
+        moved = _follow_anchor(store, client, paths, pinned) if pinned.get("auto") else False
+        if moved:  # the automatic threshold moved with the data: every component is cut again
+            clustering = {**clustering, "pinned": pinned}
+            rows = np.arange(n, dtype=np.int64)
+            echo(f"add: the data's threshold moved to {pinned['th']:.6g}; every component is cut again")
+        else:
+            seeds = _seeds(store, paths, n_old, n, kn["changed"], pinned)
+            rows = np.flatnonzero(A.affected(store, client, paths, n, old_labels, seeds, pinned.get("t_cos"), None))
     timings["closure"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if len(rows) >= 2:
@@ -278,6 +286,20 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
     summary["seconds"]["commit"] = round(time.perf_counter() - t0, 3)
     summary["seconds"]["total"] = round(time.perf_counter() - add.t_start, 3)
     return summary
+
+
+def _follow_anchor(store: RunStore, client, paths: dict, pinned: dict) -> bool:
+    """Threshold method at the data's automatic threshold: re-read the anchor on the grown kNN lists (as
+    clustering all faces afresh would) and update ``pinned``; True when it moved."""
+    from facecluster.tasks.thresholds import edge_floor
+
+    anchor = client.submit(A.anchor_task, store.url, paths, key=f"add-anchor-{uuid.uuid4().hex[:8]}").result()
+    if float(anchor["anchor"]) == float(pinned["th"]):
+        return False
+    pinned.update(anchor=anchor, th=float(anchor["anchor"]), t_cos=float(anchor["anchor"]))
+    if pinned.get("auto_floor"):
+        pinned["min_edge_sim"] = edge_floor(float(anchor["anchor"]))
+    return True
 
 
 def _seeds(store, paths, n_old, n, changed, pinned) -> np.ndarray:

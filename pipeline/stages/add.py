@@ -139,6 +139,21 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
     return scored
 
 
+def anchor_task(url: str, paths: dict) -> dict:
+    """The grown run's anchor threshold, read as the graph stage reads it (same stride sample of rows)."""
+    from facecluster.tasks.thresholds import auto_threshold
+
+    from .graph import SAMPLE_ROWS
+
+    z, idx = open_array(url, paths["knn/sim"]), open_array(url, paths["knn/index"])
+    n = z.shape[0]
+    rows = np.arange(0, n, max(1, -(-n // SAMPLE_ROWS)))
+    sim = z.get_orthogonal_selection((rows, slice(None)))
+    nb = idx.get_orthogonal_selection((rows, slice(None)))
+    return {"anchor": auto_threshold(np.where(nb >= 0, sim, -np.inf)), "rows_sampled": int(len(rows)),
+            "source": "auto (Otsu threshold of kNN similarities), re-read by an add"}
+
+
 def closure_task(url: str, paths: dict, r0: int, r1: int, t_cos: float | None, t_prob: float | None) -> tuple:
     """The forest of rows [r0, r1)'s kNN edges at cosine >= ``t_cos`` and at P >= ``t_prob``: what ties faces
     into one re-clustering unit (the components of these edges are those of the whole edge set)."""
