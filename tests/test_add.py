@@ -222,3 +222,10 @@ def test_cli_add_then_export(faces, tmp_path, local_client, capsys):
     assert _code_err(["export", run, "--format", "npy", "-o", tmp_path / "c.npy"], capsys)[0] == 0
     labels = np.load(tmp_path / "c.npy")
     assert len(labels) == len(X) and (labels >= 0).all()
+    assert _code_err(["verify", run], capsys)[0] == 0
+    # `cluster` after an add keeps the grown kNN lists and recomputes what the add superseded, on every face
+    knn_finished = RunStore.open(run).record("knn")["finished"]
+    assert _code_err(["cluster", run, "--method", "threshold", *sched], capsys)[0] == 0
+    store = RunStore.open(run)
+    assert store.record("knn")["finished"] == knn_finished and store.owner("clusters")[0] == "clusters"
+    assert store.array("clusters").shape == (len(X),) and store.stale_reason("clusters") is None
