@@ -464,6 +464,62 @@ class FaceClusterer:
         """:meth:`fit`, then ``labels_``: the cluster id of every row of ``X`` (int64)."""
         return self.fit(X, y).labels_
 
+    def add(self, X_new: Any, y_new: Any = None) -> "FaceClusterer":
+        """Add faces to the fitted clustering, re-clustering only what they touch (``facecluster add``).
+
+        Parameters
+        ----------
+        X_new : ndarray, dask.array.Array, zarr.Array or path
+            M x d features of the new faces (same face model, same d as the fitted ``X``).
+        y_new : array-like or path, optional
+            Their identities, stored beside the run's labels (``run_.evaluate()``).
+
+        Returns
+        -------
+        FaceClusterer
+            ``self``: ``labels_`` and ``scores_`` now cover every row of ``X`` and then every row of each
+            added ``X_new`` in order; every old face whose cluster's members did not change keeps its id.
+            ``add_summary_``: what the add did (faces re-clustered, ids kept, time per step).
+
+        Raises
+        ------
+        ValueError
+            Nothing fitted yet, or bad input (another dimension, NaN/inf rows), one message naming it.
+        """
+        from .additions import finish_add, prepare_add
+        from .store import RunStore
+
+        if getattr(self, "run_", None) is None:
+            raise ValueError("add needs a fitted FaceClusterer: call fit(X) first (or open the run store with store=...)")
+        cfg = make_config(self.config, self.k)
+        store = RunStore.open(self.run_.url)
+        with tempfile.TemporaryDirectory(prefix="facecluster-add-") as tmp:
+            src = X_new if _is_path(X_new) else Path(tmp) / "X_new.npy"
+            labels = y_new if y_new is None or _is_path(y_new) else Path(tmp) / "y_new.npy"
+            if not _is_path(X_new):
+                _write_rows(X_new, src)
+            if y_new is not None and not _is_path(y_new):
+                _write_labels(y_new, labels)
+            try:
+                model = None if self.model is None else str(self.model)
+                with store.writing("add"):
+                    add = prepare_add(store, str(src), cfg, model, None if labels is None else str(labels), log.info)
+                    self.add_summary_ = add.skipped
+                    if add.skipped is None:
+                        with connected(self.client, cfg, store.url) as client:
+                            self.add_summary_ = finish_add(store, add, cfg, client, model, log.info)
+            except BadInput as e:
+                msg = str(e).replace(str(Path(tmp) / "X_new.npy"), "X_new").replace(str(Path(tmp) / "y_new.npy"), "y_new")
+                raise BadInput(msg.replace("pass --drop-invalid", "set config {'ingest': {'drop_invalid': True}}")
+                               .replace("(--model DIR)", "(FaceClusterer(model=...))")) from None
+        self.run_ = Run(store.url)
+        rows = self.run_.input_rows
+        n_input = int(rows.max()) + 1 if len(rows) else 0
+        labels_, scores = self.run_.labels, self.run_.scores
+        self.labels_ = labels_ if len(rows) == n_input else _by_input_row(labels_, rows, n_input, -1)
+        self.scores_ = scores if scores is None or len(rows) == n_input else _by_input_row(scores, rows, n_input, np.nan)
+        return self
+
 
 def _by_input_row(values: np.ndarray, rows: np.ndarray, n_input: int, fill) -> np.ndarray:
     out = np.full(n_input, fill, dtype=values.dtype)

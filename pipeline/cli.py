@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proposals": ("proposals", "Super-vertices and multi-scale cluster proposals."),
     "train": ("train", "Learn GCN-D (IoU, IoP) and GCN-S from a labelled run."),
     "cluster": ("cluster", "knn -> proposals -> GCN-D -> GCN-S -> dedup: one cluster id per face."),
+    "add": ("add", "Add new faces to a clustered run; re-clusters only what they touch."),
     "evaluate": ("evaluate", "Pairwise / BCubed F-score and NMI of a clustering against ground truth."),
     "export": ("export", "Write cluster ids as .meta, .npy, Parquet or CSV."),
     "report": ("report", "HTML report with plots of a run."),

@@ -243,6 +243,12 @@ class EdgesConfig(_Section):
 
 
 @dataclass(frozen=True)
+class AddConfig(_Section):
+    """[add]: adding faces to a clustered run (`facecluster add`)."""
+    recluster: str = opt("new", _choice("new", "touched"), "learned method: new = each new face joins its most probable old neighbour's cluster (at the model's attach level) and only the others are clustered, with the old singletons they reach; touched = the old clusters a new face reaches (P >= the model's floor) are re-clustered with the new faces (closer to clustering all faces afresh, costs more)")
+
+
+@dataclass(frozen=True)
 class Config:
     dask: DaskConfig = field(default_factory=DaskConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
@@ -250,8 +256,9 @@ class Config:
     proposals: ProposalConfig = field(default_factory=ProposalConfig)
     gcn: GCNConfig = field(default_factory=GCNConfig)
     edges: EdgesConfig = field(default_factory=EdgesConfig)
+    add: AddConfig = field(default_factory=AddConfig)
 
-    SECTIONS = ("dask", "ingest", "knn", "proposals", "gcn", "edges")
+    SECTIONS = ("dask", "ingest", "knn", "proposals", "gcn", "edges", "add")
 
     @classmethod
     def from_dict(cls, data: dict | None = None, overrides: dict | None = None) -> "Config":

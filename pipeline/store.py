@@ -67,6 +67,7 @@ ATTR_KEY = "facecluster"
 TMP_GROUP = "_tmp"
 RECORDS_GROUP = "_records"
 LOCK_GROUP = "_lock"
+JOURNAL_GROUP = "_journal"
 FORMAT_VERSION = 2
 _VERSIONED_PACKAGES = ("facecluster", "numpy", "scipy", "dask", "distributed", "zarr", "faiss-cpu", "torch")
 
@@ -595,6 +596,8 @@ class RunStore:
         counts = {"stages": 0, "arrays": 0, "chunks": 0, "unprotected": 0}
         for stage, rec in sorted(self.records().items()):
             counts["stages"] += 1
+            if rec.get("superseded_by"):  # its outputs were replaced by a later stage (an add); `cluster` redoes it
+                continue
             if not rec.get("complete"):
                 problems.append(f"{self.url}: stage {stage!r} did not complete ({rec.get('status')}); "
                                 f"{rerun_hint(stage, self.url)}")
@@ -674,7 +677,41 @@ class RunStore:
                 self._delete(tmp)
 
     def clean_tmp(self) -> None:
-        """Remove leftovers of killed runs (called when a store is opened for writing; takes the lock)."""
+        """Remove leftovers of killed runs (called when a store is opened for writing; takes the lock).
+
+        A commit that was under way (:meth:`commit`) is finished first: its arrays wait under ``_tmp/``.
+        """
         with self.writing("clean"):
+            self.finish_commit()
             with contextlib.suppress(Exception):
                 self._delete(TMP_GROUP)
+
+    # -- several arrays and records replaced as one ---------------------------------------
+    def seal(self, writer: StageWriter) -> dict[str, dict]:
+        """Seal every array of ``writer`` (integrity table); final name -> its record entry."""
+        return {final: self._seal(tmp, writer.name) for final, tmp in writer.tmp_arrays.items()}
+
+    def commit(self, writer: StageWriter, records: dict[str, dict]) -> None:
+        """Move ``writer``'s sealed arrays into place and write ``records``, all or (after a crash) on the next
+        writing command: a journal naming every move and record is written first, and :meth:`clean_tmp`
+        finishes a journal it finds before removing ``_tmp/``. A stage replaces its own arrays only; an add
+        replaces arrays of several stages, and a run must never hold some of them old and some new."""
+        moves = {tmp: final for final, tmp in writer.tmp_arrays.items()}
+        with self.writing(writer.name):
+            sync(self._raw.set(f"{JOURNAL_GROUP}/zarr.json", _json_node({"journal": {"moves": moves, "records": records}})))
+            self.finish_commit()
+
+    def finish_commit(self) -> bool:
+        """Finish a journalled commit (moves not yet done, then every record); False when none was pending."""
+        node = _read_node(self._raw, f"{JOURNAL_GROUP}/zarr.json")
+        if not node or "journal" not in node:
+            return False
+        journal = node["journal"]
+        for tmp, final in journal["moves"].items():
+            if self._open_raw(tmp) is not None:  # not moved yet (a move is delete-final then rename)
+                self._move(tmp, final)
+        for name, rec in journal["records"].items():
+            self._set_record(name, rec)
+        self._delete(JOURNAL_GROUP)
+        log.info("%s: finished a commit of %d arrays and %d records", self.url, len(journal["moves"]), len(journal["records"]))
+        return True

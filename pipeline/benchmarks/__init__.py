@@ -19,6 +19,7 @@ BENCHMARKS = {
     "cluster": "Proposals scored per second per worker; end-to-end time by stage; peak memory.",
     "scaling": "1 vs 2 worker processes for each stage.",
     "infomap": "--method infomap on N workers vs single-process Infomap on the same graph; peak memory; partitions compared.",
+    "add": "Adding 5% of N faces to a clustered run vs clustering all N afresh (goal <= 0.20); peak memory per worker.",
     "quality": "GCN-D and GCN-D+S over training seeds vs the label-chosen threshold, Infomap, true-IoU bound; train/test shift.",
 }
 

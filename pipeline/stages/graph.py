@@ -61,7 +61,7 @@ def knn_sims(store: RunStore, sample_rows: int = SAMPLE_ROWS, weights: str = "kn
                       idx.get_orthogonal_selection((rows, slice(None))))
 
 
-def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
+def run_graph(store: RunStore, cfg: Config, client, force: bool = False, anchor: dict | None = None) -> dict:
     """Build the kNN graph's maximum spanning forest and store it (stage "graph").
 
     Parameters
@@ -69,6 +69,9 @@ def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict
     store : RunStore with a completed "knn" stage.
     cfg : Config (``proposals.min_edge_sim``, ``proposals.fan_in``).
     client : distributed.Client.
+    anchor : dict, optional
+        The anchor to use instead of one derived from this run's similarities (an add re-clusters part
+        of a run with the whole run's anchor, so its thresholds are the run's).
 
     Returns
     -------
@@ -80,6 +83,8 @@ def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict
     r = int(index.chunks[0])
     configured = cfg.proposals.min_edge_sim
     params = {"min_edge_sim": configured}
+    if anchor is not None:
+        params["anchor"] = float(anchor["anchor"])
     with store.stage(STAGE, params, inputs=["knn"], force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
@@ -87,11 +92,13 @@ def run_graph(store: RunStore, cfg: Config, client, force: bool = False) -> dict
 
         # The anchor is computed once here and reused by every later stage (proposals,
         # threshold clustering) from this stage's record.
-        try:
-            anchor = client.submit(anchor_task, store.url, key=f"graph-anchor-{uuid.uuid4().hex[:8]}").result()
-        except TooFewSimilarities as e:  # a tiny run: an automatic threshold would be a guess
-            raise BadInput(f"{store.url}: {e} - {n} faces with k={k} are too few to cluster; ingest more faces") from None
-        anchor["source"] = "auto (Otsu threshold of kNN similarities)"
+        if anchor is None:
+            try:
+                anchor = client.submit(anchor_task, store.url, key=f"graph-anchor-{uuid.uuid4().hex[:8]}").result()
+            except TooFewSimilarities as e:  # a tiny run: an automatic threshold would be a guess
+                raise BadInput(f"{store.url}: {e} - {n} faces with k={k} are too few to cluster; ingest more faces") from None
+            anchor["source"] = "auto (Otsu threshold of kNN similarities)"
+        anchor = dict(anchor)
         if configured is None:
             # Edges far below every threshold any setting uses only cost time (249 s vs
             # 28 s for the forest at 1M faces) and can never join a component.

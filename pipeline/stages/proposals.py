@@ -343,7 +343,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
             q = info.get("sim_quantiles", {})
             raise BadInput(
                 f"{store.url}: no proposal from any of {len(settings)} settings (thresholds "
-                f"{sorted({s['th0'] for s in settings})}; kNN similarity median {q.get('0.5', float('nan')):.3g}, "
+                f"{sorted({s['th0'] for s in settings if 'th0' in s})}; kNN similarity median {q.get('0.5', float('nan')):.3g}, "
                 f"99th percentile {q.get('0.99', float('nan')):.3g}); pass thresholds within the data's similarity "
                 "range (--th) or lower --min-size")
         w.write_array("proposals/offsets", comb["offsets"])
