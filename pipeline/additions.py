@@ -389,7 +389,7 @@ def _commit(store: RunStore, w: StageWriter, clustering: dict, additions: list[d
     records = {}
     owned = {"ingest": ["features", "input_rows", "labels"], "knn": ["knn/index", "knn/sim"]}
     if learned:
-        owned["edges"] = ["edges/prob"]
+        owned["edges"] = ["edges/prob", "edges/row_summary", "edges/first_ids"]  # the last two: runs since 0.3.1
     identities = {}
     for stage, names in owned.items():
         rec = dict(store.record(stage))

@@ -97,6 +97,15 @@ def test_add_quality_is_within_0005_of_all_at_once(method, faces256, tmp_path, l
         assert add_f >= full_f - 0.005, (metric.__name__, add_f, full_f)
     if method == "threshold":
         assert pairwise_f(full, fc.labels_)[2] == 1.0
+    else:  # the edges stage's per-row arrays grew with the lists, each row as the kernel computes it
+        from facecluster.tasks.edges import SNN_M, row_summaries
+
+        run = RunStore.open(fc.run_.url)
+        index = run.array("knn/index")[:]
+        assert run.array("edges/row_summary").shape[0] == len(X)
+        np.testing.assert_array_equal(run.array("edges/row_summary")[:], row_summaries(index, run.array("knn/sim")[:]))
+        np.testing.assert_array_equal(run.array("edges/first_ids")[:], index[:, :SNN_M])
+        assert run.verify()[0] == []
 
 
 def test_add_does_not_depend_on_chunk_size(faces, tmp_path, local_client):

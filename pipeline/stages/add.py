@@ -31,6 +31,7 @@ from ..cluster import worker_threads
 from ..forest import row_chunks
 from ..progress import wait_futures
 from ..store import RunStore, StageWriter, open_array
+from .edges import summary_task
 from .knn import merge_task
 
 STAGE = "add"
@@ -267,6 +268,18 @@ def edges(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, mode
     counts = wait_futures([client.submit(edges_task, store.url, paths, a, b, n_old, os.path.abspath(model_dir),
                                          digest, stats, key=f"add-edges-{a}-{token}") for a, b in row_chunks(n, r)],
                           "add: edges")
+    if store.has("edges/row_summary"):
+        # the edges stage's per-row arrays follow the grown lists (every row: a list a new face entered has
+        # another summary), so they never describe fewer or other rows than edges/prob
+        for name in ("edges/row_summary", "edges/first_ids"):
+            old = store.array(name)
+            cols = old.attrs.get("columns")
+            w.create_array(name, (n, old.shape[1]), (r, old.shape[1]), old.dtype, fill_value=old.fill_value,
+                           attrs={"columns": cols} if cols else None)
+            paths[name] = w.tmp_path(name)
+        wait_futures([client.submit(summary_task, store.url, paths["edges/row_summary"], paths["edges/first_ids"], a, b,
+                                    n, paths["knn/index"], paths["knn/sim"], key=f"add-edges-rows-{a}-{token}")
+                      for a, b in row_chunks(n, r)], "add: edges (row summaries)")
     return {"edges_scored": int(sum(counts)), "scale": {"top1": stats["top1"], "last": stats["last"]}}
 
 

@@ -47,15 +47,17 @@ def _scorer(model_dir: str, digest: str):
     return _SCORERS[key]
 
 
-def summary_task(url: str, summary_path: str, first_path: str, r0: int, r1: int, stride: int) -> dict:
+def summary_task(url: str, summary_path: str, first_path: str, r0: int, r1: int, stride: int,
+                 index_path: str = "knn/index", sim_path: str = "knn/sim") -> dict:
     """Worker task, first pass: rows r0..r1's summaries and first SNN_M ids, and the scale sample's rows among them.
 
     Writes ``edges/row_summary`` and ``edges/first_ids`` (one whole chunk each); returns the
     kNN rows of the scale sample (every ``stride``-th row, as :func:`facecluster.tasks.edges.sample_rows`) that fall in r0..r1.
+    ``index_path`` / ``sim_path``: the kNN arrays read (an add reads its grown copies).
     """
     from facecluster.tasks.edges import SNN_M, row_summaries
 
-    idx, sim = open_array(url, "knn/index")[r0:r1], open_array(url, "knn/sim")[r0:r1]
+    idx, sim = open_array(url, index_path)[r0:r1], open_array(url, sim_path)[r0:r1]
     open_array(url, summary_path, mode="r+")[r0:r1] = row_summaries(idx, sim)
     open_array(url, first_path, mode="r+")[r0:r1] = idx[:, :min(SNN_M, idx.shape[1])]
     local = np.arange(-(-r0 // stride) * stride, r1, stride) - r0
