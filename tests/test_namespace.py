@@ -96,6 +96,9 @@ def test_wheel_holds_only_facecluster_and_workers_from_it_agree(tmp_path):
         for folder in ("pipeline", "tasks"):
             for f in (ROOT / folder).rglob("*.py"):
                 assert f"facecluster/{folder}/{f.relative_to(ROOT / folder).as_posix()}" in names
+        # and the general model's files: a non-editable install clusters without --model
+        for f in ("config.json", "edges.pt", "gcnd.pt", "gcns.pt"):
+            assert f"facecluster/pipeline/models/general/{f}" in names
         site = _shadowed_dir(tmp_path / "site")
         z.extractall(site)
     # a process importing the wheel's files (first on its path) from a shadowed directory: same digest
