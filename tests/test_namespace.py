@@ -58,7 +58,8 @@ def test_packaging_names_every_package_folder():
             rel = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((name,) + rel))
     assert packages == found
-    assert conf.get("package-data") is None  # nothing but .py files to ship today
+    # besides the .py files, only the general model's files ship (the wheel test checks they are in it)
+    assert conf.get("package-data") == {"facecluster.pipeline": ["models/general/config.json", "models/general/*.pt"]}
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"facecluster": "facecluster.pipeline.cli:main"}
 
