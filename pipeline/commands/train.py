@@ -18,7 +18,7 @@ from ._common import config_option, dask_options, pass_config
 @click.option("--world-faces", type=click.IntRange(50, 1_000_000), default=None,
               help="--general: faces per world (default 3000).")
 @click.option("--out", "out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-@click.option("--epochs", type=int, default=None, help="Training epochs (default from [gcn], 20).")
+@click.option("--epochs", type=int, default=None, help="Training epochs (default from [gcn], 20; --general: the recipe's 6).")
 @click.option("--lr", type=float, default=None, help="Learning rate (default from [gcn], 0.001).")
 @click.option("--hidden", default=None, help="Graph-conv widths, comma-separated (default 128,64).")
 @click.option("--seed", type=int, default=None, help="Training seed (default 0).")
