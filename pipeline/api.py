@@ -324,9 +324,11 @@ class FaceClusterer:
     Parameters
     ----------
     model : path, optional
-        A model directory written by :func:`train` or ``facecluster train``. Required by the
-        learned method (facecluster ships no general model yet); optional for ``"infomap"``
-        (its edge scorer's probabilities become the weights).
+        A model directory written by :func:`train` or ``facecluster train``. The learned method
+        without one runs the general model shipped in the package (trained on generated faces
+        only, ``facecluster train --general``; any feature dimension); ``model_`` names the model
+        a fit used. Optional for ``"infomap"`` (its edge scorer's probabilities become the
+        weights; without one, the cosine).
     method : {"learned", "threshold", "infomap"}
         ``"learned"`` (the CLI's ``--method gcn``; also accepted as ``"gcn"``): knn -> learned
         edge probabilities -> communities -> proposals -> GCN-D -> GCN-S -> dedup.
@@ -398,10 +400,6 @@ class FaceClusterer:
         if self.method not in METHOD_NAMES:
             raise ValueError(f"method={self.method!r}: choose one of {', '.join(sorted(METHOD_NAMES))}")
         method = METHOD_NAMES[self.method]
-        if method == "gcn" and self.model is None:
-            raise ValueError("method='learned' needs a model: FaceClusterer(model='MODEL_DIR'), trained with "
-                             "facecluster.train(X, y, out='MODEL_DIR') or `facecluster train`; or use method='infomap' "
-                             "or method='threshold'")
         if method in ("gcn", "infomap") and self.model is not None and not Path(self.model).is_dir():
             raise ValueError(f"model={str(self.model)!r}: no such model directory (train one with facecluster.train)")
         for name, owner in (("th", "threshold"), ("max_size", "threshold"), ("min_sim", "infomap")):
@@ -435,11 +433,11 @@ class FaceClusterer:
         Raises
         ------
         ValueError
-            Bad input: an unknown method, a learned method without a model, a model for
+            Bad input: an unknown method, a model for
             another feature dimension, X not N x d numbers, NaN/inf or all-zero rows, y of
             another length, an unusable configuration. One message naming the problem.
         """
-        from .methods import check_method, run_method
+        from .methods import check_method, model_for, run_method
         from .store import RunStore
 
         method = self._cli_method()
@@ -447,8 +445,12 @@ class FaceClusterer:
         url = self._url()
         ingest(X, url, y, cfg)
         store = RunStore.open(url)
-        check_method(store, method, None if self.model is None else str(self.model), self.min_sim)
-        options = {"model": None if self.model is None else str(self.model), "th": self.th, "max_size": self.max_size,
+        model, used = model_for(method, None if self.model is None else str(self.model))
+        check_method(store, method, model, self.min_sim)
+        if used:
+            log.info(used)
+        self.model_ = model
+        options = {"model": model, "th": self.th, "max_size": self.max_size,
                    "min_sim": self.min_sim, "force": False}
         with store.writing("cluster"), connected(self.client, cfg, store.url) as client:
             self.summary_ = run_method(store, cfg, client, method, options, echo=log.info)

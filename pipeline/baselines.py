@@ -87,6 +87,14 @@ def oracle_threshold(store: RunStore, cfg: Config, client, grid: np.ndarray | No
     return sweep(run, grid, step, lo_limit=lo_limit, hi_limit=1.0, name="threshold")
 
 
+def auto_threshold(store: RunStore, cfg: Config, client) -> tuple[float, np.ndarray]:
+    """``--method threshold`` without ``--th``: the components at the graph's Otsu anchor (threshold, labels)."""
+    th = float(graph_anchor(store)["anchor"])
+    labels = client.submit(threshold_task, store.url, th, cfg.proposals.step, None,
+                           key=f"auto-th-{uuid.uuid4().hex[:8]}").result()
+    return th, labels
+
+
 def infomap_task(url: str, min_sim: float) -> np.ndarray:
     """Worker task: Infomap over the stored kNN lists (edges with similarity >= min_sim)."""
     from facecluster.tasks.peers import infomap_clusters, knn_edge_list
@@ -137,4 +145,4 @@ def infomap_auto(store: RunStore, client, rules=None) -> dict | None:
     return {r: {"min_sim": v, "labels": f.result()} for r, v, f in zip(rules, values, futs)}
 
 
-__all__ = ["AUTO_MIN_SIM", "has_infomap", "infomap_auto", "infomap_peer", "infomap_task", "knn_sims", "oracle_threshold"]
+__all__ = ["AUTO_MIN_SIM", "auto_threshold", "has_infomap", "infomap_auto", "infomap_peer", "infomap_task", "knn_sims", "oracle_threshold"]

@@ -21,7 +21,7 @@ from typing import Callable
 
 from .config import Config
 from .errors import BadInput
-from .model_files import check_model, edge_meta
+from .model_files import GENERAL_MODEL_DIR, check_model, edge_meta, model_digest
 from .run import ensure_graph, ensure_knn, run_cluster
 from .stages.edges import run_edges
 from .stages.infomap import check_min_sim_value, run_infomap_clusters
@@ -71,6 +71,22 @@ def cluster_infomap(store: RunStore, cfg: Config, client, options: dict,
 # method name -> runner(store, cfg, client, options, echo) -> summary
 METHODS: dict[str, Callable[..., dict]] = {"gcn": cluster_gcn, "threshold": cluster_threshold,
                                            "infomap": cluster_infomap}
+
+
+def model_for(method: str, model: str | None) -> tuple[str | None, str | None]:
+    """The model ``method`` runs with, and one line saying which (None: the method runs without one).
+
+    The learned method without a model runs the general model shipped in the package
+    (:data:`facecluster.pipeline.model_files.GENERAL_MODEL_DIR`, ``facecluster train --general``);
+    ``infomap`` without one stays on the cosine; ``threshold`` takes none.
+    """
+    if model:
+        return str(model), f"model: {model} (digest {model_digest(model)})" if method in ("gcn", "infomap") else None
+    if method != "gcn":
+        return None, None
+    return str(GENERAL_MODEL_DIR), (f"model: the general model shipped with facecluster ({GENERAL_MODEL_DIR}, digest "
+                                    f"{model_digest(GENERAL_MODEL_DIR)}; trained on generated faces only by `facecluster "
+                                    "train --general`); pass --model DIR for one trained on your own labelled faces")
 
 
 def check_method(store: RunStore, method: str, model: str | None, min_sim: float | None = None) -> None:

@@ -20,6 +20,11 @@ import numpy as np
 
 from .errors import BadInput
 
+#: the general model shipped in the package (``facecluster train --general`` writes it): what
+#: ``facecluster cluster`` and ``FaceClusterer`` use for the learned method when no model is given
+GENERAL_MODEL_DIR = Path(__file__).resolve().parent / "models" / "general"
+#: :func:`model_digest` of those files (tests/test_general.py checks them against it)
+GENERAL_MODEL_DIGEST = "e5a1cb9ae652999832a362c5d604ba96"
 FORMAT = 2  # 2: gcnd.pt holds a GCNDEnsemble (config.json "ensemble" members); 1: one GCND
 MODEL_FILES = ("gcnd.pt", "gcns.pt", "config.json")
 EDGE_FILE = "edges.pt"  # optional: models from before 0.2 have none
@@ -98,8 +103,11 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
     try:
         meta = json.loads((d / "config.json").read_text())
         meta["dim"], meta["hidden"], meta["spec"]  # noqa: B018 - presence check
-        if not isinstance(meta["dim"], int) or isinstance(meta["dim"], bool) or meta["dim"] < 1:
-            raise ValueError(f"dim must be a positive integer, got {meta['dim']!r}")
+        if meta["dim"] is None:  # a model for any dimension: its inputs must not hold the feature itself
+            if meta["spec"].get("x", "mean") != "none":
+                raise ValueError(f"dim null (any dimension) needs spec x 'none', got {meta['spec'].get('x')!r}")
+        elif not isinstance(meta["dim"], int) or isinstance(meta["dim"], bool) or meta["dim"] < 1:
+            raise ValueError(f"dim must be a positive integer or null, got {meta['dim']!r}")
         for key in ("outside", "connectivity"):  # models from before 0.1.4 have neither input group
             meta["spec"].setdefault(key, False)
         meta["spec"].setdefault("weights", "sim")  # models from before 0.2 read cosines
@@ -109,8 +117,8 @@ def read_model_config(model_dir: str | os.PathLike) -> dict:
 
 
 def check_dim(meta: dict, dim: int, model_dir, run_url: str) -> None:
-    """BadInput when a model was trained on features of another dimension than the run's."""
-    if int(meta["dim"]) != int(dim):
+    """BadInput when a model was trained on features of another dimension than the run's (``dim`` null: any)."""
+    if meta["dim"] is not None and int(meta["dim"]) != int(dim):
         raise BadInput(f"{model_dir}: model was trained on {meta['dim']}-d features but {run_url} has {dim}-d features; "
                        f"train a model on a run with {dim}-d features (`facecluster train`) or use a matching model")
 
@@ -124,7 +132,7 @@ def load_models(model_dir: str | os.PathLike, dim: int | None = None, run_url: s
     meta = read_model_config(model_dir)
     if dim is not None:
         check_dim(meta, dim, model_dir, run_url)
-    in_dim = input_dim(int(meta["dim"]), meta["spec"])
+    in_dim = input_dim(int(meta["dim"] or 0), meta["spec"])
     d = Path(model_dir)
     n_members = int(meta.get("ensemble", 0))  # 0: a format-1 directory, one plain GCND
     hidden = tuple(meta["hidden"])

@@ -133,6 +133,19 @@ def validation_faces(batch, labels, majority, val_ids) -> np.ndarray:
     return np.flatnonzero(ev)
 
 
+def attached_communities(store: RunStore, edges: dict) -> np.ndarray:
+    """The run's communities at the model's floor, faces alone attached at the model's level (if any)."""
+    from facecluster.tasks.edges import attach, best_claimed_neighbour
+
+    comm = store.array("communities/labels")[:, 0]
+    if edges.get("attach") is not None:
+        index, prob = store.array("knn/index")[:], store.array("edges/prob")[:]
+        unclaimed = np.bincount(comm)[comm] == 1
+        claimed = np.where(index >= 0, ~unclaimed[np.maximum(index, 0)], False)
+        comm = attach(comm, unclaimed, *best_claimed_neighbour(index, prob, claimed), edges["attach"])
+    return comm
+
+
 def choose_output(store: RunStore, edges: dict, seg: dict, faces: np.ndarray) -> dict:
     """The model's output: GCN-D(+S) dedup over every proposal, or the communities at the model's floor.
 
@@ -144,16 +157,13 @@ def choose_output(store: RunStore, edges: dict, seg: dict, faces: np.ndarray) ->
     (a face that no community claims is taken by any proposal that contains it, however
     low its predicted IoU), on other sets dedup may win; the labelled set decides.
     """
-    from facecluster.tasks.edges import attach, best_claimed_neighbour
+    return output_choice(store.array("labels")[:], attached_communities(store, edges), seg, faces)
+
+
+def output_choice(labels: np.ndarray, comm: np.ndarray, seg: dict, faces: np.ndarray) -> dict:
+    """:func:`choose_output` on arrays: ``comm`` the (attached) communities of every face."""
     from facecluster.tasks.metrics import bcubed_f, pairwise_f
 
-    labels = store.array("labels")[:]
-    comm = store.array("communities/labels")[:, 0]
-    if edges.get("attach") is not None:
-        index, prob = store.array("knn/index")[:], store.array("edges/prob")[:]
-        unclaimed = np.bincount(comm)[comm] == 1
-        claimed = np.where(index >= 0, ~unclaimed[np.maximum(index, 0)], False)
-        comm = attach(comm, unclaimed, *best_claimed_neighbour(index, prob, claimed), edges["attach"])
     gt = labels[faces]
     pw_c, bc_c = float(pairwise_f(gt, comm[faces])[2]), float(bcubed_f(gt, comm[faces])[2])
     pw_d, bc_d = seg["val_pairwise_f_ds"], seg["val_bcubed_f_ds"]
@@ -340,61 +350,28 @@ def write_training_edges(store: RunStore, prob: np.ndarray, model_dir: str | os.
         w.summary.update({"n": int(index.shape[0]), "k": int(index.shape[1]), "out_of_fold": True})
 
 
-def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None, echo=None) -> dict:
-    """Train GCN-D and GCN-S on a labelled run; returns the metadata written to ``config.json``.
+def fit_gcn_models(data: dict, cfg: Config, echo, source: str = "the run") -> dict:
+    """GCN-D (``gcn.ensemble`` members) and GCN-S on the proposals of ``data`` (:func:`load_training_data`'s
+    dict, or several runs' joined), validated on held-out identities; GCN-S tuned there.
 
-    Parameters
-    ----------
-    store : RunStore with ``labels`` (and ingest complete).
-    out_dir : model directory to write.
-    cfg : Config; [gcn] for the models and training, [knn]/[proposals] for the stages.
-    client : distributed.Client for the upstream stages (None: they must be complete).
-    echo : callable(str) for per-epoch progress lines (default: logging).
+    Returns ``gcnd``, ``gcns``, ``metrics``, ``seg`` (:func:`tune_segmentation`), ``history`` and
+    ``val`` (the validation proposal ids). ``source`` names the data in a bad-input message.
     """
     import torch
 
     from facecluster.tasks.gcn import GCNDEnsemble, eval_gcns, fit_gcnd, fit_gcns, predict_d, spearman
 
-    echo = echo or log.info
     g = cfg.gcn
-    # One thread unless configured, for the edge scorer and GCN-D/GCN-S alike: measured 37 s vs 1 s
-    # per GCN epoch with 2 OpenMP threads on a loaded 2-core machine (threads wait for each other on
-    # the many small ops of a step). Set before anything trains: a float reduction's order follows
-    # the thread count, so a scorer trained with the process's default threads differed from one
-    # trained after an earlier train() had left 1 thread (same data, same seed, other weights).
-    torch.set_num_threads(max(1, cfg.dask.threads_per_worker))
-    edges = None
-    if cfg.edges.learn:
-        if client is None:
-            raise ValueError("train: learning the edge scorer needs a Dask client (it runs the edges stages)")
-        run_knn(store, cfg, client)
-        if not store.has("labels"):
-            raise BadInput(f"{store.url}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L`)")
-        edges, oof = train_edge_scorer(store, out_dir, cfg, echo)
-        # the communities stage reads the floor from the model directory before GCN-D exists
-        d = Path(out_dir)
-        (d / "config.json").unlink(missing_ok=True)
-        (d / "config.json.tmp").write_text(json.dumps({"edges": edges}, default=str))
-        os.replace(d / "config.json.tmp", d / "config.json")
-        write_training_edges(store, oof, out_dir)
-        ensure_proposals(store, cfg, client, out_dir, edges_written=True)
-    elif client is not None:
-        ensure_proposals(store, cfg, client)
-    else:
-        store.require("proposals", f"run `facecluster proposals {store.url}` first")
     torch.manual_seed(g.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    spec = input_spec(cfg)
-    t0 = time.perf_counter()
-    data = load_training_data(store, spec)
     tg, batch = data["targets"], data["batch"]
     n_prop = len(batch.sizes)
     if n_prop < 10:
-        raise BadInput(f"{store.url}: only {n_prop} proposals to train on; use a larger labelled set or lower "
+        raise BadInput(f"{source}: only {n_prop} proposals to train on; use a larger labelled set or lower "
                        "[proposals] thresholds")
     tr, va = identity_split(tg["majority"], g.val_fraction, g.seed)
     echo(f"training on {len(tr)} proposals, validating on {len(va)} (disjoint identities); "
-         f"{len(batch.members)} vertices, input width {batch.x.shape[1]}; built in {time.perf_counter() - t0:.1f}s")
+         f"{len(batch.members)} vertices, input width {batch.x.shape[1]}")
     y = np.stack([tg["iou"], tg["iop"]], 1)
     common = dict(hidden=tuple(g.hidden), dropout=g.dropout, epochs=g.epochs, lr=g.lr, batch_size=g.batch_size,
                   weight_decay=g.weight_decay, seed=g.seed, layout=g.layout, log=echo)
@@ -440,6 +417,57 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
          f"(GCN-D) -> {seg['val_pairwise_f_ds']} / {seg['val_bcubed_f_ds']} "
          f"with iop_range={seg['iop_range']} keep_prob={seg['keep_prob']}")
     metrics.update({k: seg[k] for k in ("val_pairwise_f_d", "val_pairwise_f_ds", "val_bcubed_f_d", "val_bcubed_f_ds")})
+    return {"gcnd": gcnd, "gcns": gcns, "metrics": metrics, "seg": seg, "val": va,
+            "history": {"gcnd": hist_d, "gcnd_members": [m["history"] for m in member_metrics], "gcns": hist_s}}
+
+
+def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None, echo=None) -> dict:
+    """Train GCN-D and GCN-S on a labelled run; returns the metadata written to ``config.json``.
+
+    Parameters
+    ----------
+    store : RunStore with ``labels`` (and ingest complete).
+    out_dir : model directory to write.
+    cfg : Config; [gcn] for the models and training, [knn]/[proposals] for the stages.
+    client : distributed.Client for the upstream stages (None: they must be complete).
+    echo : callable(str) for per-epoch progress lines (default: logging).
+    """
+    import torch
+
+    echo = echo or log.info
+    g = cfg.gcn
+    # One thread unless configured, for the edge scorer and GCN-D/GCN-S alike: measured 37 s vs 1 s
+    # per GCN epoch with 2 OpenMP threads on a loaded 2-core machine (threads wait for each other on
+    # the many small ops of a step). Set before anything trains: a float reduction's order follows
+    # the thread count, so a scorer trained with the process's default threads differed from one
+    # trained after an earlier train() had left 1 thread (same data, same seed, other weights).
+    torch.set_num_threads(max(1, cfg.dask.threads_per_worker))
+    edges = None
+    if cfg.edges.learn:
+        if client is None:
+            raise ValueError("train: learning the edge scorer needs a Dask client (it runs the edges stages)")
+        run_knn(store, cfg, client)
+        if not store.has("labels"):
+            raise BadInput(f"{store.url}: has no labels; training needs a labelled run (`facecluster ingest FEATS --labels L`)")
+        edges, oof = train_edge_scorer(store, out_dir, cfg, echo)
+        # the communities stage reads the floor from the model directory before GCN-D exists
+        d = Path(out_dir)
+        (d / "config.json").unlink(missing_ok=True)
+        (d / "config.json.tmp").write_text(json.dumps({"edges": edges}, default=str))
+        os.replace(d / "config.json.tmp", d / "config.json")
+        write_training_edges(store, oof, out_dir)
+        ensure_proposals(store, cfg, client, out_dir, edges_written=True)
+    elif client is not None:
+        ensure_proposals(store, cfg, client)
+    else:
+        store.require("proposals", f"run `facecluster proposals {store.url}` first")
+    spec = input_spec(cfg)
+    t0 = time.perf_counter()
+    data = load_training_data(store, spec)
+    echo(f"training data built in {time.perf_counter() - t0:.1f}s")
+    fit = fit_gcn_models(data, cfg, echo, store.url)
+    gcnd, gcns, metrics, seg = fit["gcnd"], fit["gcns"], fit["metrics"], fit["seg"]
+    tg, batch, va = data["targets"], data["batch"], fit["val"]
     output = {"source": "proposals"}
     if edges and cfg.edges.communities and len(va) and seg["val_pairwise_f_ds"] is not None:
         output = choose_output(store, edges, seg, validation_faces(batch, data["labels"], tg["majority"], va))
@@ -447,14 +475,14 @@ def train(store: RunStore, out_dir: str | os.PathLike, cfg: Config, client=None,
              f"{output['val_bcubed_f_communities']:.4f}, dedup over all proposals {output['val_pairwise_f_dedup']:.4f} / "
              f"{output['val_bcubed_f_dedup']:.4f} -> {output['source']}")
     meta = {"format": FORMAT, "dim": data["dim"], "k": data["k"], "hidden": list(g.hidden), "spec": spec,
-            "ensemble": len(members),
+            "ensemble": g.ensemble,
             "gcn": g.to_dict(), "knn": cfg.knn.to_dict(),
             "proposals": (store.record("proposals") or {}).get("params", {}),
             # GCN-S settings tuned on the validation identities; the score stage uses them unless
             # [gcn] iop_range / keep_prob are set (iop_range None: GCN-S did not help, skip it)
             "segmentation": {"iop_range": seg["iop_range"], "keep_prob": seg["keep_prob"]},
             "run": store.url, "metrics": metrics, **({"edges": edges} if edges else {}), "output": output,
-            "history": {"gcnd": hist_d, "gcnd_members": [m["history"] for m in member_metrics], "gcns": hist_s},
+            "history": fit["history"],
             "seconds": round(time.perf_counter() - t0, 2)}
     save_models(out_dir, gcnd, gcns, meta)
     echo(f"saved {out_dir}: " + ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"

@@ -413,36 +413,44 @@ def choose_levels(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, faces
     a real run has. Faces left alone are then attached to their most probable claimed
     neighbour at each candidate level (``None``: never attach).
     """
+    return choose_levels_over([(index, prob, labels, faces)], floor_grid, attach_grid)
+
+
+def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID) -> dict:
+    """:func:`choose_levels` over several runs at once: the floor and attach level with the best *mean*
+    pairwise + BCubed F over ``runs``, a list of ``(index, prob, labels, faces)`` (each run's graph is
+    clustered on its own; the curves hold the means). One run: exactly :func:`choose_levels`.
+    """
     from .metrics import bcubed_f, pairwise_f
     from .peers import infomap_clusters, knn_edge_list
 
-    faces = np.sort(np.asarray(faces, np.int64))
-    index = np.asarray(index)
-    prob = np.asarray(prob)
-    n = len(labels)
-    gt = np.asarray(labels)[faces]
+    runs = [(np.asarray(i), np.asarray(p), np.asarray(lab), np.sort(np.asarray(f, np.int64))) for i, p, lab, f in runs]
 
-    def score(cl):
-        return float(pairwise_f(gt, cl[faces])[2]), float(bcubed_f(gt, cl[faces])[2])
+    def score(cls):
+        pw = [float(pairwise_f(lab[f], cl[f])[2]) for (_, _, lab, f), cl in zip(runs, cls)]
+        bc = [float(bcubed_f(lab[f], cl[f])[2]) for (_, _, lab, f), cl in zip(runs, cls)]
+        return float(np.mean(pw)), float(np.mean(bc))
 
     curve, best = [], None
     for fl in floor_grid:
-        cl = infomap_clusters(n, *knn_edge_list(index, prob, fl))
-        pw, bc = score(cl)
+        cls = [infomap_clusters(len(lab), *knn_edge_list(index, prob, fl)) for index, prob, lab, _ in runs]
+        pw, bc = score(cls)
         curve.append({"floor": fl, "pairwise_f": pw, "bcubed_f": bc})
         if best is None or pw + bc > best[0] + 1e-9:
-            best = (pw + bc, fl, cl)
-    _, floor, cl = best
-    sizes = np.bincount(cl)
-    unclaimed = sizes[cl] == 1
-    claimed = np.where(index >= 0, ~unclaimed[np.maximum(index, 0)], False)
-    target, tp = best_claimed_neighbour(index, prob, claimed)
-    pw, bc = score(cl)
+            best = (pw + bc, fl, cls)
+    _, floor, cls = best
+    found = []
+    for (index, prob, _, _), cl in zip(runs, cls):
+        unclaimed = np.bincount(cl)[cl] == 1
+        claimed = np.where(index >= 0, ~unclaimed[np.maximum(index, 0)], False)
+        found.append((unclaimed, *best_claimed_neighbour(index, prob, claimed)))
+    pw, bc = score(cls)
     attach_curve, level, top = [{"level": None, "pairwise_f": pw, "bcubed_f": bc}], None, pw + bc
     for lv in attach_grid:
-        pw, bc = score(attach(cl, unclaimed, target, tp, lv))
+        pw, bc = score([attach(cl, *f, lv) for cl, f in zip(cls, found)])
         attach_curve.append({"level": lv, "pairwise_f": pw, "bcubed_f": bc})
         if pw + bc > top + 1e-9:
             top, level = pw + bc, lv
     return {"floor": floor, "attach": level, "score": top, "floor_curve": curve, "attach_curve": attach_curve,
-            "val_faces": int(len(faces)), "val_unclaimed": int(unclaimed[faces].sum())}
+            "val_faces": int(sum(len(f) for *_, f in runs)),
+            "val_unclaimed": int(sum(int(u[f].sum()) for (*_, f), (u, *_) in zip(runs, found)))}

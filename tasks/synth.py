@@ -466,3 +466,58 @@ def make_splits(n: int, dim: int = 256, seed: int = 0, test_fraction: float = 0.
     p = dataclasses.replace(params or SynthParams(), dim=dim)
     ids = make_identities(n, seed, p)
     return {name: _collect(ids, lab, SPLIT_TAGS[name]) for name, lab in split_labels(ids, test_fraction).items()}
+
+
+# -- the general model's training worlds --------------------------------------------------------
+#: identity-size laws the general model trains over (cycled, so every law is in every recipe of >= 4 worlds):
+#: a long tail with singletons (LFW-like), every identity of 2-30 faces (subsampled identities), mostly
+#: one- and two-face people, and large identities of tens to hundreds of faces.
+SIZE_LAWS = ("long_tail", "small", "singletons", "large")
+#: feature dimensions the general model trains over (cycled; no face model's dimension is special)
+WORLD_DIMS = (128, 32, 512, 256, 96, 192)
+
+
+def _size_law(law: str, rng: np.random.Generator) -> dict:
+    if law == "long_tail":
+        return {"singleton_fraction": rng.uniform(0.1, 0.5), "size_median": rng.uniform(4.0, 20.0),
+                "size_sigma": rng.uniform(0.6, 1.3), "max_size": 400}
+    if law == "small":
+        return {"singleton_fraction": 0.0, "size_median": rng.uniform(3.0, 10.0), "size_sigma": rng.uniform(0.5, 1.0),
+                "max_size": 30}
+    if law == "singletons":
+        return {"singleton_fraction": rng.uniform(0.5, 0.8), "size_median": rng.uniform(2.0, 5.0),
+                "size_sigma": rng.uniform(0.5, 1.0), "max_size": 100}
+    if law == "large":
+        return {"singleton_fraction": rng.uniform(0.0, 0.1), "size_median": rng.uniform(30.0, 100.0),
+                "size_sigma": rng.uniform(0.3, 0.7), "max_size": 400}
+    raise ValueError(f"unknown size law {law!r}; choose one of {', '.join(SIZE_LAWS)}")
+
+
+def general_worlds(n_worlds: int, seed: int = 0) -> list[tuple[str, SynthParams]]:
+    """``n_worlds`` randomised generator settings for the general model: (size law, :class:`SynthParams`).
+
+    World ``i`` takes size law ``SIZE_LAWS[i % 4]`` and dimension ``WORLD_DIMS[i % 6]``;
+    everything else is drawn from its own seeded stream, in broad ranges around the
+    generator's defaults: the similarity scale (``face_shift`` 0 in a third of the worlds,
+    else 0.5-4: kNN cosines from ~0.3-0.9 up to ~0.95-1; ``mean_weight``,
+    ``spectrum_decay``), the within-identity spread and its inequality, modes, families
+    (none to large ones, loose to close look-alikes) and low-quality faces. A function of
+    ``(n_worlds, seed)`` only.
+    """
+    out = []
+    for i in range(n_worlds):
+        rng = np.random.default_rng(np.random.SeedSequence([seed, 29, i]))
+        law = SIZE_LAWS[i % len(SIZE_LAWS)]
+        lo = rng.uniform(0.3, 0.65)
+        p = {**_size_law(law, rng),
+             "face_shift": 0.0 if rng.random() < 1 / 3 else rng.uniform(0.5, 4.0),
+             "mean_weight": rng.uniform(0.05, 0.6), "spectrum_decay": rng.uniform(0.3, 1.0),
+             "spread_median": rng.uniform(0.5, 1.1), "spread_sigma": rng.uniform(0.2, 0.7),
+             "face_sigma": rng.uniform(0.1, 0.3), "modes_mean": rng.uniform(0.5, 2.5),
+             "mode_scale": rng.uniform(0.3, 0.8), "family_mean": rng.uniform(1.0, 5.0),
+             "family_cos": (lo, min(0.9, lo + rng.uniform(0.05, 0.3))),
+             "lowq_fraction": rng.uniform(0.0, 0.08), "lowq_pull": rng.uniform(0.4, 1.0)}
+        dim = WORLD_DIMS[i % len(WORLD_DIMS)]
+        out.append((law, SynthParams(dim=dim, nuisance_dim=min(24, dim), **{k: (float(v) if isinstance(v, np.floating) else v)
+                                                                                 for k, v in p.items()})))
+    return out

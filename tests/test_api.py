@@ -141,7 +141,6 @@ def test_dropped_rows_are_labelled_minus_one(small_model, local_client):
     (dict(method="nope"), None, r"method='nope': choose one of gcn, infomap, learned, threshold"),
     (dict(method="threshold", min_sim=0.5), None, r"min_sim is a parameter of method='infomap', not of method='threshold'"),
     (dict(method="infomap", min_sim=1.5), None, r"--min-sim 1.5 is not a cosine similarity"),
-    (dict(), None, r"method='learned' needs a model"),
     (dict(model="no/such/model"), None, r"no such model directory"),
     (dict(method="threshold", k=0), None, r"k must be a positive integer"),
     (dict(model="no/such/model", max_size=50), None, r"no such model directory"),

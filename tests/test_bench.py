@@ -183,3 +183,15 @@ def test_bench_quality_features_without_labels_is_bad_input(tmp_path):
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "f.npy" in out.stderr and "--labels" in out.stderr
+
+
+def test_bench_quality_evaluates_a_given_model_without_training(tmp_path):
+    """`--model general`: the shipped model on a built-in variant at a dimension it never saw, beside the
+    label-chosen baselines and the automatic threshold (`--method threshold` without --th); nothing trained."""
+    _bench(tmp_path, "quality", "--model", "general", "--variant", "sizes", "--n", "1600", "--dim", "48",
+           "--workdir", "w", "--out", "q.json")
+    r = json.loads((tmp_path / "q.json").read_text())
+    assert r["train_source"].startswith("none: the given model") and not (tmp_path / "w" / "train.zarr").exists()
+    assert any(name.startswith("threshold (automatic th=") for name in r["baselines"])
+    (row,) = r["by_seed"]
+    assert 0 < row["learned (the model's output)"]["pairwise_f"] <= 1 and row["output"]["source"] == "communities"

@@ -58,7 +58,8 @@ def test_packaging_names_every_package_folder():
             rel = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((name,) + rel))
     assert packages == found
-    assert conf.get("package-data") is None  # nothing but .py files to ship today
+    # besides the .py files, only the general model's files ship (the wheel test checks they are in it)
+    assert conf.get("package-data") == {"facecluster.pipeline": ["models/general/config.json", "models/general/*.pt"]}
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts == {"facecluster": "facecluster.pipeline.cli:main"}
 
@@ -96,6 +97,9 @@ def test_wheel_holds_only_facecluster_and_workers_from_it_agree(tmp_path):
         for folder in ("pipeline", "tasks"):
             for f in (ROOT / folder).rglob("*.py"):
                 assert f"facecluster/{folder}/{f.relative_to(ROOT / folder).as_posix()}" in names
+        # and the general model's files: a non-editable install clusters without --model
+        for f in ("config.json", "edges.pt", "gcnd.pt", "gcns.pt"):
+            assert f"facecluster/pipeline/models/general/{f}" in names
         site = _shadowed_dir(tmp_path / "site")
         z.extractall(site)
     # a process importing the wheel's files (first on its path) from a shadowed directory: same digest

@@ -70,7 +70,7 @@ def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float,
 
     data = wd / "data"
     if features is None:
-        write_dataset(data, n, dim=dim, seed=0, test_fraction=test_fraction, overwrite=True, variant=variant)
+        write_dataset(data, n, dim=dim, seed=split_seed, test_fraction=test_fraction, overwrite=True, variant=variant)
         out = {s: (data / s / "features.npy", data / s / "labels.npy") for s in ("train", "test")}
     elif train_features is not None:
         out = {"test": (features, labels)}
@@ -120,12 +120,14 @@ def run_baselines(test, cfg, client, gt: np.ndarray) -> tuple[dict, dict]:
     from facecluster.tasks.baselines import AUTO_MIN_SIM
     from facecluster.tasks.metrics import evaluate
 
-    from ..baselines import infomap_auto, infomap_peer, oracle_threshold
+    from ..baselines import auto_threshold, infomap_auto, infomap_peer, oracle_threshold
     from ..stages.proposals import graph_anchor
 
     th = oracle_threshold(test, cfg, client)
     table = {f"threshold (best th={th.best:g}, chosen with labels)": evaluate(gt, th.result)}
     record = {"anchor": graph_anchor(test)["anchor"], "threshold": th.to_dict()}
+    auto_th, auto_labels = auto_threshold(test, cfg, client)  # what `--method threshold` without --th gives
+    table[f"threshold (automatic th={auto_th:.3f}, no labels)"] = evaluate(gt, auto_labels)
     peer = infomap_peer(test, client)
     if peer is not None:
         table[f"kNN + Infomap (best min_sim={peer.best:g}, chosen with labels)"] = evaluate(gt, peer.result)
@@ -224,8 +226,12 @@ def _summary(rows: list[dict], key: str) -> dict:
 @click.option("--n", type=int, default=40_000, show_default=True, help="Built-in dataset: faces over both splits.")
 @click.option("--dim", type=int, default=256, show_default=True, help="Built-in dataset: feature dimension.")
 @click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Share of identities held out for testing.")
-@click.option("--split-seed", type=int, default=0, show_default=True, help="Seed of the identity split (--features).")
+@click.option("--split-seed", type=int, default=0, show_default=True,
+              help="Seed of the identity split (--features), or of the built-in dataset.")
 @click.option("--seeds", default="0,1,2,3", show_default=True, help="Training seeds, comma-separated: one model each.")
+@click.option("--model", "given_model", default=None,
+              help="Evaluate this model directory instead of training one per seed (nothing is trained; --seeds "
+                   "ignored); `general`: the general model shipped in the package.")
 @click.option("--baselines-only", is_flag=True,
               help="Train nothing: only the test set's kNN and graph, and the threshold and Infomap baselines.")
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None,
@@ -234,7 +240,7 @@ def _summary(rows: list[dict], key: str) -> dict:
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-quality", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result (default bench-quality.json).")
 def command(features, labels, train_features, train_labels, variant, n, dim, test_fraction, split_seed, seeds,
-            baselines_only, config_path, workers, workdir, out):
+            given_model, baselines_only, config_path, workers, workdir, out):
     """GCN-D and GCN-D+S over training seeds vs the label-chosen threshold, Infomap and the true-IoU bound.
 
     The threshold's and Infomap's grids span the test set's own kNN similarities and are
@@ -249,6 +255,7 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
       facecluster bench quality --variant scale --baselines-only
       facecluster bench quality --train-features lfw/features.npy --train-labels lfw/labels.npy --dim 128
       facecluster bench quality --train-features a/f.npy --train-labels a/l.npy --features b/f.npy --labels b/l.npy
+      facecluster bench quality --model general --features lfw/features.npy --labels lfw/labels.npy --split-seed 1
     """
     from facecluster.tasks.dedup import dedup
     from facecluster.tasks.metrics import evaluate
@@ -263,7 +270,7 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
     from ..run import run_cluster
     from ..stages.knn import run_knn
     from ..store import RunStore
-    from ..model_files import read_model_config
+    from ..model_files import GENERAL_MODEL_DIR, read_model_config
     from ..train import ensure_proposals, load_training_data, train
 
     try:
@@ -283,6 +290,14 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
         raise BadInput(f"{train_labels}: --train-labels needs --train-features (the features they label)")
     if features is not None and variant != "default":
         raise click.BadParameter("a variant of the built-in dataset cannot apply to --features", param_hint="--variant")
+    given = None
+    if given_model is not None:
+        if baselines_only or train_features is not None:
+            raise BadInput("--model evaluates a given model: it trains nothing, so it takes neither --baselines-only "
+                           "nor --train-features")
+        given = GENERAL_MODEL_DIR if given_model == "general" else Path(given_model)
+        read_model_config(given)  # a bad directory fails before any data is made
+        seed_list = [0]
     cfg = Config.load(config_path, {"dask.n_workers": workers})
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
@@ -291,7 +306,7 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
                      train_features, train_labels)
     stores = {}
     for s, (f, lab) in paths.items():
-        if s == "train" and baselines_only and train_features is None:
+        if s == "train" and (baselines_only or given is not None) and train_features is None:
             continue  # nothing is trained; a --train-features set is still ingested for its dimension check
         run_ingest(f, str(wd / f"{s}.zarr"), labels=lab, cfg=cfg.ingest, overwrite=True)
         stores[s] = RunStore.open(str(wd / f"{s}.zarr"))
@@ -300,7 +315,8 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
     gt = test.array("labels")[:]
     builtin = f"built-in dataset ({variant}), n={n}, dim={dim}"
     result = {"source": str(features) if features else builtin,
-              "train_source": str(train_features) if train_features else "same set, other identities",
+              "train_source": (f"none: the given model {given}" if given is not None else
+                               str(train_features) if train_features else "same set, other identities"),
               "variant": None if features else variant,
               "n_train": int(stores["train"].array("features").shape[0]) if "train" in stores else 0,
               "n_test": int(len(gt)), "test_fraction": test_fraction, "split_seed": split_seed, "seeds": seed_list,
@@ -308,7 +324,7 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
     click.echo(f"{result['source']}: {result['n_train']} training faces ({result['train_source']}), "
                f"{result['n_test']} test faces; {len(seed_list)} training seeds", err=True)
     with connect(cfg.dask, quiet=True) as client:
-        if baselines_only:
+        if baselines_only or given is not None:
             run_knn(test, cfg, client)
             run_graph(test, cfg, client)
         else:
@@ -322,9 +338,12 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
         ceilings = []
         for seed in seed_list:
             scfg = dataclasses.replace(cfg, gcn=dataclasses.replace(cfg.gcn, seed=seed))
-            model = wd / f"model_seed{seed}"
             t = time.perf_counter()
-            meta = train(stores["train"], model, scfg, client, echo=log.info)
+            if given is not None:
+                model, meta = given, read_model_config(given)
+            else:
+                model = wd / f"model_seed{seed}"
+                meta = train(stores["train"], model, scfg, client, echo=log.info)
             t_train = time.perf_counter() - t
             # the whole chain on the test run (knn is reused; with an edge scorer, every seed has its own
             # edge probabilities, communities and proposals)

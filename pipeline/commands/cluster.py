@@ -46,7 +46,8 @@ FORMATS = {"gcn": format_gcn, "threshold": format_threshold, "infomap": format_i
 @click.option("--method", type=click.Choice(sorted(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="Clustering method.")
 @click.option("--model", type=click.Path(file_okay=False), default=None,
-              help="gcn method: model directory written by `facecluster train`. infomap method (optional): weigh "
+              help="gcn method: model directory written by `facecluster train` (default: the general model shipped with "
+                   "facecluster, trained on generated faces only). infomap method (optional): weigh "
                    "edges by its edge scorer's probabilities, at its floor.")
 @click.option("--th", type=float, default=None,
               help="threshold method: similarity threshold (default: derived from the data's kNN similarities).")
@@ -67,7 +68,8 @@ def command(run, method, model, th, max_size, min_sim, force, cfg):
 
     \b
     Examples:
-      facecluster cluster run.zarr --model model/                 # learned: GCN-D + GCN-S
+      facecluster cluster run.zarr                                # learned, the shipped general model
+      facecluster cluster run.zarr --model model/                 # learned, your own model
       facecluster cluster run.zarr --model model/ --scheduler tcp://host:8786
       facecluster cluster run.zarr --method threshold            # automatic threshold
       facecluster cluster run.zarr --method threshold --th 0.6
@@ -75,18 +77,16 @@ def command(run, method, model, th, max_size, min_sim, force, cfg):
       facecluster cluster run.zarr --method infomap --model model/   # on the learned affinity
     """
     from ..cluster import connect
-    from ..errors import BadInput
-    from ..methods import check_method, run_method
+    from ..methods import check_method, model_for, run_method
     from ..store import RunStore
 
     store = RunStore.open(run)
-    if method == "gcn" and not model:  # bad model input fails before a cluster is started
-        raise BadInput(f"{run}: the learned method needs a model: pass --model DIR (train one with "
-                       "`facecluster train LABELLED_RUN.zarr --out DIR`), or use --method infomap or --method threshold "
-                       "(no model needed)")
+    model, used = model_for(method, model)  # the learned method without --model: the shipped general model
     check_method(store, method, model, min_sim)
     # one writer for the whole command (a second `cluster` must not delete our _tmp arrays), taken
     # before the cluster starts; leftovers of a killed run are removed whichever method runs now
+    if used:
+        click.echo(used, err=True)
     with store.writing("cluster"), connect(cfg.dask) as client:
         summary = run_method(store, cfg, client, method, {"th": th, "max_size": max_size, "min_sim": min_sim, "force": force,
                                                         "model": model},
