@@ -46,7 +46,7 @@ import numpy as np
 
 from .config import Config
 from .errors import BadInput
-from .model_files import edge_meta, model_digest
+from .model_files import GENERAL_MODEL_DIR, edge_meta, model_digest
 from .run import stage_runners
 from .stages import add as A
 from .stages.ingest import run_ingest
@@ -105,19 +105,24 @@ def clustering_of(store: RunStore) -> dict:
                    f"threshold methods: re-run `facecluster cluster {store.url} --method {method}` on the grown data")
 
 
-def check_add_model(store: RunStore, clustering: dict, model_dir: str | None) -> None:
-    """The learned method needs the run's model (the one that scored its edges): BadInput otherwise."""
+def check_add_model(store: RunStore, clustering: dict, model_dir: str | None) -> str | None:
+    """The model an add runs with: the one given, or the general model when the run was clustered with it
+    (``cluster`` without ``--model``); None for the threshold method. BadInput when the learned method's
+    model is missing, has no edge scorer, or is not the one the run was clustered with."""
     if clustering["method"] != "gcn":
-        return
-    if not model_dir:
-        raise BadInput(f"{store.url}: was clustered by the learned method; pass the model it used (--model DIR)")
+        return None
     want = clustering["pinned"].get("model_digest")
+    if not model_dir:
+        if want and want == model_digest(GENERAL_MODEL_DIR):
+            return str(GENERAL_MODEL_DIR)
+        raise BadInput(f"{store.url}: was clustered by the learned method; pass the model it used (--model DIR)")
     if edge_meta(model_dir) is None:
         raise BadInput(f"{model_dir}: has no edge scorer (trained before facecluster 0.2); adding faces needs one: "
                        "re-train it and re-run cluster")
     if want and model_digest(model_dir) != want:
         raise BadInput(f"{model_dir}: is not the model {store.url} was clustered with; pass that model (--model), "
                        f"or re-run `facecluster cluster {store.url} --model {model_dir}`")
+    return str(model_dir)
 
 
 def additions_log(store: RunStore) -> list[dict]:
@@ -147,6 +152,7 @@ class Addition:
     skipped: dict | None = None
     t_start: float = 0.0
     seconds: float = 0.0
+    model_dir: str | None = None  # the model the add runs with (:func:`check_add_model`)
 
 
 def prepare_add(store: RunStore, src, cfg: Config, model_dir: str | None = None, labels=None,
@@ -166,11 +172,11 @@ def prepare_add(store: RunStore, src, cfg: Config, model_dir: str | None = None,
     with store.writing(STAGE):
         store.clean_tmp()  # finishes an interrupted commit, or drops a killed add's leftovers
         clustering = clustering_of(store)
-        check_add_model(store, clustering, model_dir)
+        model_dir = check_add_model(store, clustering, model_dir)
         fp, src_digest = _source_digest(src, labels)
         done = additions_log(store)
         add = Addition(str(src), None if labels is None else str(labels), clustering, fp, src_digest, done,
-                       t_start=t_start)
+                       t_start=t_start, model_dir=model_dir)
         if done and done[-1]["digest"] == src_digest and done[-1]["rows"][1] == store.array("features").shape[0]:
             echo(f"add: {src} was the last addition (rows {done[-1]['rows'][0]}..{done[-1]['rows'][1] - 1}); nothing to do")
             add.skipped = {**store.record(STAGE)["summary"], "skipped": True}
@@ -191,11 +197,12 @@ def prepare_add(store: RunStore, src, cfg: Config, model_dir: str | None = None,
 
 def finish_add(store: RunStore, add: Addition, cfg: Config, client, model_dir: str | None = None,
                echo: Callable[[str], None] | None = None) -> dict:
-    """The add itself, after :func:`prepare_add`; its summary (see the module docstring)."""
+    """The add itself, after :func:`prepare_add` (``model_dir``: default, the model it resolved); its summary
+    (see the module docstring)."""
     if add.skipped is not None:
         return add.skipped
     with store.writing(STAGE):
-        return _add(store, add, cfg, client, model_dir, echo or log.info)
+        return _add(store, add, cfg, client, model_dir or add.model_dir, echo or log.info)
 
 
 def run_add(store: RunStore, src, cfg: Config, client, model_dir: str | None = None, labels=None,

@@ -238,3 +238,22 @@ def test_cli_add_then_export(faces, tmp_path, local_client, capsys):
     store = RunStore.open(run)
     assert store.record("knn")["finished"] == knn_finished and store.owner("clusters")[0] == "clusters"
     assert store.array("clusters").shape == (len(X),) and store.stale_reason("clusters") is None
+
+
+def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, local_client, capsys):
+    """A run clustered without a model (the general model shipped in the package) takes new faces without
+    one too, through the API and the CLI; another model is refused with one line."""
+    X, y, m = _split(*faces, seed=3)
+    fc, old = _fit_then_add(X, m, tmp_path / "run.zarr", local_client, config=CFG)
+    assert fc.labels_.shape == (len(X),) and (fc.labels_ >= 0).all()
+    assert pairwise_f(y, fc.labels_)[2] > 0.5
+    unchanged, kept = _old_ids_kept(old, fc.labels_)
+    assert kept == unchanged
+    np.save(tmp_path / "more.npy", X[:5] + 1e-3)
+    run = tmp_path / "run.zarr"
+    code, err = _code_err(["add", run, tmp_path / "more.npy", "--scheduler", local_client.scheduler.address], capsys)
+    assert code == 0, err
+    assert RunStore.open(run).array("clusters").shape == (len(X) + 5,)
+    np.save(tmp_path / "again.npy", X[5:8] + 1e-3)
+    code, err = _code_err(["add", run, tmp_path / "again.npy", "--model", tmp_path], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "edge scorer" in err
