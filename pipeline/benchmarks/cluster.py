@@ -81,7 +81,8 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
             memory[name] = mem.summary()
             busy[name] = busy_shares(stream.data, list(rates), rep["seconds"])
             flop = stage_flop(name, rep.get("summary", {}), store, str(wd / "model"))
-            bound[name] = None if flop is None else round(flop / sum(rates.values()), 2)
+            # three significant digits: a small run's bound is milliseconds, which rounding to 0.01 s erased
+            bound[name] = None if flop is None else float(f"{flop / sum(rates.values()):.3g}")
             click.echo(f"{name}: {rep['seconds']:.1f}s, busy per worker {list(busy[name].values())}, peak RSS per "
                        f"worker {memory[name]['peak_rss_mib_per_worker']} MiB, driver "
                        f"{memory[name]['driver_peak_rss_mib']} MiB",
