@@ -37,7 +37,10 @@ def test_ctrl_c_exits_130_with_one_line_and_releases_the_lock(tmp_path):
     subprocess.run([sys.executable, "-m", "facecluster", "ingest", str(tmp_path / "f.npy"), "-o", str(run)],
                    check=True, env=env, capture_output=True)
     p = subprocess.Popen([sys.executable, "-m", "facecluster", "cluster", str(run), "--method", "threshold", "--workers", "2"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True,
+                         # as from a terminal: SIGINT at its default whatever this pytest process inherited or set
+                         # (a child started with SIGINT ignored keeps ignoring it: in CI the run finished, exit 0)
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for _ in range(2400):  # until the kNN stage is under way (its temporary arrays exist)
             if (run / "_tmp").exists() and any((run / "_tmp").glob("knn__*")):
