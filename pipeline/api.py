@@ -228,18 +228,32 @@ def ingest(X: Any, url: str, y: Any = None, cfg: Config | None = None) -> dict:
     from .stages.ingest import run_ingest
 
     cfg = cfg or Config()
+    with _as_files(X, y, "X", "y") as (src, labels):
+        return run_ingest(src, url, labels=labels, cfg=cfg.ingest)
+
+
+@contextlib.contextmanager
+def _as_files(X, y, x_name: str, y_name: str, fixes: dict | None = None):
+    """``X`` (and ``y``) as paths: a path as it is, an array written to a temporary .npy block by block.
+
+    A BadInput raised inside names them ``x_name`` / ``y_name`` instead of the temporary files, and
+    gives the API's fix for the CLI's (``fixes``: more CLI -> API replacements).
+    """
     with tempfile.TemporaryDirectory(prefix="facecluster-input-") as tmp:
-        src = X if _is_path(X) else Path(tmp) / "X.npy"
-        labels = y if y is None or _is_path(y) else Path(tmp) / "y.npy"
+        x_tmp, y_tmp = Path(tmp) / f"{x_name}.npy", Path(tmp) / f"{y_name}.npy"
+        src = X if _is_path(X) else x_tmp
+        labels = y if y is None or _is_path(y) else y_tmp
         if not _is_path(X):
             _write_rows(X, src)
         if y is not None and not _is_path(y):
             _write_labels(y, labels)
         try:
-            return run_ingest(src, url, labels=labels, cfg=cfg.ingest)
+            yield src, labels
         except BadInput as e:
-            msg = str(e).replace(str(Path(tmp) / "X.npy"), "X").replace(str(Path(tmp) / "y.npy"), "y")
-            raise BadInput(msg.replace("pass --drop-invalid", "set config {'ingest': {'drop_invalid': True}}")) from None
+            msg = str(e).replace(str(x_tmp), x_name).replace(str(y_tmp), y_name)
+            for cli, api in {"pass --drop-invalid": "set config {'ingest': {'drop_invalid': True}}", **(fixes or {})}.items():
+                msg = msg.replace(cli, api)
+            raise BadInput(msg) from None
 
 
 @contextlib.contextmanager
@@ -495,25 +509,14 @@ class FaceClusterer:
             raise ValueError("add needs a fitted FaceClusterer: call fit(X) first (or open the run store with store=...)")
         cfg = make_config(self.config, self.k)
         store = RunStore.open(self.run_.url)
-        with tempfile.TemporaryDirectory(prefix="facecluster-add-") as tmp:
-            src = X_new if _is_path(X_new) else Path(tmp) / "X_new.npy"
-            labels = y_new if y_new is None or _is_path(y_new) else Path(tmp) / "y_new.npy"
-            if not _is_path(X_new):
-                _write_rows(X_new, src)
-            if y_new is not None and not _is_path(y_new):
-                _write_labels(y_new, labels)
-            try:
-                model = None if self.model is None else str(self.model)
-                with store.writing("add"):
-                    add = prepare_add(store, str(src), cfg, model, None if labels is None else str(labels), log.info)
-                    self.add_summary_ = add.skipped
-                    if add.skipped is None:
-                        with connected(self.client, cfg, store.url) as client:
-                            self.add_summary_ = finish_add(store, add, cfg, client, model, log.info)
-            except BadInput as e:
-                msg = str(e).replace(str(Path(tmp) / "X_new.npy"), "X_new").replace(str(Path(tmp) / "y_new.npy"), "y_new")
-                raise BadInput(msg.replace("pass --drop-invalid", "set config {'ingest': {'drop_invalid': True}}")
-                               .replace("(--model DIR)", "(FaceClusterer(model=...))")) from None
+        model = None if self.model is None else str(self.model)
+        with _as_files(X_new, y_new, "X_new", "y_new", {"(--model DIR)": "(FaceClusterer(model=...))"}) as (src, labels):
+            with store.writing("add"):
+                add = prepare_add(store, str(src), cfg, model, None if labels is None else str(labels), log.info)
+                self.add_summary_ = add.skipped
+                if add.skipped is None:
+                    with connected(self.client, cfg, store.url) as client:
+                        self.add_summary_ = finish_add(store, add, cfg, client, model, log.info)
         self.run_ = Run(store.url)
         rows = self.run_.input_rows
         n_input = int(rows.max()) + 1 if len(rows) else 0
