@@ -229,9 +229,10 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
     paths = A.grow(store, w, new, client, prev_inputs)
     timings["copy"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    kn = A.knn(store, w, client, paths, n_old, cfg.proposals.fan_in)
+    kn = A.knn(store, w, client, paths, n_old, cfg.proposals.fan_in, cfg.knn)
     timings["knn"] = time.perf_counter() - t0
-    echo(f"add: kNN of {m} new faces; {kn['old_rows_changed']} of {n_old} old lists entered by a new face "
+    how = f"the run's IVF lists, nprobe {kn['nprobe']}" if kn["search"] == "ivf" else "exact search"
+    echo(f"add: kNN of {m} new faces ({how}); {kn['old_rows_changed']} of {n_old} old lists entered by a new face "
          f"({timings['knn']:.1f}s)")
     learned = method == "gcn"
     ed = {}
@@ -282,7 +283,8 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
     entry = {"rows": [n_old, n], "n": m, "n_input": int(summary_in.get("n_input", m)), "source": os.path.abspath(src),
              "labels": os.path.abspath(labels) if labels else None, "digest": add.digest, "fingerprint": add.fingerprint,
              "time": now_iso()}
-    summary = {"n_old": n_old, "n_new": m, "n": n, "method": method, "old_lists_changed": kn["old_rows_changed"],
+    summary = {"n_old": n_old, "n_new": m, "n": n, "method": method, "knn_search": kn["search"], "entering_pairs": kn.get("entering_pairs"),
+               "old_lists_changed": kn["old_rows_changed"],
                "edges_scored": ed.get("edges_scored"), "joined_old_clusters": int((attached >= 0).sum()),
                "reclustered": int(len(rows)),
                "n_clusters": int(len(np.unique(labels_out))), "old_cluster_ids_kept": kept,
@@ -394,7 +396,7 @@ def _commit(store: RunStore, w: StageWriter, clustering: dict, additions: list[d
     sealed = store.seal(w)
     now = now_iso()
     records = {}
-    owned = {"ingest": ["features", "input_rows", "labels"], "knn": ["knn/index", "knn/sim"]}
+    owned = {"ingest": ["features", "input_rows", "labels"], "knn": ["knn/index", "knn/sim", "knn/ivf_list"]}
     if learned:
         owned["edges"] = ["edges/prob", "edges/row_summary", "edges/first_ids"]  # the last two: runs since 0.3.1
     identities = {}

@@ -241,7 +241,7 @@ class StageWriter:
         shape = tuple(int(s) for s in shape)
         chunks = tuple(max(1, min(int(c), max(int(s), 1))) for c, s in zip(chunks, shape))
         if fill_value is None:
-            fill_value = -1 if np.dtype(dtype).kind in "iu" else 0
+            fill_value = -1 if np.dtype(dtype).kind == "i" else 0
         arr = self.store.root.create_array(
             tmp,
             shape=shape,

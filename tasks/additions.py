@@ -10,12 +10,46 @@ from __future__ import annotations
 import numpy as np
 
 from .components import components
-from .knn import merge_topk
+from .knn import IvfLists, merge_topk
+
+
+def _gemm_tolerance(norms: np.ndarray, max_norm: float, d: int) -> np.ndarray:
+    """|float32 GEMM - exact| <= 2 d u |x| |y| (any summation order), plus a margin for the rounding of kth."""
+    return (d * 2.0 ** -23 * np.asarray(norms, np.float64) * max_norm + 1e-6).astype(np.float32)
+
+
+def _max_norm(x: np.ndarray) -> float:
+    return float(np.sqrt(np.max(np.einsum("ij,ij->i", x, x, dtype=np.float64)))) if len(x) else 0.0
+
+
+def _exact(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise dot products summed in float64 and rounded once to float32: the value the kNN stage stores."""
+    return np.einsum("pd,pd->p", a, b, dtype=np.float64).astype(np.float32)
+
+
+def candidate_lists(r: np.ndarray, new_ids: np.ndarray, sim: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (row ``r``, new face ``new_ids``, exact ``sim``) as per-row candidate arrays.
+
+    Returns cand_sim, cand_index : (n_rows, c) float32 / int64, each row's candidates ordered by id (padding
+    -inf / -1), c >= 1.
+    """
+    r = np.asarray(r, np.int64)
+    new_ids = np.asarray(new_ids, np.int64)
+    counts = np.bincount(r, minlength=n_rows)
+    width = max(1, int(counts.max()) if len(counts) else 1)
+    order = np.lexsort((new_ids, r))
+    r, c, sim = r[order], new_ids[order], np.asarray(sim, np.float32)[order]
+    slot = np.arange(len(r)) - np.repeat(np.cumsum(counts) - counts, counts)
+    cand_sim = np.full((n_rows, width), -np.inf, np.float32)
+    cand_idx = np.full((n_rows, width), -1, np.int64)
+    cand_sim[r, slot] = sim
+    cand_idx[r, slot] = c
+    return cand_sim, cand_idx
 
 
 def entering(rows: np.ndarray, kth: np.ndarray, new: np.ndarray, new_ids: np.ndarray,
              tile: tuple[int, int] = (2048, 8192)) -> tuple[np.ndarray, np.ndarray]:
-    """For each old row, the new faces whose similarity may beat the row's k-th listed similarity.
+    """For each old row, the new faces whose similarity beats the row's k-th listed similarity (exact search).
 
     One float32 GEMM of the rows against the new faces (tile by tile); every pair within the GEMM's
     error bound of the k-th is re-scored exactly (float64 sums rounded once to float32: the value the
@@ -36,9 +70,7 @@ def entering(rows: np.ndarray, kth: np.ndarray, new: np.ndarray, new_ids: np.nda
     kth = np.asarray(kth, np.float32)
     d = rows.shape[1] if rows.ndim == 2 else 0
     norms_r = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64)) if len(rows) else np.zeros(0)
-    norm_n = float(np.sqrt(np.max(np.einsum("ij,ij->i", new, new, dtype=np.float64)))) if len(new) else 0.0
-    # |float32 GEMM - exact| <= 2 d u |x| |y| (any summation order), plus a margin for the rounding of kth
-    tol = (d * 2.0 ** -23 * norms_r * norm_n + 1e-6).astype(np.float32)
+    tol = _gemm_tolerance(norms_r, _max_norm(new), d)
     pr, pc = [], []
     for a in range(0, len(rows), tile[0]):
         b = min(a + tile[0], len(rows))
@@ -51,19 +83,66 @@ def entering(rows: np.ndarray, kth: np.ndarray, new: np.ndarray, new_ids: np.nda
             pc.append(c + c0)
     r = np.concatenate(pr) if pr else np.zeros(0, np.int64)
     c = np.concatenate(pc) if pc else np.zeros(0, np.int64)
-    exact = np.einsum("pd,pd->p", rows[r], new[c], dtype=np.float64).astype(np.float32)
+    exact = _exact(rows[r], new[c])
     keep = exact > kth[r]  # a new id is larger than every old one: on a tie with the k-th it stays out
-    r, c, exact = r[keep], c[keep], exact[keep]
-    counts = np.bincount(r, minlength=len(rows))
-    width = max(1, int(counts.max()) if len(counts) else 1)
-    order = np.lexsort((c, r))
-    r, c, exact = r[order], c[order], exact[order]
-    slot = np.arange(len(r)) - np.repeat(np.cumsum(counts) - counts, counts)
-    cand_sim = np.full((len(rows), width), -np.inf, np.float32)
-    cand_idx = np.full((len(rows), width), -1, np.int64)
-    cand_sim[r, slot] = exact
-    cand_idx[r, slot] = np.asarray(new_ids, np.int64)[c]
-    return cand_sim, cand_idx
+    return candidate_lists(r[keep], np.asarray(new_ids, np.int64)[c[keep]], exact[keep], len(rows))
+
+
+def entering_lists(lists: IvfLists, kth: np.ndarray, new: np.ndarray, new_ids: np.ndarray, probes: np.ndarray,
+                   n_old: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """IVF counterpart of :func:`entering`: the old faces of one :class:`IvfLists` group whose kNN list a new
+    face enters, where each new face is tried against the old faces of the lists it probes.
+
+    That is the IVF search's own approximation seen from the new face's side (the run's search found an old
+    face's neighbours in the lists *it* probes; here a new face meets the old faces of the lists the new face
+    probes, which costs one IVF search of the new faces instead of re-assigning every old face). Within the
+    probed lists nothing is missed: candidates within the float32 GEMM's error bound of a row's k-th are
+    re-scored exactly, and only exact similarities above the k-th are returned.
+
+    Parameters
+    ----------
+    lists : the group (rows with ids >= ``n_old`` are new faces and are skipped).
+    kth : (n_old,) every old face's k-th listed similarity, by global id (-inf for a padded list).
+    new : (M, d) float32 new faces, ``new_ids`` their ids, ``probes`` (M, nprobe) their probed lists (-1 pads).
+
+    Returns
+    -------
+    old_ids, entering_ids, sim : the pairs (old face, new face entering its list, exact similarity).
+    """
+    new = np.ascontiguousarray(new, np.float32)
+    new_ids = np.asarray(new_ids, np.int64)
+    kth = np.asarray(kth, np.float32)
+    probes = np.asarray(probes, np.int64)
+    d = lists.rows.shape[1] if lists.rows.ndim == 2 else 0
+    max_new = _max_norm(new)
+    qi = np.repeat(np.arange(len(new), dtype=np.int64), probes.shape[1] if probes.ndim == 2 else 0)
+    li = probes.reshape(-1)
+    order = np.argsort(li, kind="stable")
+    qi, li = qi[order], li[order]
+    valid = li >= 0
+    qi, li = qi[valid], li[valid]
+    cuts = np.flatnonzero(np.diff(li)) + 1
+    pos_all, q_all = [], []
+    for s0, s1 in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(li)]]).tolist()):
+        lst = int(li[s0])
+        a, b = int(lists.offsets[lst]), int(lists.offsets[lst + 1])
+        at = a + np.flatnonzero(lists.ids[a:b] < n_old)
+        if len(at) == 0:
+            continue
+        rows = lists.rows[at] if len(at) < b - a else lists.rows[a:b]
+        ids = lists.ids[at]
+        norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
+        lim = kth[ids] - _gemm_tolerance(norms, max_new, d)
+        qs = qi[s0:s1]
+        r, c = np.nonzero(rows @ new[qs].T >= lim[:, None])
+        pos_all.append(at[r])
+        q_all.append(qs[c])
+    pos = np.concatenate(pos_all) if pos_all else np.zeros(0, np.int64)
+    qc = np.concatenate(q_all) if q_all else np.zeros(0, np.int64)
+    exact = _exact(lists.rows[pos], new[qc])
+    old = lists.ids[pos]
+    keep = exact > kth[old]  # a new id is larger than every old one: on a tie with the k-th it stays out
+    return old[keep], new_ids[qc[keep]], exact[keep]
 
 
 def merge_entering(index: np.ndarray, sim: np.ndarray, cand_index: np.ndarray, cand_sim: np.ndarray,

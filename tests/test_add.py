@@ -257,3 +257,52 @@ def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, 
     np.save(tmp_path / "again.npy", X[5:8] + 1e-3)
     code, err = _code_err(["add", run, tmp_path / "again.npy", "--model", tmp_path], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "edge scorer" in err
+
+
+def _ivf_oracle(feats, cand_of, k):
+    """Top-k (sim descending, id ascending) of each query over its candidate ids, by exact float64 sums."""
+    out_i, out_s = [], []
+    for q, cand in cand_of:
+        s = np.einsum("pd,d->p", feats[cand], feats[q], dtype=np.float64).astype(np.float32)
+        order = np.lexsort((cand, -s.astype(np.float64)))[:k]
+        out_i.append(np.pad(cand[order], (0, k - len(order)), constant_values=-1))
+        out_s.append(np.pad(s[order], (0, k - len(order)), constant_values=-np.inf))
+    return np.array(out_i), np.array(out_s)
+
+
+def test_ivf_run_adds_through_its_own_lists(faces, tmp_path, local_client):
+    """A run searched through IVF lists keeps its quantizer; an add assigns the new faces to the run's lists,
+    searches them with the run's nprobe (their lists = exact top-k over the faces of their probed lists), and
+    merges into each old list the new faces that probe its list and beat its k-th (oracle: brute force)."""
+    from facecluster.tasks import knn as K
+
+    X, y, m = _split(*faces, seed=3)
+    k, nprobe = 20, 3
+    cfg = {"knn": {"k": k, "mode": "ivf", "nlist": 12, "nprobe": nprobe}}
+    fc = facecluster.FaceClusterer(client=local_client, store=tmp_path / "run.zarr", method="threshold", config=cfg)
+    fc.fit(X[:-m])
+    run = RunStore.open(fc.run_.url)
+    before = {name: run.array(name)[:] for name in ("knn/index", "knn/sim", "knn/ivf_list")}
+    index = K.load_ivf(run.array("knn/ivf_quantizer")[:])
+    fc.add(X[-m:])
+    assert fc.add_summary_["knn_search"] == "ivf"
+    run = RunStore.open(fc.run_.url)
+    feats = run.array("features")[:]
+    n_old, n = len(X) - m, len(X)
+    lists = run.array("knn/ivf_list")[:]
+    assert len(lists) == n and np.array_equal(lists[:n_old], before["knn/ivf_list"])
+    np.testing.assert_array_equal(lists[n_old:], K.ivf_assign(index, feats[n_old:], 1)[:, 0])
+    probes = K.ivf_assign(index, feats[n_old:], nprobe)
+    # the new faces: exact top-k among every face (old or new) in the lists they probe
+    new_i, new_s = _ivf_oracle(feats, [(q, np.setdiff1d(np.flatnonzero(np.isin(lists, probes[q - n_old])), [q]))
+                                       for q in range(n_old, n)], k)
+    np.testing.assert_array_equal(run.array("knn/index")[n_old:], new_i)
+    np.testing.assert_array_equal(run.array("knn/sim")[n_old:], new_s)
+    # the old faces: the stored list plus the new faces that probe its list and beat its k-th
+    probed_by = [np.flatnonzero((probes == lists[i]).any(1)) + n_old for i in range(n_old)]
+    old_i, old_s = _ivf_oracle(feats, [(i, np.concatenate([before["knn/index"][i], probed_by[i]])) for i in range(n_old)], k)
+    entered = (old_i >= n_old).any(1)
+    assert entered.sum() > n_old // 10  # the test exercises entering lists
+    np.testing.assert_array_equal(run.array("knn/index")[:n_old], old_i)
+    np.testing.assert_array_equal(run.array("knn/sim")[:n_old], old_s)
+    assert run.verify()[0] == []

@@ -2,7 +2,9 @@
 
 Setup (not timed): the built-in dataset, ``--n`` faces (``facecluster.tasks.synth.make_faces``) in a
 seeded random order, the first 95% and the last 5% written as two feature files; for the learned
-method a model trained on a disjoint labelled split (``--train-n`` faces).
+method a model trained on a disjoint labelled split (``--train-n`` faces). Both runs search kNN the same
+way, exact below ``knn.ivf_min_n`` faces in all and through IVF lists from there (the add then searches
+the new faces through the 95% run's stored lists and nprobe).
 
 Timed, on one LocalCluster of ``--workers`` processes x 1 thread:
 
@@ -48,11 +50,13 @@ def _cluster(url: str, feats: Path, cfg, client, method: str, model: str | None)
 @click.option("--train-n", type=int, default=20_000, show_default=True, help="Faces of the training split (gcn).")
 @click.option("--epochs", type=int, default=5, show_default=True, help="Training epochs (setup, not timed).")
 @click.option("--dim", type=int, default=256, show_default=True)
+@click.option("--knn-mode", type=click.Choice(["auto", "exact", "ivf"]), default="auto", show_default=True,
+              help="kNN search of both runs (auto: IVF from knn.ivf_min_n faces in all).")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True, help="Order of the faces (which 5% are added).")
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-add", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result (default bench-add.json).")
-def command(n, share, method, train_n, epochs, dim, workers, seed, workdir, out):
+def command(n, share, method, train_n, epochs, dim, knn_mode, workers, seed, workdir, out):
     """Time of adding 5% of the faces as a share of clustering all of them afresh; peak memory per worker.
 
     \b
@@ -73,6 +77,11 @@ def command(n, share, method, train_n, epochs, dim, workers, seed, workdir, out)
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     cfg = Config.from_dict({"dask": {"n_workers": workers}, "gcn": {"epochs": epochs}})
+    # one kNN mode for the 95% run and the full run, chosen by the full run's size: the base run would
+    # otherwise fall under knn.ivf_min_n and be searched exactly while the full run uses IVF lists
+    if knn_mode == "auto":
+        knn_mode = "ivf" if n >= cfg.knn.ivf_min_n else "exact"
+    cfg = Config.from_dict({"dask": {"n_workers": workers}, "gcn": {"epochs": epochs}, "knn": {"mode": knn_mode}})
     feats, labels = make_faces(n, dim=dim, seed=2)
     order = np.random.default_rng(seed).permutation(n)
     feats, labels = feats[order], labels[order]
@@ -82,7 +91,8 @@ def command(n, share, method, train_n, epochs, dim, workers, seed, workdir, out)
     np.save(wd / "all.npy", feats)
     del feats
     model = None
-    result = {"n": n, "added": m, "share": share, "method": method, "dim": dim, "workers": workers, "seed": seed}
+    result = {"n": n, "added": m, "share": share, "method": method, "dim": dim, "workers": workers, "seed": seed,
+              "knn_mode": knn_mode}
     with connect(cfg.dask, quiet=True) as client:
         if method == "gcn":
             model = str(wd / "model")
@@ -112,6 +122,7 @@ def command(n, share, method, train_n, epochs, dim, workers, seed, workdir, out)
         quality[name] = {"pairwise_f": round(pairwise_f(labels, lab)[2], 4), "bcubed_f": round(bcubed_f(labels, lab)[2], 4)}
     result.update({"cluster_95_seconds": round(t_base, 2), "add_seconds": round(t_add, 2), "full_seconds": round(t_full, 2),
                    "add_over_full": round(t_add / t_full, 3), "add_steps_seconds": summary["seconds"],
+                   "add_knn_search": summary.get("knn_search"), "entering_pairs": summary.get("entering_pairs"),
                    "reclustered": summary["reclustered"], "old_lists_changed": summary["old_lists_changed"],
                    "edges_scored": summary.get("edges_scored"), "joined_old_clusters": summary.get("joined_old_clusters"),
                    "old_cluster_ids_kept": summary["old_cluster_ids_kept"], "old_clusters": summary["old_clusters"],

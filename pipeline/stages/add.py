@@ -6,9 +6,12 @@ journalled step (a crash before the commit leaves the run as it was; a crash dur
 the next writing command):
 
 * ``features``, ``input_rows`` (and ``labels``): the old rows, then the new ones;
-* ``knn/index``, ``knn/sim``: the new faces' lists, exact search against every face (old and new), and
-  every old list a new face enters (an exact search of the old faces against the new ones, merged into
-  the stored lists: the lists exact search over all faces gives);
+* ``knn/index``, ``knn/sim``: the new faces' lists and every old list a new face enters, merged into the
+  stored lists. A run searched exactly: exact search of the new faces against every face, and of the old
+  faces against the new ones (the lists exact search over all faces gives). A run searched through IVF
+  lists: the new faces join the run's lists (its stored quantizer, ``knn/ivf_list`` grown) and are searched
+  as the kNN stage searches (the run's nprobe, exact re-scoring), and an old face's list gains the new
+  faces that probe its list and beat its k-th (runs from before the quantizer was stored: exact);
 * ``edges/prob`` (learned method): every edge of a new face scored, and every edge from an old face to
   a new one; an old face's other edges keep their stored probability. (Strictly, an edge's inputs read
   both ends' whole lists, so a list that gained a new face shifts the inputs of all its edges a little;
@@ -20,6 +23,7 @@ The re-clustering itself (which method, on which rows) is :mod:`facecluster.pipe
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 
@@ -31,10 +35,13 @@ from ..cluster import worker_threads
 from ..forest import row_chunks
 from ..progress import wait_futures
 from ..store import RunStore, StageWriter, open_array
+from facecluster.tasks.additions import candidate_lists, entering, entering_lists, merge_entering
+
 from .edges import summary_task
-from .knn import merge_task
+from .knn import QUANTIZER, clear_cache, index_of, ivf_group, merge_task, plan
 
 STAGE = "add"
+log = logging.getLogger(__name__)
 
 
 # -- worker tasks -------------------------------------------------------------------------------
@@ -61,8 +68,6 @@ def knn_group_task(url: str, paths: dict, g0: int, g1: int, n_old: int, k: int) 
     q = np.ascontiguousarray(feats[n_old:n], dtype=np.float32)
     q_ids = np.arange(n_old, n, dtype=np.int64)
     new_lists = K.knn_flat(K.flat_index(db), q, q_ids, np.arange(g0, g1, dtype=np.int64), k)
-    from facecluster.tasks.additions import entering, merge_entering
-
     changed = np.zeros(0, bool)
     o1 = min(g1, n_old)
     if o1 > g0:
@@ -79,6 +84,50 @@ def write_lists_task(url: str, paths: dict, r0: int, r1: int, lists) -> int:
     open_array(url, paths["knn/index"], "r+")[r0:r1] = idx
     open_array(url, paths["knn/sim"], "r+")[r0:r1] = sim
     return r1 - r0
+
+
+def grow_lists_task(url: str, paths: dict, r0: int, r1: int, n_old: int, trained: np.ndarray) -> int:
+    """Rows [r0, r1) of the grown ``knn/ivf_list``: an old face's list copied, a new face's list assigned by
+    the run's quantizer (nearest centroid, as the kNN stage assigns)."""
+    K.set_threads(worker_threads())
+    out = np.empty(r1 - r0, np.int64)
+    o1 = min(r1, n_old)
+    if o1 > r0:
+        out[:o1 - r0] = open_array(url, "knn/ivf_list")[r0:o1]
+    if r1 > n_old:
+        a = max(r0, n_old)
+        feats = np.ascontiguousarray(open_array(url, paths["features"])[a:r1], np.float32)
+        out[a - r0:] = K.ivf_assign(index_of(trained), feats, 1)[:, 0]
+    open_array(url, paths["knn/ivf_list"], "r+")[r0:r1] = out
+    return r1 - r0
+
+
+def ivf_search_task(url: str, paths: dict, q0: int, q1: int, g0: int, g1: int, n_old: int, k: int, margin: int,
+                    nprobe: int, budget: int, trained: np.ndarray, kth: np.ndarray) -> dict:
+    """New faces [q0, q1) against the grown run's rows [g0, g1) through the run's IVF lists: their top-k there
+    (for the merge), and the (old face, new face, similarity) pairs where a new face enters an old list."""
+    K.set_threads(worker_threads())
+    group = ivf_group(url, g0, g1, trained, paths["knn/ivf_list"], budget, features=paths["features"])
+    q = np.ascontiguousarray(open_array(url, paths["features"])[q0:q1], np.float32)
+    q_ids = np.arange(q0, q1, dtype=np.int64)
+    probes = K.ivf_assign(index_of(trained), q, nprobe)
+    return {"new": K.knn_ivf_lists(group, q, q_ids, probes, k, margin),
+            "entering": entering_lists(group, kth, q, q_ids, probes, n_old)}
+
+
+def merge_old_task(url: str, paths: dict, r0: int, r1: int, k: int, pairs: tuple) -> np.ndarray:
+    """Old rows [r0, r1) of the grown lists: the stored lists with the entering new faces ``pairs`` (old id,
+    new id, similarity) merged in; returns which rows changed."""
+    idx = open_array(url, "knn/index")[r0:r1]
+    sim = open_array(url, "knn/sim")[r0:r1]
+    old, new, s = pairs
+    changed = np.zeros(r1 - r0, bool)
+    if len(old):
+        cand_sim, cand_idx = candidate_lists(np.asarray(old) - r0, new, s, r1 - r0)
+        sim, idx, changed = merge_entering(idx, sim, cand_idx, cand_sim, k)
+    open_array(url, paths["knn/index"], "r+")[r0:r1] = idx
+    open_array(url, paths["knn/sim"], "r+")[r0:r1] = sim
+    return changed
 
 
 def stats_task(url: str, paths: dict) -> dict:
@@ -228,8 +277,22 @@ def grow(store: RunStore, w: StageWriter, new: RunStore, client, input_offset: i
     return {name: w.tmp_path(name) for name, _, _ in arrays}
 
 
-def knn(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, fan_in: int) -> dict:
-    """The grown ``knn/index``/``knn/sim``; returns {"changed": (N,) bool of rows whose list changed, ...}."""
+def ivf_of(store: RunStore) -> dict | None:
+    """The run's IVF search (mode, nprobe, margin) when its kNN stage stored its quantizer, else None."""
+    rec = store.record("knn") or {}
+    summary, params = rec.get("summary") or {}, rec.get("params") or {}
+    if summary.get("mode") != "ivf":
+        return None
+    if not (store.has(QUANTIZER) and store.has("knn/ivf_list")):
+        log.warning("add: this run's IVF quantizer is not stored (kNN from before 0.4.1): the new faces are searched "
+                    "exactly (slower; re-run `facecluster knn --force` to store it)")
+        return None
+    return {"nprobe": int(summary["nprobe"]), "margin": int(params.get("margin", 16)), "nlist": int(summary["nlist"])}
+
+
+def knn(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, fan_in: int, kc) -> dict:
+    """The grown ``knn/index``/``knn/sim`` (and ``knn/ivf_list`` for an IVF run); returns {"changed": (N,) bool
+    of rows whose list changed, "search": "exact" | "ivf", ...}."""
     index = store.array("knn/index")
     k = int(index.shape[1])
     r = int(index.chunks[0])
@@ -237,6 +300,9 @@ def knn(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, fan_in
     w.create_array("knn/index", (n, k), (r, k), np.int64)
     w.create_array("knn/sim", (n, k), (r, k), np.float32, fill_value=-np.inf)
     paths.update({"knn/index": w.tmp_path("knn/index"), "knn/sim": w.tmp_path("knn/sim")})
+    ivf = ivf_of(store)
+    if ivf is not None:
+        return _knn_ivf(store, w, client, paths, n_old, n, k, r, kc, ivf)
     token = uuid.uuid4().hex[:8]
     # database groups of whole chunks, about 2 per worker and at most 262,144 rows (256 MiB at d = 256)
     n_workers = max(1, len(client.scheduler_info().get("workers", {})))
@@ -254,7 +320,59 @@ def knn(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, fan_in
     changed = np.ones(n, bool)
     for p in done:
         changed[p["g0"]:p["g0"] + len(p["changed"])] = p["changed"]
-    return {"changed": changed, "k": k, "groups": len(groups), "old_rows_changed": int(changed[:n_old].sum())}
+    return {"changed": changed, "k": k, "groups": len(groups), "old_rows_changed": int(changed[:n_old].sum()),
+            "search": "exact"}
+
+
+def _knn_ivf(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, n: int, k: int, r: int, kc,
+             ivf: dict) -> dict:
+    """An IVF run's grown lists: new faces assigned to the run's lists and searched with its nprobe; every
+    old list merged with the new faces that enter it (see :func:`entering_lists`)."""
+    token = uuid.uuid4().hex[:8]
+    d = int(store.root[paths["features"]].shape[1])
+    lists = store.array("knn/ivf_list")
+    w.create_array("knn/ivf_list", (n,), lists.chunks, np.int64)
+    paths["knn/ivf_list"] = w.tmp_path("knn/ivf_list")
+    trained, kth = client.scatter([np.asarray(store.array(QUANTIZER)[:], np.uint8),
+                                   np.asarray(store.array("knn/sim")[:, -1], np.float32)], broadcast=True)
+    wait_futures([client.submit(grow_lists_task, store.url, paths, a, b, n_old, trained,
+                                key=f"add-ivf-lists-{a}-{token}") for a, b in row_chunks(n, int(lists.chunks[0]))],
+                 "add: IVF lists")
+    workers = list(client.scheduler_info().get("workers", {}).values())
+    pl = plan(n, d, r, k, kc, workers, True, ivf["nprobe"], ivf["nlist"])
+    groups = [(a, min(a + pl["db_rows"], n)) for a in range(0, n, pl["db_rows"])]
+    m = n - n_old
+    q_rows = max(1024, -(-m // (4 * max(1, pl["threads"]))))
+    blocks = [(a, min(a + q_rows, n)) for a in range(n_old, n, q_rows)]
+    # group-major order: a worker works through one database group at a time (its cache holds it)
+    parts = [[client.submit(ivf_search_task, store.url, paths, q0, q1, g0, g1, n_old, k, ivf["margin"], ivf["nprobe"],
+                            pl["budget"], trained, kth, key=f"add-ivf-search-{q0}-{g0}-{token}") for q0, q1 in blocks]
+             for g0, g1 in groups]
+    done = wait_futures([f for g in parts for f in g], "add: knn (IVF)")
+    client.run(clear_cache)
+    by_block = [[done[gi * len(blocks) + bi] for gi in range(len(groups))] for bi in range(len(blocks))]
+    new_lists = [K.merge_topk_many([p["new"] for p in ps], k) for ps in by_block]
+    old = np.concatenate([p["entering"][0] for p in done])
+    new = np.concatenate([p["entering"][1] for p in done])
+    sim = np.concatenate([p["entering"][2] for p in done])
+    order = np.argsort(old, kind="stable")
+    old, new, sim = old[order], new[order], sim[order]
+    futs, starts = [], []
+    for a, b in row_chunks(n_old, r):
+        i0, i1 = np.searchsorted(old, [a, b])
+        futs.append(client.submit(merge_old_task, store.url, paths, a, b, k, (old[i0:i1], new[i0:i1], sim[i0:i1]),
+                                  key=f"add-ivf-merge-{a}-{token}"))
+        starts.append(a)
+    changed = np.ones(n, bool)
+    for a, ch in zip(starts, wait_futures(futs, "add: knn (old lists)")):
+        changed[a:a + len(ch)] = ch
+    # the new rows last: the chunk holding both old and new rows is written by one task at a time
+    new_sim = np.concatenate([x[0] for x in new_lists])
+    new_idx = np.concatenate([x[1] for x in new_lists])
+    wait_futures([client.submit(write_lists_task, store.url, paths, n_old, n, (new_sim, new_idx),
+                                key=f"add-knn-write-{token}")], "add: knn")
+    return {"changed": changed, "k": k, "groups": len(groups), "old_rows_changed": int(changed[:n_old].sum()),
+            "search": "ivf", "nprobe": ivf["nprobe"], "entering_pairs": int(len(old))}
 
 
 def edges(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, model_dir: str, digest: str) -> dict:

@@ -3,7 +3,9 @@
 Reads ``features`` (N x d float32, row chunks of R) written by ingest; writes
 ``knn/index`` (N x k int64) and ``knn/sim`` (N x k float32), chunks (R, k), each row
 sorted by similarity descending then neighbour id ascending, self excluded.
-IVF mode also writes ``knn/ivf_list`` (N int64: the inverted list of every face).
+IVF mode also writes ``knn/ivf_list`` (N int64: the inverted list of every face) and
+``knn/ivf_quantizer`` (the trained quantizer, faiss's serialised bytes as uint8), so ``facecluster add``
+searches new faces through the same lists with the run's nprobe.
 
 How the work is cut
 -------------------
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "knn"
 FEATURES = "features"
+QUANTIZER = "knn/ivf_quantizer"
 # measured single-core speed of IndexFlatIP search (multiply-adds/s) with an AVX-512/AVX2
 # OpenBLAS kernel; used only to size tasks, never for results
 FLAT_MACS_PER_S = 3.0e10
@@ -103,8 +106,8 @@ def worker_blas(precision: str | None = None) -> dict:
     return info
 
 
-def _rows(url: str, r0: int, r1: int) -> np.ndarray:
-    return np.ascontiguousarray(open_array(url, FEATURES)[r0:r1], dtype=np.float32)
+def _rows(url: str, r0: int, r1: int, features: str = FEATURES) -> np.ndarray:
+    return np.ascontiguousarray(open_array(url, features)[r0:r1], dtype=np.float32)
 
 
 def _flat_group(url: str, g0: int, g1: int, budget: int):
@@ -130,16 +133,19 @@ def _precision(kernel: dict | None) -> str:
     return K.choose_precision(kernel["precision"])["precision"]
 
 
-def _ivf_group(url: str, g0: int, g1: int, trained: np.ndarray, list_path: str, budget: int):
-    nlist = _index_of(trained).nlist  # outside build(): _cached holds _CACHE_LOCK while building
+def ivf_group(url: str, g0: int, g1: int, trained: np.ndarray, list_path: str, budget: int,
+              features: str = FEATURES) -> K.IvfLists:
+    """Rows [g0, g1) of ``features`` grouped by their lists in ``list_path`` (cached per worker)."""
+    nlist = index_of(trained).nlist  # outside build(): _cached holds _CACHE_LOCK while building
 
     def build():
-        rows = _rows(url, g0, g1)
+        rows = _rows(url, g0, g1, features)
         lists = np.asarray(open_array(url, list_path)[g0:g1], dtype=np.int64)
         group = K.IvfLists(rows, np.arange(g0, g1, dtype=np.int64), lists, nlist)
         return group, group.nbytes
 
-    return _cached(("ivf", url, g0, g1, list_path, hash(bytes(np.asarray(trained)[-4096:]))), budget, build)
+    key = ("ivf", url, features, g0, g1, list_path, hash(bytes(np.asarray(trained)[-4096:])))
+    return _cached(key, budget, build)
 
 
 def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None, kernel=None):
@@ -161,16 +167,17 @@ def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None, kern
             return K.knn_bf16(_bf16_group(url, g0, g1, budget), q, q_ids, db_ids, k, kernel.get("margin", margin))
         return K.knn_flat(_flat_group(url, g0, g1, budget), q, q_ids, db_ids, k, margin)
     trained, list_path, probes = ivf["trained"], ivf["list_path"], ivf["probes"]
-    group = _ivf_group(url, g0, g1, trained, list_path, budget)
+    group = ivf_group(url, g0, g1, trained, list_path, budget)
     if isinstance(probes, int):
-        probes = K.ivf_assign(_index_of(trained), q, probes)
+        probes = K.ivf_assign(index_of(trained), q, probes)
     return K.knn_ivf_lists(group, q, q_ids, probes, k, margin)
 
 
 _TRAINED: dict = {}
 
 
-def _index_of(trained: np.ndarray):
+def index_of(trained: np.ndarray):
+    """The trained IVF index of serialised bytes ``trained`` (deserialised once per worker)."""
     key = hash(bytes(np.asarray(trained)[-4096:])), len(trained)
     with _CACHE_LOCK:
         if key not in _TRAINED:
@@ -223,7 +230,7 @@ def train_task(nlist, seed, niter, *samples) -> np.ndarray:
 def assign_task(url, list_path, r0, r1, trained) -> int:
     """Write the inverted list of faces [r0, r1) into ``knn/ivf_list``."""
     K.set_threads(worker_threads())
-    lists = K.ivf_assign(_index_of(trained), _rows(url, r0, r1), 1)[:, 0]
+    lists = K.ivf_assign(index_of(trained), _rows(url, r0, r1), 1)[:, 0]
     open_array(url, list_path, "r+")[r0:r1] = lists
     return r1 - r0
 
@@ -234,7 +241,7 @@ def _pair(a, b):
 
 def probes_task(trained, x, nprobe) -> np.ndarray:
     K.set_threads(worker_threads())
-    return K.ivf_assign(_index_of(trained), x, nprobe)
+    return K.ivf_assign(index_of(trained), x, nprobe)
 
 
 # -- planning (driver) ------------------------------------------------------------------------------
@@ -462,6 +469,7 @@ def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dic
     trained = client.submit(train_task, nlist, 1234, kc.train_iter, *parts, key=f"knn-ivf-train-{token}")
     wait_futures([trained], "knn-train", gather=False)
     t_train = time.perf_counter() - t0
+    w.write_array(QUANTIZER, np.asarray(trained.result(), dtype=np.uint8))
     w.create_array("knn/ivf_list", (n,), (r,), np.int64)
     list_path = w.tmp_path("knn/ivf_list")
     span = r * max(1, int(1e11 / max(nlist * d, 1)) // r)  # ~a few seconds of quantizer search per task
