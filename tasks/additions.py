@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from .components import components
-from .knn import IvfLists, merge_topk
+from .knn import IvfLists, merge_topk, probe_groups
 
 
 def _gemm_tolerance(norms: np.ndarray, max_norm: float, d: int) -> np.ndarray:
@@ -115,16 +115,8 @@ def entering_lists(lists: IvfLists, kth: np.ndarray, new: np.ndarray, new_ids: n
     probes = np.asarray(probes, np.int64)
     d = lists.rows.shape[1] if lists.rows.ndim == 2 else 0
     max_new = _max_norm(new)
-    qi = np.repeat(np.arange(len(new), dtype=np.int64), probes.shape[1] if probes.ndim == 2 else 0)
-    li = probes.reshape(-1)
-    order = np.argsort(li, kind="stable")
-    qi, li = qi[order], li[order]
-    valid = li >= 0
-    qi, li = qi[valid], li[valid]
-    cuts = np.flatnonzero(np.diff(li)) + 1
     pos_all, q_all = [], []
-    for s0, s1 in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(li)]]).tolist()):
-        lst = int(li[s0])
+    for lst, qs in probe_groups(probes):
         a, b = int(lists.offsets[lst]), int(lists.offsets[lst + 1])
         at = a + np.flatnonzero(lists.ids[a:b] < n_old)
         if len(at) == 0:
@@ -133,7 +125,6 @@ def entering_lists(lists: IvfLists, kth: np.ndarray, new: np.ndarray, new_ids: n
         ids = lists.ids[at]
         norms = np.sqrt(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))
         lim = kth[ids] - _gemm_tolerance(norms, max_new, d)
-        qs = qi[s0:s1]
         r, c = np.nonzero(rows @ new[qs].T >= lim[:, None])
         pos_all.append(at[r])
         q_all.append(qs[c])

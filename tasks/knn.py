@@ -722,23 +722,12 @@ class IvfLists:
             pr = probes[:, stage]
             if pr.size == 0:
                 continue
-            qi = np.repeat(np.arange(nq, dtype=np.int64), pr.shape[1])
-            li = pr.reshape(-1)
-            order = np.argsort(li, kind="stable")
-            qi, li = qi[order], li[order]
-            valid = li >= 0
-            qi, li = qi[valid], li[valid]
-            cuts = np.flatnonzero(np.diff(li)) + 1
-            starts = np.concatenate([[0], cuts])
-            ends = np.concatenate([cuts, [len(li)]])
             buf = [kept]
             n_buf = len(kept[0])
-            for s0, s1 in zip(starts.tolist(), ends.tolist()):
-                lst = int(li[s0])
+            for lst, qs in probe_groups(pr):
                 a, b = int(self.offsets[lst]), int(self.offsets[lst + 1])
                 if a == b:
                     continue
-                qs = qi[s0:s1]
                 sims = q[qs] @ self.rows[a:b].T
                 hit = np.flatnonzero(sims >= tau[qs, None])
                 if len(hit):
@@ -757,6 +746,21 @@ class IvfLists:
             D[qi, rank] = sim
             L[qi, rank] = loc
         return D, L
+
+
+def probe_groups(probes: np.ndarray):
+    """Yield (list id, positions of the queries probing it) for every probed list, in list order (-1 pads
+    skipped; a list's queries in ascending order)."""
+    probes = np.asarray(probes, dtype=np.int64)
+    qi = np.repeat(np.arange(len(probes), dtype=np.int64), probes.shape[1] if probes.ndim == 2 else 0)
+    li = probes.reshape(-1)
+    order = np.argsort(li, kind="stable")
+    qi, li = qi[order], li[order]
+    valid = li >= 0
+    qi, li = qi[valid], li[valid]
+    cuts = np.flatnonzero(np.diff(li)) + 1
+    for s0, s1 in zip(np.concatenate([[0], cuts]).tolist(), np.concatenate([cuts, [len(li)]]).tolist()):
+        yield int(li[s0]), qi[s0:s1]
 
 
 def _rank_in_group(qi: np.ndarray) -> np.ndarray:
