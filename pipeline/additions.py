@@ -44,6 +44,9 @@ from typing import Callable
 
 import numpy as np
 
+from facecluster.tasks.additions import attach_new, keep_ids
+from facecluster.tasks.thresholds import edge_floor
+
 from .config import Config
 from .errors import BadInput
 from .model_files import GENERAL_MODEL_DIR, edge_meta, model_digest
@@ -268,8 +271,6 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
     timings["recluster"] = time.perf_counter() - t0
     echo(f"add: {int((attached >= 0).sum())} new faces joined an old cluster; {len(rows)} faces re-clustered "
          f"({int((rows < n_old).sum())} old; {timings['recluster']:.1f}s)")
-    from facecluster.tasks.additions import keep_ids
-
     ids, _ = keep_ids(old_labels, rows, sub_labels, next_id)
     labels_out[rows] = ids
     w.write_array("clusters", labels_out, chunks=(max(1, min(n, 1 << 20)),))
@@ -300,8 +301,6 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
 def _follow_anchor(store: RunStore, client, paths: dict, pinned: dict) -> bool:
     """Threshold method at the data's automatic threshold: re-read the anchor on the grown kNN lists (as
     clustering all faces afresh would) and update ``pinned``; True when it moved."""
-    from facecluster.tasks.thresholds import edge_floor
-
     anchor = client.submit(A.anchor_task, store.url, paths, key=f"add-anchor-{uuid.uuid4().hex[:8]}").result()
     if float(anchor["anchor"]) == float(pinned["th"]):
         return False
@@ -334,8 +333,6 @@ def _learned_targets(store: RunStore, paths: dict, old_labels: np.ndarray, n_old
     Why not re-cluster every component a new face touches: at 5% added nearly every identity of more than
     a few faces gains one, and the closure held 92% of the faces (20k built-in faces: the add took 0.88
     of a full run, for the same F)."""
-    from facecluster.tasks.additions import attach_new
-
     meta = edge_meta(model_dir)
     floor = float(meta["floor"])
     level = floor

@@ -35,9 +35,13 @@ from ..cluster import worker_threads
 from ..forest import row_chunks
 from ..progress import wait_futures
 from ..store import RunStore, StageWriter, open_array
-from facecluster.tasks.additions import candidate_lists, entering, entering_lists, merge_entering
+from facecluster.tasks.additions import (affected_rows, candidate_lists, carried_over, cluster_links, entering,
+                                         entering_lists, merge_entering, sub_lists)
+from facecluster.tasks.components import chunk_forest
+from facecluster.tasks.thresholds import auto_threshold
 
-from .edges import summary_task
+from .edges import edge_scorer, summary_task
+from .graph import SAMPLE_ROWS
 from .knn import QUANTIZER, clear_cache, index_of, ivf_group, merge_task, plan
 
 STAGE = "add"
@@ -132,7 +136,7 @@ def merge_old_task(url: str, paths: dict, r0: int, r1: int, k: int, pairs: tuple
 
 def stats_task(url: str, paths: dict) -> dict:
     """The grown run's similarity scale (as the edges stage reads it, from the same stride sample)."""
-    from facecluster.tasks.edges import sample_rows, sim_stats
+    from facecluster.tasks.edges import sample_rows, sim_stats  # imports torch: on the worker only, not in the CLI
 
     idx = open_array(url, paths["knn/index"])
     rows = sample_rows(idx.shape[0])
@@ -144,12 +148,9 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
     """``edges/prob`` rows [r0, r1) of the grown run: every edge of a new face's row, and every edge of an old
     row that leads to a new face, scored; an old row's other edges keep their stored probability (they keep
     their order in the merged list, so they are its first entries, in order)."""
-    import torch
+    import torch  # here and below: on the worker only, so the CLI starts without torch
 
-    from facecluster.tasks.additions import carried_over
     from facecluster.tasks.edges import SNN_M, SimStats, edge_inputs, gather_positions, predict_edges
-
-    from .edges import _scorer as scorer
 
     torch.set_num_threads(worker_threads())
     zi, zs = open_array(url, paths["knn/index"]), open_array(url, paths["knn/sim"])
@@ -172,7 +173,7 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
             nbr_idx = np.concatenate([zi.get_orthogonal_selection((uniq, slice(0, m_snn))),
                                       np.full((1, m_snn), -1, np.int64)])
             x = edge_inputs(r0 + rows, ridx, sim[old][rows], pos, nbr_sim, nbr_idx, SimStats.from_dict(stats))
-            p = predict_edges(scorer(model_dir, digest), x[want[rows]][:, None, :])[:, 0]
+            p = predict_edges(edge_scorer(model_dir, digest), x[want[rows]][:, None, :])[:, 0]
             sub = out[old][rows]
             sub[want[rows]] = p
             out[rows] = sub
@@ -183,7 +184,7 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
         uniq, pos = gather_positions(nidx)
         x = edge_inputs(np.arange(r0 + a, r1), nidx, sim[a:], pos, zs.get_orthogonal_selection((uniq, slice(None))),
                         zi.get_orthogonal_selection((uniq, slice(0, m_snn))), SimStats.from_dict(stats))
-        out[a:] = predict_edges(scorer(model_dir, digest), x)
+        out[a:] = predict_edges(edge_scorer(model_dir, digest), x)
         scored += int((nidx >= 0).sum())
     open_array(url, paths["edges/prob"], "r+")[r0:r1] = out
     return scored
@@ -191,10 +192,6 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
 
 def anchor_task(url: str, paths: dict) -> dict:
     """The grown run's anchor threshold, read as the graph stage reads it (same stride sample of rows)."""
-    from facecluster.tasks.thresholds import auto_threshold
-
-    from .graph import SAMPLE_ROWS
-
     z, idx = open_array(url, paths["knn/sim"]), open_array(url, paths["knn/index"])
     n = z.shape[0]
     rows = np.arange(0, n, max(1, -(-n // SAMPLE_ROWS)))
@@ -207,8 +204,6 @@ def anchor_task(url: str, paths: dict) -> dict:
 def closure_task(url: str, paths: dict, r0: int, r1: int, t_cos: float | None, t_prob: float | None) -> tuple:
     """The forest of rows [r0, r1)'s kNN edges at cosine >= ``t_cos`` and at P >= ``t_prob``: what ties faces
     into one re-clustering unit (the components of these edges are those of the whole edge set)."""
-    from facecluster.tasks.components import chunk_forest
-
     idx = open_array(url, paths["knn/index"])[r0:r1]
     src, dst = [], []
     for weights, t in (("knn/sim", t_cos), ("edges/prob", t_prob)):
@@ -225,8 +220,6 @@ def sub_rows_task(url: str, paths: dict, sub_url: str, out: dict, rows: np.ndarr
     """Sub-run rows [s0, s1) (global ids ``rows[s0:s1]``) of the arrays named in ``out`` (name -> path in the
     sub-run): features, input rows (the global ids), kNN lists renumbered (neighbours outside the sub-run
     dropped) and their edge probabilities (permuted as the lists)."""
-    from facecluster.tasks.additions import sub_lists
-
     g = np.asarray(rows[s0:s1], np.int64)
 
     def put(name, values):
@@ -405,8 +398,6 @@ def affected(store: RunStore, client, paths: dict, n: int, old_labels: np.ndarra
              t_cos: float | None, t_prob: float | None) -> np.ndarray:
     """The faces to re-cluster: everything connected to a seed by an edge at cosine >= ``t_cos`` or
     P >= ``t_prob``, or by membership of one old cluster (bool mask over the grown run)."""
-    from facecluster.tasks.additions import affected_rows, cluster_links
-
     r = int(store.root[paths["knn/index"]].chunks[0])
     token = uuid.uuid4().hex[:8]
     parts = wait_futures([client.submit(closure_task, store.url, paths, a, b, t_cos, t_prob, key=f"add-closure-{a}-{token}")

@@ -39,7 +39,7 @@ SAMPLE_ROWS = 20_000
 _SCORERS: dict = {}  # (model dir, digest) -> scorer: loaded once per worker process
 
 
-def _scorer(model_dir: str, digest: str):
+def edge_scorer(model_dir: str, digest: str):
     key = (model_dir, digest)
     if key not in _SCORERS:
         _SCORERS.clear()
@@ -87,7 +87,7 @@ def edges_task(url: str, out_path: str, summary_path: str, first_path: str, r0: 
     nbr_idx = open_array(url, first_path).get_orthogonal_selection((uniq, slice(None)))
     x = edge_inputs(np.arange(r0, r1), idx, sim, pos, nbr_sim, nbr_idx, SimStats.from_dict(stats),
                     nbr_summary=nbr_summary)
-    p = predict_edges(_scorer(model_dir, digest), x)
+    p = predict_edges(edge_scorer(model_dir, digest), x)
     open_array(url, out_path, mode="r+")[r0:r1] = p
     ok = idx >= 0
     return {"rows": int(r1 - r0), "neighbour_rows": int(len(uniq)), "edges": int(ok.sum()),
