@@ -52,7 +52,7 @@ from typing import Iterator
 import numpy as np
 
 __all__ = ["BLOCK_ROWS", "SynthParams", "VARIANTS", "variant_params", "Identities", "make_identities",
-           "split_identities", "face_blocks", "make_faces", "make_splits", "spectrum"]
+           "split_identities", "face_blocks", "draw_sizes", "make_faces", "make_splits", "spectrum"]
 
 #: rows per internal generation block (fixed: part of the output's definition)
 BLOCK_ROWS = 65536
@@ -255,7 +255,7 @@ class Identities:
         return int(self.sizes.shape[0])
 
 
-def _draw_sizes(n_faces: int, p: SynthParams, rng: np.random.Generator) -> np.ndarray:
+def draw_sizes(n_faces: int, p: SynthParams, rng: np.random.Generator) -> np.ndarray:
     """Identity sizes summing exactly to ``n_faces`` (the last one truncated)."""
     mean_size = p.singleton_fraction + (1 - p.singleton_fraction) * p.size_median * np.exp(p.size_sigma**2 / 2)
     chunks, total = [], 0
@@ -311,7 +311,7 @@ def make_identities(n_faces: int, seed: int = 0, params: SynthParams | None = No
     basis = np.linalg.qr(world.standard_normal((d, r)))[0].T  # r x d orthonormal rows
 
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_IDS]))
-    sizes = _draw_sizes(n_faces, p, rng)
+    sizes = draw_sizes(n_faces, p, rng)
     n_ids = sizes.shape[0]
     # families: consecutive runs of 1 + geometric identities (identity order is random anyway)
     fam_sizes = rng.geometric(1.0 / p.family_mean, size=n_ids)  # support >= 1, mean family_mean

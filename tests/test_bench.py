@@ -77,6 +77,19 @@ def test_bench_infomap_compares_distributed_and_single_process_partitions(tmp_pa
     assert "distributed vs single process" in out.stdout
 
 
+def test_bench_scale_times_every_stage_after_knn_at_each_size(tmp_path):
+    _bench(tmp_path, "scale", "--sizes", "3000,6000", "--k", "10", "--chunk-rows", "1000", "--out", "scale.json")
+    r = json.loads((tmp_path / "scale.json").read_text())
+    stages = {"edges", "communities", "graph", "proposals", "score", "dedup"}
+    for n in ("3000", "6000"):
+        got = r["by_size"][n]["stages"]
+        assert set(got) == stages
+        assert all(v["us_per_face"] > 0 and len(v["peak_rss_mib_per_worker"]) == 2 and v["driver_peak_rss_mib"] > 0
+                   for v in got.values())
+    assert set(r["growth"]) == stages and all(g["time_per_face_growth"] > 0 for g in r["growth"].values())
+    assert not (tmp_path / "bench-scale" / "scale-3000.zarr").exists()  # stores removed unless --keep
+
+
 def test_split_by_identity_is_disjoint_deterministic_and_keeps_row_order():
     import numpy as np
 

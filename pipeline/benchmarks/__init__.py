@@ -18,6 +18,7 @@ BENCHMARKS = {
     "proposals": "Super-vertices on >= 1M faces vs scipy connected components; bytes per edge.",
     "cluster": "Proposals scored per second per worker; end-to-end time by stage; peak memory.",
     "scaling": "1 vs 2 worker processes for each stage.",
+    "scale": "Stages after kNN on 1M..10M faces (planted kNN lists): time per face and peak memory per stage.",
     "infomap": "--method infomap on N workers vs single-process Infomap on the same graph; peak memory; partitions compared.",
     "add": "Adding 5% of N faces to a clustered run vs clustering all N afresh (goal <= 0.20); peak memory per worker.",
     "quality": "GCN-D and GCN-D+S over training seeds vs the label-chosen threshold, Infomap, true-IoU bound; train/test shift.",

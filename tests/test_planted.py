@@ -1,0 +1,59 @@
+"""The planted kNN lists of `bench scale` (facecluster.tasks.planted) against a brute-force reading of the model."""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from facecluster.tasks.planted import Planted, features
+
+
+def _planted(n: int, seed: int) -> Planted:
+    rng = np.random.default_rng(seed)
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(int(rng.integers(1, 40)))
+    sizes[-1] -= sum(sizes) - n
+    return Planted(np.array([s for s in sizes if s > 0]), seed=seed, window=30)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 600), k=st.integers(1, 30), seed=st.integers(0, 5), cut=st.integers(1, 599))
+def test_lists_are_sorted_symmetric_and_chunk_free(n, k, seed, cut):
+    p = _planted(n, seed)
+    idx, sim = p.knn(0, n, k)
+    cut = min(cut, n)
+    a, b = p.knn(0, cut, k), p.knn(cut, n, k)
+    np.testing.assert_array_equal(np.concatenate([a[0], b[0]]), idx)  # any cut into chunks: the same rows
+    np.testing.assert_array_equal(np.concatenate([a[1], b[1]]), sim)
+    rows = np.broadcast_to(np.arange(n)[:, None], idx.shape)
+    ok = idx >= 0
+    assert not (idx == rows).any() and np.isneginf(sim[~ok]).all()
+    # sorted by similarity descending, then id ascending; no neighbour twice; padding last
+    key = np.where(ok, -sim.astype(np.float64), 10.0)  # padding after every similarity
+    assert (np.diff(key, axis=1) >= 0).all()
+    tie = np.diff(key, axis=1) == 0
+    assert (np.diff(idx, axis=1)[tie & ok[:, 1:]] > 0).all()
+    # a pair's similarity is the same from both ends, and same-identity pairs sit above 0.45
+    np.testing.assert_array_equal(p.similarity(rows[ok], idx[ok]), sim[ok])
+    np.testing.assert_array_equal(p.similarity(idx[ok], rows[ok]), sim[ok])
+    lab = p.identity(np.arange(n))
+    same = lab[idx[ok]] == lab[rows[ok]]
+    assert (sim[ok][same] >= 0.45).all()
+    # every other member of a small identity is a candidate: listed, or outranked by the row's k-th
+    sizes = np.bincount(lab)
+    for i in np.flatnonzero(sizes[lab] - 1 <= k)[:50]:
+        missing = np.setdiff1d(np.setdiff1d(np.flatnonzero(lab == lab[i]), [i]), idx[i])
+        if len(missing):
+            assert ok[i].all() and (p.similarity(np.full(len(missing), i), missing) <= sim[i, -1]).all()
+
+
+def test_identities_are_scattered_over_the_ids_and_features_are_unit():
+    p = _planted(20000, 0)
+    lab = p.identity(np.arange(20000))
+    # members of one identity are not neighbours in id order (as after a real ingest)
+    big = np.argmax(np.bincount(lab))
+    assert np.diff(np.flatnonzero(lab == big)).min() > 1
+    x = features(100, 200, 16, seed=1)
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(x[50:], features(150, 200, 16, seed=1))
