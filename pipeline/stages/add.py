@@ -277,7 +277,7 @@ def ivf_of(store: RunStore) -> dict | None:
     if summary.get("mode") != "ivf":
         return None
     if not (store.has(QUANTIZER) and store.has("knn/ivf_list")):
-        log.warning("add: this run's IVF quantizer is not stored (kNN from before 0.4.1): the new faces are searched "
+        log.warning("add: this run's IVF quantizer is not stored (its kNN stage ran before runs stored it): the new faces are searched "
                     "exactly (slower; re-run `facecluster knn --force` to store it)")
         return None
     return {"nprobe": int(summary["nprobe"]), "margin": int(params.get("margin", 16)), "nlist": int(summary["nlist"])}
