@@ -284,8 +284,8 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
     entry = {"rows": [n_old, n], "n": m, "n_input": int(summary_in.get("n_input", m)), "source": os.path.abspath(src),
              "labels": os.path.abspath(labels) if labels else None, "digest": add.digest, "fingerprint": add.fingerprint,
              "time": now_iso()}
-    summary = {"n_old": n_old, "n_new": m, "n": n, "method": method, "knn_search": kn["search"], "entering_pairs": kn.get("entering_pairs"),
-               "old_lists_changed": kn["old_rows_changed"],
+    summary = {"n_old": n_old, "n_new": m, "n": n, "method": method, "knn_search": kn["search"],
+               "entering_pairs": kn.get("entering_pairs"), "old_lists_changed": kn["old_rows_changed"],
                "edges_scored": ed.get("edges_scored"), "joined_old_clusters": int((attached >= 0).sum()),
                "reclustered": int(len(rows)),
                "n_clusters": int(len(np.unique(labels_out))), "old_cluster_ids_kept": kept,

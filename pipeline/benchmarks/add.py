@@ -76,11 +76,10 @@ def command(n, share, method, train_n, epochs, dim, knn_mode, workers, seed, wor
 
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    cfg = Config.from_dict({"dask": {"n_workers": workers}, "gcn": {"epochs": epochs}})
     # one kNN mode for the 95% run and the full run, chosen by the full run's size: the base run would
     # otherwise fall under knn.ivf_min_n and be searched exactly while the full run uses IVF lists
     if knn_mode == "auto":
-        knn_mode = "ivf" if n >= cfg.knn.ivf_min_n else "exact"
+        knn_mode = "ivf" if n >= Config.from_dict({}).knn.ivf_min_n else "exact"
     cfg = Config.from_dict({"dask": {"n_workers": workers}, "gcn": {"epochs": epochs}, "knn": {"mode": knn_mode}})
     feats, labels = make_faces(n, dim=dim, seed=2)
     order = np.random.default_rng(seed).permutation(n)

@@ -42,7 +42,7 @@ from facecluster.tasks.thresholds import auto_threshold
 
 from .edges import edge_scorer, summary_task
 from .graph import SAMPLE_ROWS
-from .knn import QUANTIZER, clear_cache, index_of, ivf_group, merge_task, plan
+from .knn import QUANTIZER, assign_lists, clear_cache, index_of, ivf_group, merge_task, plan
 
 STAGE = "add"
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def grow_lists_task(url: str, paths: dict, r0: int, r1: int, n_old: int, trained
     if r1 > n_old:
         a = max(r0, n_old)
         feats = np.ascontiguousarray(open_array(url, paths["features"])[a:r1], np.float32)
-        out[a - r0:] = K.ivf_assign(index_of(trained), feats, 1)[:, 0]
+        out[a - r0:] = assign_lists(trained, feats)
     open_array(url, paths["knn/ivf_list"], "r+")[r0:r1] = out
     return r1 - r0
 
@@ -277,8 +277,8 @@ def ivf_of(store: RunStore) -> dict | None:
     if summary.get("mode") != "ivf":
         return None
     if not (store.has(QUANTIZER) and store.has("knn/ivf_list")):
-        log.warning("add: this run's IVF quantizer is not stored (its kNN stage ran before runs stored it): the new faces are searched "
-                    "exactly (slower; re-run `facecluster knn --force` to store it)")
+        log.warning("add: this run's IVF quantizer is not stored (its kNN stage ran before runs stored it): the new "
+                    "faces are searched exactly (slower; re-run `facecluster knn --force` to store it)")
         return None
     return {"nprobe": int(summary["nprobe"]), "margin": int(params.get("margin", 16)), "nlist": int(summary["nlist"])}
 
@@ -333,7 +333,7 @@ def _knn_ivf(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, n
                  "add: IVF lists")
     workers = list(client.scheduler_info().get("workers", {}).values())
     pl = plan(n, d, r, k, kc, workers, True, ivf["nprobe"], ivf["nlist"])
-    groups = [(a, min(a + pl["db_rows"], n)) for a in range(0, n, pl["db_rows"])]
+    groups = row_chunks(n, pl["db_rows"])
     m = n - n_old
     q_rows = max(1024, -(-m // (4 * max(1, pl["threads"]))))
     blocks = [(a, min(a + q_rows, n)) for a in range(n_old, n, q_rows)]

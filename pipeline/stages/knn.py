@@ -227,10 +227,15 @@ def train_task(nlist, seed, niter, *samples) -> np.ndarray:
     return K.train_ivf(np.concatenate(samples), nlist, seed=seed, niter=niter)
 
 
+def assign_lists(trained: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """The inverted list each row joins: its nearest centroid (what a face's ``knn/ivf_list`` entry holds)."""
+    return K.ivf_assign(index_of(trained), rows, 1)[:, 0]
+
+
 def assign_task(url, list_path, r0, r1, trained) -> int:
     """Write the inverted list of faces [r0, r1) into ``knn/ivf_list``."""
     K.set_threads(worker_threads())
-    lists = K.ivf_assign(index_of(trained), _rows(url, r0, r1), 1)[:, 0]
+    lists = assign_lists(trained, _rows(url, r0, r1))
     open_array(url, list_path, "r+")[r0:r1] = lists
     return r1 - r0
 
