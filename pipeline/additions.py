@@ -11,7 +11,10 @@ The steps (:mod:`facecluster.pipeline.stages.add` has the worker tasks):
 
    * threshold: every face connected to a new face (or to an old face that lost a listed neighbour
      at or above the threshold) by an edge at or above it, closed under "member of one old cluster":
-     the result is the threshold clustering of all faces at the run's threshold, exactly (tested);
+     the result is the threshold clustering of all faces at the run's threshold, exactly (tested). At
+     a cut in probability (``--method threshold`` without ``--th``) the new edges are scored by the
+     run's model first, every old face whose list changed is a seed, and the result is the components
+     of the grown ``edges/prob`` at the run's cut, exactly (tested);
    * learned (``[add] recluster = "new"``, the default): each new face joins the cluster of its most
      probable old neighbour when P >= the model's floor and that cluster has >= 2 faces; the new faces
      that join none are re-clustered with the old singletons they reach at P >= the floor. With
@@ -52,6 +55,7 @@ from .errors import BadInput
 from .model_files import GENERAL_MODEL_DIR, edge_meta, model_digest
 from .run import stage_runners
 from .stages import add as A
+from .stages.cut import WEIGHTS as CUT_WEIGHTS, run_prob_threshold_clusters
 from .stages.ingest import run_ingest
 from .stages.proposals import run_threshold_clusters
 from .stages.graph import run_graph
@@ -98,6 +102,11 @@ def clustering_of(store: RunStore) -> dict:
                       model_digest=(store.record("edges") or {}).get("params", {}).get("model_digest"))
         return {"method": "gcn", "pinned": pinned}
     method = rec["params"].get("method")
+    if method == "threshold" and rec["params"].get("weights") == CUT_WEIGHTS:  # the cut in probability space
+        pinned.update(th=float(rec["params"]["th"]), max_size=rec["params"].get("max_size"), t_cos=None,
+                      t_prob=float(rec["params"]["th"]), auto=False,
+                      model_digest=(store.record("edges") or {}).get("params", {}).get("model_digest"))
+        return {"method": "threshold", "pinned": pinned}
     if method == "threshold":
         auto = (rec.get("summary", {}).get("threshold") or {}).get("source", "explicit") != "explicit"
         pinned.update(th=float(rec["params"]["th"]), max_size=rec["params"].get("max_size"),
@@ -110,15 +119,16 @@ def clustering_of(store: RunStore) -> dict:
 
 def check_add_model(store: RunStore, clustering: dict, model_dir: str | None) -> str | None:
     """The model an add runs with: the one given, or the general model when the run was clustered with it
-    (``cluster`` without ``--model``); None for the threshold method. BadInput when the learned method's
-    model is missing, has no edge scorer, or is not the one the run was clustered with."""
-    if clustering["method"] != "gcn":
+    (``cluster`` without ``--model``, or ``--method threshold`` without ``--th``); None for the threshold
+    method at a cosine threshold. BadInput when the model is missing, has no edge scorer, or is not the one
+    the run was clustered with."""
+    if not uses_prob(clustering):
         return None
     want = clustering["pinned"].get("model_digest")
     if not model_dir:
         if want and want == model_digest(GENERAL_MODEL_DIR):
             return str(GENERAL_MODEL_DIR)
-        raise BadInput(f"{store.url}: was clustered by the learned method; pass the model it used (--model DIR)")
+        raise BadInput(f"{store.url}: was clustered on a model's edge probabilities; pass the model it used (--model DIR)")
     if edge_meta(model_dir) is None:
         raise BadInput(f"{model_dir}: has no edge scorer (trained before facecluster 0.2); adding faces needs one: "
                        "re-train it and re-run cluster")
@@ -126,6 +136,12 @@ def check_add_model(store: RunStore, clustering: dict, model_dir: str | None) ->
         raise BadInput(f"{model_dir}: is not the model {store.url} was clustered with; pass that model (--model), "
                        f"or re-run `facecluster cluster {store.url} --model {model_dir}`")
     return str(model_dir)
+
+
+def uses_prob(clustering: dict) -> bool:
+    """Whether the run's clustering reads edge probabilities (the learned method, or the threshold method's
+    cut in probability space): an add scores the new edges with the same model."""
+    return clustering["method"] == "gcn" or clustering["pinned"].get("t_prob") is not None
 
 
 def additions_log(store: RunStore) -> list[dict]:
@@ -238,15 +254,17 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
     echo(f"add: kNN of {m} new faces ({how}); {kn['old_rows_changed']} of {n_old} old lists entered by a new face "
          f"({timings['knn']:.1f}s)")
     learned = method == "gcn"
+    scored = uses_prob(clustering)  # edges/prob grows with the lists
     ed = {}
     old_labels = np.asarray(store.array("clusters")[:], np.int64)
     next_id = int(old_labels.max()) + 1 if n_old else 0
     labels_out = np.concatenate([old_labels, np.full(m, -1, np.int64)])
-    if learned:
+    if scored:
         t0 = time.perf_counter()
         ed = A.edges(store, w, client, paths, n_old, model_dir, model_digest(model_dir))
         timings["edges"] = time.perf_counter() - t0
         echo(f"add: {ed['edges_scored']} edges scored ({timings['edges']:.1f}s)")
+    if learned:
         t0 = time.perf_counter()
         rows, attached = _learned_targets(store, paths, old_labels, n_old, n, model_dir, cfg.add.recluster)
         labels_out[n_old:][attached >= 0] = attached[attached >= 0]
@@ -260,11 +278,12 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
             echo(f"add: the data's threshold moved to {pinned['th']:.6g}; every component is cut again")
         else:
             seeds = _seeds(store, paths, n_old, n, kn["changed"], pinned)
-            rows = np.flatnonzero(A.affected(store, client, paths, n, old_labels, seeds, pinned.get("t_cos"), None))
+            rows = np.flatnonzero(A.affected(store, client, paths, n, old_labels, seeds, pinned.get("t_cos"),
+                                             pinned.get("t_prob")))
     timings["closure"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if len(rows) >= 2:
-        sub = A.build_sub_run(store, client, paths, rows, f"{store.url}/_tmp/add-sub-{token}", learned)
+        sub = A.build_sub_run(store, client, paths, rows, f"{store.url}/_tmp/add-sub-{token}", scored)
         sub_labels, sub_scores = _cluster_sub(sub, cfg, client, method, pinned, model_dir)
     else:
         sub_labels, sub_scores = np.arange(len(rows)), np.full(len(rows), np.nan, np.float32)
@@ -292,7 +311,7 @@ def _add(store: RunStore, add: Addition, cfg: Config, client, model_dir, echo) -
                "old_clusters": int(len(np.unique(old_labels))),
                "seconds": {k: round(v, 3) for k, v in timings.items()}}
     t0 = time.perf_counter()
-    _commit(store, w, clustering, done + [entry], summary, model_dir if learned else None)
+    _commit(store, w, clustering, done + [entry], summary, model_dir if scored else None)
     summary["seconds"]["commit"] = round(time.perf_counter() - t0, 3)
     summary["seconds"]["total"] = round(time.perf_counter() - add.t_start, 3)
     return summary
@@ -312,7 +331,10 @@ def _follow_anchor(store: RunStore, client, paths: dict, pinned: dict) -> bool:
 
 def _seeds(store, paths, n_old, n, changed, pinned) -> np.ndarray:
     """The new faces, and the old faces whose list lost a neighbour at or above the cut (an edge the
-    clustering may have used is gone from that side)."""
+    clustering may have used is gone from that side). A cut in probability: every old face whose list
+    changed (its dropped neighbours are its least similar, not its least probable ones)."""
+    if pinned.get("t_prob") is not None:
+        return np.concatenate([np.flatnonzero(changed[:n_old]), np.arange(n_old, n)])
     t = pinned.get("t_cos")
     old_last = np.asarray(store.array("knn/sim")[:, -1], np.float32)
     lost = changed[:n_old] & (old_last >= np.float32(t if t is not None else -1.0))
@@ -359,6 +381,9 @@ def _cluster_sub(sub: RunStore, cfg: Config, client, method: str, pinned: dict, 
     import dataclasses
 
     cfg = dataclasses.replace(cfg, proposals=dataclasses.replace(cfg.proposals, min_edge_sim=pinned["min_edge_sim"]))
+    if method == "threshold" and pinned.get("t_prob") is not None:
+        run_prob_threshold_clusters(sub, model_dir, cfg, client, level=pinned["th"], max_size=pinned.get("max_size"))
+        return np.asarray(sub.array("clusters")[:], np.int64), None
     if method == "threshold":
         run_graph(sub, cfg, client, anchor=pinned["anchor"])
         run_threshold_clusters(sub, pinned["th"], cfg, client, max_size=pinned.get("max_size"))

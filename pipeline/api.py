@@ -346,8 +346,9 @@ class FaceClusterer:
     method : {"learned", "threshold", "infomap"}
         ``"learned"`` (the CLI's ``--method gcn``; also accepted as ``"gcn"``): knn -> learned
         edge probabilities -> communities -> proposals -> GCN-D -> GCN-S -> dedup.
-        ``"threshold"``: the baseline, connected components of the kNN graph at one
-        similarity threshold derived from the data (no model needed).
+        ``"threshold"``: the baseline, connected components of the kNN graph at one cut: the
+        kNN edges with P(same identity) >= the cut the general model recorded in training (its edge
+        scorer), or at the cosine ``th`` when given.
         ``"infomap"``: the map equation on the kNN graph, one Dask task per group of connected
         components: cosine weights at ``min_sim`` derived from the data, or with ``model`` the
         learned edge probabilities at the model's floor.
@@ -363,7 +364,8 @@ class FaceClusterer:
         The run store to write and keep (default: a temporary directory that lives as long
         as this object). Name one on a shared filesystem or object storage for a remote cluster.
     th : float, optional
-        Threshold method: the similarity threshold (default: derived from the data).
+        Threshold method: the cosine similarity threshold (default: none; the components of the kNN
+        edges with P(same identity) >= the cut the general model recorded in training).
     max_size : int, optional
         Threshold method: split components larger than this (Algorithm 1; default: no split).
     min_sim : float, optional
@@ -459,7 +461,7 @@ class FaceClusterer:
         url = self._url()
         ingest(X, url, y, cfg)
         store = RunStore.open(url)
-        model, used = model_for(method, None if self.model is None else str(self.model))
+        model, used = model_for(method, None if self.model is None else str(self.model), self.th)
         check_method(store, method, model, self.min_sim)
         if used:
             log.info(used)

@@ -24,6 +24,9 @@ from facecluster.tasks.baselines import (AUTO_MIN_SIM, INFOMAP_POINTS, INFOMAP_S
 
 from .config import Config
 from .stages.graph import knn_sims  # the rows the anchor is computed from place the grids too
+from .model_files import GENERAL_MODEL_DIR
+from .stages.cut import cut_labels, model_cut
+from .stages.edges import run_edges
 from .stages.proposals import graph_anchor, threshold_task
 from .store import RunStore, open_array
 
@@ -88,11 +91,12 @@ def oracle_threshold(store: RunStore, cfg: Config, client, grid: np.ndarray | No
 
 
 def auto_threshold(store: RunStore, cfg: Config, client) -> tuple[float, np.ndarray]:
-    """``--method threshold`` without ``--th``: the components at the graph's Otsu anchor (threshold, labels)."""
-    th = float(graph_anchor(store)["anchor"])
-    labels = client.submit(threshold_task, store.url, th, cfg.proposals.step, None,
-                           key=f"auto-th-{uuid.uuid4().hex[:8]}").result()
-    return th, labels
+    """``--method threshold`` without ``--th``: the components of the kNN edges with P(same identity) >= the general
+    model's cut (its edge scorer: runs stage "edges"); (the cut, labels)."""
+    model = str(GENERAL_MODEL_DIR)
+    run_edges(store, model, cfg, client)
+    level = model_cut(model)
+    return level, cut_labels(store, level, cfg, client)
 
 
 def infomap_task(url: str, min_sim: float) -> np.ndarray:

@@ -5,9 +5,10 @@
 
 * ``gcn`` (the learned method, the default): knn -> [edges -> communities] -> graph ->
   proposals -> GCN-D -> GCN-S -> dedup (+ attach), with a model written by ``facecluster train``;
-* ``threshold``: the baseline, the components of the kNN graph at one similarity threshold
-  (automatic unless given; optionally split by Algorithm 1), cut from the graph's maximum
-  spanning forest;
+* ``threshold``: the baseline, the components of the kNN graph at one cosine threshold ``th``
+  (optionally split by Algorithm 1), cut from the graph's maximum spanning forest; without ``th``,
+  the components of the kNN edges with P(same identity) >= the cut the general model recorded in
+  training (:mod:`facecluster.pipeline.stages.cut`);
 * ``infomap``: the map equation on the kNN graph, one Dask task per group of connected components
   (:mod:`facecluster.pipeline.stages.infomap`): cosine weights at an automatic ``min_sim``, or the
   learned edge probability of a model's edge scorer at the model's floor.
@@ -23,6 +24,7 @@ from .config import Config
 from .errors import BadInput
 from .model_files import GENERAL_MODEL_DIR, check_model, edge_meta, model_digest
 from .run import ensure_graph, ensure_knn, run_cluster
+from .stages.cut import check_enough_similarities, cut_source, model_cut, run_prob_threshold_clusters
 from .stages.edges import run_edges
 from .stages.infomap import check_min_sim_value, run_infomap_clusters
 from .stages.proposals import run_threshold_clusters
@@ -41,9 +43,17 @@ def cluster_gcn(store: RunStore, cfg: Config, client, options: dict, echo: Calla
 
 def cluster_threshold(store: RunStore, cfg: Config, client, options: dict,
                       echo: Callable[[str], None] | None = None) -> dict:
-    """Components of the forest at ``options["th"]`` (None: derived from the data's kNN similarities)."""
-    ensure_graph(store, cfg, client)
+    """Components of the kNN graph at ``options["th"]`` (a cosine); without one, components of the kNN edges with
+    P(same identity) >= the cut ``options["model"]`` (default: the general model) recorded in training."""
     th = options.get("th")
+    if th is None:
+        model = options.get("model") or str(GENERAL_MODEL_DIR)
+        ensure_knn(store, cfg, client)
+        check_enough_similarities(store)
+        run_edges(store, model, cfg, client)
+        return run_prob_threshold_clusters(store, model, cfg, client, max_size=options.get("max_size"),
+                                           force=options.get("force", False))
+    ensure_graph(store, cfg, client)
     floor = store.record("graph")["summary"].get("min_edge_sim")
     if th is not None and floor is not None and th < floor and cfg.proposals.min_edge_sim is None:
         # An explicit threshold under the automatic edge floor: rebuild the graph down to it
@@ -73,13 +83,20 @@ METHODS: dict[str, Callable[..., dict]] = {"gcn": cluster_gcn, "threshold": clus
                                            "infomap": cluster_infomap}
 
 
-def model_for(method: str, model: str | None) -> tuple[str | None, str | None]:
+def model_for(method: str, model: str | None, th: float | None = None) -> tuple[str | None, str | None]:
     """The model ``method`` runs with, and one line saying which (None: the method runs without one).
 
     The learned method without a model runs the general model shipped in the package
     (:data:`facecluster.pipeline.model_files.GENERAL_MODEL_DIR`, ``facecluster train --general``);
-    ``infomap`` without one stays on the cosine; ``threshold`` takes none.
+    ``infomap`` without one stays on the cosine; ``threshold`` without ``th`` cuts the general model's
+    edge probabilities at the cut it recorded in training (``--model`` is not an option of it), and with
+    ``th`` takes no model.
     """
+    if method == "threshold":
+        if th is not None:
+            return None, None
+        general = str(GENERAL_MODEL_DIR)
+        return general, f"threshold (no --th): components of kNN edges with {cut_source(general, model_cut(general))}"
     if model:
         return str(model), f"model: {model} (digest {model_digest(model)})" if method in ("gcn", "infomap") else None
     if method != "gcn":

@@ -49,10 +49,11 @@ def faces(small_model):
 
 
 def test_threshold_add_is_the_full_clustering_at_the_runs_threshold(faces, tmp_path, local_client):
-    """Clustering 90% then adding 10% gives exactly the clustering of all faces at the run's threshold
-    (kNN lists identical to exact search over all faces), and every unchanged old cluster keeps its id."""
+    """At a cosine threshold (--th): clustering 90% then adding 10% gives exactly the clustering of all faces
+    at the run's threshold (kNN lists identical to exact search over all faces), and every unchanged old
+    cluster keeps its id."""
     X, y, m = _split(*faces, seed=0)
-    fc, old = _fit_then_add(X, m, tmp_path / "run.zarr", local_client, method="threshold", config=CFG)
+    fc, old = _fit_then_add(X, m, tmp_path / "run.zarr", local_client, method="threshold", th=0.55, config=CFG)
     run = RunStore.open(fc.run_.url)
     th = run.record("add")["params"]["clustering"]["pinned"]["th"]
     ref = facecluster.FaceClusterer(method="threshold", th=th, config=CFG, client=local_client, store=tmp_path / "ref.zarr")
@@ -95,8 +96,16 @@ def test_add_quality_is_within_0005_of_all_at_once(method, faces256, tmp_path, l
     for metric in (pairwise_f, bcubed_f):
         add_f, full_f = metric(y, fc.labels_)[2], metric(y, full)[2]
         assert add_f >= full_f - 0.005, (metric.__name__, add_f, full_f)
-    if method == "threshold":
-        assert pairwise_f(full, fc.labels_)[2] == 1.0
+    if method == "threshold":  # the components of the grown edge probabilities at the run's cut, exactly
+        from facecluster.pipeline.model_files import GENERAL_MODEL_DIR, edge_meta
+        from facecluster.tasks.edges import components_at
+
+        run = RunStore.open(fc.run_.url)
+        cut = run.record("add")["params"]["clustering"]["pinned"]["t_prob"]
+        assert cut == edge_meta(GENERAL_MODEL_DIR)["cut"]
+        grown = components_at(run.array("knn/index")[:], run.array("edges/prob")[:], cut)
+        assert pairwise_f(grown, fc.labels_) == (1.0, 1.0, 1.0)
+        assert run.array("edges/prob").shape[0] == len(X) and run.verify()[0] == []
     else:  # the edges stage's per-row arrays grew with the lists, each row as the kernel computes it
         from facecluster.tasks.edges import SNN_M, row_summaries
 

@@ -205,6 +205,6 @@ def test_bench_quality_evaluates_a_given_model_without_training(tmp_path):
            "--workdir", "w", "--out", "q.json")
     r = json.loads((tmp_path / "q.json").read_text())
     assert r["train_source"].startswith("none: the given model") and not (tmp_path / "w" / "train.zarr").exists()
-    assert any(name.startswith("threshold (automatic th=") for name in r["baselines"])
+    assert any(name.startswith("threshold (automatic P >= ") for name in r["baselines"])
     (row,) = r["by_seed"]
     assert 0 < row["learned (the model's output)"]["pairwise_f"] <= 1 and row["output"]["source"] == "communities"

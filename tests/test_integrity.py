@@ -171,13 +171,14 @@ def test_reingest_with_other_n_refuses_export(tmp_path, run, local_client, capsy
 def test_knn_force_makes_downstream_stale(tmp_path, run, local_client, capsys):
     assert _cluster(run, local_client, capsys)[0] == 0
     store = RunStore.open(run)
-    graph_run, clusters_run = store.record("graph")["run"], store.record("clusters")["run"]
+    # the threshold method without --th: knn -> edges (the general model's P) -> clusters
+    edges_run, clusters_run = store.record("edges")["run"], store.record("clusters")["run"]
     code, _, err = _cli(["knn", run, "--force", "--scheduler", local_client.scheduler.address], capsys)
     assert code == 0, err
-    assert "stage 'graph' is stale" in store.stale_reason("clusters")
+    assert "stage 'edges' is stale" in store.stale_reason("clusters")
     assert _cli(["export", run, "-o", tmp_path / "c.npy"], capsys)[0] == 2
     assert _cluster(run, local_client, capsys)[0] == 0
-    assert store.record("graph")["run"] != graph_run and store.record("clusters")["run"] != clusters_run
+    assert store.record("edges")["run"] != edges_run and store.record("clusters")["run"] != clusters_run
     assert store.stale_reason("clusters") is None
 
 

@@ -127,7 +127,7 @@ def run_baselines(test, cfg, client, gt: np.ndarray) -> tuple[dict, dict]:
     table = {f"threshold (best th={th.best:g}, chosen with labels)": evaluate(gt, th.result)}
     record = {"anchor": graph_anchor(test)["anchor"], "threshold": th.to_dict()}
     auto_th, auto_labels = auto_threshold(test, cfg, client)  # what `--method threshold` without --th gives
-    table[f"threshold (automatic th={auto_th:.3f}, no labels)"] = evaluate(gt, auto_labels)
+    table[f"threshold (automatic P >= {auto_th:g}, the general model's cut, no labels)"] = evaluate(gt, auto_labels)
     peer = infomap_peer(test, client)
     if peer is not None:
         table[f"kNN + Infomap (best min_sim={peer.best:g}, chosen with labels)"] = evaluate(gt, peer.result)

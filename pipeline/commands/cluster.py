@@ -14,7 +14,8 @@ from ._common import config_option, dask_options, pass_config
 
 def format_threshold(summary: dict) -> str:
     th = summary.get("threshold", {})
-    return (f"threshold {summary['th']:.4f} ({th.get('source', 'explicit')}): {summary['n_clusters']} clusters, "
+    cut = f"P(same identity) >= {summary['th']:g}" if summary.get("weights") == "learned" else f"{summary['th']:.4f}"
+    return (f"threshold {cut} ({th.get('source', 'explicit')}): {summary['n_clusters']} clusters, "
             f"{summary['n_singletons']} singletons, largest {summary['largest']} faces")
 
 
@@ -50,7 +51,8 @@ FORMATS = {"gcn": format_gcn, "threshold": format_threshold, "infomap": format_i
                    "facecluster, trained on generated faces only). infomap method (optional): weigh "
                    "edges by its edge scorer's probabilities, at its floor.")
 @click.option("--th", type=float, default=None,
-              help="threshold method: similarity threshold (default: derived from the data's kNN similarities).")
+              help="threshold method: cosine similarity threshold (default: no cosine cut; components of the kNN "
+                   "edges with P(same identity) >= the cut the shipped general model chose in training).")
 @click.option("--max-size", type=int, default=None,
               help="threshold method: split components larger than this with Algorithm 1 (default: no split).")
 @click.option("--min-sim", type=float, default=None,
@@ -71,7 +73,7 @@ def command(run, method, model, th, max_size, min_sim, force, cfg):
       facecluster cluster run.zarr                                # learned, the shipped general model
       facecluster cluster run.zarr --model model/                 # learned, your own model
       facecluster cluster run.zarr --model model/ --scheduler tcp://host:8786
-      facecluster cluster run.zarr --method threshold            # automatic threshold
+      facecluster cluster run.zarr --method threshold            # automatic: P(same identity) >= the general model's cut
       facecluster cluster run.zarr --method threshold --th 0.6
       facecluster cluster run.zarr --method infomap              # no labels, no model: cosine, automatic min_sim
       facecluster cluster run.zarr --method infomap --model model/   # on the learned affinity
@@ -81,7 +83,7 @@ def command(run, method, model, th, max_size, min_sim, force, cfg):
     from ..store import RunStore
 
     store = RunStore.open(run)
-    model, used = model_for(method, model)  # the learned method without --model: the shipped general model
+    model, used = model_for(method, model, th)  # the learned method (and threshold without --th): the general model
     check_method(store, method, model, min_sim)
     # one writer for the whole command (a second `cluster` must not delete our _tmp arrays), taken
     # before the cluster starts; leftovers of a killed run are removed whichever method runs now
