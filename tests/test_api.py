@@ -8,6 +8,7 @@ array, a Dask array, a Zarr array or a file path.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -27,9 +28,13 @@ def _cli(*args: str, cwd: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def cli_runs(small_model):
-    """The test split clustered by the CLI (ingest + cluster, 2 LocalCluster workers): threshold, learned, and
-    infomap without and with the model (``out["stdout"]``: each command's output line)."""
+def cli_runs(small_model, local_client):
+    """The test split clustered by the CLI (ingest + cluster): threshold on the CLI's own LocalCluster (2
+    workers), learned and infomap without and with the model on the session's LocalCluster through
+    ``--scheduler`` (``out["stdout"]``: each command's output line).
+
+    One ingest, copied per method (a run store is a folder; ingest's output does not depend on the method):
+    the CLI's process and cluster start-ups were most of this fixture's time."""
     tmp = small_model["tmp"] / "cli"
     tmp.mkdir()
     feats, labels = small_model["test"]
@@ -38,12 +43,14 @@ def cli_runs(small_model):
     cfg = str(small_model["config"])
     out = {"stdout": {}}
     model = ["--model", str(small_model["model"])]
-    for name, method, extra in (("threshold", "threshold", []), ("gcn", "gcn", model), ("infomap", "infomap", []),
-                                ("infomap-model", "infomap", model)):
+    _cli("ingest", "X.npy", "--labels", "y.npy", "-o", "ingested.zarr", "--config", cfg, cwd=tmp)
+    shared = ["--scheduler", local_client.scheduler.address]
+    for name, method, extra, where in (("threshold", "threshold", [], ["--workers", "2"]),
+                                       ("gcn", "gcn", model, shared), ("infomap", "infomap", [], shared),
+                                       ("infomap-model", "infomap", model, shared)):
         run = tmp / f"{name}.zarr"
-        _cli("ingest", "X.npy", "--labels", "y.npy", "-o", str(run), "--config", cfg, cwd=tmp)
-        out["stdout"][name] = _cli("cluster", str(run), "--method", method, *extra, "--config", cfg, "--workers", "2",
-                                   cwd=tmp)
+        shutil.copytree(tmp / "ingested.zarr", run)
+        out["stdout"][name] = _cli("cluster", str(run), "--method", method, *extra, "--config", cfg, *where, cwd=tmp)
         out[name] = facecluster.open_run(run)
     out["X.npy"] = tmp / "X.npy"
     return out
