@@ -8,6 +8,8 @@ fix when an installation lacks it.
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 
@@ -49,9 +51,12 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     # Result's modules goes through a SWIG iterator that, with faiss imported in the same process,
     # crashed the interpreter (segfault in faiss' swigfaiss __next__, from infomap/result.py, in
     # training's choose_levels). get_modules is deprecated in 2.16 (a warning) and removed in 3.0,
-    # hence infomap < 3 in pyproject.toml.
+    # hence infomap < 3 in pyproject.toml; its deprecation warning is silenced here, where the choice is made.
     labels = np.full(n, -1, dtype=np.int64)
-    for node_id, module_id in im.get_modules(depth_level=1).items():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Infomap\.get_modules is deprecated")
+        modules = im.get_modules(depth_level=1)
+    for node_id, module_id in modules.items():
         labels[node_id] = module_id
     missing = labels < 0
     labels[missing] = labels.max(initial=-1) + 1 + np.arange(int(missing.sum()))
