@@ -94,18 +94,17 @@ def clustering_of(store: RunStore) -> dict:
         return dict(rec["params"]["clustering"])
     graph = (store.record("graph") or {}).get("summary", {})
     pinned = {"anchor": graph.get("anchor"), "min_edge_sim": graph.get("min_edge_sim")}
+    edges_digest = (store.record("edges") or {}).get("params", {}).get("model_digest")  # the model that scored edges/prob
     if name == "dedup":
         settings = (store.record("proposals") or {}).get("params", {}).get("settings", [])
         comm = store.record("communities")
         pinned.update(t_cos=min((float(s["th0"]) for s in settings), default=None),
-                      t_prob=min(comm["summary"]["floors"]) if comm else None,
-                      model_digest=(store.record("edges") or {}).get("params", {}).get("model_digest"))
+                      t_prob=min(comm["summary"]["floors"]) if comm else None, model_digest=edges_digest)
         return {"method": "gcn", "pinned": pinned}
     method = rec["params"].get("method")
     if method == "threshold" and rec["params"].get("weights") == CUT_WEIGHTS:  # the cut in probability space
         pinned.update(th=float(rec["params"]["th"]), max_size=rec["params"].get("max_size"), t_cos=None,
-                      t_prob=float(rec["params"]["th"]), auto=False,
-                      model_digest=(store.record("edges") or {}).get("params", {}).get("model_digest"))
+                      t_prob=float(rec["params"]["th"]), auto=False, model_digest=edges_digest)
         return {"method": "threshold", "pinned": pinned}
     if method == "threshold":
         auto = (rec.get("summary", {}).get("threshold") or {}).get("source", "explicit") != "explicit"
@@ -381,12 +380,12 @@ def _cluster_sub(sub: RunStore, cfg: Config, client, method: str, pinned: dict, 
     import dataclasses
 
     cfg = dataclasses.replace(cfg, proposals=dataclasses.replace(cfg.proposals, min_edge_sim=pinned["min_edge_sim"]))
-    if method == "threshold" and pinned.get("t_prob") is not None:
-        run_prob_threshold_clusters(sub, model_dir, cfg, client, level=pinned["th"], max_size=pinned.get("max_size"))
-        return np.asarray(sub.array("clusters")[:], np.int64), None
     if method == "threshold":
-        run_graph(sub, cfg, client, anchor=pinned["anchor"])
-        run_threshold_clusters(sub, pinned["th"], cfg, client, max_size=pinned.get("max_size"))
+        if pinned.get("t_prob") is not None:  # the cut in probability space: edges/prob is the sub-run's already
+            run_prob_threshold_clusters(sub, model_dir, cfg, client, level=pinned["th"], max_size=pinned.get("max_size"))
+        else:
+            run_graph(sub, cfg, client, anchor=pinned["anchor"])
+            run_threshold_clusters(sub, pinned["th"], cfg, client, max_size=pinned.get("max_size"))
         return np.asarray(sub.array("clusters")[:], np.int64), None
     runners = stage_runners(model_dir, cfg, log.info)
     for name, runner in runners.items():

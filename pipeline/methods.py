@@ -55,7 +55,7 @@ def cluster_threshold(store: RunStore, cfg: Config, client, options: dict,
                                            force=options.get("force", False))
     ensure_graph(store, cfg, client)
     floor = store.record("graph")["summary"].get("min_edge_sim")
-    if th is not None and floor is not None and th < floor and cfg.proposals.min_edge_sim is None:
+    if floor is not None and th < floor and cfg.proposals.min_edge_sim is None:
         # An explicit threshold under the automatic edge floor: rebuild the graph down to it
         # rather than fail (an explicit [proposals] min_edge_sim is respected and checked).
         cfg = dataclasses.replace(cfg, proposals=dataclasses.replace(cfg.proposals, min_edge_sim=float(th)))

@@ -28,7 +28,7 @@ from facecluster.tasks.thresholds import MIN_AUTO_SIMILARITIES
 from ..config import Config
 from ..errors import BadInput
 from ..forest import spanning_forest
-from ..model_files import GENERAL_MODEL_DIR, edge_meta, model_digest
+from ..model_files import GENERAL_MODEL_DIGEST, edge_meta, model_digest
 from ..store import RunStore
 from .proposals import CLUSTERS_STAGE
 
@@ -60,9 +60,9 @@ def check_enough_similarities(store: RunStore) -> None:
 
 def cut_source(model_dir: str, level: float) -> str:
     """One line: which rule and which model gave the cut."""
-    general = model_digest(model_dir) == model_digest(GENERAL_MODEL_DIR)
-    who = "the general model shipped with facecluster" if general else str(model_dir)
-    return (f"P(same identity) >= {level:g}, the cut {who} (digest {model_digest(model_dir)}) chose in training "
+    digest = model_digest(model_dir)
+    who = "the general model shipped with facecluster" if digest == GENERAL_MODEL_DIGEST else str(model_dir)
+    return (f"P(same identity) >= {level:g}, the cut {who} (digest {digest}) chose in training "
             "(best mean pairwise + BCubed F of components over its worlds)")
 
 
