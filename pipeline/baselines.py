@@ -32,7 +32,7 @@ from .store import RunStore, open_array
 
 
 def has_infomap() -> bool:
-    """Whether Infomap is installed (a dependency of facecluster; ``pip install 'infomap>=2.7'``)."""
+    """Whether Infomap is installed (a dependency of facecluster; ``pip install 'infomap>=2.16,<3'``)."""
     try:
         import infomap  # noqa: F401
     except ImportError:

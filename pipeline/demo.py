@@ -96,7 +96,7 @@ def run_demo(out_dir: str | Path, n: int, cfg: Config, client, seed: int = 0,
     if peer is not None:
         results[f"kNN + Infomap (best min_sim={peer.best:g}, chosen with labels)"] = evaluate(gt, peer.result)
     else:
-        echo("  (Infomap peer skipped: pip install 'infomap>=2.7')")
+        echo("  (Infomap peer skipped: pip install 'infomap>=2.16,<3')")
 
     meta = read_model_config(model_dir)
     attach = (meta.get("edges") or {}).get("attach") if cfg.edges.attach else None

@@ -230,6 +230,7 @@ class StageWriter:
     name: str
     tmp_arrays: dict[str, str] = field(default_factory=dict)  # final name -> tmp path
     summary: dict = field(default_factory=dict)
+    scratch: list[str] = field(default_factory=list)  # paths of arrays only the stage's tasks read
 
     def create_array(self, name: str, shape, chunks, dtype, fill_value=None, attrs: dict | None = None) -> zarr.Array:
         """Create output array ``name`` at a temporary path; returns it (write via ``tmp_path``).
@@ -238,22 +239,41 @@ class StageWriter:
         the store's integrity table and every read check.
         """
         tmp = f"{TMP_GROUP}/{self.name}__{name.replace('/', '__')}__{uuid.uuid4().hex[:8]}"
+        arr = self._new_array(tmp, shape, chunks, dtype, fill_value)
+        if attrs:
+            arr.attrs.update(attrs)
+        self.tmp_arrays[name] = tmp
+        return arr
+
+    def _new_array(self, path: str, shape, chunks, dtype, fill_value=None) -> zarr.Array:
         shape = tuple(int(s) for s in shape)
         chunks = tuple(max(1, min(int(c), max(int(s), 1))) for c, s in zip(chunks, shape))
         if fill_value is None:
             fill_value = -1 if np.dtype(dtype).kind == "i" else 0
-        arr = self.store.root.create_array(
-            tmp,
+        return self.store.root.create_array(
+            path,
             shape=shape,
             chunks=chunks,
             dtype=dtype,
             fill_value=fill_value,
             compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), CHECKSUM_CODEC()],
         )
-        if attrs:
-            arr.attrs.update(attrs)
-        self.tmp_arrays[name] = tmp
-        return arr
+
+    def scratch_array(self, name: str, data: np.ndarray, chunk_rows: int = 1 << 20) -> str:
+        """Store ``data`` for the stage's own tasks to read (by the returned path, with :func:`open_array`);
+        removed when the stage ends, whether it completes or fails, and never an output.
+
+        Why not ``client.scatter``: scattered data lives on one worker, and a worker lost mid-stage takes it
+        along, so every task that needed it fails for good; a task that reads its input from the store is
+        simply run again elsewhere (lost-worker recovery).
+        """
+        data = np.asarray(data)
+        path = f"{TMP_GROUP}/{self.name}__scratch__{name.replace('/', '__')}__{uuid.uuid4().hex[:8]}"
+        arr = self._new_array(path, data.shape, (max(1, min(len(data), chunk_rows)),) + data.shape[1:], data.dtype)
+        self.scratch.append(path)
+        if data.size:
+            arr[...] = data
+        return path
 
     def tmp_path(self, name: str) -> str:
         return self.tmp_arrays[name]
@@ -520,6 +540,7 @@ class RunStore:
                 self._drop_tmp(writer)
                 self._set_record(name, {**base, "complete": False, "status": "failed", "finished": now_iso()})
                 raise
+            self._drop_scratch(writer)
             for final, tmp in writer.tmp_arrays.items():
                 self._move(tmp, final)
             finished = now_iso()
@@ -675,6 +696,13 @@ class RunStore:
         for tmp in writer.tmp_arrays.values():
             with contextlib.suppress(Exception):
                 self._delete(tmp)
+        self._drop_scratch(writer)
+
+    def _drop_scratch(self, writer: StageWriter) -> None:
+        for path in writer.scratch:
+            with contextlib.suppress(Exception):
+                self._delete(path)
+        writer.scratch.clear()
 
     def clean_tmp(self) -> None:
         """Remove leftovers of killed runs (called when a store is opened for writing; takes the lock).

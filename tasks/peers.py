@@ -23,6 +23,38 @@ def knn_edge_list(index: np.ndarray, sim: np.ndarray, min_sim: float) -> tuple[n
     return src[keep], dst[keep], w[keep]
 
 
+def same_cut(dtype, floor: float):
+    """The smallest value of ``dtype`` that is >= ``floor`` read as float64: ``w >= same_cut(w.dtype, floor)``
+    keeps exactly what ``w.astype(float64) >= floor`` keeps, without the float64 copy of ``w`` (numpy compares a
+    float32 array with a Python float in float32, where float32(floor) may round below ``floor``)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind != "f":
+        return floor
+    cut = dtype.type(floor)
+    return cut if float(cut) >= floor else np.nextafter(cut, dtype.type(np.inf))
+
+
+def undirected_links(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Each undirected link once, with the larger weight of i->j / j->i: an (L, 3) float64 array of
+    (low id, high id, weight) in (low, high) order, as Infomap's bulk loader takes it.
+
+    Why an array: Infomap's list path turns every link into Python objects first (three lists of L
+    ints and floats, then L tuples), which at 10^7 links is gigabytes beside the graph itself; the
+    array path hands the same links, in the same order, to the same C++ network (same partition).
+    The pair is one int64 key (low * n + high, exact below n = 3e9), so one sort orders it.
+    """
+    src, dst, weight = np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(weight, np.float64)
+    key = np.minimum(src, dst) * np.int64(n) + np.maximum(src, dst)
+    order = np.lexsort((-weight, key))  # by pair, the larger weight first
+    key = key[order]
+    first = np.ones(len(key), dtype=bool)
+    first[1:] = key[1:] != key[:-1]
+    links = np.empty((int(first.sum()), 3), np.float64)
+    links[:, 0], links[:, 1] = np.divmod(key[first], np.int64(max(n, 1)))
+    links[:, 2] = weight[order[first]]
+    return links
+
+
 def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarray, seed: int = 42,
                      trials: int = 1) -> np.ndarray:
     """Two-level Infomap on a weighted undirected graph; returns a label per node (0..C-1).
@@ -30,22 +62,20 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     Nodes without edges are singletons. Labels are renumbered by first occurrence so
     the output is deterministic for a given seed.
     """
+    return infomap_modules(n, undirected_links(n, src, dst, weight), seed=seed, trials=trials)
+
+
+def infomap_modules(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) -> np.ndarray:
+    """:func:`infomap_clusters` on the links of :func:`undirected_links` (the caller may free its edge arrays
+    before Infomap builds its network)."""
     try:
         import infomap
     except ImportError:  # pragma: no cover - depends on the optional extra
-        raise ImportError("Infomap is missing from this installation: pip install 'infomap>=2.7' "
+        raise ImportError("Infomap is missing from this installation: pip install 'infomap>=2.16,<3' "
                           "(a dependency of facecluster)") from None
     im = infomap.Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)
-    # Infomap wants each undirected link once; keep the larger weight of i->j / j->i.
-    a = np.minimum(src, dst)
-    b = np.maximum(src, dst)
-    order = np.lexsort((-weight, b, a))
-    a, b, w = a[order], b[order], weight[order]
-    first = np.ones(len(a), dtype=bool)
-    first[1:] = (a[1:] != a[:-1]) | (b[1:] != b[:-1])
-    a, b, w = a[first], b[first], w[first]
     im.add_nodes(range(n))
-    im.add_links(zip(a.tolist(), b.tolist(), w.tolist()))
+    im.add_links(links)
     im.run()
     # Infomap.get_modules, not the Result that infomap >= 2.16 returns from run(): reading that
     # Result's modules goes through a SWIG iterator that, with faiss imported in the same process,
@@ -95,19 +125,25 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     """
     nodes = np.asarray(nodes, np.int64)
     comp = np.asarray(comp, np.int64)
-    n, k = np.shape(index)
-    src = np.repeat(np.arange(n, dtype=np.int64), k)
-    dst = np.asarray(index, np.int64).reshape(-1)
-    w = np.asarray(weight, np.float64).reshape(-1)
-    keep = (dst >= 0) & (w >= floor)
-    src, dst, w = src[keep], dst[keep], w[keep]
+    index = np.asarray(index)
+    n = len(index)
+    # only the edges above the floor are ever materialised (a giant component's task holds them all:
+    # an n x k int64 source array beside them would double its memory)
+    weight = np.asarray(weight)
+    keep = (index >= 0) & (weight >= same_cut(weight.dtype, floor))
+    src = np.nonzero(keep)[0]
+    dst, w = np.asarray(index[keep], np.int64), np.asarray(weight[keep], np.float64)
+    del keep
     pos = np.searchsorted(nodes, dst)
     inside = (pos < n) & (nodes[np.minimum(pos, n - 1)] == dst)
     if not inside.all():
         raise ValueError("infomap_by_component: an edge above the floor leaves the components given")
     dst = pos
-    if joint:
-        return infomap_clusters(n, src, dst, w, seed=seed)
+    del pos, inside
+    if joint or (n and (comp == comp[0]).all()):  # one component: nothing to split
+        links = undirected_links(n, src, dst, w)
+        del src, dst, w  # a giant component's task: its directed edges go before Infomap's network comes
+        return infomap_modules(n, links, seed=seed)
     module = np.zeros(n, np.int64)
     order = np.argsort(comp, kind="stable")
     bounds = np.flatnonzero(np.diff(comp[order])) + 1
@@ -119,7 +155,7 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
             continue
         c = comp[members[0]]
         a, b = np.searchsorted(e_comp, c, "left"), np.searchsorted(e_comp, c, "right")
-        local = np.full(n, -1, np.int64)
-        local[members] = np.arange(len(members))
-        module[members] = infomap_clusters(len(members), local[src[a:b]], local[dst[a:b]], w[a:b], seed=seed)
+        # members ascend (a stable sort by component), so a node's place among them is a binary search
+        module[members] = infomap_clusters(len(members), np.searchsorted(members, src[a:b]),
+                                           np.searchsorted(members, dst[a:b]), w[a:b], seed=seed)
     return module

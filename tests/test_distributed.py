@@ -238,7 +238,8 @@ def _processing(prefix: str):
     return predicate
 
 
-@pytest.mark.parametrize("stage,prefix", [("knn", "knn-search"), ("score", "score-")])
+@pytest.mark.parametrize("stage,prefix", [("knn", "knn-search"), ("communities", "communities-infomap"),
+                                          ("score", "score-")])
 def test_worker_killed_mid_stage_gives_identical_labels(setup, procs, reference, stage, prefix):
     """SIGKILL a worker process while ``stage``'s tasks run; the run completes with identical arrays."""
     misses = []

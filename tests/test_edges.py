@@ -459,10 +459,45 @@ def test_infomap_batches_of_components_do_not_depend_on_the_workers(trained, loc
     n = store.array("knn/index").shape[0]
     floor = store.record("graph")["summary"]["anchor"]["anchor"]
     forest = read_forest(store)
-    run = lambda **kw: infomap_components(local_client, store.url, n, forest, [floor], "knn/sim", "t", **kw)[0]
+    def run(**kw):
+        with store.stage("infomap-test", {"kw": kw}, inputs=["graph"], force=True) as w:
+            return infomap_components(local_client, w, n, forest, [floor], "knn/sim", "t", **kw)[0]
+
     (alone_a, sa), (alone_b, sb) = run(budget=60), run(budget=5000)
     assert sa["tasks"] > sb["tasks"] == 1
     np.testing.assert_array_equal(alone_a, alone_b)
     (joint_a, ja), (joint_b, jb) = run(budget=60, joint=True), run(budget=60, joint=True)
     np.testing.assert_array_equal(joint_a, joint_b)
     assert ja == jb and ja["tasks"] == sa["tasks"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(0, 1, width=32), st.integers(-3, 3))
+def test_same_cut_keeps_what_the_float64_comparison_keeps(value, ulps):
+    """The float32 cut equals comparing in float64 exactly, at and around every float32 value (no float64 copy of
+    a task's weights is needed to keep what the old float64 comparison kept)."""
+    from facecluster.tasks.peers import same_cut
+
+    w = np.float32(value)
+    for _ in range(abs(ulps)):
+        w = np.nextafter(w, np.float32(np.inf if ulps > 0 else -np.inf))
+    ws = np.array([w, np.nextafter(w, np.float32(-1)), np.nextafter(w, np.float32(2))], np.float32)
+    for floor in (float(value), float(value) + 1e-12, float(value) - 1e-12, float(w)):
+        np.testing.assert_array_equal(ws >= same_cut(ws.dtype, floor), ws.astype(np.float64) >= floor)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 30), st.integers(0, 120), st.integers(0, 2**31 - 1))
+def test_undirected_links_keep_each_pair_once_with_its_larger_weight(n, m, seed):
+    from facecluster.tasks.peers import undirected_links
+
+    rng = np.random.default_rng(seed)
+    src, dst = rng.integers(0, n, m), rng.integers(0, n, m)
+    w = rng.choice([0.25, 0.5, 0.75], m)
+    oracle = {}
+    for a, b, x in zip(src, dst, w):
+        key = (min(a, b), max(a, b))
+        oracle[key] = max(oracle.get(key, -1.0), x)
+    links = undirected_links(n, src, dst, w)
+    assert [(int(a), int(b)) for a, b, _ in links] == sorted(oracle)  # in (low, high) order
+    assert [x for *_, x in links] == [oracle[key] for key in sorted(oracle)]

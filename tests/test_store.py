@@ -108,6 +108,25 @@ def test_failing_stage_leaves_nothing_half_written(tmp_path):
     assert store.is_complete("s")
 
 
+def test_scratch_arrays_serve_the_stage_and_go_with_it(tmp_path):
+    """A stage's scratch arrays (what its tasks read instead of scattered data) are readable through the URL
+    while it runs and gone when it ends, completed or failed; they are never outputs."""
+    store = RunStore.create(tmp_path / "r.zarr")
+    with store.stage("s", {"v": 1}) as w:
+        path = w.scratch_array("plan", np.arange(10, dtype=np.int64), chunk_rows=4)
+        np.testing.assert_array_equal(open_array(store.url, path)[3:7], [3, 4, 5, 6])
+        w.write_array("out", np.ones(3))
+    assert store.record("s")["outputs"] == ["out"]
+    assert _tmp_arrays(store) == [] and not (tmp_path / "r.zarr" / path).exists()
+
+    with pytest.raises(RuntimeError, match="boom"):
+        with store.stage("s", {"v": 2}) as w:
+            path = w.scratch_array("plan", np.arange(5))
+            assert (tmp_path / "r.zarr" / path).exists()
+            raise RuntimeError("boom")
+    assert _tmp_arrays(store) == [] and not (tmp_path / "r.zarr" / path).exists()
+
+
 def test_killed_run_leftovers_are_cleaned(tmp_path):
     store = RunStore.create(tmp_path / "r.zarr")
     # what a killed process leaves: a running record and an array under _tmp

@@ -34,7 +34,7 @@ from ..config import Config
 from ..forest import spanning_forest
 from ..model_files import edge_meta, model_digest
 from ..progress import wait_futures
-from ..store import RunStore, open_array
+from ..store import RunStore, StageWriter, open_array
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +44,15 @@ MIN_NODES_PER_TASK = 5_000  # below this a task's overhead outweighs the paralle
 INFOMAP_SEED = 42
 
 
-def component_task(url: str, nodes: np.ndarray, comp: np.ndarray, floor: float, weights: str = "edges/prob",
-                   joint: bool = False) -> np.ndarray:
-    """Worker task: Infomap modules of whole components (``nodes`` ascending), numbered within each (``joint``:
-    one Infomap run over them all)."""
+def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floor: float,
+                   weights: str = "edges/prob", joint: bool = False) -> np.ndarray:
+    """Worker task: Infomap modules of whole components, numbered within each (``joint``: one Infomap run over
+    them all). The components' nodes (ascending) and their component ids are entries ``[a, b)`` of the
+    stage's scratch arrays ``nodes_path`` and ``comp_path``."""
     from facecluster.tasks.peers import infomap_by_component
 
+    nodes = open_array(url, nodes_path)[a:b]
+    comp = open_array(url, comp_path)[a:b]
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
     return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint)
@@ -69,14 +72,16 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
     return groups
 
 
-def infomap_components(client, url: str, n: int, forest, floors: list[float], weights: str, name: str,
+def infomap_components(client, writer: StageWriter, n: int, forest, floors: list[float], weights: str, name: str,
                        budget: int | None = None, joint: bool = False) -> list[tuple[np.ndarray, dict]]:
     """Infomap on the kNN graph weighted by array ``weights`` at each of ``floors``, one Dask task per group of components.
 
     Parameters
     ----------
     client : distributed.Client.
-    url : the run store (``knn/index`` and ``weights``, an N x k array: ``edges/prob`` or ``knn/sim``).
+    writer : the running stage's writer, whose run store holds ``knn/index`` and ``weights`` (an N x k
+        array: ``edges/prob`` or ``knn/sim``); every floor's plan (the node ids of each task, grouped, and
+        their component ids) goes to its scratch arrays, which the tasks read their share of.
     n : faces.
     forest : (src, dst, weight) of a maximum spanning forest of the same weights holding every edge
         >= ``min(floors)`` (:func:`facecluster.pipeline.forest.spanning_forest`, or the graph stage's
@@ -102,6 +107,7 @@ def infomap_components(client, url: str, n: int, forest, floors: list[float], we
     from facecluster.tasks.components import canonical_labels, components
 
     src, dst, wt = forest
+    url = writer.store.url
     if budget is None:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
         budget = int(min(NODES_PER_TASK, max(MIN_NODES_PER_TASK, -(-n // (4 * n_workers)))))
@@ -115,12 +121,18 @@ def infomap_components(client, url: str, n: int, forest, floors: list[float], we
         starts = np.concatenate([[0], np.cumsum(sizes)])
         groups = pack_components(sizes, budget)
         node_sets = [np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids])) for cids in groups]
-        # the node lists go to the workers as data, not inside the task graph (N ids per floor in all:
-        # 10 MiB at 1M faces, which distributed warns about and ships through the scheduler)
-        nodes_f = client.scatter(node_sets, hash=False) if node_sets else []
-        comp_f = client.scatter([comp[nodes] for nodes in node_sets], hash=False) if node_sets else []
-        futs = [client.submit(component_task, url, nf, cf, floor, weights, joint, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
-                for g_i, (nf, cf) in enumerate(zip(nodes_f, comp_f))]
+        # the node lists go to the workers through the store, not inside the task graph (N ids per floor in
+        # all: 10 MiB at 1M faces, which distributed warns about and ships through the scheduler) nor by
+        # scatter (a lost worker would take them along: see StageWriter.scratch_array)
+        ends = np.cumsum([len(nodes) for nodes in node_sets], dtype=np.int64)
+        futs = []
+        if node_sets:
+            grouped = np.concatenate(node_sets)
+            nodes_path = writer.scratch_array(f"{name}-nodes-{f_i}", grouped)
+            comp_path = writer.scratch_array(f"{name}-comp-{f_i}", comp[grouped])
+            futs = [client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), floor,
+                                  weights, joint, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
+                    for g_i, (nodes, b) in enumerate(zip(node_sets, ends))]
         plans.append((floor, comp, sizes, groups, futs, node_sets))
     results = []
     for floor, comp, sizes, groups, futs, node_sets in plans:
@@ -165,7 +177,7 @@ def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force:
                                  weights="edges/prob", name="communities-forest")
         out = w.create_array("communities/labels", (n, len(floors)), (r, len(floors)), np.int64)
         per_floor = []
-        for f_i, (labels, stats) in enumerate(infomap_components(client, store.url, n, forest, floors, "edges/prob",
+        for f_i, (labels, stats) in enumerate(infomap_components(client, w, n, forest, floors, "edges/prob",
                                                                  "communities")):
             out[:, f_i] = labels
             per_floor.append(stats)

@@ -121,7 +121,7 @@ def run_infomap_clusters(store: RunStore, cfg: Config, client, model_dir: str | 
             forest = spanning_forest(client, store.url, n, int(index.chunks[0]), floor, cfg.proposals.fan_in,
                                      weights=weights, name="infomap-forest")
             forest_source = weights
-        (labels, stats), = infomap_components(client, store.url, n, forest, [floor], weights, "infomap",
+        (labels, stats), = infomap_components(client, w, n, forest, [floor], weights, "infomap",
                                               budget=BATCH_NODES, joint=True)
         w.write_array("clusters", labels)
         summary = {"method": "infomap", "weights": "learned" if model_dir else "cosine", "min_sim": floor,
