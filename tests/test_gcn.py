@@ -182,6 +182,36 @@ def test_connectivity_of_known_graphs():
     assert 0.0 < lambda2(2 * n, two + [(0, n, 0.5)]) < 0.2
 
 
+@pytest.mark.parametrize("shape", ["identity", "two_bridged", "two_apart", "chain"])
+def test_lambda2_of_large_proposals_matches_the_full_eigensolver(shape):
+    """Proposals of SPARSE_LAMBDA2_MIN faces and more take lambda_2 from Lanczos: equal to the full eigvalsh's
+    value after the float32 rounding of the inputs, on kNN-like graphs that hang together well, by one weak
+    bridge, not at all (lambda_2 = 0), and as a long chain (a tiny lambda_2)."""
+    rng = np.random.default_rng(7)
+    m = gcn.SPARSE_LAMBDA2_MIN + 44
+    half = m // 2
+    pairs = []
+    for a in range(m):
+        if shape == "chain":
+            pairs += [(a, c, 0.9) for c in (a - 1, a + 1) if 0 <= c < m]
+            continue
+        group = np.arange(m) if shape == "identity" else (np.arange(half) if a < half else np.arange(half, m))
+        pairs += [(a, int(c), float(rng.uniform(0.3, 0.9))) for c in rng.choice(group[group != a], 20, replace=False)]
+    if shape == "two_bridged":
+        pairs += [(0, half, 0.4), (half, 0, 0.4)]
+    A = np.zeros((m, m))
+    for a, c, w in pairs:
+        A[a, c] = A[c, a] = max(A[a, c], np.float32(w))
+    d = A.sum(1)
+    di = 1.0 / np.sqrt(d)
+    dense = np.linalg.eigvalsh(np.eye(m) - di[:, None] * A * di[None, :])[1]
+    lanczos = gcn._lambda2_lanczos(di[:, None] * A * di[None, :])
+    assert lanczos == pytest.approx(dense, abs=1e-9)
+    assert np.float32(lanczos) == np.float32(dense) or abs(dense) < 1e-9
+    if shape == "two_apart":
+        assert abs(lanczos) < 1e-9
+
+
 def _reference_adjacency(sizes, members, kidx, ksim):
     """The inside adjacency as earlier releases built it: both directions and self loops, one lexsort, the largest
     weight kept per (row, col), then λ₂ per proposal from a dense matrix and one eigvalsh each."""

@@ -187,6 +187,10 @@ def test_score_and_dedup_invariant_to_batch_size_and_workers(runs, local_client,
     ensure = __import__("facecluster.pipeline.train", fromlist=["ensure_proposals"]).ensure_proposals
     ensure(store, cfg, local_client, runs["model"])  # with the edge scorer: edges, communities, then proposals
     monkeypatch.setattr(S, "SCORE_BLOCK", 8)
+    offsets = store.array("proposals/offsets")[:]
+    plain = np.diff(offsets[np.r_[0:len(offsets) - 1:8, len(offsets) - 1]])  # members of 8-proposal blocks
+    monkeypatch.setattr(S, "BLOCK_MEMBERS", int(np.median(plain)))  # about half the blocks cut short by members
+    assert (np.diff(S.block_bounds(offsets, 8))[:-1] < 8).any()
     s1 = run_score(store, str(runs["model"]), cfg, local_client, force=True)
     assert s1["n_proposals"] > 20 and s1["segmented"] == s1["n_proposals"] and s1["tasks"] >= 4
     out1 = {k: store.array(f"score/{k}")[:] for k in ("iou", "iop", "keep", "segmented")}
@@ -312,6 +316,26 @@ def test_score_task_bounds():
     assert task_bounds(np.array([0]), 2, 100) == [0]
     rb = row_batches(np.array([0, 3, 5, 20, 21, 22]), 4)
     assert rb == [(0, 1), (1, 2), (2, 3), (3, 5)]
+
+
+def test_score_blocks_are_bounded_by_members():
+    """Forward blocks: at most ``block`` proposals and ``max_members`` members (a larger proposal alone), greedy
+    from the first proposal; tasks are made of whole blocks."""
+    from facecluster.pipeline.stages.score import block_bounds, task_bounds
+
+    off = np.r_[0, np.cumsum([50, 5, 5, 5, 30, 1, 1, 1, 1, 1, 1])]
+    assert block_bounds(off, 4, 20).tolist() == [0, 1, 4, 5, 9, 11]
+    assert block_bounds(off, 4, 10**9).tolist() == [0, 4, 8, 11]  # no member bound: plain blocks of 4
+    assert block_bounds(np.array([0]), 4, 20).tolist() == [0]
+    sizes = np.random.default_rng(1).integers(1, 200, 3_000)
+    off = np.r_[0, np.cumsum(sizes)]
+    bb = block_bounds(off, 64, 2_000)
+    members, props = np.diff(off[bb]), np.diff(bb)
+    assert ((members <= 2_000) | (props == 1)).all() and (props <= 64).all() and bb[-1] == len(sizes)
+    assert not ((members[:-1] + sizes[bb[1:-1]] <= 2_000) & (props[:-1] < 64)).any()  # each block as full as allowed
+    for tb in (task_bounds(off, 2, 100, block=64, max_members=2_000),
+               task_bounds(off, 2, 100, per=150, block=64, max_members=2_000)):
+        assert set(tb) <= set(bb.tolist()) and tb[0] == 0 and tb[-1] == len(sizes)
 
 
 class _RunsCode:

@@ -11,7 +11,8 @@ uses the worker's thread count.
 
 Determinism: ``facecluster.tasks.gcn.score_batch`` runs every proposal in a fixed-shape forward
 (size bucket x fixed proposal count), and the forwards are formed within fixed blocks
-of :func:`score_block` proposals (by proposal index, whatever the tasks), so a proposal's
+of :func:`score_block` proposals and at most ``BLOCK_MEMBERS`` members (:func:`block_bounds`: by
+proposal index and size, whatever the tasks), so a proposal's
 scores are bitwise the same for any task size or worker count (tested), which
 dedup's tie-breaking needs.
 
@@ -56,6 +57,7 @@ def model_loads() -> int:
 TASK_BYTES = 1 << 30  # member rows (features + kNN rows) one score task reads and holds
 BUILD_ROWS = 1 << 16  # member rows one ``build_batch`` call expands (its n x k temporaries)
 SCORE_BLOCK, MIN_BLOCK = 4096, 512  # proposals per forward block, at most / at least (see score_block)
+BLOCK_MEMBERS = 1 << 18  # members per forward block, at most (a larger proposal is a block alone; see block_bounds)
 
 
 def score_block(n_prop: int) -> int:
@@ -69,14 +71,35 @@ def score_block(n_prop: int) -> int:
     return int(min(SCORE_BLOCK, max(MIN_BLOCK, -(-int(n_prop) // 8))))
 
 
+def block_bounds(offsets: np.ndarray, block: int, max_members: int | None = None) -> np.ndarray:
+    """Bounds of the forward blocks: consecutive proposals, at most ``block`` of them and at most ``max_members``
+    members in all (a larger proposal is a block alone). A function of the run alone, like :func:`score_block`.
+
+    Why a member bound: a block's inputs are built and held at once (about 4 KB per member with k = 80), and
+    ``block`` proposals of the largest sizes came first: on planted lists at 300k faces the first block held
+    1.06M members and its task peaked at 6 GB. Where every block is under the bound the blocks are the plain
+    ``block``-proposal ones (so runs without such blocks keep their scores bit for bit).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64)
+    n, block = len(offsets) - 1, max(1, int(block))
+    max_members = BLOCK_MEMBERS if max_members is None else max_members
+    out, a = [0], 0
+    while a < n:
+        fit = int(np.searchsorted(offsets, offsets[a] + int(max_members), side="right")) - 1
+        a = max(a + 1, min(a + block, n, fit))
+        out.append(a)
+    return np.asarray(out if n > 0 else [0], np.int64)
+
+
 def row_bytes(dim: int, k: int, spec: dict) -> int:
     """Bytes of one member's rows a score task holds: feature, kNN ids, edge weights (and cosines)."""
     return 4 * dim + 8 * k + 4 * k * (2 if spec.get("weights") == "both" else 1)
 
 
-def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_range, keep_prob: float,
-               segment: bool = True, block: int = SCORE_BLOCK, build_rows: int = BUILD_ROWS) -> dict:
-    """Worker task: score proposals ``[p0, p1)`` (whole blocks: ``p0`` a multiple of ``block``); returns their outputs.
+def score_task(url: str, model_dir: str, digest: str, blocks: list[int], iop_range, keep_prob: float,
+               segment: bool = True, build_rows: int = BUILD_ROWS) -> dict:
+    """Worker task: score proposals ``[blocks[0], blocks[-1])``, whole blocks of :func:`block_bounds` (``blocks``:
+    their bounds); returns their outputs.
 
     The rows of all the task's members are read once (each read decodes nearly every
     chunk of its array, whatever the task's size). Each block of ``block`` proposals is
@@ -97,8 +120,8 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
 
     from ..cluster import worker_threads
 
-    if p0 % block:
-        raise ValueError(f"score_task: p0={p0} is not a multiple of the block ({block})")
+    blocks = [int(x) for x in blocks]
+    p0, p1 = blocks[0], blocks[-1]
     torch.set_num_threads(worker_threads())
     gcnd, gcns, meta = _models(model_dir, digest)
     off = open_array(url, "proposals/offsets")[p0:p1 + 1]
@@ -111,8 +134,8 @@ def score_task(url: str, model_dir: str, digest: str, p0: int, p1: int, iop_rang
     if iop_range is None:  # the model's validation tuning found GCN-S does not help
         segment, iop_range = False, (1.0, 0.0)
     outs = []
-    for q0 in range(0, p1 - p0, block):
-        q1 = min(q0 + block, p1 - p0)
+    for q0, q1 in zip(blocks[:-1], blocks[1:]):
+        q0, q1 = q0 - p0, q1 - p0
         parts = []
         for a, b in row_batches(off[q0:q1 + 1], build_rows):
             a, b = a + q0, b + q0
@@ -142,9 +165,9 @@ def row_batches(offsets: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
 
 
 def task_bounds(offsets: np.ndarray, n_workers: int, bytes_per_row: int, per: int | None = None,
-                task_bytes: int = TASK_BYTES, block: int = SCORE_BLOCK) -> list[int]:
-    """Proposal bounds of the score tasks, on whole blocks: ``per`` proposals each (rounded up to blocks), or by
-    default about equal member counts.
+                task_bytes: int = TASK_BYTES, block: int = SCORE_BLOCK, max_members: int | None = None) -> list[int]:
+    """Proposal bounds of the score tasks, on whole blocks (:func:`block_bounds`): ``per`` proposals each (rounded
+    up to whole blocks of ``block``), or by default about equal member counts.
 
     Why few large tasks: every task's reads decode nearly every chunk of ``features``
     and ``knn`` (a proposal's members are scattered over the store), 2.4 s of CPU
@@ -155,16 +178,17 @@ def task_bounds(offsets: np.ndarray, n_workers: int, bytes_per_row: int, per: in
     """
     offsets = np.asarray(offsets, dtype=np.int64)
     n_prop = len(offsets) - 1
-    block = max(1, int(block))
+    bb = block_bounds(offsets, block, max_members)
     if per:
-        step = -(-int(per) // block) * block
-        return list(range(0, n_prop, step)) + [n_prop]
+        step = -(-int(per) // max(1, int(block)))  # blocks per task
+        return sorted({*(int(x) for x in bb[::step]), max(n_prop, 0)})
     w = max(1, int(n_workers))
     rows = int(offsets[-1]) if n_prop else 0
     n_tasks = max(2 * w, -(-rows * int(bytes_per_row) // int(task_bytes)))
     n_tasks = -(-n_tasks // w) * w
     cuts = np.searchsorted(offsets, np.linspace(0, rows, n_tasks + 1)[1:-1], side="left")
-    cuts = np.round(cuts / block).astype(np.int64) * block  # the nearest block bound
+    j = np.clip(np.searchsorted(bb, cuts), 1, len(bb) - 1)
+    cuts = np.where(cuts - bb[j - 1] <= bb[j] - cuts, bb[j - 1], bb[j])  # the nearest block bound
     return sorted({0, n_prop, *(int(c) for c in cuts if 0 < c < n_prop)})
 
 
@@ -210,9 +234,10 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         bounds = task_bounds(offsets, n_workers, row_bytes(store.array("features").shape[1],
                                                            store.array("knn/index").shape[1], spec), g.score_batch,
                              block=block)
+        blocks = block_bounds(offsets, block)
         model_dir = os.path.abspath(model_dir)
-        futs = [client.submit(score_task, store.url, model_dir, digest, a, b, iop_range, keep_prob,
-                              g.segment, block, BUILD_ROWS, key=f"score-{a}-{token}")
+        futs = [client.submit(score_task, store.url, model_dir, digest, blocks[(blocks >= a) & (blocks <= b)].tolist(),
+                              iop_range, keep_prob, g.segment, BUILD_ROWS, key=f"score-{a}-{token}")
                 for a, b in zip(bounds[:-1], bounds[1:])]
         import time
 
