@@ -8,9 +8,19 @@ fix when an installation lacks it.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
 import warnings
 
 import numpy as np
+
+# Undirected links from which a worker's Infomap problem runs in a child process
+# (:mod:`facecluster.tasks.infomap_child`: Infomap holds the GIL for its whole run, which would
+# silence the worker's heartbeats). Below it a run takes seconds and starting a process would
+# cost more than it saves; the partition is the same either way.
+CHILD_LINKS = 1_000_000
 
 
 def knn_edge_list(index: np.ndarray, sim: np.ndarray, min_sim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -96,6 +106,37 @@ def infomap_modules(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) 
     return rank[inv]
 
 
+def infomap_modules_apart(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) -> np.ndarray:
+    """:func:`infomap_modules` in a child process (same partition), with this thread waiting on it, the GIL free.
+
+    The links go to the child through a ``.npy`` file in the temporary directory (``TMPDIR``), which
+    the child maps rather than copies; pass them as a temporary (``infomap_modules_apart(n,
+    undirected_links(...))``) and this function holds the only reference, which it drops once the file
+    is written: the caller's process then holds no copy while Infomap runs.
+    """
+    with tempfile.TemporaryDirectory(prefix="facecluster-infomap-") as tmp:
+        links_path, out_path = os.path.join(tmp, "links.npy"), os.path.join(tmp, "modules.npy")
+        np.save(links_path, np.ascontiguousarray(links, np.float64))
+        del links
+        cmd = [sys.executable, "-m", "facecluster.tasks.infomap_child", links_path, str(int(n)), str(int(seed)),
+               str(int(trials)), out_path, str(os.getpid())]
+        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if proc.returncode != 0 or not os.path.exists(out_path):
+            why = (f"killed by signal {-proc.returncode} (SIGKILL: out of memory?)" if proc.returncode < 0
+                   else f"exit status {proc.returncode}")
+            tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+            raise RuntimeError(f"Infomap's child process on {n} nodes failed ({why})" + (": " + " | ".join(tail) if tail else ""))
+        return np.load(out_path)
+
+
+def solve_links(n: int, links: np.ndarray, seed: int = 42) -> np.ndarray:
+    """Infomap modules of ``links`` here, or in a child process from :data:`CHILD_LINKS` links on
+    (:func:`infomap_modules_apart`; pass ``links`` as a temporary for the memory it frees there)."""
+    if len(links) >= CHILD_LINKS:
+        return infomap_modules_apart(n, links, seed=seed)
+    return infomap_modules(n, links, seed=seed)
+
+
 def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,
                          floor: float, seed: int = 42, joint: bool = False) -> np.ndarray:
     """Infomap run separately on each connected component of a group of whole components (or on the group at once).
@@ -141,9 +182,9 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     dst = pos
     del pos, inside
     if joint or (n and (comp == comp[0]).all()):  # one component: nothing to split
-        links = undirected_links(n, src, dst, w)
+        links = [undirected_links(n, src, dst, w)]
         del src, dst, w  # a giant component's task: its directed edges go before Infomap's network comes
-        return infomap_modules(n, links, seed=seed)
+        return solve_links(n, links.pop(), seed=seed)  # popped: solve_links holds the only reference
     module = np.zeros(n, np.int64)
     order = np.argsort(comp, kind="stable")
     bounds = np.flatnonzero(np.diff(comp[order])) + 1
@@ -156,6 +197,7 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
         c = comp[members[0]]
         a, b = np.searchsorted(e_comp, c, "left"), np.searchsorted(e_comp, c, "right")
         # members ascend (a stable sort by component), so a node's place among them is a binary search
-        module[members] = infomap_clusters(len(members), np.searchsorted(members, src[a:b]),
-                                           np.searchsorted(members, dst[a:b]), w[a:b], seed=seed)
+        m = len(members)
+        module[members] = solve_links(m, undirected_links(m, np.searchsorted(members, src[a:b]),
+                                                          np.searchsorted(members, dst[a:b]), w[a:b]), seed=seed)
     return module

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -166,6 +169,64 @@ def test_infomap_by_component_against_whole_graph_and_any_grouping():
     for nodes in (odd, even):
         split[nodes] = infomap_by_component(nodes, comp[nodes], idx[nodes], sim[nodes], floor)
     assert np.array_equal(split, mod)
+
+
+def test_infomap_in_a_child_process_gives_the_same_modules(monkeypatch):
+    """Problems from ``CHILD_LINKS`` links on run in a child process (Infomap holds the GIL: a worker
+    running it in its own thread sends no heartbeats); the modules are those of the in-process run, on the
+    per-component path and the one-component path alike, and a failing child is an error naming the run."""
+    pytest.importorskip("infomap")
+    from facecluster.tasks import peers
+    from facecluster.tasks.components import components
+
+    x, _ = make_faces(600, dim=32, seed=5)
+    idx, sim = _exact_knn(x, 10)
+    for floor in (float(np.quantile(sim, 0.9)), float(sim[:, 1:].min())):  # many components; one
+        comp = components(len(x), *peers.knn_edge_list(idx, sim, floor)[:2])
+        nodes = np.flatnonzero(np.bincount(comp)[comp] >= 2)
+        here = peers.infomap_by_component(nodes, comp[nodes], idx[nodes], sim[nodes], floor)
+        calls = []
+        apart = peers.infomap_modules_apart
+        monkeypatch.setattr(peers, "CHILD_LINKS", 0)
+        monkeypatch.setattr(peers, "infomap_modules_apart", lambda *a, **kw: calls.append(1) or apart(*a, **kw))
+        child = peers.infomap_by_component(nodes, comp[nodes], idx[nodes], sim[nodes], floor)
+        monkeypatch.undo()
+        assert calls and np.array_equal(here, child)
+    with pytest.raises(RuntimeError, match=r"Infomap's child process on -1 nodes failed \(exit status 1\)"):
+        peers.infomap_modules_apart(-1, np.zeros((1, 3)))
+
+
+def test_infomap_child_dies_with_its_parent(tmp_path):
+    """A worker killed mid-task leaves no Infomap process behind (Linux: the child asks the kernel for SIGKILL
+    when its parent dies)."""
+    pytest.importorskip("infomap")
+    psutil = pytest.importorskip("psutil")
+    if not sys.platform.startswith("linux"):
+        pytest.skip("PR_SET_DEATHSIG is Linux's")
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import numpy as np\n"
+        "from facecluster.tasks.peers import infomap_modules_apart\n"
+        "rng = np.random.default_rng(0)\n"
+        "n = 200_000\n"  # a random graph: Infomap takes over a minute on it
+        "links = np.column_stack([np.repeat(np.arange(n), 10), rng.integers(0, n, 10 * n), rng.random(10 * n)])\n"
+        "infomap_modules_apart(n, links.astype(np.float64))\n")
+    parent = subprocess.Popen([sys.executable, str(script)])
+    try:
+        deadline = time.monotonic() + 120
+        children = []
+        while not children and time.monotonic() < deadline and parent.poll() is None:
+            children = [c for c in psutil.Process(parent.pid).children()
+                        if "facecluster.tasks.infomap_child" in " ".join(c.cmdline())]
+            time.sleep(0.2)
+        assert children, "the parent never started Infomap's child process"
+        parent.kill()
+        parent.wait()
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, "Infomap's child outlived its parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
 
 
 # -- training and the stages -----------------------------------------------------------------------

@@ -14,6 +14,10 @@ process, reported as ``largest_component``); each task reads only its nodes' kNN
 rows and runs Infomap per component (:func:`facecluster.tasks.peers.infomap_by_component`),
 so the partition does not depend on how components are packed, on the chunk size
 or on the worker count.
+A problem of ``CHILD_LINKS`` links or more runs in a child process of the worker
+(:mod:`facecluster.tasks.infomap_child`): Infomap holds the GIL for its whole run, and a
+worker whose event loop is silent for longer than the scheduler's ``worker-ttl`` is removed
+(at 1M planted faces the giant component's task was lost every 600 s that way).
 The machinery (:func:`infomap_components`) takes any weight array shaped like
 ``knn/index``: ``--method infomap`` runs it on the cosine ``knn/sim`` too.
 
