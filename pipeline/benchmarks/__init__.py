@@ -35,19 +35,39 @@ def save_result(name: str, result: dict, out: str | os.PathLike | None) -> Path:
     return path
 
 
-def process_rss() -> int:
-    """Resident memory of this process (run on workers with ``client.run``)."""
+def process_rss(children: bool = False) -> int:
+    """Resident memory of this process (run on workers with ``client.run``), with ``children`` that of its live
+    child processes too: a worker runs a large Infomap problem in a child (:mod:`facecluster.tasks.infomap_child`),
+    whose memory is the task's. (Not for the driver: a LocalCluster's workers are its children.)"""
     import psutil
 
-    return psutil.Process().memory_info().rss
+    me = psutil.Process()
+    rss = me.memory_info().rss
+    for child in me.children(recursive=True) if children else ():
+        try:
+            rss += child.memory_info().rss
+        except psutil.Error:  # it ended between the listing and the reading
+            pass
+    return rss
 
 
-def process_cpu() -> float:
-    """User + system CPU seconds of this process."""
+def process_cpu(children: bool = False) -> float:
+    """User + system CPU seconds of this process, with ``children`` those of its child processes too: the ones
+    that ended (and were waited for) and the ones still running."""
     import psutil
 
-    t = psutil.Process().cpu_times()
-    return t.user + t.system
+    me = psutil.Process()
+    t = me.cpu_times()
+    if not children:
+        return t.user + t.system
+    cpu = t.user + t.system + t.children_user + t.children_system
+    for child in me.children(recursive=True):
+        try:
+            c = child.cpu_times()
+            cpu += c.user + c.system
+        except psutil.Error:
+            pass
+    return cpu
 
 
 class MemorySampler:
@@ -67,7 +87,7 @@ class MemorySampler:
     def _sample(self):
         self.driver = max(self.driver, process_rss())
         try:
-            for w, v in self.client.run(process_rss, on_error="ignore").items():
+            for w, v in self.client.run(process_rss, children=True, on_error="ignore").items():
                 self.workers[w] = max(self.workers.get(w, 0), v)
         except Exception:  # a sample lost to a busy or restarting worker is fine
             pass
@@ -77,9 +97,9 @@ class MemorySampler:
             self._sample()
 
     def __enter__(self):
-        self.start = self.client.run(process_rss, on_error="ignore")
+        self.start = self.client.run(process_rss, children=True, on_error="ignore")
         self._sample()
-        self._cpu0 = self.client.run(process_cpu)
+        self._cpu0 = self.client.run(process_cpu, children=True)
         self._driver_cpu0 = process_cpu()
         self._t = threading.Thread(target=self._loop, daemon=True)
         self._t.start()
@@ -89,7 +109,7 @@ class MemorySampler:
         self._stop.set()
         self._t.join()
         self._sample()
-        cpu1 = self.client.run(process_cpu)
+        cpu1 = self.client.run(process_cpu, children=True)
         self.worker_cpu = sum(cpu1[w] - self._cpu0[w] for w in cpu1 if w in self._cpu0)
         self.driver_cpu = process_cpu() - self._driver_cpu0
         self.load = os.getloadavg()[0]
