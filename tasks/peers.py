@@ -106,35 +106,37 @@ def infomap_modules(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) 
     return rank[inv]
 
 
-def infomap_modules_apart(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) -> np.ndarray:
-    """:func:`infomap_modules` in a child process (same partition), with this thread waiting on it, the GIL free.
+def run_infomap_child(n: int, links_path: str, seed: int = 42, trials: int = 1) -> np.ndarray:
+    """:func:`infomap_modules` of the links saved (``np.save``) at ``links_path``, run in a child process
+    (:mod:`facecluster.tasks.infomap_child`; the same partition), this thread waiting on it with the GIL free.
+    The child maps the file rather than copying it, and writes its modules beside it."""
+    out_path = os.path.join(os.path.dirname(links_path), "modules.npy")
+    cmd = [sys.executable, "-m", "facecluster.tasks.infomap_child", links_path, str(int(n)), str(int(seed)),
+           str(int(trials)), out_path, str(os.getpid())]
+    proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if proc.returncode != 0 or not os.path.exists(out_path):
+        why = (f"killed by signal {-proc.returncode} (SIGKILL: out of memory?)" if proc.returncode < 0
+               else f"exit status {proc.returncode}")
+        tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        raise RuntimeError(f"Infomap's child process on {n} nodes failed ({why})" + (": " + " | ".join(tail) if tail else ""))
+    return np.load(out_path)
 
-    The links go to the child through a ``.npy`` file in the temporary directory (``TMPDIR``), which
-    the child maps rather than copies; pass them as a temporary (``infomap_modules_apart(n,
-    undirected_links(...))``) and this function holds the only reference, which it drops once the file
-    is written: the caller's process then holds no copy while Infomap runs.
+
+def solve_links(n: int, links: np.ndarray, seed: int = 42, apart: bool | None = None) -> np.ndarray:
+    """Infomap modules of ``links`` (:func:`undirected_links`) here, or in a child process (``apart``; by
+    default from :data:`CHILD_LINKS` links on): the same partition either way.
+
+    The links go to the child through a ``.npy`` file in the temporary directory (``TMPDIR``). Pass them
+    as a temporary (``solve_links(n, undirected_links(...))``): this function then holds the only
+    reference and drops it once the file is written, so this process holds no copy while Infomap runs.
     """
+    if not (len(links) >= CHILD_LINKS if apart is None else apart):
+        return infomap_modules(n, links, seed=seed)
     with tempfile.TemporaryDirectory(prefix="facecluster-infomap-") as tmp:
-        links_path, out_path = os.path.join(tmp, "links.npy"), os.path.join(tmp, "modules.npy")
+        links_path = os.path.join(tmp, "links.npy")
         np.save(links_path, np.ascontiguousarray(links, np.float64))
         del links
-        cmd = [sys.executable, "-m", "facecluster.tasks.infomap_child", links_path, str(int(n)), str(int(seed)),
-               str(int(trials)), out_path, str(os.getpid())]
-        proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        if proc.returncode != 0 or not os.path.exists(out_path):
-            why = (f"killed by signal {-proc.returncode} (SIGKILL: out of memory?)" if proc.returncode < 0
-                   else f"exit status {proc.returncode}")
-            tail = proc.stderr.decode(errors="replace").strip().splitlines()[-3:]
-            raise RuntimeError(f"Infomap's child process on {n} nodes failed ({why})" + (": " + " | ".join(tail) if tail else ""))
-        return np.load(out_path)
-
-
-def solve_links(n: int, links: np.ndarray, seed: int = 42) -> np.ndarray:
-    """Infomap modules of ``links`` here, or in a child process from :data:`CHILD_LINKS` links on
-    (:func:`infomap_modules_apart`; pass ``links`` as a temporary for the memory it frees there)."""
-    if len(links) >= CHILD_LINKS:
-        return infomap_modules_apart(n, links, seed=seed)
-    return infomap_modules(n, links, seed=seed)
+        return run_infomap_child(n, links_path, seed=seed)
 
 
 def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,

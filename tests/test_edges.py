@@ -186,14 +186,14 @@ def test_infomap_in_a_child_process_gives_the_same_modules(monkeypatch):
         nodes = np.flatnonzero(np.bincount(comp)[comp] >= 2)
         here = peers.infomap_by_component(nodes, comp[nodes], idx[nodes], sim[nodes], floor)
         calls = []
-        apart = peers.infomap_modules_apart
+        child_run = peers.run_infomap_child
         monkeypatch.setattr(peers, "CHILD_LINKS", 0)
-        monkeypatch.setattr(peers, "infomap_modules_apart", lambda *a, **kw: calls.append(1) or apart(*a, **kw))
+        monkeypatch.setattr(peers, "run_infomap_child", lambda *a, **kw: calls.append(1) or child_run(*a, **kw))
         child = peers.infomap_by_component(nodes, comp[nodes], idx[nodes], sim[nodes], floor)
         monkeypatch.undo()
         assert calls and np.array_equal(here, child)
     with pytest.raises(RuntimeError, match=r"Infomap's child process on -1 nodes failed \(exit status 1\)"):
-        peers.infomap_modules_apart(-1, np.zeros((1, 3)))
+        peers.solve_links(-1, np.zeros((1, 3)), apart=True)
 
 
 def test_infomap_child_dies_with_its_parent(tmp_path):
@@ -206,11 +206,11 @@ def test_infomap_child_dies_with_its_parent(tmp_path):
     script = tmp_path / "parent.py"
     script.write_text(
         "import numpy as np\n"
-        "from facecluster.tasks.peers import infomap_modules_apart\n"
+        "from facecluster.tasks.peers import solve_links\n"
         "rng = np.random.default_rng(0)\n"
         "n = 200_000\n"  # a random graph: Infomap takes over a minute on it
         "links = np.column_stack([np.repeat(np.arange(n), 10), rng.integers(0, n, 10 * n), rng.random(10 * n)])\n"
-        "infomap_modules_apart(n, links.astype(np.float64))\n")
+        "solve_links(n, links.astype(np.float64), apart=True)\n")
     parent = subprocess.Popen([sys.executable, str(script)])
     try:
         deadline = time.monotonic() + 120
