@@ -21,7 +21,7 @@ import sys
 
 import numpy as np
 
-from .peers import infomap_modules
+from .peers import infomap_network, run_network
 
 PR_SET_DEATHSIG = 1
 
@@ -43,8 +43,9 @@ def main(argv: list[str]) -> int:
     links_path, n, seed, trials, out_path, parent = argv
     die_with_parent(int(parent))
     links = np.load(links_path, mmap_mode="r")  # file pages, not this process' own memory
-    modules = infomap_modules(int(n), links, seed=int(seed), trials=int(trials))
-    del links
+    network = infomap_network(int(n), links, seed=int(seed), trials=int(trials))
+    del links  # unmapped before the run: the network holds its own copy (its pages counted ~1 KB per face)
+    modules = run_network(network, int(n))
     tmp = out_path + ".part.npy"
     np.save(tmp, modules)
     os.replace(tmp, out_path)

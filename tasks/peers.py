@@ -78,6 +78,12 @@ def infomap_clusters(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
 def infomap_modules(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) -> np.ndarray:
     """:func:`infomap_clusters` on the links of :func:`undirected_links` (the caller may free its edge arrays
     before Infomap builds its network)."""
+    return run_network(infomap_network(n, links, seed=seed, trials=trials), n)
+
+
+def infomap_network(n: int, links: np.ndarray, seed: int = 42, trials: int = 1):
+    """A two-level undirected Infomap holding ``n`` nodes and ``links`` (copied into its network: the caller
+    may drop them before :func:`run_network`)."""
     try:
         import infomap
     except ImportError:  # pragma: no cover - depends on the optional extra
@@ -86,6 +92,12 @@ def infomap_modules(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) 
     im = infomap.Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)
     im.add_nodes(range(n))
     im.add_links(links)
+    return im
+
+
+def run_network(im, n: int) -> np.ndarray:
+    """Run an :func:`infomap_network`; its modules as labels 0..C-1 numbered by first node (nodes Infomap
+    left out are singletons)."""
     im.run()
     # Infomap.get_modules, not the Result that infomap >= 2.16 returns from run(): reading that
     # Result's modules goes through a SWIG iterator that, with faiss imported in the same process,
