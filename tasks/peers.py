@@ -142,7 +142,9 @@ def solve_links(n: int, links: np.ndarray, seed: int = 42, apart: bool | None = 
     as a temporary (``solve_links(n, undirected_links(...))``): this function then holds the only
     reference and drops it once the file is written, so this process holds no copy while Infomap runs.
     """
-    if not (len(links) >= CHILD_LINKS if apart is None else apart):
+    if apart is None:
+        apart = len(links) >= CHILD_LINKS
+    if not apart:
         return infomap_modules(n, links, seed=seed)
     with tempfile.TemporaryDirectory(prefix="facecluster-infomap-") as tmp:
         links_path = os.path.join(tmp, "links.npy")

@@ -35,6 +35,20 @@ def save_result(name: str, result: dict, out: str | os.PathLike | None) -> Path:
     return path
 
 
+def _over_children(me, read) -> float:
+    """Sum of ``read(child)`` over the live child processes of ``me`` (a child that ends between the listing
+    and the reading counts 0)."""
+    import psutil
+
+    total = 0.0
+    for child in me.children(recursive=True):
+        try:
+            total += read(child)
+        except psutil.Error:
+            pass
+    return total
+
+
 def process_rss(children: bool = False) -> int:
     """Resident memory of this process (run on workers with ``client.run``), with ``children`` that of its live
     child processes too: a worker runs a large Infomap problem in a child (:mod:`facecluster.tasks.infomap_child`),
@@ -43,11 +57,8 @@ def process_rss(children: bool = False) -> int:
 
     me = psutil.Process()
     rss = me.memory_info().rss
-    for child in me.children(recursive=True) if children else ():
-        try:
-            rss += child.memory_info().rss
-        except psutil.Error:  # it ended between the listing and the reading
-            pass
+    if children:
+        rss += int(_over_children(me, lambda c: c.memory_info().rss))
     return rss
 
 
@@ -58,15 +69,9 @@ def process_cpu(children: bool = False) -> float:
 
     me = psutil.Process()
     t = me.cpu_times()
-    if not children:
-        return t.user + t.system
-    cpu = t.user + t.system + t.children_user + t.children_system
-    for child in me.children(recursive=True):
-        try:
-            c = child.cpu_times()
-            cpu += c.user + c.system
-        except psutil.Error:
-            pass
+    cpu = t.user + t.system
+    if children:
+        cpu += t.children_user + t.children_system + _over_children(me, lambda c: sum(c.cpu_times()[:2]))
     return cpu
 
 

@@ -102,16 +102,16 @@ def score_task(url: str, model_dir: str, digest: str, blocks: list[int], iop_ran
     their bounds); returns their outputs.
 
     The rows of all the task's members are read once (each read decodes nearly every
-    chunk of its array, whatever the task's size). Each block is then built ``build_rows`` member rows at a time (a proposal's inputs do not depend
-    on its batch) and scored as one batch, so the task's memory is its rows plus one
-    block's inputs and one build's temporaries.
+    chunk of its array, whatever the task's size). Each block is then built ``build_rows``
+    member rows at a time (a proposal's inputs do not depend on its batch) and scored as one
+    batch, so the task's memory is its rows plus one block's inputs and one build's temporaries.
 
     Why blocks: ``score_batch`` runs fixed-shape forwards of proposals grouped by size
     within its batch, and a proposal's last bit can depend on its slot in a forward
     (the 64 -> 2 head GEMM; measured at 1M faces: 1 proposal in 4,096 changed in the
     last bit when its batch changed). Fixed blocks make every forward's members a
-    function of the run alone (proposal index and sizes), so the scores are bitwise the same for any
-    task split or worker count (:func:`score_block`, :func:`block_bounds`).
+    function of the run alone (proposal index and sizes), so the scores are bitwise the same
+    for any task split or worker count (:func:`score_block`, :func:`block_bounds`).
     """
     import torch
 
