@@ -231,7 +231,7 @@ class GCNConfig(_Section):
 
 @dataclass(frozen=True)
 class EdgesConfig(_Section):
-    """[edges]: the learned affinity (edge scorer, communities, attach) trained beside GCN-D/GCN-S."""
+    """[edges]: the learned affinity (edge scorer, communities, merge, attach) trained beside GCN-D/GCN-S."""
     learn: bool = opt(True, _bool(), "train an edge scorer (P(same identity) per kNN edge) with GCN-D/GCN-S; false: the 0.1 chain")
     hidden: tuple = opt([64, 64], lambda v: None if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and x > 0 for x in v) else f"must be a list of positive integers, got {v!r}", "edge scorer MLP widths")
     epochs: int = opt(6, _int(1), "edge scorer training epochs (the best validation loss is kept)")
@@ -239,6 +239,7 @@ class EdgesConfig(_Section):
     batch_size: int = opt(4096, _int(1), "edges per training step")
     balance: str = opt("auto", _choice("auto", "face", "none"), "edge scorer loss weights: face = every face's same-identity edges weigh alike in total, whatever its identity's size (what BCubed F counts); none = every edge once; auto = the one whose out-of-fold communities score higher")
     communities: bool = opt(True, _bool(), "add Infomap communities of the learned-affinity graph to the proposals")
+    merge: bool = opt(True, _bool(), "merge the model's communities by the learned affinity between them (level chosen in training; used where the model's output is its communities)")
     attach: bool = opt(True, _bool(), "attach faces no proposal claims to their most probable neighbour's cluster (level chosen in training)")
 
 

@@ -178,7 +178,7 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
         levels = choose_levels_over([(i, p, lab, np.arange(len(lab))) for i, p, lab in zip(idx_all, probs, lab_all)])
         tried[balance] = (oof, probs, levels)
         echo(f"edge scorer, {balance} loss: out-of-fold communities mean pairwise + BCubed F {levels['score']:.4f} at "
-             f"floor {levels['floor']}, attach {levels['attach']} ({time.perf_counter() - t:.0f}s)")
+             f"floor {levels['floor']}, merge {levels['merge']}, attach {levels['attach']} ({time.perf_counter() - t:.0f}s)")
     balance = max(tried, key=lambda b: tried[b][2]["score"])  # "none" first: a tie keeps the plain loss
     oof, probs, levels = tried[balance]
     # the components cut of `--method threshold` without --th (:func:`facecluster.pipeline.methods.cluster_threshold`)
@@ -190,7 +190,8 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
     pv = predict_edges(model, x[va]) if len(va) else np.zeros(0, np.float32)
     cos = np.concatenate(cos_all)
     table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "balance": balance, "floor": levels["floor"],
-             "attach": levels["attach"] if e.attach else None, "cut": cut["level"],
+             "merge": levels["merge"] if e.merge else None, "attach": levels["attach"] if e.attach else None,
+             "cut": cut["level"],
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_calibration": calibration(pv, same[va]) if len(va) else [],
                          "out_of_fold_auc": roc_auc(oof, same), "out_of_fold_calibration": calibration(oof, same),
@@ -200,7 +201,8 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
                          "levels": levels, "cut": cut, "balance_scores": {b: tried[b][2]["score"] for b in tried}}}
     save_edge_scorer(out_dir, model)
     echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f}, out-of-fold "
-         f"{table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, attach level {table['attach']}, "
+         f"{table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, merge level {table['merge']}, "
+         f"attach level {table['attach']}, "
          f"loss balance {balance}")
     return table, probs
 

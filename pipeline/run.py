@@ -34,7 +34,7 @@ def stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None
     edges = edge_meta(model_dir) if model_dir else None
     runners = {"knn": run_knn}
     communities = False
-    attach = None
+    attach = merge = None
     if edges is None:
         if model_dir:
             echo(RETRAIN_NOTE.format(model=model_dir))
@@ -45,14 +45,18 @@ def stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None
             runners["communities"] = lambda store, cfg, client, force=False: run_communities(store, model_dir, cfg, client,
                                                                                            force=force)
         attach = edges.get("attach") if cfg.edges.attach else None
+        merge = edges.get("merge") if cfg.edges.merge else None
     runners["graph"] = run_graph
     runners["proposals"] = lambda store, cfg, client, force=False: run_proposals(store, cfg, client, force=force,
                                                                                  communities=communities)
     runners["score"] = lambda store, cfg, client, force=False: run_score(store, model_dir, cfg, client, force=force)
     # the model's output: dedup over every proposal, or its communities (chosen on validation identities)
     source = (read_model_config(model_dir).get("output") or {}).get("source", "proposals") if communities else "proposals"
+    # the merge level was chosen on the communities: the dedup output over every proposal is not merged
+    merge = merge if source == "communities" else None
     runners["dedup"] = lambda store, cfg, client, force=False: run_dedup(store, cfg, client, force=force, attach=attach,
-                                                                         use_gcns=source == "proposals", source=source)
+                                                                         use_gcns=source == "proposals", source=source,
+                                                                         merge=merge)
     return runners
 
 

@@ -134,12 +134,17 @@ def validation_faces(batch, labels, majority, val_ids) -> np.ndarray:
 
 
 def attached_communities(store: RunStore, edges: dict) -> np.ndarray:
-    """The run's communities at the model's floor, faces alone attached at the model's level (if any)."""
+    """The run's communities at the model's floor, merged at the model's merge level and faces alone attached
+    at its attach level (each if any): the model's communities output (as :func:`run_dedup` writes it)."""
     from facecluster.tasks.edges import attach, best_claimed_neighbour
+    from facecluster.tasks.merge import merge_by_affinity
 
     comm = store.array("communities/labels")[:, 0]
-    if edges.get("attach") is not None:
+    if edges.get("merge") is not None or edges.get("attach") is not None:
         index, prob = store.array("knn/index")[:], store.array("edges/prob")[:]
+    if edges.get("merge") is not None:
+        comm = merge_by_affinity(index, prob, comm, edges["merge"])
+    if edges.get("attach") is not None:
         unclaimed = np.bincount(comm)[comm] == 1
         claimed = np.where(index >= 0, ~unclaimed[np.maximum(index, 0)], False)
         comm = attach(comm, unclaimed, *best_claimed_neighbour(index, prob, claimed), edges["attach"])
@@ -315,7 +320,7 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     pv = predict_edges(model, flat[va]) if len(va) else np.zeros(0, np.float32)
     po = oof.reshape(-1)[ok.nonzero()[0]]
     table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "balance": balance, "floor": levels["floor"],
-             "attach": levels["attach"] if e.attach else None,
+             "merge": levels["merge"] if e.merge else None, "attach": levels["attach"] if e.attach else None,
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_auc_cosine": roc_auc(sim.reshape(-1)[va], same[va]) if len(va) else None,
                          "val_calibration": calibration(pv, same[va]) if len(va) else [],
@@ -326,8 +331,8 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
              "train_scale": stats.to_dict()}
     save_edge_scorer(out_dir, model)
     echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f} (cosine {table['metrics']['val_auc_cosine']:.4f}), "
-         f"out-of-fold {table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, attach level "
-         f"{table['attach']}, loss balance {balance} (chosen on out-of-fold probabilities)")
+         f"out-of-fold {table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, merge level "
+         f"{table['merge']}, attach level {table['attach']}, loss balance {balance} (chosen on out-of-fold probabilities)")
     return table, oof
 
 

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .components import components, knn_edges
+from .merge import MERGE_GRID, MERGE_WORST_LOSS, merge_by_affinity
 from .metrics import bcubed_f, pairwise_f
 
 QUANTILE_GRID = np.linspace(0.0, 1.0, 201)
@@ -404,8 +405,8 @@ def attach(labels: np.ndarray, unclaimed: np.ndarray, target: np.ndarray, p: np.
 
 
 def choose_levels(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, faces: np.ndarray,
-                  floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID) -> dict:
-    """The communities floor and the attach level with the best pairwise + BCubed F on ``faces``.
+                  floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, merge_grid=MERGE_GRID) -> dict:
+    """The communities floor, the merge level and the attach level with the best pairwise + BCubed F on ``faces``.
 
     Infomap runs on the whole run's graph of edges with P >= floor, and F is measured
     on ``faces`` only (the validation identities' faces, whose edges the scorer never
@@ -416,7 +417,7 @@ def choose_levels(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, faces
     a real run has. Faces left alone are then attached to their most probable claimed
     neighbour at each candidate level (``None``: never attach).
     """
-    return choose_levels_over([(index, prob, labels, faces)], floor_grid, attach_grid)
+    return choose_levels_over([(index, prob, labels, faces)], floor_grid, attach_grid, merge_grid)
 
 
 def components_at(index: np.ndarray, prob: np.ndarray, level: float) -> np.ndarray:
@@ -448,19 +449,28 @@ def choose_cut_over(runs, grid=FLOOR_GRID) -> dict:
     return {"level": best[1], "score": best[0], "curve": curve}
 
 
-def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID) -> dict:
-    """:func:`choose_levels` over several runs at once: the floor and attach level with the best *mean*
-    pairwise + BCubed F over ``runs``, a list of ``(index, prob, labels, faces)`` (each run's graph is
+def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, merge_grid=MERGE_GRID) -> dict:
+    """:func:`choose_levels` over several runs at once: the floor, merge level and attach level with the best
+    *mean* pairwise + BCubed F over ``runs``, a list of ``(index, prob, labels, faces)`` (each run's graph is
     clustered on its own; the curves hold the means). One run: exactly :func:`choose_levels`.
+
+    In that order: the floor's communities, merged by the affinity between them
+    (:func:`facecluster.tasks.merge.merge_by_affinity`) at the best level of ``merge_grid`` that costs no run
+    more than ``MERGE_WORST_LOSS`` pairwise or BCubed F against no merge (a level that lifts the mean by
+    hurting some worlds is the change that helps one set and hurts another), then the faces left alone
+    attached. ``merge_grid``'s None (no merge) is always a candidate.
     """
-    from .metrics import bcubed_f, pairwise_f
     from .peers import infomap_clusters, knn_edge_list
 
     runs = [(np.asarray(i), np.asarray(p), np.asarray(lab), np.sort(np.asarray(f, np.int64))) for i, p, lab, f in runs]
 
+    def per_run(cls):
+        pw = np.array([float(pairwise_f(lab[f], cl[f])[2]) for (_, _, lab, f), cl in zip(runs, cls)])
+        bc = np.array([float(bcubed_f(lab[f], cl[f])[2]) for (_, _, lab, f), cl in zip(runs, cls)])
+        return pw, bc
+
     def score(cls):
-        pw = [float(pairwise_f(lab[f], cl[f])[2]) for (_, _, lab, f), cl in zip(runs, cls)]
-        bc = [float(bcubed_f(lab[f], cl[f])[2]) for (_, _, lab, f), cl in zip(runs, cls)]
+        pw, bc = per_run(cls)
         return float(np.mean(pw)), float(np.mean(bc))
 
     curve, best = [], None
@@ -471,6 +481,19 @@ def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID) -> 
         if best is None or pw + bc > best[0] + 1e-9:
             best = (pw + bc, fl, cls)
     _, floor, cls = best
+    base_pw, base_bc = per_run(cls)
+    top, merge, merged_best = float(base_pw.mean() + base_bc.mean()), None, cls
+    merge_curve = [{"level": None, "pairwise_f": float(base_pw.mean()), "bcubed_f": float(base_bc.mean()),
+                    "worst_loss": 0.0}]
+    for lv in (x for x in merge_grid if x is not None):
+        merged = [merge_by_affinity(index, prob, cl, lv) for (index, prob, _, _), cl in zip(runs, cls)]
+        pw, bc = per_run(merged)
+        worst = float(max(np.max(base_pw - pw), np.max(base_bc - bc)))
+        merge_curve.append({"level": lv, "pairwise_f": float(pw.mean()), "bcubed_f": float(bc.mean()),
+                            "worst_loss": worst})
+        if worst <= MERGE_WORST_LOSS and pw.mean() + bc.mean() > top + 1e-9:
+            top, merge, merged_best = float(pw.mean() + bc.mean()), lv, merged
+    cls = merged_best
     found = []
     for (index, prob, _, _), cl in zip(runs, cls):
         unclaimed = np.bincount(cl)[cl] == 1
@@ -483,6 +506,7 @@ def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID) -> 
         attach_curve.append({"level": lv, "pairwise_f": pw, "bcubed_f": bc})
         if pw + bc > top + 1e-9:
             top, level = pw + bc, lv
-    return {"floor": floor, "attach": level, "score": top, "floor_curve": curve, "attach_curve": attach_curve,
+    return {"floor": floor, "merge": merge, "attach": level, "score": top, "floor_curve": curve,
+            "merge_curve": merge_curve, "attach_curve": attach_curve,
             "val_faces": int(sum(len(f) for *_, f in runs)),
             "val_unclaimed": int(sum(int(u[f].sum()) for (*_, f), (u, *_) in zip(runs, found)))}

@@ -274,6 +274,13 @@ def test_training_writes_the_edge_scorer_with_validated_levels(trained):
     curve = e["metrics"]["levels"]["floor_curve"]
     best = max(curve, key=lambda r: r["pairwise_f"] + r["bcubed_f"])
     assert best["floor"] == e["floor"]  # the floor is the validation optimum, not a constant
+    # the merge level: the best of the merge curve among the levels that cost the run at most MERGE_WORST_LOSS
+    from facecluster.tasks.merge import MERGE_GRID, MERGE_WORST_LOSS
+
+    merges = e["metrics"]["levels"]["merge_curve"]
+    assert [r["level"] for r in merges] == list(MERGE_GRID) and e["merge"] in MERGE_GRID
+    allowed = [r for r in merges if r["worst_loss"] <= MERGE_WORST_LOSS]
+    assert e["merge"] == max(allowed, key=lambda r: r["pairwise_f"] + r["bcubed_f"] - 1e-9 * (r["level"] is not None))["level"]
     # the scorer separates same-identity edges better than the cosine it starts from, on unseen identities
     assert e["metrics"]["val_auc"] > 0.9 and e["metrics"]["val_auc"] >= e["metrics"]["val_auc_cosine"] - 0.01
     assert meta["spec"]["weights"] == "both"
@@ -384,6 +391,7 @@ def test_communities_output_keeps_every_community_and_attaches(trained, local_cl
     assert meta["output"]["source"] in ("proposals", "communities")
     meta["output"]["source"] = "communities"
     meta["edges"]["attach"] = 0.5
+    meta["edges"]["merge"] = None  # the merge step has its own test
     (d / "config.json").write_text(json.dumps(meta))
     store = _test_run(trained, "test_comm", 700)
     run_cluster(store, _cfg(), local_client, str(d), echo=lambda s: None)
@@ -398,6 +406,42 @@ def test_communities_output_keeps_every_community_and_attaches(trained, local_cl
     assert summary["source"] == "communities" and summary["attach_level"] == 0.5
     moved = int((~multi).sum()) - int((np.bincount(clusters)[clusters[~multi]] == 1).sum())
     assert summary["attached"] == moved
+
+
+def test_merge_step_on_the_cluster_chain_equals_the_kernel_for_any_chunks_and_workers(trained, local_client,
+                                                                                   single_worker_client, tmp_path):
+    """A model whose output is its communities, merged at its level: the clusters the dedup stage writes (one
+    task per face range, rounds on the driver) equal the in-memory kernel on the whole kNN lists, for 2
+    workers / 500-row chunks and 1 worker / 1,300-row chunks; whole communities move, never a part."""
+    from facecluster.pipeline.run import run_cluster
+    from facecluster.tasks.components import canonical_labels
+    from facecluster.tasks.merge import merge_by_affinity
+
+    d = tmp_path / "merge"
+    shutil.copytree(trained["model"], d)
+    meta = json.loads((d / "config.json").read_text())
+    meta["output"]["source"] = "communities"
+    meta["edges"].update(merge=0.3, attach=None)  # 12 of 91 communities merge at 0.3 here
+    (d / "config.json").write_text(json.dumps(meta))
+    a, b = _test_run(trained, "merge_a", 500), _test_run(trained, "merge_b", 1300)
+    run_cluster(a, _cfg(), local_client, str(d), echo=lambda s: None)
+    run_cluster(b, _cfg(), single_worker_client, str(d), echo=lambda s: None)
+    clusters = a.array("clusters")[:]
+    np.testing.assert_array_equal(clusters, b.array("clusters")[:])
+    comm = a.array("communities/labels")[:, 0]
+    expected = merge_by_affinity(a.array("knn/index")[:], a.array("edges/prob")[:], comm, 0.3)
+    np.testing.assert_array_equal(clusters, expected)
+    summary = a.record("dedup")["summary"]
+    assert summary["merge_level"] == 0.3 and summary["merges"] > 0 and summary["rounds"] >= 1
+    assert summary["n_clusters"] == len(np.unique(comm)) - summary["merges"]
+    for c in np.unique(comm):
+        assert len(np.unique(clusters[comm == c])) == 1
+    # the level in the model's config.json is the one used: without it, no merge (and the stage reruns)
+    meta["edges"]["merge"] = None
+    (d / "config.json").write_text(json.dumps(meta))
+    run_cluster(a, _cfg(), local_client, str(d), echo=lambda s: None)
+    np.testing.assert_array_equal(a.array("clusters")[:], canonical_labels(comm))
+    assert "merge_level" in a.record("dedup")["summary"] and a.record("dedup")["summary"]["merge_level"] is None
 
 
 def test_edge_scorer_folds_are_stratified_by_identity_size():

@@ -92,6 +92,13 @@ def attach_task(url: str, score_path: str, faces: np.ndarray) -> tuple[np.ndarra
     return faces, target, p
 
 
+def merge_entries_task(url: str, lo: int, hi: int, labels: np.ndarray, eligible: np.ndarray):
+    """Worker task: the (face, other cluster, best P) entries of kNN rows ``[lo, hi)`` for the merge step."""
+    from facecluster.tasks.merge import cross_entries
+
+    return cross_entries(lo, open_array(url, "knn/index")[lo:hi], open_array(url, "edges/prob")[lo:hi], labels, eligible)
+
+
 def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
     """Ranges of proposals with about ``per`` memberships each."""
     n_prop = len(offsets) - 1
@@ -103,7 +110,8 @@ def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
 
 
 def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcns: bool = True,
-              out: str = "clusters", attach: float | None = None, source: str = "proposals") -> dict:
+              out: str = "clusters", attach: float | None = None, source: str = "proposals",
+              merge: float | None = None) -> dict:
     """Labels every face from the scored proposals (stage "dedup", input "score"); writes ``clusters``.
 
     ``use_gcns=False`` ignores GCN-S's pruning (GCN-D alone). ``out`` names the
@@ -116,6 +124,11 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
     no proposal claimed joins the cluster of its most probable neighbour among the
     claimed faces when that probability is at least the level (needs stage "edges");
     clusters are then renumbered 0..C-1 by smallest face. None: they stay singletons.
+
+    ``merge``: a level of the affinity between two clusters (the model's, chosen in training on its
+    communities): clusters of >= 3 faces are merged in rounds of mutual best partners at or above it
+    (:mod:`facecluster.tasks.merge`; one task per face range gathers its kNN rows' cross-cluster entries,
+    the driver runs the rounds on them), before the attach step. None: no merge.
 
     ``source``: "proposals" (every proposal competes: Algorithm 3) or "communities"
     (only the communities at the model's floor, the first communities setting: they
@@ -138,9 +151,12 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
         raise ValueError(f"dedup source must be 'proposals' or 'communities', got {source!r}")
     params = {"faces_per_task": None, "use_gcns": bool(use_gcns), "out": out,  # partitioning never changes results
               "attach": None if attach is None else float(attach), "source": source}
-    if attach is not None:
-        store.require("edges", "attaching faces needs the edge scorer's probabilities (stage 'edges')")
-    with store.stage(stage, params, inputs=["score"] + (["edges"] if attach is not None else []), force=force) as w:
+    if merge is not None:  # absent otherwise: a run recorded before the merge step keeps its digest
+        params["merge"] = float(merge)
+    scored = attach is not None or merge is not None
+    if scored:
+        store.require("edges", "merging clusters or attaching faces needs the edge scorer's probabilities (stage 'edges')")
+    with store.stage(stage, params, inputs=["score"] + (["edges"] if scored else []), force=force) as w:
         if w is None:
             return store.record(stage).get("summary", {})
         offsets = store.array("proposals/offsets")[:]
@@ -164,6 +180,21 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
         singletons = wait_futures(writes, "clusters")
         n_clusters = int(len(tk))
         singles = int((tk < 0).sum())
+        merged = {"merges": 0, "rounds": 0, "faces_in_merged": 0}
+        if merge is not None:
+            from facecluster.tasks.merge import combine_entries, eligible_clusters, merge_clusters
+
+            arr = store.root[w.tmp_path(out)]
+            labels = arr[:]
+            lab_f, elig_f = client.scatter([labels, eligible_clusters(labels)], broadcast=True)
+            parts = wait_futures([client.submit(merge_entries_task, store.url, int(lo), int(hi), lab_f, elig_f,
+                                                key=f"dedup-merge-{lo}-{token}")
+                                  for lo, hi in zip(bounds[:-1], bounds[1:])], "merge")
+            new, merged = merge_clusters(labels, combine_entries(*parts), float(merge))
+            arr[:] = new
+            n_clusters = int(new.max()) + 1 if n else 0
+            log.info("merge at %.4g: %d merges in %d rounds (%d faces in merged clusters)", merge,
+                     merged["merges"], merged["rounds"], merged["faces_in_merged"])
         attached = 0
         if attach is not None and singles:
             from facecluster.tasks.components import canonical_labels
@@ -188,7 +219,7 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
             singles -= attached
         pruned_parts = int(((tk >= 0) & (tk % 2 == 1)).sum())
         summary = {"n": n, "n_clusters": n_clusters, "singletons_uncovered": singles, "attached": attached,
-                   "attach_level": attach, "source": source,
+                   "attach_level": attach, "merge_level": merge, **merged, "source": source,
                    "pruned_clusters": pruned_parts, "proposal_clusters": n_clusters - singles - pruned_parts,
                    "face_ranges": int(len(bounds) - 1), "map_tasks": len(maps), "use_gcns": bool(use_gcns),
                    "out": out}
