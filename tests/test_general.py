@@ -49,6 +49,13 @@ def test_the_shipped_model_is_the_recipe_s_and_loads():
     assert meta["general"]["recipe"] == GeneralRecipe().to_dict()
     assert meta["gcn"] == general_config(Config()).gcn.to_dict()
     assert meta["dim"] is None and meta["edges"]["floor"] is not None
+    # the merge level is the recipe's choice (best mean among the levels no world loses more than 0.01 at)
+    from facecluster.tasks.merge import MERGE_WORST_LOSS
+
+    curve = meta["edges"]["merge_choice"]["curve"]
+    allowed = [r for r in curve if r["worst_loss"] <= MERGE_WORST_LOSS]
+    assert meta["edges"]["merge"] == meta["edges"]["merge_choice"]["level"] == \
+        max(allowed, key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
     for dim in (48, 64, 512):
         check_model(GENERAL_MODEL_DIR, dim)
     assert sum(f.stat().st_size for f in GENERAL_MODEL_DIR.iterdir()) <= 5 * 2**20
