@@ -22,6 +22,11 @@ one or two neighbours to vote, and merging through them chains identities
 (measured: one pass over all pairs above a level gave pairwise F as low as 0.08;
 including them in the agglomeration cost LFW x SFace 0.017 BCubed F).
 
+A face's best P into another cluster counts when it is at least ``MIN_P`` (below, it counts as no
+neighbour there, 0): most kNN edges between clusters are impostors at P ~ 0.01, and keeping them would
+hold 9-40 entries per face on the driver (1M planted faces, 48 per face: 3.4 GB more at its peak) for
+terms that move a pair's score by less than MIN_P; with it, 0.7-4.6 per face (the sets in the README).
+
 Everything is a function of the sets of (face, other cluster, best P) entries,
 reduced with max and summed in a canonical order, so the result does not depend
 on how the kNN rows were split into chunks.
@@ -34,6 +39,7 @@ import numpy as np
 from .components import canonical_labels
 
 MIN_SIZE = 3
+MIN_P = 0.05  # a cost bound, not a quality setting: see above
 # the merge level's grid (P of the score above), from no merge (None) down; chosen on validation identities
 MERGE_GRID = (None, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
 # a level is taken only if no validation run loses more than this (pairwise or BCubed F) against no merge
@@ -46,16 +52,20 @@ def _max_by_pair(face: np.ndarray, other: np.ndarray, p: np.ndarray) -> Entries:
     """One entry per (face, other) with its largest P, sorted by (face, other)."""
     if len(face) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    order = np.lexsort((-p, other, face))  # within a pair, the largest P first
-    face, other, p = face[order], other[order], p[order]
-    first = np.ones(len(face), bool)
-    first[1:] = (face[1:] != face[:-1]) | (other[1:] != other[:-1])
-    return face[first], other[first], p[first]
+    width = np.int64(other.max()) + 1
+    key = face * width + other  # one int64 sort key (ids < 2^31)
+    order = np.argsort(key)  # any order within a pair: its max is the same
+    key = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    best = np.maximum.reduceat(np.asarray(p, np.float32)[order], starts)
+    key = key[starts]
+    return key // width, key % width, best
 
 
 def cross_entries(row0: int, index: np.ndarray, prob: np.ndarray, labels: np.ndarray, eligible: np.ndarray) -> Entries:
-    """Entries of one row chunk: for each kNN edge (i, j) between two different eligible clusters, both
-    (i, cluster of j, P) and (j, cluster of i, P), each (face, cluster) pair once with its largest P.
+    """Entries of one row chunk: for each kNN edge (i, j) with P >= ``MIN_P`` between two different eligible
+    clusters, both (i, cluster of j, P) and (j, cluster of i, P), each (face, cluster) pair once with its
+    largest P.
 
     ``index``/``prob`` are rows ``row0 ..`` of ``knn/index`` and ``edges/prob``; ``labels`` the clusters of
     all faces; ``eligible`` per cluster id. Combine chunks with :func:`combine_entries`.
@@ -65,7 +75,7 @@ def cross_entries(row0: int, index: np.ndarray, prob: np.ndarray, labels: np.nda
     rows = np.repeat(np.arange(row0, row0 + r, dtype=np.int64), k)
     nb = index.reshape(-1).astype(np.int64, copy=False)
     p = np.asarray(prob, np.float32).reshape(-1)
-    ok = nb >= 0
+    ok = (nb >= 0) & (p >= np.float32(MIN_P))
     rows, nb, p = rows[ok], nb[ok], p[ok]
     la, lb = labels[rows], labels[nb]
     keep = (la != lb) & eligible[la] & eligible[lb]
@@ -117,18 +127,14 @@ def merge_clusters(labels: np.ndarray, entries: Entries, level: float) -> tuple[
     sizes = np.bincount(labels).astype(np.int64) if len(labels) else np.zeros(0, np.int64)
     cur = np.arange(len(sizes), dtype=np.int64)  # original cluster -> current cluster
     merges = rounds = 0
-    own_lab = labels[face]
     while len(face):
-        own, oth = cur[own_lab], cur[other]
-        keep = own != oth
-        face, oth, p, own, own_lab = face[keep], oth[keep], p[keep], own[keep], own_lab[keep]
-        face, oth, p = _max_by_pair(face, oth, p)  # a face's best P into a merged cluster
-        own_lab = labels[face]
-        own = cur[own_lab]
-        other = oth
-        if not len(face):
-            break
-        a, b, score = pair_scores(own, oth, p, sizes)
+        if rounds:  # after a merge: entries inside a cluster go, and a face's best P into a merged one is the max
+            other = cur[other]
+            keep = cur[labels[face]] != other
+            face, other, p = _max_by_pair(face[keep], other[keep], p[keep])
+            if not len(face):
+                break
+        a, b, score = pair_scores(cur[labels[face]], other, p, sizes)
         cand = score >= level
         if not cand.any():
             break

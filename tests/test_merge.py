@@ -6,13 +6,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from facecluster.tasks.components import canonical_labels
-from facecluster.tasks.merge import (MERGE_WORST_LOSS, MIN_SIZE, combine_entries, cross_entries, eligible_clusters,
+from facecluster.tasks.merge import (MERGE_WORST_LOSS, MIN_P, MIN_SIZE, combine_entries, cross_entries, eligible_clusters,
                                      merge_by_affinity, merge_clusters)
 
 
 def oracle_merge(index, prob, labels, level, min_size=MIN_SIZE):
     """The definition, written plainly: undirected kNN edges; a face's best P into every other cluster;
-    rounds of mutual best partners (score = min of the two directions' mean best P; ties to the smaller id)."""
+    rounds of mutual best partners (score = min of the two directions' mean best P, edges below MIN_P left
+    out; ties to the smaller id)."""
     labels = list(canonical_labels(np.asarray(labels)))
     n = len(labels)
     size0 = np.bincount(labels)
@@ -20,7 +21,7 @@ def oracle_merge(index, prob, labels, level, min_size=MIN_SIZE):
     nbrs = [dict() for _ in range(n)]  # face -> {neighbour: P}
     for i in range(n):
         for j, p in zip(index[i], prob[i]):
-            if j < 0 or j == i:
+            if j < 0 or j == i or p < np.float32(MIN_P):
                 continue
             nbrs[i][int(j)] = max(nbrs[i].get(int(j), -1.0), float(p))
             nbrs[int(j)][i] = max(nbrs[int(j)].get(i, -1.0), float(p))
@@ -64,6 +65,9 @@ def oracle_merge(index, prob, labels, level, min_size=MIN_SIZE):
     return canonical_labels(np.array([cur[x] for x in labels]))
 
 
+GRID = np.array([0.0, 0.04, MIN_P, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0], np.float32)
+
+
 def _graph(seed, n, k, n_clusters):
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, n_clusters, n)
@@ -73,8 +77,8 @@ def _graph(seed, n, k, n_clusters):
         m = int(rng.integers(0, k + 1))
         nb = rng.choice(np.delete(np.arange(n), i), size=min(m, n - 1), replace=False)
         index[i, :len(nb)] = nb
-        # probabilities on a coarse grid, so that ties between partners occur
-        prob[i, :len(nb)] = rng.integers(0, 11, len(nb)) / 10
+        # probabilities on a coarse grid, so that ties between partners occur, and around MIN_P
+        prob[i, :len(nb)] = rng.choice(GRID, len(nb))
     return index, prob, labels
 
 
