@@ -25,7 +25,8 @@ including them in the agglomeration cost LFW x SFace 0.017 BCubed F).
 A face's best P into another cluster counts when it is at least ``MIN_P`` (below, it counts as no
 neighbour there, 0): most kNN edges between clusters are impostors at P ~ 0.01, and keeping them would
 hold 9-40 entries per face on the driver (1M planted faces, 48 per face: 3.4 GB more at its peak) for
-terms that move a pair's score by less than MIN_P; with it, 0.7-4.6 per face (the sets in the README).
+terms that move a pair's score by less than MIN_P; with it, 0.55-3.2 per face on the test sets of the README
+(and the same labels at every level measured but the lowest, 0.6, on two of them).
 
 Everything is a function of the sets of (face, other cluster, best P) entries,
 reduced with max and summed in a canonical order, so the result does not depend
