@@ -171,6 +171,24 @@ def test_infomap_by_component_against_whole_graph_and_any_grouping():
     assert np.array_equal(split, mod)
 
 
+def test_floor_components_cut_the_forest_as_the_infomap_tasks_read_the_edges():
+    """At floor 0.7, float32(0.7) = 0.69999999 is below the floor: an edge of exactly that weight joins no two
+    nodes, in the plan's components as in the task's graph (which would refuse an edge leaving its nodes)."""
+    from facecluster.pipeline.stages.communities import floor_components
+    from facecluster.tasks.peers import infomap_by_component
+
+    w = np.float32(0.7)
+    assert float(w) < 0.7
+    forest = (np.array([0, 2, 1]), np.array([1, 3, 2]), np.array([w, 0.9, 0.95], np.float32))
+    np.testing.assert_array_equal(floor_components(4, forest, 0.7), [0, 1, 1, 1])
+    np.testing.assert_array_equal(floor_components(4, forest, float(w)), [0, 0, 0, 0])
+    # the task for component {1, 2, 3} reads node 1's list, which holds node 0 at exactly float32(0.7)
+    index = np.array([[0, 2], [1, 3], [2, -1]])
+    weight = np.array([[w, 0.95], [0.95, 0.9], [0.9, 0.0]], np.float32)
+    modules = infomap_by_component(np.array([1, 2, 3]), np.array([1, 1, 1]), index, weight, 0.7)
+    assert modules.shape == (3,)
+
+
 def test_infomap_in_a_child_process_gives_the_same_modules(monkeypatch):
     """Problems from ``CHILD_LINKS`` links on run in a child process (Infomap holds the GIL: a worker
     running it in its own thread sends no heartbeats); the modules are those of the in-process run, on the

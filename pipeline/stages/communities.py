@@ -34,6 +34,9 @@ import uuid
 
 import numpy as np
 
+from facecluster.tasks.components import canonical_labels, components
+from facecluster.tasks.peers import same_cut
+
 from ..config import Config
 from ..forest import spanning_forest
 from ..model_files import edge_meta, model_digest
@@ -60,6 +63,16 @@ def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, fl
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
     return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint)
+
+
+def floor_components(n: int, forest, floor: float) -> np.ndarray:
+    """The graph's connected components at ``floor`` from its spanning forest, cut as the Infomap tasks read the
+    edges (``weight >= floor`` in float64, :func:`facecluster.tasks.peers.same_cut`): a cut at float32(floor),
+    which rounds below 0.7 and 0.95, would join two nodes through an edge at exactly float32(floor) that no
+    task's graph holds, and solve the two parts as one Infomap problem."""
+    src, dst, wt = forest
+    keep = wt >= same_cut(wt.dtype, floor)
+    return components(n, src[keep], dst[keep])
 
 
 def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
@@ -108,9 +121,6 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     (faces of the largest component: the one task that bounds time and memory), ``tasks``,
     ``communities``, ``singletons``, ``largest_community``.
     """
-    from facecluster.tasks.components import canonical_labels, components
-
-    src, dst, wt = forest
     url = writer.store.url
     if budget is None:
         n_workers = max(1, len(client.scheduler_info().get("workers", {})))
@@ -118,8 +128,7 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     token = uuid.uuid4().hex[:8]
     plans = []
     for f_i, floor in enumerate(floors):
-        keep = wt >= np.float32(floor)  # the forest cut at this floor: the graph's components at it
-        comp = components(n, src[keep], dst[keep])
+        comp = floor_components(n, forest, floor)
         sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
         order = np.argsort(comp, kind="stable")
         starts = np.concatenate([[0], np.cumsum(sizes)])
