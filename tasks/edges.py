@@ -476,13 +476,13 @@ def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, mer
     curve, best = [], None
     for fl in floor_grid:
         cls = [infomap_clusters(len(lab), *knn_edge_list(index, prob, fl)) for index, prob, lab, _ in runs]
-        pw, bc = score(cls)
+        runs_pw, runs_bc = per_run(cls)
+        pw, bc = float(np.mean(runs_pw)), float(np.mean(runs_bc))
         curve.append({"floor": fl, "pairwise_f": pw, "bcubed_f": bc})
         if best is None or pw + bc > best[0] + 1e-9:
-            best = (pw + bc, fl, cls)
-    _, floor, cls = best
-    base_pw, base_bc = per_run(cls)
-    top, merge, merged_best = float(base_pw.mean() + base_bc.mean()), None, cls
+            best = (pw + bc, fl, cls, runs_pw, runs_bc)
+    _, floor, cls, base_pw, base_bc = best
+    top, merge, chosen = float(base_pw.mean() + base_bc.mean()), None, (cls, base_pw, base_bc)
     merge_curve = [{"level": None, "pairwise_f": float(base_pw.mean()), "bcubed_f": float(base_bc.mean()),
                     "worst_loss": 0.0}]
     for lv in (x for x in merge_grid if x is not None):
@@ -492,14 +492,14 @@ def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, mer
         merge_curve.append({"level": lv, "pairwise_f": float(pw.mean()), "bcubed_f": float(bc.mean()),
                             "worst_loss": worst})
         if worst <= MERGE_WORST_LOSS and pw.mean() + bc.mean() > top + 1e-9:
-            top, merge, merged_best = float(pw.mean() + bc.mean()), lv, merged
-    cls = merged_best
+            top, merge, chosen = float(pw.mean() + bc.mean()), lv, (merged, pw, bc)
+    cls, runs_pw, runs_bc = chosen
     found = []
     for (index, prob, _, _), cl in zip(runs, cls):
         unclaimed = np.bincount(cl)[cl] == 1
         claimed = np.where(index >= 0, ~unclaimed[np.maximum(index, 0)], False)
         found.append((unclaimed, *best_claimed_neighbour(index, prob, claimed)))
-    pw, bc = score(cls)
+    pw, bc = float(np.mean(runs_pw)), float(np.mean(runs_bc))
     attach_curve, level, top = [{"level": None, "pairwise_f": pw, "bcubed_f": bc}], None, pw + bc
     for lv in attach_grid:
         pw, bc = score([attach(cl, *f, lv) for cl, f in zip(cls, found)])

@@ -181,22 +181,22 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
         n_clusters = int(len(tk))
         singles = int((tk < 0).sum())
         merged = {"merges": 0, "rounds": 0, "faces_in_merged": 0}
+        attaching = attach is not None and singles > 0
+        # merge and attach rewrite the labels: read once, written once below
+        arr = store.root[w.tmp_path(out)] if merge is not None or attaching else None
+        labels = arr[:] if arr is not None else None
         if merge is not None:
             from facecluster.tasks.merge import combine_entries, eligible_clusters, merge_clusters
 
-            arr = store.root[w.tmp_path(out)]
-            labels = arr[:]
             lab_f, elig_f = client.scatter([labels, eligible_clusters(labels)], broadcast=True)
             parts = wait_futures([client.submit(merge_entries_task, store.url, int(lo), int(hi), lab_f, elig_f,
                                                 key=f"dedup-merge-{lo}-{token}")
                                   for lo, hi in zip(bounds[:-1], bounds[1:])], "merge")
-            new, merged = merge_clusters(labels, combine_entries(*parts), float(merge))
-            arr[:] = new
-            n_clusters = int(new.max()) + 1 if n else 0
+            labels, merged = merge_clusters(labels, combine_entries(*parts), float(merge))
             log.info("merge at %.4g: %d merges in %d rounds (%d faces in merged clusters)", merge,
                      merged["merges"], merged["rounds"], merged["faces_in_merged"])
         attached = 0
-        if attach is not None and singles:
+        if attaching:
             from facecluster.tasks.components import canonical_labels
             from facecluster.tasks.edges import attach as attach_faces
 
@@ -204,19 +204,18 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
                                                 key=f"dedup-attach-{i}-{token}")
                                   for i, f in enumerate(singletons) if len(f)], "attach")
             faces, target, p = (np.concatenate(x) for x in zip(*parts))
-            arr = store.root[w.tmp_path(out)]
-            labels = arr[:]
             unclaimed = np.zeros(n, bool)
             unclaimed[faces] = True
             tgt = np.full(n, -1, np.int64)
             tgt[faces] = target
             pr = np.zeros(n, np.float32)
             pr[faces] = p
-            new = canonical_labels(attach_faces(labels, unclaimed, tgt, pr, float(attach)))
+            labels = canonical_labels(attach_faces(labels, unclaimed, tgt, pr, float(attach)))
             attached = int(((tgt >= 0) & (pr >= attach)).sum())
-            arr[:] = new
-            n_clusters = int(new.max()) + 1 if n else 0
             singles -= attached
+        if arr is not None:
+            arr[:] = labels
+            n_clusters = int(labels.max()) + 1 if n else 0
         pruned_parts = int(((tk >= 0) & (tk % 2 == 1)).sum())
         summary = {"n": n, "n_clusters": n_clusters, "singletons_uncovered": singles, "attached": attached,
                    "attach_level": attach, "merge_level": merge, **merged, "source": source,
