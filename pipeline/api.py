@@ -350,8 +350,9 @@ class FaceClusterer:
         kNN edges with P(same identity) >= the cut the general model recorded in training (its edge
         scorer), or at the cosine ``th`` when given.
         ``"infomap"``: the map equation on the kNN graph, one Dask task per group of connected
-        components: cosine weights at ``min_sim`` derived from the data, or with ``model`` the
-        learned edge probabilities at the model's floor.
+        components: cosine weights at ``min_sim`` derived from the data (where the general model's
+        edge probability crosses the level it chose in training), or with ``model`` the learned
+        edge probabilities at the model's floor.
     k : int, optional
         Neighbours per face (default: the configuration's ``[knn] k``, 80).
     config : Config, dict, path or None

@@ -27,6 +27,7 @@ from .stages.graph import knn_sims  # the rows the anchor is computed from place
 from .model_files import GENERAL_MODEL_DIR
 from .stages.cut import cut_labels, model_cut
 from .stages.edges import run_edges
+from .stages.infomap import COSINE, resolve_min_sim
 from .stages.proposals import graph_anchor, threshold_task
 from .store import RunStore, open_array
 
@@ -149,4 +150,18 @@ def infomap_auto(store: RunStore, client, rules=None) -> dict | None:
     return {r: {"min_sim": v, "labels": f.result()} for r, v, f in zip(rules, values, futs)}
 
 
-__all__ = ["AUTO_MIN_SIM", "auto_threshold", "has_infomap", "infomap_auto", "infomap_peer", "infomap_task", "knn_sims", "oracle_threshold"]
+def infomap_general(store: RunStore, cfg: Config, client) -> dict | None:
+    """kNN + Infomap (cosine, whole graph) at ``--method infomap``'s default ``min_sim``: the cosine where the
+    general model's P crosses the level it chose in training (its edges stage runs on ``store``); None without
+    infomap. ``{"min_sim", "info", "labels"}``."""
+    if not has_infomap():
+        return None
+    model = str(GENERAL_MODEL_DIR)
+    run_edges(store, model, cfg, client)
+    value, info = resolve_min_sim(store, COSINE, None, None, level_model=model)
+    labels = client.submit(infomap_task, store.url, value, key=f"infomap-general-{uuid.uuid4().hex[:8]}").result()
+    return {"min_sim": value, "info": info, "labels": labels}
+
+
+__all__ = ["AUTO_MIN_SIM", "auto_threshold", "has_infomap", "infomap_auto", "infomap_general", "infomap_peer", "infomap_task",
+           "knn_sims", "oracle_threshold"]

@@ -119,12 +119,12 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
     out-of-fold probabilities (as :func:`facecluster.pipeline.train.train_edge_scorer`, over several runs)."""
     import torch
 
-    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_cut_over, choose_levels_over,
-                                         face_balanced_weights, fit_edge_scorer, predict_edges, roc_auc, run_edge_inputs)
+    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_cut_over, choose_infomap_level_over,
+                                         choose_levels_over, face_balanced_weights, fit_edge_scorer, predict_edges, roc_auc, run_edge_inputs)
 
     e, g = cfg.edges, cfg.gcn
     fit = dict(hidden=tuple(e.hidden), epochs=e.epochs, lr=e.lr, batch_size=e.batch_size)
-    xs, same, w_face, fold, train_edge, shapes, idx_all, lab_all, cos_all = [], [], [], [], [], [], [], [], []
+    xs, same, w_face, fold, train_edge, shapes, idx_all, lab_all, cos_all, sim_all = [], [], [], [], [], [], [], [], [], []
     for w, store in enumerate(stores):
         labels = store.array("labels")[:]
         index, sim = store.array("knn/index")[:], store.array("knn/sim")[:]
@@ -146,6 +146,7 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
         cos_all.append(sim.reshape(-1)[ok])
         shapes.append((n, k, ok))
         idx_all.append(index)
+        sim_all.append(sim)
         lab_all.append(labels)
     x, same, fold, train_edge = (np.concatenate(a) for a in (xs, same, fold, train_edge))
     del xs
@@ -184,6 +185,10 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
     # the components cut of `--method threshold` without --th (:func:`facecluster.pipeline.methods.cluster_threshold`)
     cut = choose_cut_over(list(zip(idx_all, probs, lab_all)))
     echo(f"edge scorer: out-of-fold components mean pairwise + BCubed F {cut['score']:.4f} at P >= {cut['level']}")
+    # the cosine floor of `--method infomap` without --min-sim (:func:`facecluster.pipeline.stages.infomap.resolve_min_sim`)
+    infomap_level = choose_infomap_level_over(list(zip(idx_all, sim_all, probs, lab_all)))
+    echo(f"edge scorer: out-of-fold cosine kNN + Infomap mean pairwise + BCubed F {infomap_level['score']:.4f} at the "
+         f"cosine where P crosses {infomap_level['level']}")
     tr, va = np.flatnonzero(train_edge), np.flatnonzero(~train_edge)
     torch.manual_seed(g.seed)
     model, history = fit_edge_scorer(x, same, tr, va, seed=g.seed, weight=weights[balance], **fit)
@@ -191,14 +196,14 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
     cos = np.concatenate(cos_all)
     table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "balance": balance, "floor": levels["floor"],
              "merge": levels["merge"] if e.merge else None, "attach": levels["attach"] if e.attach else None,
-             "cut": cut["level"],
+             "cut": cut["level"], "infomap_level": infomap_level["level"],
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_calibration": calibration(pv, same[va]) if len(va) else [],
                          "out_of_fold_auc": roc_auc(oof, same), "out_of_fold_calibration": calibration(oof, same),
                          "out_of_fold_auc_by_world": [roc_auc(oof[a:b], same[a:b]) for a, b in zip(bounds[:-1], bounds[1:])],
                          "cosine_auc_by_world": [roc_auc(cos[a:b], same[a:b]) for a, b in zip(bounds[:-1], bounds[1:])],
                          "train_edges": int(len(tr)), "val_edges": int(len(va)), "history": history,
-                         "levels": levels, "cut": cut, "balance_scores": {b: tried[b][2]["score"] for b in tried}}}
+                         "levels": levels, "cut": cut, "infomap_level": infomap_level, "balance_scores": {b: tried[b][2]["score"] for b in tried}}}
     save_edge_scorer(out_dir, model)
     echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f}, out-of-fold "
          f"{table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, merge level {table['merge']}, "

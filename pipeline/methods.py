@@ -10,8 +10,9 @@
   the components of the kNN edges with P(same identity) >= the cut the general model recorded in
   training (:mod:`facecluster.pipeline.stages.cut`);
 * ``infomap``: the map equation on the kNN graph, one Dask task per group of connected components
-  (:mod:`facecluster.pipeline.stages.infomap`): cosine weights at an automatic ``min_sim``, or the
-  learned edge probability of a model's edge scorer at the model's floor.
+  (:mod:`facecluster.pipeline.stages.infomap`): cosine weights at an automatic ``min_sim`` (the cosine where
+  the general model's edge probability crosses the level it chose in training), or the learned edge
+  probability of a model's edge scorer at the model's floor.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from .config import Config
 from .errors import BadInput
 from .model_files import GENERAL_MODEL_DIR, check_model, edge_meta, model_digest
 from .run import ensure_graph, ensure_knn, run_cluster
-from .stages.cut import check_enough_similarities, cut_source, model_cut, run_prob_threshold_clusters
+from .stages.cut import (check_enough_similarities, cut_source, enough_similarities, model_cut,
+                         run_prob_threshold_clusters)
 from .stages.edges import run_edges
-from .stages.infomap import check_min_sim_value, run_infomap_clusters
+from .stages.infomap import check_min_sim_value, model_infomap_level, run_infomap_clusters
 from .stages.proposals import run_threshold_clusters
 from .store import RunStore
 
@@ -67,15 +69,26 @@ def cluster_threshold(store: RunStore, cfg: Config, client, options: dict,
 def cluster_infomap(store: RunStore, cfg: Config, client, options: dict,
                     echo: Callable[[str], None] | None = None) -> dict:
     """Infomap per connected component: on the cosine graph (knn, graph), or with ``options["model"]`` on the
-    learned-affinity graph (knn, edges); ``options["min_sim"]`` overrides the automatic floor."""
-    model = options.get("model")
+    learned-affinity graph (knn, edges); ``options["min_sim"]`` overrides the automatic floor.
+
+    On the cosine without ``min_sim`` the floor is read off the general model's edge probabilities (knn, edges
+    with the general model, graph) where it records a level for it, and the run has enough kNN similarities
+    for its scale; else Otsu's anchor of the cosines.
+    """
+    model, min_sim = options.get("model"), options.get("min_sim")
+    level_model = None
     if model:
         ensure_knn(store, cfg, client)
         run_edges(store, model, cfg, client)
     else:
+        ensure_knn(store, cfg, client)
+        general = str(GENERAL_MODEL_DIR)
+        if min_sim is None and model_infomap_level(general) is not None and enough_similarities(store):
+            run_edges(store, general, cfg, client)
+            level_model = general
         ensure_graph(store, cfg, client)
-    return run_infomap_clusters(store, cfg, client, model_dir=model, min_sim=options.get("min_sim"),
-                                force=options.get("force", False))
+    return run_infomap_clusters(store, cfg, client, model_dir=model, min_sim=min_sim,
+                                force=options.get("force", False), level_model=level_model)
 
 
 # method name -> runner(store, cfg, client, options, echo) -> summary

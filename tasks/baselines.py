@@ -176,6 +176,35 @@ MIN_SIM_RULES: dict[str, Callable[[float, np.ndarray], float]] = {
 }
 AUTO_MIN_SIM = "otsu"
 
+# ``--method infomap`` on the cosine without ``--min-sim``, where a model records a level for it (the general
+# model's ``edges.infomap_level``, chosen on generated worlds in its training): the floor is the cosine at which
+# the model's edge probability crosses that level -- the median cosine of the sampled kNN edges whose P lies
+# within PROB_BAND of it. Why not Otsu's anchor alone: it splits the cosine histogram wherever its two modes
+# are, which on a face model with a compressed scale (dlib: every kNN cosine in 0.89-0.98) or on large
+# identities sits far from Infomap's best floor (pairwise F 0.49 against 0.96 chosen with labels); the scorer
+# reads each edge on the run's own scale, so "where P crosses the level" moves with the face model.
+PROB_BAND = 0.05
+# Fewer sampled edges than this within the band: no crossing is read (the caller falls back to Otsu's anchor).
+MIN_BAND_EDGES = 50
+
+
+def prob_level_min_sim(sims: np.ndarray, probs: np.ndarray, level: float, band: float = PROB_BAND,
+                       min_edges: int = MIN_BAND_EDGES) -> tuple[float | None, int]:
+    """The cosine where the edge probability crosses ``level``: the median of ``sims`` over the pairs whose
+    ``probs`` lie within ``band`` of it (``sims`` and ``probs`` aligned, one value per listed kNN edge).
+
+    Returns ``(min_sim, edges in the band)``; ``min_sim`` is None when the band holds fewer than ``min_edges``.
+    """
+    s = np.asarray(sims, np.float64).ravel()
+    p = np.asarray(probs, np.float64).ravel()
+    if s.shape != p.shape:
+        raise ValueError(f"sims and probs differ in length ({len(s)} and {len(p)}): one value per kNN edge each")
+    sel = np.abs(p - float(level)) <= band
+    count = int(sel.sum())
+    if count < min_edges:
+        return None, count
+    return round(float(np.median(s[sel])), 6), count
+
 
 def auto_min_sim(anchor: float, sims: np.ndarray, rule: str = AUTO_MIN_SIM) -> float:
     """Infomap's edge floor from the data alone (no labels), by one of :data:`MIN_SIM_RULES`."""

@@ -35,7 +35,10 @@ from torch import nn
 
 from .components import components, knn_edges
 from .merge import MERGE_GRID, MERGE_WORST_LOSS, merge_by_affinity
+from .baselines import prob_level_min_sim, valid_sims
 from .metrics import bcubed_f, pairwise_f
+from .peers import infomap_clusters, knn_edge_list
+from .thresholds import TooFewSimilarities, auto_threshold
 
 QUANTILE_GRID = np.linspace(0.0, 1.0, 201)
 SNN_M = 10  # neighbours compared for the shared-neighbour input (cost: R * k * m^2 compares per block)
@@ -449,6 +452,64 @@ def choose_cut_over(runs, grid=FLOOR_GRID) -> dict:
     return {"level": best[1], "score": best[0], "curve": curve}
 
 
+#: P levels tried for the cosine floor of ``--method infomap`` (:func:`choose_infomap_level_over`); finer at the
+#: top, where the crossing moves fastest in cosine
+INFOMAP_LEVEL_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95, 0.975)
+
+
+def edge_pairs(index: np.ndarray, sim: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The listed kNN edges' cosines and probabilities, aligned and flat (padding excluded, as :func:`valid_sims`)."""
+    s = np.asarray(sim, np.float64)
+    ok = np.isfinite(s) & (s > -1.5) & (np.asarray(index) >= 0)
+    return s[ok], np.asarray(prob, np.float64)[ok]
+
+
+def infomap_min_sim(index: np.ndarray, sim: np.ndarray, prob: np.ndarray, level: float | None) -> tuple[float, dict]:
+    """kNN + Infomap's cosine floor for a run: where ``prob`` crosses ``level``
+    (:func:`facecluster.tasks.baselines.prob_level_min_sim`), or Otsu's anchor of the cosines where no level is
+    given or too few edges lie near it. Returns the floor and where it came from."""
+    if level is not None:
+        sims, probs = edge_pairs(index, sim, prob)
+        value, count = prob_level_min_sim(sims, probs, level)
+        if value is not None:
+            return value, {"rule": "prob_level", "level": float(level), "band_edges": count}
+        fallback = {"rule": "otsu", "level": float(level), "band_edges": count}
+    else:
+        fallback = {"rule": "otsu"}
+    return round(float(auto_threshold(valid_sims(sim, index))), 6), fallback
+
+
+def choose_infomap_level_over(runs, grid=INFOMAP_LEVEL_GRID) -> dict:
+    """The P level whose cosine crossing, used as kNN + Infomap's ``min_sim`` on the cosine graph, has the best
+    *mean* pairwise + BCubed F over ``runs``, a list of ``(index, sim, prob, labels)`` (out-of-fold
+    probabilities, every face counted; each run's graph clustered on its own, as one Infomap run).
+
+    The level ``--method infomap`` reads its automatic ``min_sim`` off (:func:`infomap_min_sim`). Otsu's anchor of
+    the same cosines is the curve's first point (level None): it is what a run falls back to.
+    """
+    runs = [(np.asarray(i), np.asarray(s), np.asarray(p), np.asarray(lab)) for i, s, p, lab in runs]
+    curve, best = [], None
+    for level in (None, *grid):
+        pws, bcs, floors = [], [], []
+        for index, sim, prob, lab in runs:
+            try:
+                t, _ = infomap_min_sim(index, sim, prob, level)
+            except TooFewSimilarities:  # a run too small for Otsu's anchor: left out of this level's mean
+                continue
+            cl = infomap_clusters(len(lab), *knn_edge_list(index, sim, t))
+            pws.append(float(pairwise_f(lab, cl)[2]))
+            bcs.append(float(bcubed_f(lab, cl)[2]))
+            floors.append(t)
+        if not pws:
+            continue
+        pw, bc = float(np.mean(pws)), float(np.mean(bcs))
+        curve.append({"level": level, "pairwise_f": pw, "bcubed_f": bc, "min_pairwise_f": float(np.min(pws)),
+                      "min_sims": floors})
+        if best is None or pw + bc > best[0] + 1e-9:
+            best = (pw + bc, level)
+    return {"level": best[1] if best else None, "score": best[0] if best else None, "curve": curve}
+
+
 def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, merge_grid=MERGE_GRID) -> dict:
     """:func:`choose_levels` over several runs at once: the floor, merge level and attach level with the best
     *mean* pairwise + BCubed F over ``runs``, a list of ``(index, prob, labels, faces)`` (each run's graph is
@@ -460,8 +521,6 @@ def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, mer
     hurting some worlds is the change that helps one set and hurts another), then the faces left alone
     attached. ``merge_grid``'s None (no merge) is always a candidate.
     """
-    from .peers import infomap_clusters, knn_edge_list
-
     runs = [(np.asarray(i), np.asarray(p), np.asarray(lab), np.sort(np.asarray(f, np.int64))) for i, p, lab, f in runs]
 
     def per_run(cls):

@@ -12,7 +12,11 @@ import numpy as np
 import pytest
 
 from conftest import SHARED_DATA
-from facecluster.tasks.baselines import MIN_SIM_RULES, auto_min_sim, nice_step, similarity_grid, sweep, valid_sims
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from facecluster.tasks.baselines import (MIN_BAND_EDGES, MIN_SIM_RULES, PROB_BAND, auto_min_sim, nice_step,
+                                         prob_level_min_sim, similarity_grid, sweep, valid_sims)
 
 
 def test_nice_step_is_the_fixed_step_on_a_wide_range_and_finer_on_a_compressed_one():
@@ -77,6 +81,30 @@ def test_auto_min_sim_rules_are_label_free_and_named():
 
 
 # -- variants -----------------------------------------------------------------------------------
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(-100, 100), st.integers(0, 20)), min_size=0, max_size=200),
+       st.integers(0, 20), st.integers(1, 5))
+def test_prob_level_min_sim_is_the_median_cosine_of_the_edges_near_the_level(pairs, level20, min_edges):
+    """Oracle: sort the cosines of the pairs whose P is within the band of the level, take the middle one (or
+    the mean of the two middle ones); None below ``min_edges`` such pairs. P on a 0.05 grid, so pairs sit
+    exactly on the band's edges (inside: ``<=``)."""
+    sims = np.array([c / 100 for c, _ in pairs], np.float64)
+    probs = np.array([p * 0.05 for _, p in pairs], np.float64)
+    level = level20 * 0.05
+    near = sorted(s for s, p in zip(sims.tolist(), probs.tolist()) if abs(p - level) <= PROB_BAND)
+    value, count = prob_level_min_sim(sims, probs, level, min_edges=min_edges)
+    assert count == len(near)
+    if len(near) < min_edges:
+        assert value is None
+    else:
+        m = len(near) // 2
+        expect = near[m] if len(near) % 2 else (near[m - 1] + near[m]) / 2
+        assert value == pytest.approx(expect, abs=1e-6)
+    assert MIN_BAND_EDGES >= 1
+    with pytest.raises(ValueError, match="one value per kNN edge"):
+        prob_level_min_sim(sims, probs[:-1] if len(probs) else np.zeros(1), level)
+
+
 def test_variants_are_documented_and_their_params_apply():
     from facecluster.pipeline.synth import VARIANT_HELP
     from facecluster.tasks.synth import VARIANTS, SynthParams, make_identities, variant_params

@@ -532,7 +532,7 @@ def test_face_balanced_scorer_rates_small_identities_higher():
     assert fits["balanced"] > fits["plain"] + 0.02, fits
 
 
-def test_infomap_method_on_cosine_and_learned_graphs(trained, local_client, single_worker_client):
+def test_infomap_method_on_cosine_and_learned_graphs(trained, local_client, single_worker_client, tmp_path):
     """``--method infomap`` (stage "clusters"): cosine at the automatic min_sim, and P at the model's floor.
 
     Its batches of whole components, one Infomap run each, give the kernel's partition of the whole stored
@@ -540,8 +540,11 @@ def test_infomap_method_on_cosine_and_learned_graphs(trained, local_client, sing
     1,300-row chunks; a second run is skipped (resumable, digest-checked).
     """
     from facecluster.pipeline.methods import run_method
+    from facecluster.pipeline.model_files import GENERAL_MODEL_DIR, model_digest
     from facecluster.pipeline.stages.graph import anchor_task
-    from facecluster.tasks.baselines import auto_min_sim, valid_sims
+    from facecluster.pipeline.stages.infomap import model_infomap_level, resolve_min_sim
+    from facecluster.tasks.baselines import auto_min_sim, prob_level_min_sim, valid_sims
+    from facecluster.tasks.edges import edge_pairs
 
     cfg = _cfg()
     model = str(trained["model"])
@@ -552,10 +555,31 @@ def test_infomap_method_on_cosine_and_learned_graphs(trained, local_client, sing
     cos_b = run_method(b, cfg, single_worker_client, "infomap", {}, echo=lambda s: None)
     np.testing.assert_array_equal(labels_a, b.array("clusters")[:])
     assert cos_a == cos_b and cos_a["weights"] == "cosine" and cos_a["forest"] == "graph"
-    # min_sim from the data: the automatic rule on the Otsu anchor, the one `bench quality` reports
+    # min_sim from the data: the cosine where the general model's P crosses its recorded level (every row is
+    # in the sample at this size), the edges stage run with the general model and chained by the clusters
     idx, sim = a.array("knn/index")[:], a.array("knn/sim")[:]
+    level = model_infomap_level(str(GENERAL_MODEL_DIR))
+    assert level is not None and a.record("edges")["params"]["model_digest"] == model_digest(GENERAL_MODEL_DIR)
+    expect, count = prob_level_min_sim(*edge_pairs(idx, sim, a.array("edges/prob")[:]), level)
+    assert cos_a["min_sim"] == expect and cos_a["min_sim_info"]["rule"] == "prob_level"
+    assert cos_a["min_sim_info"]["band_edges"] == count and "edges" in a.record("clusters")["inputs"]
+    # without that level: the automatic rule on the Otsu anchor, the one `bench quality` reports; with a level no
+    # sampled edge is near: the same, and the reason
     anchor = anchor_task(a.url)["anchor"]
-    assert cos_a["min_sim"] == auto_min_sim(anchor, valid_sims(sim, idx)) and cos_a["min_sim_info"]["rule"] == "otsu"
+    otsu = auto_min_sim(anchor, valid_sims(sim, idx))
+    assert resolve_min_sim(a, "knn/sim", None, None) == (otsu, {"source": "auto: the 'otsu' rule on the kNN similarities",
+                                                                 "rule": "otsu", "anchor": anchor})
+    far = tmp_path / "far-level"
+    shutil.copytree(GENERAL_MODEL_DIR, far)
+    meta = json.loads((far / "config.json").read_text())
+    meta["edges"]["infomap_level"] = 5.0
+    (far / "config.json").write_text(json.dumps(meta))
+    value, info = resolve_min_sim(a, "knn/sim", None, None, level_model=str(far))
+    assert value == otsu and info["rule"] == "otsu" and "only 0 sampled kNN edges" in info["source"]
+    # an explicit min_sim: the cosine graph alone (no edges stage needed), Otsu never consulted
+    explicit = run_method(b, cfg, single_worker_client, "infomap", {"min_sim": otsu}, echo=lambda s: None)
+    assert explicit["min_sim"] == otsu and explicit["min_sim_info"] == {"source": "explicit"}
+    assert b.record("clusters")["inputs"] == ["graph"]
     assert cos_a["largest_component"] >= cos_a["largest"] and cos_a["n_clusters"] == len(np.unique(labels_a))
     assert_matches_whole_graph(idx, sim, cos_a["min_sim"], labels_a, joint=True)
     # resumable: the second run skips the stage
@@ -570,6 +594,42 @@ def test_infomap_method_on_cosine_and_learned_graphs(trained, local_client, sing
     np.testing.assert_array_equal(learned_a, b.array("clusters")[:])
     assert not np.array_equal(learned_a, labels_a)
     assert_matches_whole_graph(idx, a.array("edges/prob")[:], learned["min_sim"], learned_a, joint=True)
+
+
+def test_infomap_level_is_read_where_p_crosses_it_and_chosen_by_the_mean_f(small_knn):
+    """:func:`choose_infomap_level_over`: level None is Otsu's anchor of the cosines (what a run falls back to);
+    each level's floor is the median cosine of the edges whose P is near it (:func:`infomap_min_sim`), which for
+    a P that is a logistic function of the cosine lies where that function crosses the level; the chosen level
+    has the curve's best mean pairwise + BCubed F."""
+    from facecluster.tasks.baselines import PROB_BAND, valid_sims
+    from facecluster.tasks.edges import INFOMAP_LEVEL_GRID, choose_infomap_level_over, infomap_min_sim
+    from facecluster.tasks.thresholds import auto_threshold
+
+    idx, sim, labels = small_knn
+    x2, labels2 = make_faces(500, dim=24, seed=4)
+    idx2, sim2 = _exact_knn(x2, 20)
+    runs, centres = [], []
+    for i, s_, lab in ((idx, sim, labels), (idx2, sim2, labels2)):
+        centre = float(np.median(s_))
+        runs.append((i, s_, 1 / (1 + np.exp(-(s_.astype(np.float64) - centre) / 0.02)), lab))
+        centres.append(centre)
+    out = choose_infomap_level_over(runs)
+    curve = out["curve"]
+    assert [r["level"] for r in curve] == [None, *INFOMAP_LEVEL_GRID]
+    assert curve[0]["min_sims"] == [round(float(auto_threshold(valid_sims(s_, i))), 6) for i, s_, _, _ in runs]
+    for row in curve[1:]:
+        lv = row["level"]
+        assert row["min_sims"] == [infomap_min_sim(*r[:3], lv)[0] for r in runs]
+        if lv + PROB_BAND < 0.96:  # higher, the band takes in every P up to 1 and the median moves up with it
+            for t, c in zip(row["min_sims"], centres):
+                assert abs(t - (c + 0.02 * np.log(lv / (1 - lv)))) < 0.015, (lv, t, c)
+    for r in range(len(runs)):  # P monotone in the cosine: the floor rises with the level
+        assert np.all(np.diff([row["min_sims"][r] for row in curve[1:]]) >= 0)
+    best = max(curve, key=lambda r: r["pairwise_f"] + r["bcubed_f"])
+    assert out["level"] == best["level"] and out["score"] == pytest.approx(best["pairwise_f"] + best["bcubed_f"])
+    # no edge near the level: Otsu's anchor, and the count says why
+    t, info = infomap_min_sim(idx, sim, np.zeros(sim.shape), 0.9)
+    assert info == {"rule": "otsu", "level": 0.9, "band_edges": 0} and t == curve[0]["min_sims"][0]
 
 
 def test_infomap_batches_of_components_do_not_depend_on_the_workers(trained, local_client):

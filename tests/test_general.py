@@ -56,6 +56,13 @@ def test_the_shipped_model_is_the_recipe_s_and_loads():
     allowed = [r for r in curve if r["worst_loss"] <= MERGE_WORST_LOSS]
     assert meta["edges"]["merge"] == meta["edges"]["merge_choice"]["level"] == \
         max(allowed, key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
+    # the cosine floor level of `--method infomap`: the recipe's choice on its curve (best mean), above Otsu's
+    from facecluster.tasks.edges import INFOMAP_LEVEL_GRID
+
+    choice = meta["edges"]["infomap_choice"]
+    assert [r["level"] for r in choice["curve"]] == [None, *INFOMAP_LEVEL_GRID]
+    assert meta["edges"]["infomap_level"] == choice["level"] == \
+        max(choice["curve"], key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
     for dim in (48, 64, 512):
         check_model(GENERAL_MODEL_DIR, dim)
     assert sum(f.stat().st_size for f in GENERAL_MODEL_DIR.iterdir()) <= 5 * 2**20

@@ -120,7 +120,7 @@ def run_baselines(test, cfg, client, gt: np.ndarray) -> tuple[dict, dict]:
     from facecluster.tasks.baselines import AUTO_MIN_SIM
     from facecluster.tasks.metrics import evaluate
 
-    from ..baselines import auto_threshold, infomap_auto, infomap_peer, oracle_threshold
+    from ..baselines import auto_threshold, infomap_auto, infomap_general, infomap_peer, oracle_threshold
     from ..stages.proposals import graph_anchor
 
     th = oracle_threshold(test, cfg, client)
@@ -137,6 +137,13 @@ def run_baselines(test, cfg, client, gt: np.ndarray) -> tuple[dict, dict]:
         table[f"kNN + Infomap (automatic min_sim={auto[AUTO_MIN_SIM]['min_sim']:.3f}, {AUTO_MIN_SIM})"] = \
             record["infomap_auto"][AUTO_MIN_SIM]
         record["auto_rule"] = AUTO_MIN_SIM
+        gen = infomap_general(test, cfg, client)
+        info = gen["info"]
+        record["infomap_general"] = {"min_sim": gen["min_sim"], "info": info, **evaluate(gt, gen["labels"])}
+        how = (f"where the general model's P crosses {info['level']:g}" if info.get("rule") == "prob_level"
+               else "Otsu: no edge's P near the general model's level")
+        table[f"kNN + Infomap (min_sim={gen['min_sim']:.3f} {how}; --method infomap's default, no labels)"] = \
+            record["infomap_general"]
     return table, record
 
 

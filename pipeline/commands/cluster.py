@@ -56,8 +56,9 @@ FORMATS = {"gcn": format_gcn, "threshold": format_threshold, "infomap": format_i
 @click.option("--max-size", type=int, default=None,
               help="threshold method: split components larger than this with Algorithm 1 (default: no split).")
 @click.option("--min-sim", type=float, default=None,
-              help="infomap method: the edge floor (default: from the data, the Otsu anchor of the kNN similarities; "
-                   "with --model, the model's floor).")
+              help="infomap method: the edge floor (default: from the data, no labels: the cosine where the shipped general "
+                   "model's P(same identity) crosses the level it chose in training; Otsu's anchor of the kNN similarities "
+                   "where no edge's P is near it; with --model, the model's floor).")
 @click.option("--force", is_flag=True, help="Recompute even if the stored result is up to date.")
 @config_option
 @dask_options
@@ -75,7 +76,7 @@ def command(run, method, model, th, max_size, min_sim, force, cfg):
       facecluster cluster run.zarr --model model/ --scheduler tcp://host:8786
       facecluster cluster run.zarr --method threshold            # automatic: P(same identity) >= the general model's cut
       facecluster cluster run.zarr --method threshold --th 0.6
-      facecluster cluster run.zarr --method infomap              # no labels, no model: cosine, automatic min_sim
+      facecluster cluster run.zarr --method infomap              # no labels: cosine, min_sim read off the general model
       facecluster cluster run.zarr --method infomap --model model/   # on the learned affinity
     """
     from ..cluster import connect

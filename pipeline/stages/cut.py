@@ -47,12 +47,18 @@ def model_cut(model_dir: str) -> float:
     return float(meta["cut"])
 
 
+def enough_similarities(store: RunStore) -> bool:
+    """Whether the run's kNN lists hold enough similarities for the edge scorer's scale (see below)."""
+    n, k = (int(v) for v in store.array("knn/index").shape)
+    return n * k >= MIN_AUTO_SIMILARITIES
+
+
 def check_enough_similarities(store: RunStore) -> None:
     """BadInput when the run's kNN lists hold too few similarities for the edge scorer's scale (every input is
     read on the data's own distribution of kNN similarities: from a handful it would be a guess, as the cosine
     anchor's would; :data:`facecluster.tasks.thresholds.MIN_AUTO_SIMILARITIES`)."""
-    n, k = (int(v) for v in store.array("knn/index").shape)
-    if n * k < MIN_AUTO_SIMILARITIES:
+    if not enough_similarities(store):
+        n, k = (int(v) for v in store.array("knn/index").shape)
         raise BadInput(f"{store.url}: only {n * k} kNN similarities, too few to derive a threshold from the data (at "
                        f"least {MIN_AUTO_SIMILARITIES}) - {n} faces with k={k} are too few to cluster; ingest more "
                        "faces, or pass --th")

@@ -55,10 +55,16 @@ def knn_sims(store: RunStore, sample_rows: int = SAMPLE_ROWS, weights: str = "kn
     (self and padding excluded): the rows the anchor is computed from."""
     from facecluster.tasks.baselines import valid_sims
 
-    idx, sim = store.array("knn/index"), store.array(weights)
-    rows = np.arange(0, sim.shape[0], max(1, -(-sim.shape[0] // sample_rows)))
-    return valid_sims(sim.get_orthogonal_selection((rows, slice(None))),
-                      idx.get_orthogonal_selection((rows, slice(None))))
+    idx, sim = sampled_rows(store, ("knn/index", weights), sample_rows)
+    return valid_sims(sim, idx)
+
+
+def sampled_rows(store: RunStore, names, sample_rows: int = SAMPLE_ROWS) -> list[np.ndarray]:
+    """The same stride sample of rows (a function of N only: never of the chunking) of each N-row array ``names``."""
+    arrays = [store.array(name) for name in names]
+    n = arrays[0].shape[0]
+    rows = np.arange(0, n, max(1, -(-n // sample_rows)))
+    return [a.get_orthogonal_selection((rows, slice(None))) for a in arrays]
 
 
 def run_graph(store: RunStore, cfg: Config, client, force: bool = False, anchor: dict | None = None) -> dict:

@@ -2,10 +2,13 @@
 
 The weights are the learned edge probability ``edges/prob`` when a model with an edge
 scorer is given (edges at P >= the model's communities floor, chosen in training), the
-cosine ``knn/sim`` otherwise, with ``min_sim`` chosen from the data, never from labels:
-:data:`facecluster.tasks.baselines.AUTO_MIN_SIM` of the graph stage's anchor (Otsu's
-threshold of the kNN similarities), the rule ``bench quality`` reports as "kNN + Infomap
-(automatic min_sim)".
+cosine ``knn/sim`` otherwise, with ``min_sim`` chosen from the data, never from labels: the
+cosine where the general model's edge probability crosses the level it recorded in training
+(``edges.infomap_level``; :func:`facecluster.tasks.edges.infomap_min_sim`, on the same stride
+sample of rows as the graph stage's anchor), or, for a general model without that level or a
+run with too few edges near it, :data:`facecluster.tasks.baselines.AUTO_MIN_SIM` of the graph
+stage's anchor (Otsu's threshold of the kNN similarities), the rule ``bench quality`` reports
+as "kNN + Infomap (automatic min_sim)".
 
 The work is the communities stage's (:func:`facecluster.pipeline.stages.communities.infomap_components`):
 the graph's connected components at the floor are cuts of a maximum spanning forest of the
@@ -31,7 +34,8 @@ import logging
 
 import numpy as np
 
-from facecluster.tasks.baselines import AUTO_MIN_SIM, auto_min_sim
+from facecluster.tasks.baselines import AUTO_MIN_SIM, MIN_BAND_EDGES, PROB_BAND, auto_min_sim, prob_level_min_sim
+from facecluster.tasks.edges import edge_pairs
 
 from ..config import Config
 from ..errors import BadInput
@@ -39,7 +43,7 @@ from ..forest import spanning_forest
 from ..model_files import edge_meta
 from ..store import RunStore
 from .communities import INFOMAP_SEED, infomap_components
-from .graph import knn_sims, read_forest
+from .graph import knn_sims, read_forest, sampled_rows
 from .proposals import CLUSTERS_STAGE, graph_anchor
 
 log = logging.getLogger(__name__)
@@ -59,19 +63,40 @@ def check_min_sim_value(min_sim: float | None, learned: bool) -> None:
                        "automatic one")
 
 
-def resolve_min_sim(store: RunStore, weights: str, min_sim: float | None, model_dir: str | None) -> tuple[float, dict]:
+def model_infomap_level(model_dir: str | None) -> float | None:
+    """The P level a model recorded for the cosine floor of ``--method infomap`` (``edges.infomap_level``;
+    None: no model, or one trained before facecluster 0.6.1)."""
+    meta = edge_meta(model_dir) if model_dir else None
+    level = meta.get("infomap_level") if meta else None
+    return None if level is None else float(level)
+
+
+def resolve_min_sim(store: RunStore, weights: str, min_sim: float | None, model_dir: str | None,
+                    level_model: str | None = None) -> tuple[float, dict]:
     """The edge floor and where it came from; an explicit one is checked against the data's range (BadInput).
 
-    Cosine: the automatic rule on the graph stage's anchor. Learned: the model's communities floor.
+    Cosine: the cosine where ``level_model``'s P crosses its ``infomap_level`` (the run's ``edges/prob`` must be
+    that model's), else the automatic rule on the graph stage's anchor. Learned: the model's communities floor.
     An explicit ``min_sim`` must lie within the range of the sampled kNN weights: above it every face
     is a singleton, below it the floor keeps every listed edge.
     """
     if min_sim is None:
         if weights == LEARNED:
             return float(edge_meta(model_dir)["floor"]), {"source": "the model's communities floor"}
+        level, note = model_infomap_level(level_model), ""
+        if level is not None:
+            value, count = prob_level_min_sim(*edge_pairs(*sampled_rows(store, ("knn/index", "knn/sim", "edges/prob"))),
+                                              level)
+            if value is not None:
+                return value, {"source": f"auto: the cosine where the general model's P(same identity) crosses {level:g}, "
+                                         f"the level it chose in training (median of the {count} sampled kNN edges with "
+                                         f"P within {PROB_BAND:g} of it)",
+                               "rule": "prob_level", "level": level, "band_edges": count, "model": str(level_model)}
+            note = (f"; only {count} sampled kNN edges with the general model's P within {PROB_BAND:g} of its level "
+                    f"{level:g} (< {MIN_BAND_EDGES})")
         anchor = graph_anchor(store)
         value = auto_min_sim(anchor["anchor"], knn_sims(store), AUTO_MIN_SIM)
-        return value, {"source": f"auto: the {AUTO_MIN_SIM!r} rule on the kNN similarities",
+        return value, {"source": f"auto: the {AUTO_MIN_SIM!r} rule on the kNN similarities{note}",
                        "rule": AUTO_MIN_SIM, "anchor": anchor["anchor"]}
     sample = knn_sims(store, weights=weights)
     if len(sample):
@@ -85,7 +110,7 @@ def resolve_min_sim(store: RunStore, weights: str, min_sim: float | None, model_
 
 
 def run_infomap_clusters(store: RunStore, cfg: Config, client, model_dir: str | None = None,
-                         min_sim: float | None = None, force: bool = False) -> dict:
+                         min_sim: float | None = None, force: bool = False, level_model: str | None = None) -> dict:
     """Infomap per connected component of the kNN graph at its floor; writes ``clusters`` (stage "clusters").
 
     Parameters
@@ -96,6 +121,8 @@ def run_infomap_clusters(store: RunStore, cfg: Config, client, model_dir: str | 
     model_dir : a model with an edge scorer: weights ``edges/prob``; None: the cosine.
     min_sim : the edge floor (default: from the data, or the model's floor).
     force : recompute even if up to date.
+    level_model : cosine weights without ``min_sim``: the model whose ``edges/prob`` (the edges stage must have
+        run with it) and recorded ``infomap_level`` place the floor (:func:`resolve_min_sim`).
 
     Returns
     -------
@@ -107,11 +134,14 @@ def run_infomap_clusters(store: RunStore, cfg: Config, client, model_dir: str | 
     upstream = "edges" if model_dir else "graph"
     store.require(upstream, f"run `facecluster cluster {store.url} --method infomap` (it runs the stages before)")
     check_min_sim_value(min_sim, bool(model_dir))
-    floor, info = resolve_min_sim(store, weights, min_sim, model_dir)
+    floor, info = resolve_min_sim(store, weights, min_sim, model_dir, level_model)
+    # a floor read off the edge probabilities: the clusters chain the edges stage too (a re-run edges stage
+    # makes them stale, as it makes the learned method's)
+    inputs = [upstream] + (["edges"] if info.get("rule") == "prob_level" else [])
     index = store.array("knn/index")
     n, _ = index.shape
     params = {"method": "infomap", "weights": weights, "min_sim": floor, "seed": INFOMAP_SEED, "batch_nodes": BATCH_NODES}
-    with store.stage(CLUSTERS_STAGE, params, inputs=[upstream], force=force) as w:
+    with store.stage(CLUSTERS_STAGE, params, inputs=inputs, force=force) as w:
         if w is None:
             return store.record(CLUSTERS_STAGE).get("summary", {})
         graph_floor = store.record("graph")["summary"].get("min_edge_sim", -1.0) if weights == COSINE else None
