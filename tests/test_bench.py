@@ -63,6 +63,11 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
         assert len(busy) == 2 and all(0 <= b <= 1.05 for b in busy.values()), stage
     assert max(r["busy_share_per_worker"]["score"].values()) > 0
     assert "work-bound" in out.stdout and "busy per worker" in out.stdout
+    # issue 16's yardstick, measured in the same run: one-process faiss on a query sample, extrapolated
+    fs = r["faiss_flat"]
+    assert fs["queries"] == 3000 and fs["threads"] == 2 and fs["seconds_extrapolated"] > 0
+    assert r["total_vs_faiss_flat"] == pytest.approx(r["total_seconds"] / fs["seconds_extrapolated"], rel=1e-2)
+    assert "x one-process faiss IndexFlatIP" in out.stdout
 
 
 def test_bench_infomap_compares_distributed_and_single_process_partitions(tmp_path):

@@ -8,7 +8,11 @@ LocalCluster, each stage's wall time and share of the total, its work bound (its
 dense arithmetic at the GEMM rate the workers reach in this run, see
 :mod:`.work`), each worker's busy share (task compute time / stage time, from the
 Dask task stream), the score stage's proposals per second per worker, and each
-worker's peak resident memory during every stage (sampled every 0.2 s).
+worker's peak resident memory during every stage (sampled every 0.2 s). Then the
+yardstick of issue 16: one process running faiss ``IndexFlatIP`` (exact kNN,
+``--workers`` threads, the same cores) over the same faces, timed on a query sample
+after the cluster is closed and extrapolated to every face; the chain's total is
+printed as a ratio of it (a ratio measured in one run survives a noisy machine).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import click
 import numpy as np
 
 from . import MemorySampler, save_result
-from .work import busy_shares, gemm_rate, stage_flop
+from .work import busy_shares, gemm_rate, single_process_faiss, stage_flop
 
 log = logging.getLogger(__name__)
+
+#: queries of the one-process faiss yardstick, timed in the run and extrapolated to every face
+FAISS_QUERIES = 4096
 
 
 @click.command("cluster")
@@ -97,6 +104,15 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
         result["work_bound_seconds"] = bound
         result["busy_share_per_worker"] = busy
         result["memory_by_stage"] = memory
+    # the yardstick: one process, faiss IndexFlatIP over the same faces, on a query sample (cluster closed)
+    x = np.ascontiguousarray(np.load(wd / "test_f.npy"), dtype=np.float32)
+    nq = int(min(n, FAISS_QUERIES))
+    secs, _ = single_process_faiss(x, cfg.knn.k, workers, q=x[np.linspace(0, n - 1, nq).astype(np.int64)])
+    del x
+    est = secs / nq * n
+    result["faiss_flat"] = {"queries": nq, "threads": workers, "search_seconds": round(secs, 3),
+                            "seconds_extrapolated": float(f"{est:.4g}")}
+    result["total_vs_faiss_flat"] = round(result["total_seconds"] / max(est, 1e-9), 3)
     path = save_result("cluster", result, out)
     click.echo(f"{n} faces, {workers} workers, {result['total_seconds']:.1f}s in all:")
     for k, v in stages.items():
@@ -106,5 +122,8 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
                    + "   busy per worker " + " ".join(f"{x:.2f}" for x in busy[k].values()))
     sc = result.get("score", {})
     click.echo(f"score: {sc.get('n_proposals')} proposals, {sc.get('proposals_per_s_per_worker')} proposals/s/worker")
+    click.echo(f"all stages {result['total_seconds']:.1f}s = {result['total_vs_faiss_flat']:.3f}x one-process faiss "
+               f"IndexFlatIP exact kNN of the same {n} faces ({workers} threads: {est:.1f}s, extrapolated from {nq} "
+               "queries timed in this run)")
     peak = max(max(v["peak_rss_mib_per_worker"] or [0]) for v in memory.values())
     click.echo(f"peak worker RSS (sampled every 0.2 s): {peak} MiB; result in {path}")

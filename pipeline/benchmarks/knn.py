@@ -31,6 +31,7 @@ import click
 import numpy as np
 
 from . import MemorySampler, save_result
+from .work import single_process_faiss
 
 log = logging.getLogger(__name__)
 
@@ -96,22 +97,6 @@ def blas_comparison(x: np.ndarray, nq: int, k: int, tmp: Path, coretypes=("auto"
         out.append(row)
     src.unlink()
     return out
-
-
-def single_process_faiss(x: np.ndarray, k: int, threads: int, q: np.ndarray | None = None) -> tuple[float, np.ndarray]:
-    """Baseline: one process, faiss IndexFlatIP over all rows of ``x``, ``threads`` OpenMP threads.
-
-    Searches ``q`` (default: every row of ``x``) for k+1 neighbours (self included);
-    returns (search seconds, neighbour ids).
-    """
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    t = time.perf_counter()
-    _, idx = index.search(x if q is None else np.ascontiguousarray(q), k + 1)
-    return time.perf_counter() - t, idx
 
 
 @click.command("knn")

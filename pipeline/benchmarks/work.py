@@ -122,3 +122,19 @@ def busy_shares(records: list[dict], workers: list[str], seconds: float) -> dict
             if ss.get("action") == "compute":
                 busy[r["worker"]] = busy.get(r["worker"], 0.0) + ss["stop"] - ss["start"]
     return {w: round(b / max(seconds, 1e-9), 3) for w, b in sorted(busy.items())}
+
+
+def single_process_faiss(x: np.ndarray, k: int, threads: int, q: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Baseline: one process, faiss IndexFlatIP over all rows of ``x``, ``threads`` OpenMP threads.
+
+    Searches ``q`` (default: every row of ``x``) for k+1 neighbours (self included);
+    returns (search seconds, neighbour ids).
+    """
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    t = time.perf_counter()
+    _, idx = index.search(x if q is None else np.ascontiguousarray(q), k + 1)
+    return time.perf_counter() - t, idx
