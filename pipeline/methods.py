@@ -77,11 +77,10 @@ def cluster_infomap(store: RunStore, cfg: Config, client, options: dict,
     """
     model, min_sim = options.get("model"), options.get("min_sim")
     level_model = None
+    ensure_knn(store, cfg, client)
     if model:
-        ensure_knn(store, cfg, client)
         run_edges(store, model, cfg, client)
     else:
-        ensure_knn(store, cfg, client)
         general = str(GENERAL_MODEL_DIR)
         if min_sim is None and model_infomap_level(general) is not None and enough_similarities(store):
             run_edges(store, general, cfg, client)

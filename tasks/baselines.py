@@ -36,13 +36,18 @@ EXTEND_STEPS = 10
 _NICE = (5.0, 2.0, 1.0)  # steps are 1, 2 or 5 times a power of ten: the grid points stay readable
 
 
-def valid_sims(sim: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
-    """The listed kNN similarities as a flat float64 array (padding: id -1, or a non-finite / < -1.5 value)."""
-    s = np.asarray(sim, np.float64)
+def listed_edges(sim: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """Which kNN entries are listed edges (padding: id -1, or a non-finite / < -1.5 value), as a bool array."""
+    s = np.asarray(sim)
     ok = np.isfinite(s) & (s > -1.5)
     if index is not None:
         ok &= np.asarray(index) >= 0
-    return s[ok]
+    return ok
+
+
+def valid_sims(sim: np.ndarray, index: np.ndarray | None = None) -> np.ndarray:
+    """The listed kNN similarities as a flat float64 array (:func:`listed_edges`)."""
+    return np.asarray(sim, np.float64)[listed_edges(sim, index)]
 
 
 def nice_step(span: float, max_step: float, min_points: int) -> float:

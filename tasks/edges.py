@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from .components import components, knn_edges
+from .baselines import listed_edges, prob_level_min_sim, valid_sims
 from .merge import MERGE_GRID, MERGE_WORST_LOSS, merge_by_affinity
-from .baselines import prob_level_min_sim, valid_sims
 from .metrics import bcubed_f, pairwise_f
 from .peers import infomap_clusters, knn_edge_list
 from .thresholds import TooFewSimilarities, auto_threshold
@@ -459,9 +459,8 @@ INFOMAP_LEVEL_GRID = (0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95, 0
 
 def edge_pairs(index: np.ndarray, sim: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The listed kNN edges' cosines and probabilities, aligned and flat (padding excluded, as :func:`valid_sims`)."""
-    s = np.asarray(sim, np.float64)
-    ok = np.isfinite(s) & (s > -1.5) & (np.asarray(index) >= 0)
-    return s[ok], np.asarray(prob, np.float64)[ok]
+    ok = listed_edges(sim, index)
+    return np.asarray(sim, np.float64)[ok], np.asarray(prob, np.float64)[ok]
 
 
 def infomap_min_sim(index: np.ndarray, sim: np.ndarray, prob: np.ndarray, level: float | None) -> tuple[float, dict]:
