@@ -172,10 +172,16 @@ def _tolerance(q: np.ndarray, rows: np.ndarray) -> float:
     """Bound on |faiss float32 dot - exact dot| for any pair (twice d * u * |q| * |x|)."""
     if len(q) == 0 or len(rows) == 0:
         return 0.0
+    return _float32_tolerance(q, float(_row_norms(rows).max()))
+
+
+def _float32_tolerance(q: np.ndarray, row_norm_max: float) -> float:
+    """:func:`_tolerance` given the rows' largest norm (held by a database group)."""
+    if len(q) == 0:
+        return 0.0
     d = q.shape[1]
-    qn = float(np.sqrt(np.max(np.einsum("ij,ij->i", q, q, dtype=np.float64))))
-    xn = float(np.sqrt(np.max(np.einsum("ij,ij->i", rows, rows, dtype=np.float64))))
-    return d * 2.0 ** -23 * qn * xn + 1e-7
+    qn = float(_row_norms(q).max())
+    return d * 2.0 ** -23 * qn * row_norm_max + 1e-7
 
 
 #: search(positions into q, kk) -> (raw sims [n, kk] float32, local row numbers [n, kk] int64, -1 = none),
@@ -516,8 +522,7 @@ class Bf16Flat:
         kk = int(min(kk, self.nb))
         q = np.ascontiguousarray(q, dtype=np.float32)
         D, L = faiss.knn(q, self.rows, kk, faiss.METRIC_INNER_PRODUCT)
-        # _tolerance(q, rows) without re-reading every row
-        tol = self.d * 2.0 ** -23 * float(_row_norms(q).max()) * self.row_norm_max + 1e-7 if len(q) else 0.0
+        tol = _float32_tolerance(q, self.row_norm_max)  # _tolerance(q, rows) without re-reading every row
         Dd = np.asarray(D, dtype=np.float64)
         last = np.where(np.isfinite(Dd), Dd, np.inf).min(axis=1) if kk else np.full(len(q), -np.inf)
         return D, np.asarray(L, dtype=np.int64), last + tol
@@ -692,6 +697,9 @@ class IvfLists:
         self.sizes = np.bincount(lists, minlength=nlist).astype(np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
         self.nlist = int(nlist)
+        # max |row|, for the float32 error bound: once here, not once per query block (it read
+        # every row: 5% of a 4,096-query search at 1M faces, measured)
+        self.row_norm_max = float(_row_norms(self.rows).max()) if len(self.rows) else 0.0
 
     @property
     def nbytes(self) -> int:
@@ -702,49 +710,104 @@ class IvfLists:
         probes = np.asarray(probes, dtype=np.int64)
         return np.where(probes >= 0, self.sizes[np.maximum(probes, 0)], 0).sum(axis=1)
 
-    def search(self, q: np.ndarray, probes: np.ndarray, kk: int, first: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, q: np.ndarray, probes: np.ndarray, kk: int, first: int = 4,
+               growth: int = 4) -> tuple[np.ndarray, np.ndarray]:
         """Top-``kk`` raw float32 similarities of ``q`` among the rows of each query's probed lists.
 
         Returns (D [nq, kk] float32 descending, L [nq, kk] int64 positions into ``rows``; -1/-inf
-        pads). Pairs are processed in two passes: each query's ``first`` nearest lists, then the
-        rest; a candidate is kept only if it reaches the query's current kk-th best (``tau``, a
-        lower bound of the final one), so the buffers stay near kk per query.
+        pads). Pairs are processed in passes over the probe ranks: each query's ``first`` nearest
+        lists, then ranks growing ``growth``-fold (first..4·first, 4·first..16·first, ...); a
+        candidate is kept only if it reaches the query's current kk-th best (``tau``, a lower bound
+        of the final one, raised after every pass), so the nearest lists raise ``tau`` early and the
+        far ones pass few candidates. Kept candidates go to a dense buffer of ``4 kk`` slots per
+        query; a query whose slots would overflow keeps its kk best (a row-wise partition, linear)
+        and raises its ``tau``. Measured at 1M faces, 16,384 queries, 256 probes, one thread: the
+        selection took 6.5 s of 16.9 with two passes and a sorted buffer of every query, 0.9 s here.
         """
         q = np.ascontiguousarray(q, dtype=np.float32)
         probes = np.asarray(probes, dtype=np.int64)
         nq = len(q)
         kk = int(kk)
-        tau = np.full(nq, -np.inf, dtype=np.float32)
-        kept: tuple[np.ndarray, np.ndarray, np.ndarray] = (np.zeros(0, np.int64), np.zeros(0, np.int64),
-                                                           np.zeros(0, np.float32))
-        limit = max(1 << 20, 4 * nq * kk)
-        for stage in (slice(0, first), slice(first, None)):
-            pr = probes[:, stage]
-            if pr.size == 0:
-                continue
-            buf = [kept]
-            n_buf = len(kept[0])
-            for lst, qs in probe_groups(pr):
-                a, b = int(self.offsets[lst]), int(self.offsets[lst + 1])
-                if a == b:
-                    continue
-                sims = q[qs] @ self.rows[a:b].T
-                hit = np.flatnonzero(sims >= tau[qs, None])
-                if len(hit):
-                    r, c = np.divmod(hit, b - a)
-                    buf.append((qs[r], c + a, sims.reshape(-1)[hit]))
-                    n_buf += len(hit)
-                if n_buf > limit:
-                    kept = _compact(buf, nq, kk, tau)
-                    buf, n_buf = [kept], len(kept[0])
-            kept = _compact(buf, nq, kk, tau)
-        qi, loc, sim = kept
         D = np.full((nq, kk), PAD_SIM, dtype=np.float32)
         L = np.full((nq, kk), PAD_ID, dtype=np.int64)
-        if len(qi):
-            rank = _rank_in_group(qi)
-            D[qi, rank] = sim
-            L[qi, rank] = loc
+        if nq == 0 or kk == 0:
+            return D, L
+        buf = _TopBuffer(nq, kk, len(self.rows))
+        cuts = [0]
+        while cuts[-1] < probes.shape[1]:
+            cuts.append(max(int(first), 1, cuts[-1] * int(max(2, growth))))
+        width = buf.cap - kk  # columns per GEMM: a query's hits from one block always fit after a shrink
+        for stage in (slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])):
+            for lst, qs in probe_groups(probes[:, stage]):
+                qx = None
+                for a in range(int(self.offsets[lst]), int(self.offsets[lst + 1]), width):
+                    b = min(a + width, int(self.offsets[lst + 1]))
+                    if qx is None:
+                        qx = q[qs]
+                    sims = qx @ self.rows[a:b].T
+                    hit = np.flatnonzero(sims >= buf.tau[qs, None])
+                    if len(hit):
+                        r, c = np.divmod(hit, b - a)
+                        buf.add(qs, r, c + a, sims.reshape(-1)[hit])
+            buf.shrink(np.flatnonzero(buf.count > kk))  # raise tau before the farther lists
+        return buf.result(D, L)
+
+
+class _TopBuffer:
+    """Candidates of ``nq`` queries, ``cap`` slots each (-inf = empty): :meth:`add` appends a block's
+    hits, shrinking to the kk best first the queries that would overflow; ``tau`` is each query's kk-th
+    best so far (-inf until it has kk), a lower bound of its final kk-th best."""
+
+    def __init__(self, nq: int, kk: int, n_rows: int):
+        self.kk = kk
+        self.cap = 4 * kk
+        self.sim = np.full((nq, self.cap), PAD_SIM, dtype=np.float32)
+        # positions fit in int32 below 2^31 rows (half the memory of int64)
+        self.loc = np.full((nq, self.cap), PAD_ID, dtype=np.int32 if n_rows < 2 ** 31 else np.int64)
+        self.count = np.zeros(nq, dtype=np.int64)
+        self.tau = np.full(nq, -np.inf, dtype=np.float32)
+
+    def add(self, qs: np.ndarray, r: np.ndarray, loc: np.ndarray, sim: np.ndarray) -> None:
+        """Hits (``qs[r]``, ``loc``, ``sim``), ``r`` ascending (row-major hits of one block)."""
+        n_hit = np.bincount(r, minlength=len(qs))
+        over = np.flatnonzero(self.count[qs] + n_hit > self.cap)
+        if len(over):
+            self.shrink(qs[over])
+        # r ascending: a hit's rank among its query's hits is its index minus where that query's run starts
+        run_start = np.cumsum(n_hit) - n_hit
+        qi = qs[r]
+        pos = self.count[qi] + (np.arange(len(r)) - run_start[r])
+        self.sim[qi, pos] = sim
+        self.loc[qi, pos] = loc
+        self.count[qs] += n_hit
+
+    def shrink(self, rows: np.ndarray) -> None:
+        """Keep the kk best candidates of queries ``rows`` (those holding more than kk) and raise their tau."""
+        kk = self.kk
+        rows = rows[self.count[rows] > kk]
+        if len(rows) == 0:
+            return
+        sim = self.sim[rows]
+        top = np.argpartition(sim, sim.shape[1] - kk, axis=1)[:, -kk:]
+        top_sim = np.take_along_axis(sim, top, axis=1)
+        top_loc = np.take_along_axis(self.loc[rows], top, axis=1)
+        self.sim[rows] = PAD_SIM
+        self.loc[rows] = PAD_ID
+        self.sim[rows, :kk] = top_sim
+        self.loc[rows, :kk] = top_loc
+        self.count[rows] = kk
+        # every candidate dropped is <= the kk-th kept: the query's final kk-th best is at least this
+        self.tau[rows] = np.maximum(self.tau[rows], top_sim.min(axis=1))
+
+    def result(self, D: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each query's kk best, descending, into D [nq, kk] / L [nq, kk] (pads -inf / -1)."""
+        kk = self.kk
+        self.shrink(np.flatnonzero(self.count > kk))
+        sim, loc = self.sim[:, :kk], self.loc[:, :kk]
+        order = np.argsort(-sim, axis=1, kind="stable")
+        D[:] = np.take_along_axis(sim, order, axis=1)
+        L[:] = np.take_along_axis(loc, order, axis=1)
+        L[~np.isfinite(D)] = PAD_ID
         return D, L
 
 
@@ -763,35 +826,6 @@ def probe_groups(probes: np.ndarray):
         yield int(li[s0]), qi[s0:s1]
 
 
-def _rank_in_group(qi: np.ndarray) -> np.ndarray:
-    """Position of each entry inside its run of equal (sorted) ``qi`` values."""
-    start = np.flatnonzero(np.concatenate([[True], qi[1:] != qi[:-1]]))
-    counts = np.diff(np.concatenate([start, [len(qi)]]))
-    return np.arange(len(qi)) - np.repeat(start, counts)
-
-
-def _compact(buf, nq: int, kk: int, tau: np.ndarray):
-    """Keep each query's kk best buffered candidates (sorted by query, then sim descending; ties
-    in any order); raise ``tau`` (in place) to the kk-th best where a query has kk."""
-    qi = np.concatenate([b[0] for b in buf])
-    loc = np.concatenate([b[1] for b in buf])
-    sim = np.concatenate([b[2] for b in buf])
-    # one int64 key (query, then similarity descending): a single argsort instead of a
-    # 3-key lexsort (5x faster measured). Order among equal similarities is irrelevant:
-    # whatever is cut has raw sim <= the kk-th kept, which is all certification needs.
-    bits = sim.view(np.int32)
-    ordered = bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))  # monotone in sim
-    key = (qi << 32) | ((~ordered).astype(np.int64) + (1 << 31))
-    order = np.argsort(key)
-    qi, loc, sim = qi[order], loc[order], sim[order]
-    rank = _rank_in_group(qi)
-    keep = rank < kk
-    qi, loc, sim, rank = qi[keep], loc[keep], sim[keep], rank[keep]
-    full = rank == kk - 1
-    tau[qi[full]] = np.maximum(tau[qi[full]], sim[full])
-    return qi, loc, sim
-
-
 def knn_ivf_lists(lists: IvfLists, q: np.ndarray, q_ids: np.ndarray, probes: np.ndarray, k: int,
                   margin: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Top-k of queries among the rows of their probed lists in one :class:`IvfLists` group.
@@ -806,4 +840,6 @@ def knn_ivf_lists(lists: IvfLists, q: np.ndarray, q_ids: np.ndarray, probes: np.
     def search(sel, kk):
         return lists.search(q[sel], probes[sel], kk)
 
-    return certified_topk(search, q, q_ids, lists.rows, lists.ids, k, margin, n_candidates=lists.candidates(probes))
+    tol = _float32_tolerance(q, lists.row_norm_max)
+    return certified_topk(search, q, q_ids, lists.rows, lists.ids, k, margin, n_candidates=lists.candidates(probes),
+                          tol=tol)

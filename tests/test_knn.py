@@ -376,6 +376,11 @@ def test_ivf_stage_recall_and_chunking_invariance(tmp_path, faces, local_client,
         summary = run_knn(store, cfg, client)
         assert summary["mode"] == "ivf" and 1 <= summary["nprobe"] <= 24
         assert summary["edge_recall"] >= 0.95
+        # the smallest nprobe measured to reach the target: every smaller one measured fell short
+        curve = summary["tune_curve"]
+        assert [c["nprobe"] for c in curve] == sorted({c["nprobe"] for c in curve})
+        assert all(c["edge_recall"] < 0.95 for c in curve if c["nprobe"] < summary["nprobe"])
+        assert [c["edge_recall"] for c in curve if c["nprobe"] == summary["nprobe"]] == [summary["edge_recall"]]
         results.append((store.array("knn/index")[...], store.array("knn/sim")[...], summary["nprobe"]))
     (i1, s1, p1), (i2, s2, p2) = results
     assert p1 == p2

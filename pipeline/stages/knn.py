@@ -495,7 +495,10 @@ def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dic
 
 
 def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> dict:
-    """Smallest nprobe (powers of 2) whose recall of above-threshold edges reaches the target.
+    """Smallest nprobe whose recall of above-threshold edges reaches the target: powers of 2 until one
+    does, then bisection between it and the last that did not, to within 1/16 of it (recall never falls
+    as nprobe grows: the probed lists are a query's nearest, nested). At 1M faces the doubling alone chose
+    256 where 128 reached 0.9692 of 0.97, and the search cost follows nprobe.
 
     Exact and IVF top-k lists of a strided query sample are computed with the same
     database groups as the main pass; an "edge" is a (query, neighbour) pair of the
@@ -534,8 +537,8 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
     p = 1
     edges = ex_s >= edge_th
     n_edges = int(edges.sum())
-    while True:
-        p = min(p, probes_np.shape[1])
+
+    def measure(p: int) -> bool:
         ivf = {"trained": trained, "list_path": list_path, "probes": probes_np[:, :p]}
         t1 = time.perf_counter()
         s, i = run(ivf, f"p{p}")
@@ -546,11 +549,25 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
         curve.append({"nprobe": p, "edge_recall": round(rec_edges, 4), "recall_at_k": round(rec_k, 4),
                       "seconds": round(dt, 3)})
         log.info("knn tune: nprobe=%d edge recall %.4f recall@%d %.4f", p, rec_edges, k, rec_k)
-        if rec_edges >= kc.recall_target or p >= probes_np.shape[1]:
+        return rec_edges >= kc.recall_target
+
+    lo = 0  # largest nprobe measured below the target (0: none)
+    while True:
+        p = min(p, probes_np.shape[1])
+        passed = measure(p)
+        if passed or p >= probes_np.shape[1]:
             chosen = p
             break
+        lo = p
         p *= 2
-    best = curve[-1]
+    while passed and chosen - lo > max(1, chosen // 16):
+        mid = (lo + chosen) // 2
+        if measure(mid):
+            chosen = mid
+        else:
+            lo = mid
+    curve.sort(key=lambda c: c["nprobe"])
+    best = next(c for c in curve if c["nprobe"] == chosen)
     return {"nprobe": chosen, "edge_th": round(edge_th, 4), "edge_recall": best["edge_recall"],
             "recall_at_k": best["recall_at_k"], "tune_edges": n_edges, "tune_queries": int(len(q_ids)),
             "tune_exact_seconds": round(t_exact, 3), "tune_curve": curve}
