@@ -133,11 +133,14 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     seg = np.repeat(np.arange(B, dtype=np.int64), sizes)
     big = int(max(members.max(initial=0), knn_idx.max(initial=0))) + 1
     mkey = seg * big + members  # ascending: seg ascending, members sorted inside
-    nkey = seg[:, None] * big + np.maximum(knn_idx, 0)
+    # the n x k passes below write into their own arrays (a score task builds ~65k rows x k at a time)
+    nkey = np.maximum(knn_idx, 0)
+    nkey += (seg * big)[:, None]
     pos = np.searchsorted(mkey, nkey)
-    posc = np.minimum(pos, n - 1)
-    inside = (knn_idx >= 0) & (mkey[posc] == nkey)
+    np.minimum(pos, n - 1, out=pos)  # only the inside entries' positions are read later: those are < n already
     valid = knn_idx >= 0
+    inside = mkey[pos] == nkey
+    inside &= valid
     sim = np.where(valid, np.asarray(knn_sim, dtype=np.float32), np.float32(-1.0))
 
     # per-proposal mean feature (float64 segment sums: order-independent of the batch)
@@ -146,32 +149,36 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     mnorm = mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
     cos_mean = np.einsum("ij,ij->i", feats, mnorm[seg])
 
-    cols = []
-    if spec["x"] == "mean":
-        cols.append(feats - mean[seg])
-    elif spec["x"] == "raw":
-        cols.append(feats)
-    elif spec["x"] != "none":
+    if spec["x"] not in ("mean", "raw", "none"):
         raise ValueError(f"input spec x must be 'mean', 'raw' or 'none', got {spec['x']!r}")
     runs = _outside_runs(nkey, valid & ~inside, big, min(10, k), B) if spec["outside"] else None
+    del nkey
     weighted, s_in, n_in = _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, runs, spec)
-    cols += weighted
     extra = []
     if spec.get("weights") == "both":
         if knn_cos is None:
             raise ValueError("input spec weights 'both' needs the cosine rows (knn_cos)")
         cos = np.where(valid, np.asarray(knn_cos, dtype=np.float32), np.float32(-1.0))
         extra = _weighted_inputs(cos, knn_idx, inside, valid, seg, sizes, cos_mean, runs, spec)[0]
-    x = np.concatenate([c.astype(np.float32) for c in cols], axis=1) if cols else np.zeros((n, 0), np.float32)
 
     # adjacency: inside kNN pairs, both directions, weight max(cos, 0); duplicates -> max
     r, c = np.nonzero(inside)
     rows, colsx, ws, conn = _inside_adjacency(r, pos[r, c], np.maximum(sim[r, c], 0.0).astype(np.float32), sizes,
                                               starts, seg, spec["connectivity"])
-    if spec["connectivity"]:
-        x = np.concatenate([x, conn[seg]], axis=1)
-    if extra:
-        x = np.concatenate([x] + [c.astype(np.float32) for c in extra], axis=1)
+    # node inputs, column blocks in this order: feature (x), weighted inputs, connectivity, the cosine's
+    # weighted inputs ("both"); written into one float32 array (was a concatenation per block)
+    blocks = ([feats] if spec["x"] != "none" else []) + weighted + ([conn] if spec["connectivity"] else []) + extra
+    x = np.empty((n, sum(b.shape[1] for b in blocks)), np.float32)
+    at = 0
+    for b in blocks:
+        w = b.shape[1]
+        if b is conn:
+            x[:, at:at + w] = conn[seg]
+        elif b is feats and spec["x"] == "mean":
+            np.subtract(feats, mean[seg], out=x[:, at:at + w])
+        else:
+            x[:, at:at + w] = b  # float64 columns rounded to float32, as astype did
+        at += w
     deg = np.bincount(rows, weights=ws, minlength=n)
     ws = (ws / deg[rows]).astype(np.float32)
 
@@ -343,7 +350,7 @@ def _inside_adjacency(r, col, w, sizes, starts, seg, connectivity: bool, cells: 
             with threadpool_limits(1, user_api="blas"):
                 _block_connectivity(block, boff, sizes[a:b], conn[a:b])
         a = b
-    cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+    cat = (lambda parts, dt: (parts[0] if len(parts) == 1 else np.concatenate(parts)) if parts else np.zeros(0, dt))
     return cat(out_r, np.int64), cat(out_c, np.int64), cat(out_w, np.float32), conn.astype(np.float32)
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from dask_procs import free_port, stop_process_group
-from facecluster.pipeline.cluster import ClusterError, check_workers, connect, detect_openblas_coretype, make_jobqueue_cluster
+from facecluster.pipeline.cluster import MALLOC_ENV, ClusterError, check_workers, connect, detect_openblas_coretype, make_jobqueue_cluster
 from facecluster.pipeline.commands._common import build_config
 from facecluster.pipeline.config import Config, DaskConfig
 from facecluster.pipeline.errors import BadInput
@@ -32,7 +32,7 @@ def _env(**extra) -> dict:
     """The test's environment for recipe scripts, without values the scripts must set themselves."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("OPENBLAS_CORETYPE", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
-                        "DASK_SCHEDULER_ADDRESS", "THREADS_PER_WORKER")}
+                        "DASK_SCHEDULER_ADDRESS", "THREADS_PER_WORKER", *MALLOC_ENV)}
     env["PATH"] = os.pathsep.join([VENV_BIN, env.get("PATH", "")])
     env.update(extra)
     return env
@@ -154,6 +154,7 @@ def test_worker_env_script():
     env = run()
     assert env.get("OPENBLAS_CORETYPE") == detect_openblas_coretype()
     assert env["OMP_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "1"
+    assert {k: env[k] for k in MALLOC_ENV} == MALLOC_ENV  # what the package gives the workers it starts
     env = run(OPENBLAS_CORETYPE="Zen", THREADS_PER_WORKER="2")
     assert env["OPENBLAS_CORETYPE"] == "Zen" and env["OMP_NUM_THREADS"] == "2"
 

@@ -12,6 +12,11 @@
 #   faiss: OpenMP threads spin). Tasks size faiss/torch threads to the worker's
 #   --nthreads; these variables stop BLAS/OpenMP from starting one thread per core
 #   in every process on top of that.
+# * glibc malloc: Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which
+#   also pins the mmap threshold at 128 KiB: every array over 128 KiB is then a fresh
+#   mmap whose pages fault in on first touch. Raised here, with one arena for all
+#   threads, as the package does for the workers it starts (pipeline.cluster.MALLOC_ENV);
+#   exported values are kept.
 : "${THREADS_PER_WORKER:=1}"
 if [[ -z "${OPENBLAS_CORETYPE:-}" ]]; then
     _fc_core=$("${PYTHON:-python}" -c 'from facecluster.pipeline.cluster import detect_openblas_coretype as d; print(d() or "")' 2>/dev/null || true)
@@ -21,3 +26,5 @@ if [[ -z "${OPENBLAS_CORETYPE:-}" ]]; then
     unset _fc_core
 fi
 export OMP_NUM_THREADS="$THREADS_PER_WORKER" OPENBLAS_NUM_THREADS="$THREADS_PER_WORKER" MKL_NUM_THREADS="$THREADS_PER_WORKER"
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-1073741824}" MALLOC_TRIM_THRESHOLD_="${MALLOC_TRIM_THRESHOLD_:-268435456}" \
+    MALLOC_ARENA_MAX="${MALLOC_ARENA_MAX:-1}"

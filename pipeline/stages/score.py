@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import uuid
 
 import numpy as np
@@ -119,6 +120,7 @@ def score_task(url: str, model_dir: str, digest: str, blocks: list[int], iop_ran
 
     from ..cluster import worker_threads
 
+    t0 = time.process_time()
     blocks = [int(x) for x in blocks]
     p0, p1 = blocks[0], blocks[-1]
     torch.set_num_threads(worker_threads())
@@ -146,7 +148,8 @@ def score_task(url: str, model_dir: str, digest: str, blocks: list[int], iop_ran
         del parts, batch
     cat = (lambda key, dt: np.concatenate([o[key] for o in outs]) if outs else np.zeros(0, dt))
     return {"p0": p0, "iou": cat("iou", np.float32), "iop": cat("iop", np.float32),
-            "segmented": cat("segmented", bool), "keep": cat("keep", bool)}
+            "segmented": cat("segmented", bool), "keep": cat("keep", bool), "members": int(off[-1]),
+            "cpu_seconds": time.process_time() - t0}
 
 
 def row_batches(offsets: np.ndarray, max_rows: int) -> list[tuple[int, int]]:
@@ -238,8 +241,6 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         futs = [client.submit(score_task, store.url, model_dir, digest, blocks[(blocks >= a) & (blocks <= b)].tolist(),
                               iop_range, keep_prob, g.segment, BUILD_ROWS, key=f"score-{a}-{token}")
                 for a, b in zip(bounds[:-1], bounds[1:])]
-        import time
-
         t0 = time.perf_counter()
         res = wait_futures(futs, "score")
         seconds = time.perf_counter() - t0
@@ -254,6 +255,9 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         w.write_array("score/keep", keep)
         summary = {"n_proposals": int(n_prop), "tasks": len(futs),
                    "proposals_per_task": int(np.max(np.diff(bounds), initial=0)),
+                   # per task, in task order: where the stage's time goes when one worker idles at the end
+                   "task_members": [int(r["members"]) for r in res],
+                   "task_cpu_seconds": [round(float(r["cpu_seconds"]), 2) for r in res],
                    "seconds": round(seconds, 3),
                    "proposals_per_s": round(n_prop / max(seconds, 1e-9), 1),
                    "proposals_per_s_per_worker": round(n_prop / max(seconds, 1e-9) / n_workers, 1),
