@@ -56,17 +56,18 @@ from .errors import BadInput
 log = logging.getLogger(__name__)
 
 THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
-# glibc malloc for worker processes: arrays up to 1 GiB come from the heap, up to 256 MiB of freed
-# heap top stays mapped, and one arena serves every thread (a task runs in a worker thread, whose own
-# arena's heaps are at most 64 MiB: two live 40 MB arrays already overflow one), so a task's
-# temporaries reuse pages instead of mmap + page faults + munmap per array. Dask's own default,
-# MALLOC_TRIM_THRESHOLD_=65536, pins the mmap threshold at 128 KiB. Measured: minor faults per 40 MB
-# array freed and allocated again in a thread, 313 -> 0; `bench cluster --n 100000`, two runs each,
-# 124.0 / 116.5 s -> 85.6 / 92.1 s in all (edges 2.2x, score 1.8x; system CPU time of the run
-# 99 / 90 s -> 42 / 37 s), peak RSS per worker 1.48 -> 1.39 GB. Set whatever the environment holds (a
-# nanny started in the driver's process leaves Dask's value in os.environ). Other C libraries ignore
-# these variables.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 28), "MALLOC_ARENA_MAX": "1"}
+# glibc malloc for worker processes: arrays up to 64 MiB come from the heap, up to 64 MiB of freed heap
+# top stays mapped, and one arena serves every thread (a task runs in a worker thread, whose own arena's
+# heaps are at most 64 MiB: two live 40 MB arrays already overflow one), so a task's temporaries reuse
+# pages instead of mmap + page faults + munmap per array. Dask's own default, MALLOC_TRIM_THRESHOLD_=65536,
+# pins the mmap threshold at 128 KiB. Measured: minor faults per 24 MB array freed and allocated again in
+# a thread, 750 -> 0; `bench cluster --n 100000` 124.0 / 116.5 s -> 87.8 s in all (edges 2.2x, score
+# 1.9x with the lambda_2 change), peak RSS per worker 1.48 -> 1.36 GB. 1 GiB / 256 MiB thresholds ran as
+# fast but held freed memory at 1M faces: peak RSS per worker 5.3 GB against 4.0 GB (proposals); at
+# 64 MiB the 1M proposals stage peaked at 4,192 MiB against 4,179 under Dask's default, 270 s against
+# 294 s. Set whatever the environment holds (a nanny started in the driver's process leaves Dask's value
+# in os.environ). Other C libraries ignore these variables.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 26), "MALLOC_TRIM_THRESHOLD_": str(1 << 26), "MALLOC_ARENA_MAX": "1"}
 # What a worker must be able to import to run facecluster tasks (module, pip name).
 REQUIRED_ON_WORKERS = (("facecluster.tasks", "facecluster"), ("facecluster.pipeline", "facecluster"), ("faiss", "faiss-cpu"),
                        ("torch", "torch"), ("zarr", "zarr"))

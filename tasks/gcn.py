@@ -354,7 +354,13 @@ def _inside_adjacency(r, col, w, sizes, starts, seg, connectivity: bool, cells: 
     return cat(out_r, np.int64), cat(out_c, np.int64), cat(out_w, np.float32), conn.astype(np.float32)
 
 
-SPARSE_LAMBDA2_MIN = 256  # proposals of at least this many faces get lambda_2 from Lanczos, not a full eigvalsh
+# proposals of at least this many faces get lambda_2 from Lanczos, not a full eigvalsh. Measured on the 1M
+# built-in run's proposals (one thread): eigvalsh 0.32 s for 40 of 300-525 faces against Lanczos' 52.7 s,
+# 0.02-0.06 s for 702-1,029 faces against 12-40 s (where lambda_2 is near 0, as for two identities
+# joined, ARPACK does not converge and the full solver answered anyway); it was 256, and the last score
+# task at 1M spent 67 of its 91 CPU-s there.
+SPARSE_LAMBDA2_MIN = 4096
+LANCZOS_MAXITER = 1000  # restarts before the full solver answers (a near-zero lambda_2 never converged)
 
 
 def _block_connectivity(block, boff, sizes, out) -> None:
@@ -396,7 +402,8 @@ def _lambda2_lanczos(na: np.ndarray) -> float:
         # a seeded random start: a symmetric one (all ones) never sees an antisymmetric eigenvector (a chain's
         # lambda_2), and the same seed every call keeps the result a function of the proposal
         v0 = np.random.default_rng(m).standard_normal(m)
-        mu = eigsh(csr_matrix(na), k=2, which="LA", v0=v0, tol=0, ncv=min(m - 1, 40), return_eigenvectors=False)
+        mu = eigsh(csr_matrix(na), k=2, which="LA", v0=v0, tol=0, ncv=min(m - 1, 40), maxiter=LANCZOS_MAXITER,
+                   return_eigenvectors=False)
         return float(1.0 - mu.min())
     except ArpackNoConvergence:
         return float(np.linalg.eigvalsh(np.eye(m) - na)[1])

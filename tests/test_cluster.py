@@ -257,7 +257,7 @@ def test_local_cluster_default_size_and_dashboard(capsys):
     assert "LocalCluster, 1 workers, dashboard http" in err
 
 
-# Minor page faults per 40 MB array allocated, filled and freed in the process that runs it. Source text, so
+# Minor page faults per 24 MB array allocated, filled and freed in the process that runs it. Source text, so
 # that the LocalCluster worker and a plain subprocess run the same code (defined under a module name that
 # is not importable, cloudpickle ships the function by value).
 FAULT_PROBE = """
@@ -266,7 +266,7 @@ def fault_probe(rounds=20):
     import numpy as np
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(rounds):
-        a = np.ones(5_000_000)
+        a = np.ones(3_000_000)  # two live at once: 48 MB, under MALLOC_ENV's thresholds
         b = a + 1.0
         del a, b
     return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / (2 * rounds)
@@ -282,7 +282,7 @@ def _fault_probe():
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc environment variables")
 def test_local_cluster_workers_reuse_freed_arrays():
     """Workers start with MALLOC_ENV (Dask's nanny default pins glibc's mmap threshold at 128 KiB): a freed
-    40 MB temporary is reused, not unmapped and faulted in again page by page."""
+    24 MB temporary is reused, not unmapped and faulted in again page by page."""
     env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "65536"}  # what Dask's nanny gives a worker
     env.pop("MALLOC_MMAP_THRESHOLD_", None)
     code = FAULT_PROBE + "\nprint(fault_probe())"

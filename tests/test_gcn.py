@@ -186,9 +186,11 @@ def test_connectivity_of_known_graphs():
 def test_lambda2_of_large_proposals_matches_the_full_eigensolver(shape):
     """Proposals of SPARSE_LAMBDA2_MIN faces and more take lambda_2 from Lanczos: equal to the full eigvalsh's
     value after the float32 rounding of the inputs, on kNN-like graphs that hang together well, by one weak
-    bridge, not at all (lambda_2 = 0), and as a long chain (a tiny lambda_2)."""
+    bridge, not at all (lambda_2 = 0), and as a long chain (a tiny lambda_2). Where ARPACK does not converge
+    within LANCZOS_MAXITER restarts the full solver answers, so the check holds either way. (300 faces: the
+    same function as at SPARSE_LAMBDA2_MIN, without a 4,096-face dense reference.)"""
     rng = np.random.default_rng(7)
-    m = gcn.SPARSE_LAMBDA2_MIN + 44
+    m = 300
     half = m // 2
     pairs = []
     for a in range(m):
