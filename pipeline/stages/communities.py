@@ -18,6 +18,9 @@ A problem of ``CHILD_LINKS`` links or more runs in a child process of the worker
 (:mod:`facecluster.tasks.infomap_child`): Infomap holds the GIL for its whole run, and a
 worker whose event loop is silent for longer than the scheduler's ``worker-ttl`` is removed
 (at 1M planted faces the giant component's task was lost every 600 s that way).
+A model may weigh Infomap's links by the cosine read on the run's own similarity scale
+(``flow`` in its edges table, chosen in training; the scale is the edges stage's) while P still
+decides which edges are kept: above a high floor P is near 1 on most kept edges.
 The machinery (:func:`infomap_components`) takes any weight array shaped like
 ``knn/index``: ``--method infomap`` runs it on the cosine ``knn/sim`` too.
 
@@ -38,6 +41,7 @@ from facecluster.tasks.components import canonical_labels, components
 from facecluster.tasks.peers import same_cut
 
 from ..config import Config
+from ..errors import BadInput
 from ..forest import spanning_forest
 from ..model_files import edge_meta, model_digest
 from ..progress import wait_futures
@@ -52,17 +56,23 @@ INFOMAP_SEED = 42
 
 
 def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floor: float,
-                   weights: str = "edges/prob", joint: bool = False) -> np.ndarray:
+                   weights: str = "edges/prob", joint: bool = False, flow: dict | None = None) -> np.ndarray:
     """Worker task: Infomap modules of whole components, numbered within each (``joint``: one Infomap run over
     them all). The components' nodes (ascending) and their component ids are entries ``[a, b)`` of the
-    stage's scratch arrays ``nodes_path`` and ``comp_path``."""
-    from facecluster.tasks.peers import infomap_by_component
+    stage's scratch arrays ``nodes_path`` and ``comp_path``. ``flow`` (``sharpness``, ``top1``, ``last``):
+    the kept edges weigh :func:`facecluster.tasks.peers.flow_weights` of their cosines, not ``weights``."""
+    from facecluster.tasks.peers import flow_weights, infomap_by_component
 
     nodes = open_array(url, nodes_path)[a:b]
     comp = open_array(url, comp_path)[a:b]
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
-    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint)
+    fw = None
+    if flow is not None:
+        sim = open_array(url, "knn/sim").get_orthogonal_selection((nodes, slice(None)))
+        fw = flow_weights(sim, flow["top1"], flow["last"], flow["sharpness"])
+        del sim
+    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint, flow=fw)
 
 
 def floor_components(n: int, forest, floor: float) -> np.ndarray:
@@ -90,7 +100,8 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
 
 
 def infomap_components(client, writer: StageWriter, n: int, forest, floors: list[float], weights: str, name: str,
-                       budget: int | None = None, joint: bool = False) -> list[tuple[np.ndarray, dict]]:
+                       budget: int | None = None, joint: bool = False,
+                       flow: dict | None = None) -> list[tuple[np.ndarray, dict]]:
     """Infomap on the kNN graph weighted by array ``weights`` at each of ``floors``, one Dask task per group of components.
 
     Parameters
@@ -113,6 +124,9 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     joint : one Infomap run per task over all its components (their modules split by component
         afterwards), closer to a whole-graph run (:func:`facecluster.tasks.peers.infomap_by_component`);
         the result then depends on the packing: give a fixed ``budget``, not the worker-dependent default.
+    flow : Infomap's link weights from the cosines (``sharpness``, ``top1``, ``last`` of
+        :func:`facecluster.tasks.peers.flow_weights`) instead of ``weights``, which still decides which edges
+        are kept; None: ``weights`` themselves.
 
     Returns
     -------
@@ -144,7 +158,7 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
             nodes_path = writer.scratch_array(f"{name}-nodes-{f_i}", grouped)
             comp_path = writer.scratch_array(f"{name}-comp-{f_i}", comp[grouped])
             futs = [client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), floor,
-                                  weights, joint, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
+                                  weights, joint, flow, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
                     for g_i, (nodes, b) in enumerate(zip(node_sets, ends))]
         plans.append((floor, comp, sizes, groups, futs, node_sets))
     results = []
@@ -178,11 +192,20 @@ def community_floors(model_floor: float) -> list[float]:
 def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
     """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
     store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
-    floors = community_floors(edge_meta(model_dir)["floor"])
+    meta = edge_meta(model_dir)
+    floors = community_floors(meta["floor"])
     index = store.array("knn/index")
     n, _ = index.shape
     r = int(index.chunks[0])
     params = {"floors": floors, "seed": INFOMAP_SEED, "model_digest": model_digest(model_dir)}
+    flow = None
+    if meta.get("flow") is not None:  # models since 0.7 may weigh Infomap's links by the cosine on the run's scale
+        scale = (store.record("edges") or {}).get("summary", {}).get("scale")
+        if not scale:
+            raise BadInput(f"{store.url}: its edges stage recorded no similarity scale (a run scored before 0.7); "
+                           f"re-score it: `facecluster cluster {store.url} --model {model_dir} --force`")
+        flow = {"sharpness": float(meta["flow"]), "top1": float(scale["top1"]), "last": float(scale["last"])}
+        params["flow"] = flow
     with store.stage(STAGE, params, inputs=["edges"], extra={"model": os.path.abspath(model_dir)}, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
@@ -191,10 +214,10 @@ def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force:
         out = w.create_array("communities/labels", (n, len(floors)), (r, len(floors)), np.int64)
         per_floor = []
         for f_i, (labels, stats) in enumerate(infomap_components(client, w, n, forest, floors, "edges/prob",
-                                                                 "communities")):
+                                                                 "communities", flow=flow)):
             out[:, f_i] = labels
             per_floor.append(stats)
-        summary = {"n": int(n), "floors": floors, "floor": floors[0], "per_floor": per_floor,
+        summary = {"n": int(n), "floors": floors, "floor": floors[0], "per_floor": per_floor, "flow": flow,
                    **{k: per_floor[0][k] for k in ("communities", "singletons", "largest_component", "largest_community")}}
         w.summary.update(summary)
         return summary
