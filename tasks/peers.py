@@ -175,7 +175,7 @@ def flow_weights(sim: np.ndarray, top1: float, last: float, sharpness: float) ->
 
 def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,
                          floor: float, seed: int = 42, joint: bool = False,
-                         flow: np.ndarray | None = None) -> np.ndarray:
+                         flow: tuple | None = None) -> np.ndarray:
     """Infomap run separately on each connected component of a group of whole components (or on the group at once).
 
     Parameters
@@ -186,8 +186,9 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
         ``weight >= floor`` are used (at the floor the components are closed: every
         such edge joins two nodes of one component).
     seed : Infomap's seed, the same for every component.
-    flow : (n, k) link weights of the kept edges (:func:`flow_weights`); None: ``weight`` itself. ``weight``
-        still decides which edges are kept.
+    flow : ``(sim, top1, last, sharpness)``: the kept edges weigh :func:`flow_weights` of their cosines
+        (``sim``, (n, k)), computed for those edges only (a giant component's task would hold another
+        n x k float64 array); None: ``weight`` itself. ``weight`` still decides which edges are kept.
     joint : one Infomap run over the whole group (its modules split by component
         afterwards by the caller) instead of one per component. The two-level map
         equation is not additive over components: its index codebook is shared by every
@@ -213,7 +214,7 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     keep = (index >= 0) & (weight >= same_cut(weight.dtype, floor))
     src = np.nonzero(keep)[0]
     dst = np.asarray(index[keep], np.int64)
-    w = np.asarray((weight if flow is None else flow)[keep], np.float64)
+    w = np.asarray(weight[keep], np.float64) if flow is None else flow_weights(np.asarray(flow[0])[keep], *flow[1:])
     del keep
     pos = np.searchsorted(nodes, dst)
     inside = (pos < n) & (nodes[np.minimum(pos, n - 1)] == dst)

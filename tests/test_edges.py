@@ -379,7 +379,7 @@ def test_flow_model_communities_equal_the_kernel_for_any_chunks_and_workers(trai
     equals Infomap per component on the whole run in memory with those weights, for 2 workers / 500-row chunks
     and 1 worker / 1,300-row chunks; P-weighted communities differ (the weights are used)."""
     from facecluster.tasks.components import canonical_labels, components
-    from facecluster.tasks.peers import flow_weights, infomap_by_component, knn_edge_list
+    from facecluster.tasks.peers import flow_weights, infomap_by_component, infomap_clusters, knn_edge_list
 
     d, _ = _model_variant(trained, tmp_path / "flow", flow=4.0, floor=0.5)
     a, b = _cluster_twice(trained, d, "flow", local_client, single_worker_client)
@@ -395,11 +395,20 @@ def test_flow_model_communities_equal_the_kernel_for_any_chunks_and_workers(trai
     n = len(idx)
     for col, floor in enumerate(rec["summary"]["floors"]):
         comp = components(n, *knn_edge_list(idx, prob, floor)[:2])
-        mod = infomap_by_component(np.arange(n), comp, idx, prob, floor, flow=fw)
+        # the oracle: Infomap per component on the whole run's kept edges, weighted from the whole weight array
+        src, dst, wts = knn_edge_list(idx, prob, floor, fw)
+        mod = np.zeros(n, np.int64)
+        for c in np.unique(comp):
+            members = np.flatnonzero(comp == c)
+            if len(members) < 2:
+                continue
+            inside = np.isin(src, members)
+            mod[members] = infomap_clusters(len(members), np.searchsorted(members, src[inside]),
+                                            np.searchsorted(members, dst[inside]), wts[inside])
         np.testing.assert_array_equal(got[:, col], canonical_labels(comp * (mod.max() + 1) + mod), err_msg=str(floor))
-        plain = infomap_by_component(np.arange(n), comp, idx, prob, floor)
-        if col == 0:
-            assert not np.array_equal(mod, plain)  # at 0.5 the cosine weights split otherwise than P does
+        if col == 0:  # at 0.5 the cosine weights split otherwise than P does
+            plain = infomap_by_component(np.arange(n), comp, idx, prob, floor)
+            assert not np.array_equal(canonical_labels(comp * (plain.max() + 1) + plain), got[:, col])
 
 
 def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_client, single_worker_client):

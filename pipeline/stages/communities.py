@@ -61,18 +61,16 @@ def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, fl
     them all). The components' nodes (ascending) and their component ids are entries ``[a, b)`` of the
     stage's scratch arrays ``nodes_path`` and ``comp_path``. ``flow`` (``sharpness``, ``top1``, ``last``):
     the kept edges weigh :func:`facecluster.tasks.peers.flow_weights` of their cosines, not ``weights``."""
-    from facecluster.tasks.peers import flow_weights, infomap_by_component
+    from facecluster.tasks.peers import infomap_by_component
 
     nodes = open_array(url, nodes_path)[a:b]
     comp = open_array(url, comp_path)[a:b]
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
-    fw = None
     if flow is not None:
         sim = open_array(url, "knn/sim").get_orthogonal_selection((nodes, slice(None)))
-        fw = flow_weights(sim, flow["top1"], flow["last"], flow["sharpness"])
-        del sim
-    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint, flow=fw)
+        flow = (sim, flow["top1"], flow["last"], flow["sharpness"])
+    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint, flow=flow)
 
 
 def floor_components(n: int, forest, floor: float) -> np.ndarray:
