@@ -376,8 +376,9 @@ def test_flow_model_communities_equal_the_kernel_for_any_chunks_and_workers(trai
                                                                            single_worker_client, tmp_path):
     """A model whose Infomap weights are the scaled cosine (``flow`` in its edges table): the communities stage
     (tasks per group of components, weights from each task's own knn/sim rows and the run's recorded scale)
-    equals Infomap per component on the whole run in memory with those weights, for 2 workers / 500-row chunks
+    equals one Infomap run over the components (a joint batch) in memory with those weights, for 2 workers / 500-row chunks
     and 1 worker / 1,300-row chunks; P-weighted communities differ (the weights are used)."""
+    from facecluster.pipeline.stages.communities import BATCH_NODES
     from facecluster.tasks.components import canonical_labels, components
     from facecluster.tasks.peers import flow_weights, infomap_by_component, infomap_clusters, knn_edge_list
 
@@ -393,18 +394,16 @@ def test_flow_model_communities_equal_the_kernel_for_any_chunks_and_workers(trai
     idx, sim, prob = a.array("knn/index")[:], a.array("knn/sim")[:], a.array("edges/prob")[:]
     fw = flow_weights(sim, scale["top1"], scale["last"], 4.0)
     n = len(idx)
+    assert n < BATCH_NODES and rec["params"]["batch_nodes"] == BATCH_NODES
     for col, floor in enumerate(rec["summary"]["floors"]):
         comp = components(n, *knn_edge_list(idx, prob, floor)[:2])
-        # the oracle: Infomap per component on the whole run's kept edges, weighted from the whole weight array
+        # the oracle: one Infomap run over every face with a kept edge (the run is smaller than one batch),
+        # weighted from the whole weight array, split by component
         src, dst, wts = knn_edge_list(idx, prob, floor, fw)
+        members = np.flatnonzero(np.bincount(comp)[comp] >= 2)
         mod = np.zeros(n, np.int64)
-        for c in np.unique(comp):
-            members = np.flatnonzero(comp == c)
-            if len(members) < 2:
-                continue
-            inside = np.isin(src, members)
-            mod[members] = infomap_clusters(len(members), np.searchsorted(members, src[inside]),
-                                            np.searchsorted(members, dst[inside]), wts[inside])
+        if len(members):
+            mod[members] = infomap_clusters(len(members), np.searchsorted(members, src), np.searchsorted(members, dst), wts)
         np.testing.assert_array_equal(got[:, col], canonical_labels(comp * (mod.max() + 1) + mod), err_msg=str(floor))
         if col == 0:  # at 0.5 the cosine weights split otherwise than P does
             plain = infomap_by_component(np.arange(n), comp, idx, prob, floor)
