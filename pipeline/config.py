@@ -239,7 +239,6 @@ class EdgesConfig(_Section):
     batch_size: int = opt(4096, _int(1), "edges per training step")
     balance: str = opt("auto", _choice("auto", "face", "none"), "edge scorer loss weights: face = every face's same-identity edges weigh alike in total, whatever its identity's size (what BCubed F counts); none = every edge once; auto = the one whose out-of-fold communities score higher")
     communities: bool = opt(True, _bool(), "add Infomap communities of the learned-affinity graph to the proposals")
-    flow: str = opt("auto", _choice("auto", "prob"), "Infomap's link weights on the learned-affinity graph: prob = P itself; auto = P or the cosine read on the run's own similarity scale at a sharpness, whichever out-of-fold communities score higher (P still decides which edges are kept)")
     merge: bool = opt(True, _bool(), "merge the model's communities by the learned affinity between them (level chosen in training; used where the model's output is its communities)")
     attach: bool = opt(True, _bool(), "attach faces no proposal claims to their most probable neighbour's cluster (level chosen in training)")
 

@@ -260,8 +260,8 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     """
     import torch
 
-    from facecluster.tasks.edges import (FLOW_GRID, INPUT_NAMES, calibration, choose_flow, choose_levels,
-                                         face_balanced_weights, fit_edge_scorer, predict_edges, roc_auc, run_edge_inputs)
+    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_levels, face_balanced_weights,
+                                         fit_edge_scorer, predict_edges, roc_auc, run_edge_inputs)
 
     echo = echo or log.info
     e, g = cfg.edges, cfg.gcn
@@ -312,9 +312,6 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     balance = max(tried, key=lambda b: tried[b][1]["score"])  # "none" first: a tie keeps the plain loss
     oof, levels = tried[balance]
     weight = weights[balance]
-    # Infomap's link weights on the chosen scorer's graph, chosen like the floor (P itself is the first candidate)
-    levels = choose_flow(index, oof, sim, stats, labels, np.arange(n), grid=FLOW_GRID if e.flow == "auto" else (None,),
-                         known=levels)
 
     tr_faces, va_faces = identity_split(labels, g.val_fraction, g.seed)
     tr, va = edges_of(tr_faces), edges_of(va_faces)
@@ -323,7 +320,6 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
     pv = predict_edges(model, flat[va]) if len(va) else np.zeros(0, np.float32)
     po = oof.reshape(-1)[ok.nonzero()[0]]
     table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "balance": balance, "floor": levels["floor"],
-             **({"flow": levels["flow"]} if levels["flow"] is not None else {}),
              "merge": levels["merge"] if e.merge else None, "attach": levels["attach"] if e.attach else None,
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_auc_cosine": roc_auc(sim.reshape(-1)[va], same[va]) if len(va) else None,
@@ -331,14 +327,12 @@ def train_edge_scorer(store: RunStore, out_dir: str | os.PathLike, cfg: Config, 
                          "out_of_fold_auc": roc_auc(po, same[ok]), "out_of_fold_calibration": calibration(po, same[ok]),
                          "train_edges": int(len(tr)), "val_edges": int(len(va)), "history": history,
                          "levels": levels, "balance_scores": {b: tried[b][1]["score"] for b in tried},
-                         "flow_curve": levels["flow_curve"],
                          "seconds": round(time.perf_counter() - t0, 2)},
              "train_scale": stats.to_dict()}
     save_edge_scorer(out_dir, model)
     echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f} (cosine {table['metrics']['val_auc_cosine']:.4f}), "
          f"out-of-fold {table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, merge level "
-         f"{table['merge']}, attach level {table['attach']}, loss balance {balance}, Infomap weights "
-         f"{'P' if levels['flow'] is None else 'scaled cosine, sharpness %g' % levels['flow']} (chosen on out-of-fold probabilities)")
+         f"{table['merge']}, attach level {table['attach']}, loss balance {balance} (chosen on out-of-fold probabilities)")
     return table, oof
 
 
@@ -353,20 +347,12 @@ def size_stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.nda
 
 
 def write_training_edges(store: RunStore, prob: np.ndarray, model_dir: str | os.PathLike) -> None:
-    """The training run's stage "edges" from out-of-fold probabilities (see :func:`train_edge_scorer`), with the
-    run's similarity scale (``top1``, ``last``: read off the same row sample as the edges stage and
-    :func:`facecluster.tasks.edges.run_edge_inputs`) in its summary, as the edges stage records it."""
-    from facecluster.tasks.edges import sample_rows, sim_stats
-
+    """The training run's stage "edges" from out-of-fold probabilities (see :func:`train_edge_scorer`)."""
     index = store.array("knn/index")
-    rows = sample_rows(index.shape[0])
-    stats = sim_stats(index.get_orthogonal_selection((rows, slice(None))),
-                      store.array("knn/sim").get_orthogonal_selection((rows, slice(None))))
     params = {"out_of_fold": True, "folds": EDGE_FOLDS, "model_digest": model_digest(model_dir)}
     with store.stage("edges", params, inputs=["knn"], force=True) as w:
         w.create_array("edges/prob", index.shape, index.chunks, np.float32, fill_value=0.0)[...] = prob
-        w.summary.update({"n": int(index.shape[0]), "k": int(index.shape[1]), "out_of_fold": True,
-                          "scale": {"top1": stats.top1, "last": stats.last}})
+        w.summary.update({"n": int(index.shape[0]), "k": int(index.shape[1]), "out_of_fold": True})
 
 
 def fit_gcn_models(data: dict, cfg: Config, echo, source: str = "the run") -> dict:

@@ -37,7 +37,7 @@ from .components import components, knn_edges
 from .baselines import listed_edges, prob_level_min_sim, valid_sims
 from .merge import MERGE_GRID, MERGE_WORST_LOSS, merge_by_affinity
 from .metrics import bcubed_f, pairwise_f
-from .peers import flow_weights, infomap_clusters, knn_edge_list
+from .peers import infomap_clusters, knn_edge_list
 from .thresholds import TooFewSimilarities, auto_threshold
 
 QUANTILE_GRID = np.linspace(0.0, 1.0, 201)
@@ -408,8 +408,7 @@ def attach(labels: np.ndarray, unclaimed: np.ndarray, target: np.ndarray, p: np.
 
 
 def choose_levels(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, faces: np.ndarray,
-                  floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, merge_grid=MERGE_GRID,
-                  flow: np.ndarray | None = None) -> dict:
+                  floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, merge_grid=MERGE_GRID) -> dict:
     """The communities floor, the merge level and the attach level with the best pairwise + BCubed F on ``faces``.
 
     Infomap runs on the whole run's graph of edges with P >= floor, and F is measured
@@ -419,41 +418,9 @@ def choose_levels(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, faces
     pairwise F 0.99 from floor 0.3 to 0.95) and the lowest floors won, while on the
     test half the best floor was ~0.9; the other identities' faces are the distractors
     a real run has. Faces left alone are then attached to their most probable claimed
-    neighbour at each candidate level (``None``: never attach). ``flow``: Infomap's link weights (None: P).
+    neighbour at each candidate level (``None``: never attach).
     """
-    return choose_levels_over([(index, prob, labels, faces)], floor_grid, attach_grid, merge_grid, flows=[flow])
-
-
-#: Candidate sharpness of Infomap's link weights on the learned-affinity graph (:func:`choose_flow`): None is
-#: P itself, a number s the cosine read on the data's scale, ``exp(s * scaled cosine)``
-#: (:func:`facecluster.tasks.peers.flow_weights`). Doubling steps, the largest past where the out-of-fold
-#: score turned down on every labelled set we measured.
-FLOW_GRID = (None, 1.0, 2.0, 4.0, 8.0)
-
-
-def choose_flow(index: np.ndarray, prob: np.ndarray, sim: np.ndarray, stats: SimStats, labels: np.ndarray,
-                faces: np.ndarray, grid=FLOW_GRID, known: dict | None = None) -> dict:
-    """Infomap's link weights on the learned-affinity graph, with the floor, merge and attach levels that go
-    with them: for each candidate of ``grid`` the levels of :func:`choose_levels` (``known``: its result for
-    None, already computed), and the candidate with the best pairwise + BCubed F (a tie keeps the earlier,
-    None first). Returns those levels with ``flow`` (the sharpness, None for P) and ``flow_curve``.
-
-    Why: above its floor, P is near 1 on most kept edges, so as link weights it hardly tells Infomap which
-    faces are closest; weights from the cosine do. Measured out of fold on LFW x SFace and LFW x dlib
-    (whole-graph Infomap at each floor): sharpness 4 scored highest on both, and on their test halves it lifted
-    pairwise F at the chosen floor by 0.003-0.007; past 8 it fell on both. Chosen here, per labelled set.
-    """
-    curve, best = [], None
-    for c in grid:
-        if c is None and known is not None:
-            levels = known
-        else:
-            fw = None if c is None else flow_weights(sim, stats.top1, stats.last, c)
-            levels = choose_levels(index, prob, labels, faces, flow=fw)
-        curve.append({"sharpness": c, "score": levels["score"], "floor": levels["floor"]})
-        if best is None or levels["score"] > best[1]["score"] + 1e-9:
-            best = (c, levels)
-    return {**best[1], "flow": best[0], "flow_curve": curve}
+    return choose_levels_over([(index, prob, labels, faces)], floor_grid, attach_grid, merge_grid)
 
 
 def components_at(index: np.ndarray, prob: np.ndarray, level: float) -> np.ndarray:
@@ -542,8 +509,7 @@ def choose_infomap_level_over(runs, grid=INFOMAP_LEVEL_GRID) -> dict:
     return {"level": best[1] if best else None, "score": best[0] if best else None, "curve": curve}
 
 
-def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, merge_grid=MERGE_GRID,
-                       flows=None) -> dict:
+def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, merge_grid=MERGE_GRID) -> dict:
     """:func:`choose_levels` over several runs at once: the floor, merge level and attach level with the best
     *mean* pairwise + BCubed F over ``runs``, a list of ``(index, prob, labels, faces)`` (each run's graph is
     clustered on its own; the curves hold the means). One run: exactly :func:`choose_levels`.
@@ -552,12 +518,9 @@ def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, mer
     (:func:`facecluster.tasks.merge.merge_by_affinity`) at the best level of ``merge_grid`` that costs no run
     more than ``MERGE_WORST_LOSS`` pairwise or BCubed F against no merge (a level that lifts the mean by
     hurting some worlds is the change that helps one set and hurts another), then the faces left alone
-    attached. ``merge_grid``'s None (no merge) is always a candidate. ``flows``: per run, Infomap's link
-    weights (:func:`facecluster.tasks.peers.flow_weights`, shaped like ``prob``) or None (P itself); P still
-    decides which edges are in the graph.
+    attached. ``merge_grid``'s None (no merge) is always a candidate.
     """
     runs = [(np.asarray(i), np.asarray(p), np.asarray(lab), np.sort(np.asarray(f, np.int64))) for i, p, lab, f in runs]
-    flows = [None] * len(runs) if flows is None else list(flows)
 
     def per_run(cls):
         pw = np.array([float(pairwise_f(lab[f], cl[f])[2]) for (_, _, lab, f), cl in zip(runs, cls)])
@@ -570,7 +533,7 @@ def choose_levels_over(runs, floor_grid=FLOOR_GRID, attach_grid=ATTACH_GRID, mer
 
     curve, best = [], None
     for fl in floor_grid:
-        cls = [infomap_clusters(len(lab), *knn_edge_list(index, prob, fl, fw)) for (index, prob, lab, _), fw in zip(runs, flows)]
+        cls = [infomap_clusters(len(lab), *knn_edge_list(index, prob, fl)) for index, prob, lab, _ in runs]
         runs_pw, runs_bc = per_run(cls)
         pw, bc = float(np.mean(runs_pw)), float(np.mean(runs_bc))
         curve.append({"floor": fl, "pairwise_f": pw, "bcubed_f": bc})

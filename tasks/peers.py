@@ -23,17 +23,13 @@ import numpy as np
 CHILD_LINKS = 1_000_000
 
 
-def knn_edge_list(index: np.ndarray, sim: np.ndarray, min_sim: float,
-                  weight: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Directed kNN edges (i -> index[i, j]) with similarity >= ``min_sim``; padding (-1) and self dropped.
-    Their weights are ``sim``'s, or ``weight``'s (an array shaped like ``sim``, e.g. :func:`flow_weights`)."""
+def knn_edge_list(index: np.ndarray, sim: np.ndarray, min_sim: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Directed kNN edges (i -> index[i, j]) with similarity >= ``min_sim``; padding (-1) and self dropped."""
     n, k = index.shape
     src = np.repeat(np.arange(n, dtype=np.int64), k)
     dst = index.reshape(-1).astype(np.int64)
     w = sim.reshape(-1).astype(np.float64)
     keep = (dst >= 0) & (dst != src) & (w >= min_sim)
-    if weight is not None:
-        w = np.asarray(weight, np.float64).reshape(-1)
     return src[keep], dst[keep], w[keep]
 
 
@@ -157,25 +153,8 @@ def solve_links(n: int, links: np.ndarray, seed: int = 42, apart: bool | None = 
         return run_infomap_child(n, links_path, seed=seed)
 
 
-def flow_weights(sim: np.ndarray, top1: float, last: float, sharpness: float) -> np.ndarray:
-    """Infomap link weights from cosines on the data's own scale: ``exp(sharpness * (s - top1) / (top1 - last))``
-    (float64, the shape of ``sim``), with ``top1`` / ``last`` the run's median first- and last-neighbour
-    similarity (:class:`facecluster.tasks.edges.SimStats`).
-
-    Why: above a high floor the learned P of the kept edges is nearly 1 for all of them, so as Infomap's flow
-    it says little about which faces are closest; the cosine does, but on each face model's own scale. Read
-    between the data's first- and last-neighbour similarity it is scale-free (an affine change of the cosines
-    moves ``top1`` and ``last`` with them and leaves the weights unchanged), and ``sharpness`` sets how much
-    a closer pair weighs (chosen in training, out of fold). Only ratios of weights matter to Infomap, so the
-    exponent is taken from ``top1`` and clipped to +-50 (no overflow on a degenerate scale)."""
-    span = max(float(top1) - float(last), 1e-6)
-    z = (np.asarray(sim, np.float64) - float(top1)) * (float(sharpness) / span)
-    return np.exp(np.clip(z, -50.0, 50.0))
-
-
 def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,
-                         floor: float, seed: int = 42, joint: bool = False,
-                         flow: tuple | None = None) -> np.ndarray:
+                         floor: float, seed: int = 42, joint: bool = False) -> np.ndarray:
     """Infomap run separately on each connected component of a group of whole components (or on the group at once).
 
     Parameters
@@ -186,9 +165,6 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
         ``weight >= floor`` are used (at the floor the components are closed: every
         such edge joins two nodes of one component).
     seed : Infomap's seed, the same for every component.
-    flow : ``(sim, top1, last, sharpness)``: the kept edges weigh :func:`flow_weights` of their cosines
-        (``sim``, (n, k)), computed for those edges only (a giant component's task would hold another
-        n x k float64 array); None: ``weight`` itself. ``weight`` still decides which edges are kept.
     joint : one Infomap run over the whole group (its modules split by component
         afterwards by the caller) instead of one per component. The two-level map
         equation is not additive over components: its index codebook is shared by every
@@ -213,8 +189,7 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     weight = np.asarray(weight)
     keep = (index >= 0) & (weight >= same_cut(weight.dtype, floor))
     src = np.nonzero(keep)[0]
-    dst = np.asarray(index[keep], np.int64)
-    w = np.asarray(weight[keep], np.float64) if flow is None else flow_weights(np.asarray(flow[0])[keep], *flow[1:])
+    dst, w = np.asarray(index[keep], np.int64), np.asarray(weight[keep], np.float64)
     del keep
     pos = np.searchsorted(nodes, dst)
     inside = (pos < n) & (nodes[np.minimum(pos, n - 1)] == dst)

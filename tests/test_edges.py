@@ -270,28 +270,6 @@ def trained(tmp_path_factory, local_client):
     return {"tmp": tmp, "meta": meta, "lines": lines, "model": tmp / "model"}
 
 
-def _model_variant(trained, d, output: str | None = None, **edges) -> tuple:
-    """A copy of the trained model at ``d`` with its edges table updated by ``edges`` (and its output source
-    set to ``output``); returns the directory and its config."""
-    shutil.copytree(trained["model"], d)
-    meta = json.loads((d / "config.json").read_text())
-    if output is not None:
-        meta["output"]["source"] = output
-    meta["edges"].update(edges)
-    (d / "config.json").write_text(json.dumps(meta))
-    return d, meta
-
-
-def _cluster_twice(trained, model, name: str, local_client, single_worker_client) -> tuple:
-    """The test faces clustered with ``model`` twice: 2 workers / 500-row chunks and 1 worker / 1,300-row chunks."""
-    from facecluster.pipeline.run import run_cluster
-
-    a, b = _test_run(trained, f"{name}_a", 500), _test_run(trained, f"{name}_b", 1300)
-    run_cluster(a, _cfg(), local_client, str(model), echo=lambda s: None)
-    run_cluster(b, _cfg(), single_worker_client, str(model), echo=lambda s: None)
-    return a, b
-
-
 def _test_run(trained, name: str, chunk_rows: int) -> RunStore:
     from facecluster.pipeline.stages.ingest import run_ingest
 
@@ -310,7 +288,7 @@ def test_training_writes_the_edge_scorer_with_validated_levels(trained):
     # [edges] balance = "auto": both loss weightings ran out of fold and the better-scoring one was kept
     scores = e["metrics"]["balance_scores"]
     assert set(scores) == {"none", "face"} and e["balance"] == max(scores, key=scores.get)
-    assert scores[e["balance"]] == e["metrics"]["flow_curve"][0]["score"]  # chosen with P as Infomap's weights
+    assert scores[e["balance"]] == e["metrics"]["levels"]["score"]
     curve = e["metrics"]["levels"]["floor_curve"]
     best = max(curve, key=lambda r: r["pairwise_f"] + r["bcubed_f"])
     assert best["floor"] == e["floor"]  # the floor is the validation optimum, not a constant
@@ -328,86 +306,8 @@ def test_training_writes_the_edge_scorer_with_validated_levels(trained):
     rec = RunStore.open(str(trained["tmp"] / "train.zarr")).record("edges")
     assert rec["params"]["out_of_fold"] is True and rec["params"]["folds"] == 2
     assert 0.75 < e["metrics"]["out_of_fold_auc"] <= 1 and len(e["metrics"]["out_of_fold_calibration"]) == 10
-    # Infomap's link weights: every candidate's levels were chosen out of fold, the best-scoring one kept
-    from facecluster.tasks.edges import FLOW_GRID
-
-    flows = e["metrics"]["flow_curve"]
-    assert [r["sharpness"] for r in flows] == list(FLOW_GRID)
-    top = max(flows, key=lambda r: r["score"] - 1e-12 * FLOW_GRID.index(r["sharpness"]))
-    assert e.get("flow") == top["sharpness"] and e["floor"] == top["floor"]
-    assert e["metrics"]["levels"]["score"] == top["score"]
-    assert rec["summary"]["scale"] == pytest.approx({"top1": sim_stats_of(trained["tmp"] / "train.zarr").top1,
-                                                     "last": sim_stats_of(trained["tmp"] / "train.zarr").last})
     load_edge_scorer(d)
     assert any(line.startswith("edge scorer: validation ROC-AUC") for line in trained["lines"])
-
-
-def sim_stats_of(path) -> "SimStats":
-    """The similarity scale of a run, from its whole kNN lists read in memory (the stages read a row sample)."""
-    from facecluster.tasks.edges import sample_rows
-
-    store = RunStore.open(str(path), mode="r")
-    rows = sample_rows(store.array("knn/index").shape[0])
-    return sim_stats(store.array("knn/index")[:][rows], store.array("knn/sim")[:][rows])
-
-
-@settings(max_examples=25, deadline=None)
-@given(a=st.floats(0.05, 20.0), b=st.floats(-5.0, 5.0), sharpness=st.sampled_from([1.0, 2.0, 4.0, 8.0]))
-def test_flow_weights_do_not_depend_on_the_similarity_scale(small_knn, a, b, sharpness):
-    """An affine change of every cosine (another face model's scale) moves the data's first- and
-    last-neighbour medians with it and leaves Infomap's link weights as they were (up to one common factor,
-    which Infomap normalises away: here none, as the exponent is read from the median first similarity)."""
-    from facecluster.tasks.peers import flow_weights
-
-    idx, sim, _ = small_knn
-    base = sim_stats(idx, sim)
-    moved = (sim.astype(np.float64) * a + b)
-    st2 = sim_stats(idx, moved)
-    w0 = flow_weights(sim.astype(np.float64), base.top1, base.last, sharpness)
-    w1 = flow_weights(moved, st2.top1, st2.last, sharpness)
-    np.testing.assert_allclose(w1, w0, rtol=1e-6)
-    # closer pairs weigh more, by exp(sharpness) per (top1 - last) of cosine
-    assert np.all(np.diff(w0, axis=1) <= 1e-12)
-    np.testing.assert_allclose(flow_weights(np.array([base.top1, base.last]), base.top1, base.last, sharpness),
-                               [1.0, np.exp(-sharpness)])
-
-
-def test_flow_model_communities_equal_the_kernel_for_any_chunks_and_workers(trained, local_client,
-                                                                           single_worker_client, tmp_path):
-    """A model whose Infomap weights are the scaled cosine (``flow`` in its edges table): the communities stage
-    (tasks per group of components, weights from each task's own knn/sim rows and the run's recorded scale)
-    equals one Infomap run over the components (a joint batch) in memory with those weights, for 2 workers / 500-row chunks
-    and 1 worker / 1,300-row chunks; P-weighted communities differ (the weights are used)."""
-    from facecluster.pipeline.stages.communities import BATCH_NODES
-    from facecluster.tasks.components import canonical_labels, components
-    from facecluster.tasks.peers import flow_weights, infomap_by_component, infomap_clusters, knn_edge_list
-
-    d, _ = _model_variant(trained, tmp_path / "flow", flow=4.0, floor=0.5)
-    a, b = _cluster_twice(trained, d, "flow", local_client, single_worker_client)
-    got = a.array("communities/labels")[:]
-    np.testing.assert_array_equal(got, b.array("communities/labels")[:])
-    rec = a.record("communities")
-    scale = a.record("edges")["summary"]["scale"]
-    assert rec["params"]["flow"] == {"sharpness": 4.0, "top1": scale["top1"], "last": scale["last"]}
-    whole = sim_stats_of(trained["tmp"] / "flow_a.zarr")
-    assert (scale["top1"], scale["last"]) == pytest.approx((whole.top1, whole.last))
-    idx, sim, prob = a.array("knn/index")[:], a.array("knn/sim")[:], a.array("edges/prob")[:]
-    fw = flow_weights(sim, scale["top1"], scale["last"], 4.0)
-    n = len(idx)
-    assert n < BATCH_NODES and rec["params"]["batch_nodes"] == BATCH_NODES
-    for col, floor in enumerate(rec["summary"]["floors"]):
-        comp = components(n, *knn_edge_list(idx, prob, floor)[:2])
-        # the oracle: one Infomap run over every face with a kept edge (the run is smaller than one batch),
-        # weighted from the whole weight array, split by component
-        src, dst, wts = knn_edge_list(idx, prob, floor, fw)
-        members = np.flatnonzero(np.bincount(comp)[comp] >= 2)
-        mod = np.zeros(n, np.int64)
-        if len(members):
-            mod[members] = infomap_clusters(len(members), np.searchsorted(members, src), np.searchsorted(members, dst), wts)
-        np.testing.assert_array_equal(got[:, col], canonical_labels(comp * (mod.max() + 1) + mod), err_msg=str(floor))
-        if col == 0:  # at 0.5 the cosine weights split otherwise than P does
-            plain = infomap_by_component(np.arange(n), comp, idx, prob, floor)
-            assert not np.array_equal(canonical_labels(comp * (plain.max() + 1) + plain), got[:, col])
 
 
 def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_client, single_worker_client):
@@ -535,8 +435,15 @@ def test_merge_step_on_the_cluster_chain_equals_the_kernel_for_any_chunks_and_wo
     from facecluster.tasks.components import canonical_labels
     from facecluster.tasks.merge import merge_by_affinity
 
-    d, meta = _model_variant(trained, tmp_path / "merge", "communities", merge=0.3, attach=None)  # 12 of 91 merge
-    a, b = _cluster_twice(trained, d, "merge", local_client, single_worker_client)
+    d = tmp_path / "merge"
+    shutil.copytree(trained["model"], d)
+    meta = json.loads((d / "config.json").read_text())
+    meta["output"]["source"] = "communities"
+    meta["edges"].update(merge=0.3, attach=None)  # 12 of 91 communities merge at 0.3 here
+    (d / "config.json").write_text(json.dumps(meta))
+    a, b = _test_run(trained, "merge_a", 500), _test_run(trained, "merge_b", 1300)
+    run_cluster(a, _cfg(), local_client, str(d), echo=lambda s: None)
+    run_cluster(b, _cfg(), single_worker_client, str(d), echo=lambda s: None)
     clusters = a.array("clusters")[:]
     np.testing.assert_array_equal(clusters, b.array("clusters")[:])
     comm = a.array("communities/labels")[:, 0]

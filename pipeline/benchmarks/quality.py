@@ -374,15 +374,12 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
                 row["communities"] = evaluate(gt, test.array("communities/labels")[:, 0])  # at the model's floor
                 row["edge_scorer"] = held_out_edges(test, gt)
                 row["edges"] = {"floor": meta["edges"]["floor"], "attach": meta["edges"]["attach"],
-                                "merge": meta["edges"].get("merge"), "flow": meta["edges"].get("flow"),
-                                "balance": meta["edges"].get("balance"),
+                                "merge": meta["edges"].get("merge"), "balance": meta["edges"].get("balance"),
                                 "attached": test.record("dedup")["summary"].get("attached")}
             result["by_seed"].append(row)
             h = row["held_out"]
             learned = row["learned (the model's output)"]["pairwise_f"]
-            levels = (f"; floor {row['edges']['floor']}, Infomap weights "
-                      f"{'P' if row['edges']['flow'] is None else 'cosine x%g' % row['edges']['flow']}"
-                      if meta.get("edges") else "")
+            levels = f"; floor {row['edges']['floor']}" if meta.get("edges") else ""
             click.echo(f"seed {seed}: learned ({source}{levels}) pairwise F {learned:.4f}, "
                        f"GCN-D {row['GCN-D']['pairwise_f']:.4f}, GCN-D + GCN-S "
                        f"{row['GCN-D + GCN-S']['pairwise_f']:.4f}; test proposals: Spearman IoU {h['spearman_iou']:.3f}, "

@@ -435,7 +435,4 @@ def build_sub_run(store: RunStore, client, paths: dict, rows: np.ndarray, sub_ur
                                         key=f"add-sub-{stage}-{a}-{token}") for a, b in row_chunks(s, r)],
                          f"add: sub-run {stage}")
             sw.summary.update({"n": int(s), "subset_of": store.url})
-            if stage == "edges":  # the grown run's scale: a model's Infomap weights read the cosines on it
-                sw.summary.update({k: v for k, v in (store.record("edges") or {}).get("summary", {}).items()
-                                   if k == "scale"})
     return sub

@@ -18,11 +18,6 @@ A problem of ``CHILD_LINKS`` links or more runs in a child process of the worker
 (:mod:`facecluster.tasks.infomap_child`): Infomap holds the GIL for its whole run, and a
 worker whose event loop is silent for longer than the scheduler's ``worker-ttl`` is removed
 (at 1M planted faces the giant component's task was lost every 600 s that way).
-A model may weigh Infomap's links by the cosine read on the run's own similarity scale
-(``flow`` in its edges table, chosen in training; the scale is the edges stage's) while P still
-decides which edges are kept: above a high floor P is near 1 on most kept edges. Its components
-are then solved in joint batches of ``BATCH_NODES`` faces (fixed, so the batches still depend on
-the components only), as training measured them on whole graphs.
 The machinery (:func:`infomap_components`) takes any weight array shaped like
 ``knn/index``: ``--method infomap`` runs it on the cosine ``knn/sim`` too.
 
@@ -43,7 +38,6 @@ from facecluster.tasks.components import canonical_labels, components
 from facecluster.tasks.peers import same_cut
 
 from ..config import Config
-from ..errors import BadInput
 from ..forest import spanning_forest
 from ..model_files import edge_meta, model_digest
 from ..progress import wait_futures
@@ -55,27 +49,20 @@ STAGE = "communities"
 NODES_PER_TASK = 200_000
 MIN_NODES_PER_TASK = 5_000  # below this a task's overhead outweighs the parallelism
 INFOMAP_SEED = 42
-# faces per joint Infomap run (whole components; a larger component alone), where one run spans a batch of
-# components: `--method infomap`, and the communities of a model whose links weigh the cosine (see run_communities)
-BATCH_NODES = 25_000
 
 
 def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floor: float,
-                   weights: str = "edges/prob", joint: bool = False, flow: dict | None = None) -> np.ndarray:
+                   weights: str = "edges/prob", joint: bool = False) -> np.ndarray:
     """Worker task: Infomap modules of whole components, numbered within each (``joint``: one Infomap run over
     them all). The components' nodes (ascending) and their component ids are entries ``[a, b)`` of the
-    stage's scratch arrays ``nodes_path`` and ``comp_path``. ``flow`` (``sharpness``, ``top1``, ``last``):
-    the kept edges weigh :func:`facecluster.tasks.peers.flow_weights` of their cosines, not ``weights``."""
+    stage's scratch arrays ``nodes_path`` and ``comp_path``."""
     from facecluster.tasks.peers import infomap_by_component
 
     nodes = open_array(url, nodes_path)[a:b]
     comp = open_array(url, comp_path)[a:b]
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
-    if flow is not None:
-        sim = open_array(url, "knn/sim").get_orthogonal_selection((nodes, slice(None)))
-        flow = (sim, flow["top1"], flow["last"], flow["sharpness"])
-    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint, flow=flow)
+    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint)
 
 
 def floor_components(n: int, forest, floor: float) -> np.ndarray:
@@ -103,8 +90,7 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
 
 
 def infomap_components(client, writer: StageWriter, n: int, forest, floors: list[float], weights: str, name: str,
-                       budget: int | None = None, joint: bool = False,
-                       flow: dict | None = None) -> list[tuple[np.ndarray, dict]]:
+                       budget: int | None = None, joint: bool = False) -> list[tuple[np.ndarray, dict]]:
     """Infomap on the kNN graph weighted by array ``weights`` at each of ``floors``, one Dask task per group of components.
 
     Parameters
@@ -127,9 +113,6 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     joint : one Infomap run per task over all its components (their modules split by component
         afterwards), closer to a whole-graph run (:func:`facecluster.tasks.peers.infomap_by_component`);
         the result then depends on the packing: give a fixed ``budget``, not the worker-dependent default.
-    flow : Infomap's link weights from the cosines (``sharpness``, ``top1``, ``last`` of
-        :func:`facecluster.tasks.peers.flow_weights`) instead of ``weights``, which still decides which edges
-        are kept; None: ``weights`` themselves.
 
     Returns
     -------
@@ -161,7 +144,7 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
             nodes_path = writer.scratch_array(f"{name}-nodes-{f_i}", grouped)
             comp_path = writer.scratch_array(f"{name}-comp-{f_i}", comp[grouped])
             futs = [client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), floor,
-                                  weights, joint, flow, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
+                                  weights, joint, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
                     for g_i, (nodes, b) in enumerate(zip(node_sets, ends))]
         plans.append((floor, comp, sizes, groups, futs, node_sets))
     results = []
@@ -195,20 +178,11 @@ def community_floors(model_floor: float) -> list[float]:
 def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
     """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
     store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
-    meta = edge_meta(model_dir)
-    floors = community_floors(meta["floor"])
+    floors = community_floors(edge_meta(model_dir)["floor"])
     index = store.array("knn/index")
     n, _ = index.shape
     r = int(index.chunks[0])
     params = {"floors": floors, "seed": INFOMAP_SEED, "model_digest": model_digest(model_dir)}
-    flow = None
-    if meta.get("flow") is not None:  # models since 0.7 may weigh Infomap's links by the cosine on the run's scale
-        scale = (store.record("edges") or {}).get("summary", {}).get("scale")
-        if not scale:
-            raise BadInput(f"{store.url}: its edges stage recorded no similarity scale (a run scored before 0.7); "
-                           f"re-score it: `facecluster cluster {store.url} --model {model_dir} --force`")
-        flow = {"sharpness": float(meta["flow"]), "top1": float(scale["top1"]), "last": float(scale["last"])}
-        params.update(flow=flow, batch_nodes=BATCH_NODES)
     with store.stage(STAGE, params, inputs=["edges"], extra={"model": os.path.abspath(model_dir)}, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
@@ -216,16 +190,11 @@ def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force:
                                  weights="edges/prob", name="communities-forest")
         out = w.create_array("communities/labels", (n, len(floors)), (r, len(floors)), np.int64)
         per_floor = []
-        # with cosine weights, components are solved in joint batches: per component they split finer than in
-        # the whole graph, which training chose the weights and levels on (LFW x SFace test half, seed 0, P >= 0.95:
-        # pairwise F 0.9922 per component, 0.9953 whole graph, 0.9955 one joint batch; with P as the weights,
-        # per component 0.9920 against 0.9928 whole, and BCubed F higher per component, so P keeps them)
-        joint = {"budget": BATCH_NODES, "joint": True} if flow is not None else {}
         for f_i, (labels, stats) in enumerate(infomap_components(client, w, n, forest, floors, "edges/prob",
-                                                                 "communities", flow=flow, **joint)):
+                                                                 "communities")):
             out[:, f_i] = labels
             per_floor.append(stats)
-        summary = {"n": int(n), "floors": floors, "floor": floors[0], "per_floor": per_floor, "flow": flow,
+        summary = {"n": int(n), "floors": floors, "floor": floors[0], "per_floor": per_floor,
                    **{k: per_floor[0][k] for k in ("communities", "singletons", "largest_component", "largest_community")}}
         w.summary.update(summary)
         return summary

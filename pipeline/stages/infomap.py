@@ -42,13 +42,14 @@ from ..errors import BadInput
 from ..forest import spanning_forest
 from ..model_files import edge_meta
 from ..store import RunStore
-from .communities import BATCH_NODES, INFOMAP_SEED, infomap_components
+from .communities import INFOMAP_SEED, infomap_components
 from .graph import knn_sims, read_forest, sampled_rows
 from .proposals import CLUSTERS_STAGE, graph_anchor
 
 log = logging.getLogger(__name__)
 
 COSINE, LEARNED = "knn/sim", "edges/prob"
+BATCH_NODES = 25_000  # faces per Infomap run (whole components; a larger component alone): see the module docs
 
 
 def check_min_sim_value(min_sim: float | None, learned: bool) -> None:
