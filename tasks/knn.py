@@ -740,11 +740,12 @@ class IvfLists:
         width = buf.cap - kk  # columns per GEMM: a query's hits from one block always fit after a shrink
         for stage in (slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])):
             for lst, qs in probe_groups(probes[:, stage]):
-                qx = None
-                for a in range(int(self.offsets[lst]), int(self.offsets[lst + 1]), width):
-                    b = min(a + width, int(self.offsets[lst + 1]))
-                    if qx is None:
-                        qx = q[qs]
+                lo, hi = int(self.offsets[lst]), int(self.offsets[lst + 1])
+                if lo == hi:  # an empty list: no query rows to gather
+                    continue
+                qx = q[qs]
+                for a in range(lo, hi, width):
+                    b = min(a + width, hi)
                     sims = qx @ self.rows[a:b].T
                     hit = np.flatnonzero(sims >= buf.tau[qs, None])
                     if len(hit):
@@ -783,9 +784,10 @@ class _TopBuffer:
         self.count[qs] += n_hit
 
     def shrink(self, rows: np.ndarray) -> None:
-        """Keep the kk best candidates of queries ``rows`` (those holding more than kk) and raise their tau."""
+        """Keep the kk best candidates of queries ``rows``, each holding more than kk, and raise their tau.
+        (:meth:`add` only shrinks queries that would overflow, which hold more than kk: a block brings at
+        most ``cap - kk`` hits per query.)"""
         kk = self.kk
-        rows = rows[self.count[rows] > kk]
         if len(rows) == 0:
             return
         sim = self.sim[rows]
