@@ -379,8 +379,8 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
             result["by_seed"].append(row)
             h = row["held_out"]
             learned = row["learned (the model's output)"]["pairwise_f"]
-            levels = f"; floor {row['edges']['floor']}" if meta.get("edges") else ""
-            click.echo(f"seed {seed}: learned ({source}{levels}) pairwise F {learned:.4f}, "
+            floor_note = f"; floor {row['edges']['floor']}" if meta.get("edges") else ""
+            click.echo(f"seed {seed}: learned ({source}{floor_note}) pairwise F {learned:.4f}, "
                        f"GCN-D {row['GCN-D']['pairwise_f']:.4f}, GCN-D + GCN-S "
                        f"{row['GCN-D + GCN-S']['pairwise_f']:.4f}; test proposals: Spearman IoU {h['spearman_iou']:.3f}, "
                        f"IoP {h['spearman_iop']:.3f}, GCN-S node accuracy {h['gcns_node_acc']:.3f} "
