@@ -33,7 +33,7 @@ bfloat16 GEMM instead of faiss and certifies them with a bound on the bfloat16 e
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -685,14 +685,28 @@ class IvfLists:
     """Database rows grouped by IVF list: ``rows`` sorted by list, ``ids`` their global ids,
     ``offsets`` [nlist + 1] so list ``j`` is ``rows[offsets[j]:offsets[j + 1]]``."""
 
-    def __init__(self, rows: np.ndarray, row_ids: np.ndarray, lists: np.ndarray, nlist: int):
+    def __init__(self, rows: np.ndarray | Iterable[np.ndarray], row_ids: np.ndarray, lists: np.ndarray, nlist: int):
+        """``rows``: the rows [n, d], or consecutive slices of them, placed one at a time (so that a
+        caller reading them from a store never holds them twice: at 1M faces the unsorted copy was
+        1 GB of a knn worker's 4 GB peak)."""
         lists = np.asarray(lists, dtype=np.int64).reshape(-1)
-        if len(lists) != len(rows):
-            raise ValueError(f"{len(lists)} list assignments for {len(rows)} rows")
         if len(lists) and (lists.min() < 0 or lists.max() >= nlist):
             raise ValueError(f"list ids must lie in [0, {nlist})")
         order = np.argsort(lists, kind="stable")
-        self.rows = np.ascontiguousarray(np.asarray(rows, dtype=np.float32)[order])
+        where = np.empty_like(order)
+        where[order] = np.arange(len(order), dtype=np.int64)
+        placed, at = None, 0
+        for part in ([rows] if isinstance(rows, np.ndarray) else rows):
+            part = np.asarray(part, dtype=np.float32)
+            if placed is None:
+                placed = np.empty((len(lists),) + part.shape[1:], dtype=np.float32)
+            if at + len(part) > len(lists):
+                raise ValueError(f"{len(lists)} list assignments for more rows")
+            placed[where[at:at + len(part)]] = part
+            at += len(part)
+        if at != len(lists):
+            raise ValueError(f"{len(lists)} list assignments for {at} rows")
+        self.rows = placed
         self.ids = np.asarray(row_ids, dtype=np.int64)[order]
         self.sizes = np.bincount(lists, minlength=nlist).astype(np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)

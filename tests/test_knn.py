@@ -246,6 +246,11 @@ def test_list_major_ivf_equals_faiss_ivf_and_any_grouping():
     x, ids, trained, _, lists, probes = ivf_setup(1500, 24, 4, seed=7)
     s_faiss, i_faiss = K.knn_ivf(K.ivf_shard(trained, x, ids, lists), x, ids, x, ids, probes, 15)
     one = K.IvfLists(x, ids, lists, 24)
+    # placed from consecutive slices (as the stage reads them from the store): the same group
+    sliced = K.IvfLists((x[a:a + 333] for a in range(0, len(x), 333)), ids, lists, 24)
+    np.testing.assert_array_equal(sliced.rows, one.rows)
+    np.testing.assert_array_equal(sliced.ids, one.ids)
+    np.testing.assert_array_equal(sliced.offsets, one.offsets)
     s1, i1 = K.knn_ivf_lists(one, x, ids, probes, 15)
     np.testing.assert_array_equal(i1, i_faiss)
     np.testing.assert_array_equal(s1, s_faiss)
@@ -294,6 +299,22 @@ def test_ivf_lists_rejects_bad_assignments():
         K.IvfLists(x, np.arange(10), np.full(10, 5), 5)
     with pytest.raises(ValueError, match="assignments"):
         K.IvfLists(x, np.arange(10), np.zeros(9, int), 5)
+    with pytest.raises(ValueError, match="assignments"):
+        K.IvfLists([x[:4], x[4:]], np.arange(10), np.zeros(11, int), 5)
+
+
+def test_worker_cache_makes_room_before_it_builds():
+    # an entry that would not fit beside the cached ones is made room for before it is built (peak memory)
+    from facecluster.pipeline.stages import knn as S
+
+    S.clear_cache()
+    S._cached(("a",), 100, lambda: ("A", 60))
+    seen = []
+    S._cached(("b",), 100, lambda: (seen.append(list(S._CACHE)) or "B", 60), estimate=60)
+    assert seen == [[]]  # "a" was dropped before "b" was built
+    S._cached(("c",), 100, lambda: (seen.append(list(S._CACHE)) or "C", 30), estimate=30)
+    assert seen[-1] == [("b",)]  # room enough: kept
+    S.clear_cache()
 
 
 # -- the stage on a real LocalCluster ---------------------------------------------------------------
