@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 STAGE = "proposals"
 CLUSTERS_STAGE = "clusters"
+OPEN_CUTS = 2  #: groups of settings between their cut and their levels at once (at least one per worker)
 
 
 # -- worker tasks -------------------------------------------------------------------------
@@ -290,24 +291,47 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
         # longest group's search instead of one worker finishing it alone.
         order = sorted(groups.values(), key=lambda ix: (settings[ix[0]]["levels"] <= 1, -settings[ix[0]]["th0"]))
         futs = [None] * len(settings)
-        cuts, plans, levels = {}, {}, {}
-        for j, members in enumerate(order):
-            group = [settings[i] for i in members]
+        cuts, plans, levels, open_groups = {}, {}, {}, {}
+        done = as_completed()
+
+        def start(j: int) -> None:
+            group = [settings[i] for i in order[j]]
             cuts[j] = client.submit(cut_task, store.url, group, pc.min_size, pc.max_proposal_size,
                                     key=f"proposals-cut-{j}-{token}", priority=len(order) - j)
             plans[j] = client.submit(plan_task, cuts[j], group[0]["sv_k"], tp.EXACT_MAX, priority=len(order) - j,
                                      key=f"proposals-plan-{j}-{token}")
             nb = client.submit(knn_blocks, plans[j], tp.QUERY_BLOCK, key=f"proposals-knn-blocks-{j}-{token}",
                                priority=len(order) - j)
-            levels[nb] = (j, group, members)
-        for nb in as_completed(list(levels)):
-            j, group, members = levels[nb]
-            blocks = [client.submit(knn_block_task, plans[j], a, b, group[0]["sv_k"], priority=len(order),
-                                    key=f"proposals-knn-{j}-{a}-{token}") for a, b in nb.result()]
-            grp = client.submit(levels_task, group, cuts[j], pc.min_size, pc.max_proposal_size, *blocks,
-                                key=f"proposals-levels-{j}-{token}")
-            for pos, i in enumerate(members):
-                futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
+            levels[nb] = j
+            done.add(nb)
+
+        # At most OPEN_CUTS groups between their cut and their levels: a cut's state (the super-vertices' float64
+        # feature sums, up to 1 GB at 1M faces) and its kNN plan stay on the workers until its levels task has
+        # run, and with every cut started at once a worker held four of them (4.3 GB at 1M faces).
+        n_open = min(len(order), max(OPEN_CUTS, len(client.scheduler_info().get("workers", {}))))
+        for j in range(n_open):
+            start(j)
+        nxt = n_open
+        for fut in done:
+            if fut in levels:  # a group's kNN blocks are known: submit them and its levels task
+                j = levels.pop(fut)
+                group, members = [settings[i] for i in order[j]], order[j]
+                blocks = [client.submit(knn_block_task, plans[j], a, b, group[0]["sv_k"], priority=len(order),
+                                        key=f"proposals-knn-{j}-{a}-{token}") for a, b in fut.result()]
+                grp = client.submit(levels_task, group, cuts[j], pc.min_size, pc.max_proposal_size, *blocks,
+                                    key=f"proposals-levels-{j}-{token}")
+                for pos, i in enumerate(members):
+                    futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
+                open_groups[grp] = j
+                done.add(grp)
+            else:  # a group's levels ran: release its cut and plan, start the next group
+                if fut.status == "error":
+                    fut.result()  # raises the task's exception (its result stays on the workers otherwise)
+                j = open_groups.pop(fut)
+                del cuts[j], plans[j]
+                if nxt < len(order):
+                    start(nxt)
+                    nxt += 1
         if communities:
             # first in the combine order: a member set that a super-vertex setting also produced is kept once, as
             # a community (dedup with the model's communities as output selects proposals by their setting)
