@@ -428,6 +428,9 @@ def _bf16_split(x: np.ndarray):
     return xb, _row_norms(xr), _row_norms(x - xr)
 
 
+SPLIT_ROWS = 1 << 16  #: rows per slice when a database's bfloat16 copy is made
+
+
 class Bf16Flat:
     """A database block for :func:`knn_bf16`: the float32 rows (re-scoring, fallback) plus their
     bfloat16 copy, transposed and padded to ``group`` x ``n_groups`` columns."""
@@ -443,11 +446,14 @@ class Bf16Flat:
             group = int(min(BF16_GROUP, max(4, 2 ** round(np.log2(max(1.0, np.sqrt(nb / 128.0)))))))
         self.nb, self.d, self.group = nb, d, int(group)
         self.n_groups = -(-nb // self.group)
-        xb, bn, rn = _bf16_split(self.rows)
         self.xt = torch.zeros((d, self.n_groups * self.group), dtype=torch.bfloat16)
-        self.xt[:, :nb] = xb.T
-        self.norm_max = float(bn.max()) if nb else 0.0  # max |y~|
-        self.res_max = float(rn.max()) if nb else 0.0  # max |y - y~|
+        self.norm_max = self.res_max = 0.0  # max |y~|, max |y - y~|
+        # in slices: the whole-block float32 temporaries of the split were 3x the rows (4 GB peak at 1M faces)
+        for a in range(0, nb, SPLIT_ROWS):
+            xb, bn, rn = _bf16_split(self.rows[a:a + SPLIT_ROWS])
+            self.xt[:, a:a + len(xb)] = xb.T
+            self.norm_max = max(self.norm_max, float(bn.max()))
+            self.res_max = max(self.res_max, float(rn.max()))
         self.row_norm_max = float(_row_norms(self.rows).max()) if nb else 0.0  # max |y|, for the float32 bound
 
     @property
@@ -706,7 +712,7 @@ class IvfLists:
             at += len(part)
         if at != len(lists):
             raise ValueError(f"{len(lists)} list assignments for {at} rows")
-        self.rows = placed
+        self.rows = placed if placed is not None else np.zeros((0, 0), np.float32)  # no slices: no rows
         self.ids = np.asarray(row_ids, dtype=np.int64)[order]
         self.sizes = np.bincount(lists, minlength=nlist).astype(np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)

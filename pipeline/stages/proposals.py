@@ -96,7 +96,7 @@ def plan_task(state: dict, k: int, exact_max: int) -> dict | None:
     n = state["n_groups"]
     if state["sums0"] is None or min(k, n - 1) <= 0 or n <= exact_max:
         return None
-    return P.ivf_plan(P.unit_means(state["sums0"]), worker_threads())
+    return P.ivf_plan(state["sums0"], worker_threads(), from_sums=True)
 
 
 def knn_blocks(plan: dict | None, block: int) -> list[tuple[int, int]]:
