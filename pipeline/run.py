@@ -12,7 +12,7 @@ import logging
 import time
 from typing import Callable
 
-from .cluster import check_store_reachable
+from .cluster import check_store_reachable, release_memory
 from .config import Config
 from .model_files import RETRAIN_NOTE, check_dim, edge_meta, read_model_config
 from .stages.communities import run_communities
@@ -103,6 +103,9 @@ def _run_in_order(store: RunStore, cfg: Config, client, stages: dict[str, Callab
         ran = not (before.get("complete") and before.get("finished") == after.get("finished"))
         report[name] = {"ran": ran, "seconds": round(seconds, 3), "summary": summary}
         echo(f"{name:<10} {'done' if ran else 'skipped (up to date)'} in {seconds:.1f}s")
+        if ran:  # the next stage starts from what this one still holds, not from what it freed
+            freed = client.run(release_memory)
+            log.debug("%s: released %s MiB on the workers", name, {w: b >> 20 for w, b in freed.items()})
     return report
 
 

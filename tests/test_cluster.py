@@ -359,3 +359,32 @@ def test_dask_procs_kill_worker_is_replaced_by_nanny(dask_subprocess_cluster):
     assert len(after) == 2 and killed not in after.values()
     with procs.client() as client:
         assert client.submit(sum, [4, 5], pure=False).result() == 9
+
+
+# Frees 400 MB of 20 MB arrays in the middle of the heap (a small array allocated after them keeps the heap's top
+# in use, so glibc's own trim cannot return them) and reports the resident bytes before and after.
+HEAP_PROBE = """
+def heap_probe():
+    import numpy as np, psutil
+    me = psutil.Process()
+    arrays = [np.ones(2_500_000) for _ in range(20)]  # 20 MB each: under MALLOC_ENV's mmap threshold
+    top = np.ones(1000)
+    held = me.memory_info().rss
+    del arrays
+    return held, me.memory_info().rss, top.sum()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc_trim")
+def test_release_memory_returns_freed_heap_to_the_system():
+    from facecluster.pipeline.cluster import release_memory
+
+    ns = {"__name__": "facecluster_test_heap_probe"}
+    exec(HEAP_PROBE, ns)
+    with connect(DaskConfig(n_workers=1, memory_limit="2GiB")) as client:
+        held, after_free, _ = client.submit(ns["heap_probe"], pure=False).result()
+        freed = list(client.run(release_memory).values())[0]
+        rss = list(client.run(lambda: __import__("psutil").Process().memory_info().rss).values())[0]
+    assert after_free > held - (100 << 20)  # freed inside the heap: still resident
+    assert freed > 300 << 20, freed  # malloc_trim handed it back
+    assert rss < after_free - (300 << 20)
