@@ -124,20 +124,17 @@ def ivf_plan(x: np.ndarray, threads: int = 1, seed: int = 1234, from_sums: bool 
     from .knn import IvfLists, ivf_assign, load_ivf, set_threads, train_ivf
 
     set_threads(threads)
-    if not from_sums:
-        x = np.ascontiguousarray(x, np.float32)
-    rows = (lambda a, b: unit_means(x[a:b])) if from_sums else (lambda a, b: x[a:b])
+    to_rows = unit_means if from_sums else (lambda v: np.ascontiguousarray(v, np.float32))
     n = len(x)
     nlist = int(4 * np.sqrt(n))
     rng = np.random.default_rng(seed)
-    pick = np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))
-    sample = unit_means(x[pick]) if from_sums else x[pick]
+    sample = to_rows(x[np.sort(rng.choice(n, size=min(n, 64 * nlist), replace=False))])
     index = load_ivf(train_ivf(sample, nlist, seed))
     del sample
     slices = [(a, min(a + PLAN_SLICE, n)) for a in range(0, n, PLAN_SLICE)]
     # ranked by (similarity, list id): column 0 = the row's own list; chunking-independent (ivf_assign)
-    probes = np.concatenate([ivf_assign(index, rows(a, b), 16) for a, b in slices]) if n else np.zeros((0, 16), np.int64)
-    lists = IvfLists((rows(a, b) for a, b in slices), np.arange(n, dtype=np.int64), probes[:, 0], nlist)
+    probes = np.concatenate([ivf_assign(index, to_rows(x[a:b]), 16) for a, b in slices])
+    lists = IvfLists((to_rows(x[a:b]) for a, b in slices), np.arange(n, dtype=np.int64), probes[:, 0], nlist)
     where = np.empty(n, np.int64)
     where[lists.ids] = np.arange(n, dtype=np.int64)
     return {"lists": lists, "probes": probes, "where": where, "n": n}

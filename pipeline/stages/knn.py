@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Callable
 
 import numpy as np
 
@@ -65,24 +66,30 @@ _BLAS_LOGGED = False
 _KERNEL_LOGGED = False
 
 
-def _cached(key: tuple, budget: int, build, estimate: int = 0):
+def _cached(key: tuple, budget: int, build, estimate: Callable[[], int] | None = None):
     """A per-worker LRU cache of databases/indexes: built once per worker, not once per task.
 
-    ``estimate``: the bytes the new entry will hold; older entries are dropped to make room for it
-    before it is built, not after (at 1M faces the tune's exact database, 1.5 GB, was still held
-    while the IVF lists were built: 4.1 GB peak on that worker).
+    ``estimate`` (called on a miss only: it may read the store): the bytes the new entry will hold;
+    older entries are dropped to make room for it before it is built, not after (at 1M faces the
+    tune's exact database, 1.5 GB, was still held while the IVF lists were built: 4.1 GB peak on
+    that worker).
     """
     with _CACHE_LOCK:
         if key in _CACHE:
             _CACHE.move_to_end(key)
             return _CACHE[key][0]
-        while _CACHE and sum(b for _, b in _CACHE.values()) + estimate > budget:
-            _CACHE.popitem(last=False)
+        if estimate is not None:
+            _make_room(estimate(), budget)
         obj, nbytes = build()
-        while _CACHE and sum(b for _, b in _CACHE.values()) + nbytes > budget:
-            _CACHE.popitem(last=False)
+        _make_room(nbytes, budget)
         _CACHE[key] = (obj, nbytes)
         return obj
+
+
+def _make_room(nbytes: int, budget: int) -> None:
+    """Drop the least recently used entries until ``nbytes`` more fit the budget (or none is left)."""
+    while _CACHE and sum(b for _, b in _CACHE.values()) + nbytes > budget:
+        _CACHE.popitem(last=False)
 
 
 def clear_cache() -> None:
@@ -126,7 +133,7 @@ def _flat_group(url: str, g0: int, g1: int, budget: int):
         index = K.flat_index(_rows(url, g0, g1))
         return index, (g1 - g0) * index.d * 4
 
-    return _cached(("flat", url, g0, g1), budget, build, (g1 - g0) * _row_bytes(url))
+    return _cached(("flat", url, g0, g1), budget, build, lambda: (g1 - g0) * _row_bytes(url))
 
 
 def _bf16_group(url: str, g0: int, g1: int, budget: int):
@@ -134,7 +141,7 @@ def _bf16_group(url: str, g0: int, g1: int, budget: int):
         db = K.Bf16Flat(_rows(url, g0, g1))
         return db, db.nbytes
 
-    return _cached(("bf16", url, g0, g1), budget, build, (g1 - g0) * _row_bytes(url) * 3 // 2)
+    return _cached(("bf16", url, g0, g1), budget, build, lambda: (g1 - g0) * _row_bytes(url) * 3 // 2)
 
 
 def _precision(kernel: dict | None) -> str:
@@ -159,7 +166,7 @@ def ivf_group(url: str, g0: int, g1: int, trained: np.ndarray, list_path: str, b
         return group, group.nbytes
 
     key = ("ivf", url, features, g0, g1, list_path, hash(bytes(np.asarray(trained)[-4096:])))
-    return _cached(key, budget, build, (g1 - g0) * (_row_bytes(url, features) + 16))
+    return _cached(key, budget, build, lambda: (g1 - g0) * (_row_bytes(url, features) + 16))
 
 
 def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None, kernel=None):
