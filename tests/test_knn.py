@@ -192,6 +192,28 @@ def test_bf16_kernel_large_block_matches_float32_with_real_selection():
     np.testing.assert_array_equal(a[0], b[0])
 
 
+def test_bf16_first_round_width_adapts_between_batches_and_never_changes_results(monkeypatch):
+    # dense similarities (near duplicates): a first round of k + 1 certifies few queries, so the width must grow
+    # from batch to batch and be kept on the database; any width gives the certified arrays of the float32 kernel
+    monkeypatch.setattr(K, "BF16_BATCH", 64)
+    x = np.ascontiguousarray(adversarial_rows(5000, 32, 5, "near_dup"), dtype=np.float32)
+    ids = np.arange(len(x))
+    q, qi = x[:700], ids[:700]
+    want = K.knn_block(q, qi, x, ids, 15)
+    db = K.Bf16Flat(x)
+    got = K.knn_bf16(db, q, qi, ids, 15, margin=0)
+    assert db.first_width[15] > 16  # grew from k + 1
+    again = K.knn_bf16(db, q, qi, ids, 15, margin=0)  # starts from the learned width
+    wide = K.Bf16Flat(x)
+    wide.first_width[15] = 900
+    for s, i in (got, again, K.knn_bf16(wide, q, qi, ids, 15)):
+        np.testing.assert_array_equal(i, want[1])
+        np.testing.assert_array_equal(s, want[0])
+    assert K._next_width(100, 0.5, 80) == 150 and K._next_width(100, 0.1, 80) == 120
+    assert K._next_width(100, 0.0, 80) == 95 and K._next_width(89, 0.0, 80) == 89  # floor k + 9
+    assert K._next_width(1000, 0.9, 80) == K.BF16_MAX_CANDIDATES
+
+
 def test_choose_precision_settings_and_cpu_detection():
     feats = K.cpu_features()
     assert {"avx512_bf16", "amx_bf16", "avx512_vnni", "amx_int8", "torch_capability"} <= set(feats)
