@@ -245,18 +245,19 @@ class StageWriter:
         self.tmp_arrays[name] = tmp
         return arr
 
-    def _new_array(self, path: str, shape, chunks, dtype, fill_value=None) -> zarr.Array:
+    def _new_array(self, path: str, shape, chunks, dtype, fill_value=None, compress: bool = True) -> zarr.Array:
         shape = tuple(int(s) for s in shape)
         chunks = tuple(max(1, min(int(c), max(int(s), 1))) for c, s in zip(chunks, shape))
         if fill_value is None:
             fill_value = -1 if np.dtype(dtype).kind == "i" else 0
+        blosc = [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")] if compress else []
         return self.store.root.create_array(
             path,
             shape=shape,
             chunks=chunks,
             dtype=dtype,
             fill_value=fill_value,
-            compressors=[zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"), CHECKSUM_CODEC()],
+            compressors=blosc + [CHECKSUM_CODEC()],
         )
 
     def scratch_array(self, name: str, data: np.ndarray, chunk_rows: int = 1 << 20) -> str:
@@ -274,6 +275,21 @@ class StageWriter:
         if data.size:
             arr[...] = data
         return path
+
+    def scratch_space(self, name: str, shape, chunks, dtype) -> str:
+        """An empty scratch array (removed with the stage, like :meth:`scratch_array`) that the stage's own
+        tasks fill and read: for intermediate state too large to hold in a worker's memory between two tasks.
+        Stored uncompressed (written once, read once or twice, then dropped), each chunk still CRC-checked."""
+        path = f"{TMP_GROUP}/{self.name}__scratch__{name.replace('/', '__')}__{uuid.uuid4().hex[:8]}"
+        self._new_array(path, shape, chunks, dtype, compress=False)
+        self.scratch.append(path)
+        return path
+
+    def drop_scratch(self, path: str) -> None:
+        """Remove one scratch array before the stage ends (its tasks are done with it)."""
+        if path in self.scratch:
+            self.scratch.remove(path)
+            self.store._delete(path)
 
     def tmp_path(self, name: str) -> str:
         return self.tmp_arrays[name]

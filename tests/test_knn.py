@@ -235,6 +235,18 @@ def ivf_setup(n, nlist, nprobe, seed):
     return x, np.arange(len(x)), trained, index, K.ivf_assign(index, x, 1)[:, 0], K.ivf_assign(index, x, nprobe)
 
 
+def test_quantizer_training_is_the_same_for_any_thread_count():
+    # the stage trains on every CPU of the worker's host (train_task): the centroids must not depend on it
+    x = clustered(6000, 48, seed=2)
+    want = bytes(K.train_ivf(x, 120, niter=6))
+    try:
+        for threads in (2, 3, 4):
+            K.set_threads(threads)
+            assert bytes(K.train_ivf(x, 120, niter=6)) == want
+    finally:
+        K.set_threads(1)
+
+
 def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
     x, ids, trained, index, lists, probes = ivf_setup(1200, 20, 3, seed=5)
     one = K.ivf_shard(trained, x, ids, lists)

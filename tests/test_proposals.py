@@ -278,8 +278,8 @@ def test_level_knn_split_into_query_block_tasks_equals_one_process(tmp_path, loc
     """Above EXACT_MAX super-vertices the stage runs a group's level-1 kNN as query-block tasks on both workers
     (small EXACT_MAX / QUERY_BLOCK here so that this data has several blocks): the stored proposals equal those of
     every group's settings run in one process with the same limits."""
-    from facecluster.pipeline.stages.proposals import (combine_task, cut_key, cut_task, knn_blocks, plan_task,
-                                                       resolve_settings, settings_task)
+    from facecluster.pipeline.stages.proposals import (combine_task, cut_key, cut_sums, cut_task, knn_blocks,
+                                                       plan_task, resolve_settings, settings_task)
     from facecluster.tasks import proposals as tp
 
     feats, _ = clustered_features(3000, d=16, n_ids=120, spread=0.7, seed=5)
@@ -290,10 +290,16 @@ def test_level_knn_split_into_query_block_tasks_equals_one_process(tmp_path, loc
     multi = [s for s in settings if s["levels"] > 1]
     state = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size)
     assert state["n_groups"] > 400
+    with store.stage("sums-check", {}, inputs=[]) as w:  # the sums through a scratch array: the same float64 values
+        on_disk = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size,
+                           w.scratch_space("sums", (len(feats), feats.shape[1]), (512, feats.shape[1]), np.float64))
+        assert on_disk["sums0"] is None
+        np.testing.assert_array_equal(cut_sums(store.url, on_disk), state["sums0"])
     monkeypatch.setattr(tp, "EXACT_MAX", 200)
     monkeypatch.setattr(tp, "QUERY_BLOCK", 128)
-    assert len(knn_blocks(plan_task(state, multi[0]["sv_k"], 200), 128)) >= 3
-    run_proposals(store, cfg, local_client)
+    assert len(knn_blocks(plan_task(store.url, state, multi[0]["sv_k"], 200), 128)) >= 3
+    run_proposals(store, cfg, local_client)  # each multi-level cut's sums go through a scratch array on disk
+    assert not [p for p in (tmp_path / "b.zarr" / "_tmp").rglob("*") if "__scratch__" in p.name]  # none left behind
     got = read_proposals(store)
     groups = {}
     for s in settings:
@@ -306,3 +312,26 @@ def test_level_knn_split_into_query_block_tasks_equals_one_process(tmp_path, loc
     want = combine_task(settings, [res[s["id"]] for s in settings])
     for key in ("offsets", "members", "setting", "level"):
         np.testing.assert_array_equal(got[key], want[key])
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(0, 300), n_groups=st.integers(1, 40), d=st.integers(1, 6), chunk=st.integers(1, 120),
+       seed=st.integers(0, 10_000))
+def test_add_group_sums_in_place_equals_row_order_oracle(n, n_groups, d, chunk, seed):
+    """The cut's streamed group sums, touching only a chunk's groups, equal adding each chunk's rows to their group
+    in row order (the bits the dense per-chunk product gave)."""
+    from facecluster.tasks.proposals import add_group_sums
+
+    rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((n, d)).astype(np.float32)
+    labels = rng.integers(0, n_groups, n)
+    got = np.zeros((n_groups, d))
+    want = np.zeros((n_groups, d))
+    for a in range(0, n, chunk):
+        add_group_sums(got, feats[a:a + chunk], labels[a:a + chunk])
+        part = np.zeros((n_groups, d))
+        for i in range(a, min(n, a + chunk)):
+            part[labels[i]] += feats[i].astype(np.float64)
+        present = np.unique(labels[a:a + chunk])
+        want[present] += part[present]
+    assert got.tobytes() == want.tobytes()

@@ -53,11 +53,13 @@ def cut_key(setting: dict) -> tuple:
     return (setting["th0"], setting["step"], setting["max_size"], setting["sv_k"], setting["levels"] > 1)
 
 
-def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int) -> dict:
+def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int, sums_path: str | None = None) -> dict:
     """Worker task: what the settings of one :func:`cut_key` share, up to their level-1 kNN.
 
     The super-vertices, their level-0 proposals and, for multi-level settings, the
-    feature sums of the super-vertices (one streaming pass over ``features``).
+    feature sums of the super-vertices (one streaming pass over ``features``): in the
+    state, or, given ``sums_path`` (a scratch array of at least as many rows as faces),
+    written there and read back by :func:`cut_sums`.
     """
     from facecluster.tasks import proposals as P
     from facecluster.tasks.components import super_vertices
@@ -80,12 +82,26 @@ def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: i
         r = int(feats.chunks[0])
         sums0 = np.zeros((n_groups, feats.shape[1]), np.float64)
         for a in range(0, n, r):  # stream the features: one chunk in memory at a time
-            sums0 += P.group_sums(feats[a:a + r], labels[a:a + r], n_groups)
-        state["sums0"] = sums0
+            P.add_group_sums(sums0, feats[a:a + r], labels[a:a + r])
+        if sums_path is None:
+            state["sums0"] = sums0
+        else:
+            # on disk between the cut and its levels task: the state stays on a worker while both workers
+            # search this group's and another group's level-1 kNN, and at 1M faces these float64 sums were
+            # 1 GB of a worker's 4.1 GB peak (sampled: one cut's sums beside both groups' kNN plans)
+            open_array(url, sums_path, mode="r+")[:n_groups] = sums0
+            state["sums_path"] = sums_path
     return state
 
 
-def plan_task(state: dict, k: int, exact_max: int) -> dict | None:
+def cut_sums(url: str, state: dict) -> np.ndarray | None:
+    """A cut's super-vertex feature sums (None for single-level settings)."""
+    if state.get("sums_path"):
+        return np.asarray(open_array(url, state["sums_path"])[:state["n_groups"]])
+    return state["sums0"]
+
+
+def plan_task(url: str, state: dict, k: int, exact_max: int) -> dict | None:
     """Worker task: the IVF plan of a cut's level-1 kNN (above ``EXACT_MAX`` super-vertices; else None: the
     levels task searches exactly). Its query blocks run as :func:`knn_block_task` tasks on any worker, and it is
     freed when they are done."""
@@ -94,9 +110,9 @@ def plan_task(state: dict, k: int, exact_max: int) -> dict | None:
     from ..cluster import worker_threads
 
     n = state["n_groups"]
-    if state["sums0"] is None or min(k, n - 1) <= 0 or n <= exact_max:
+    if (state["sums0"] is None and not state.get("sums_path")) or min(k, n - 1) <= 0 or n <= exact_max:
         return None
-    return P.ivf_plan(state["sums0"], worker_threads(), from_sums=True)
+    return P.ivf_plan(cut_sums(url, state), worker_threads(), from_sums=True)
 
 
 def knn_blocks(plan: dict | None, block: int) -> list[tuple[int, int]]:
@@ -112,7 +128,7 @@ def knn_block_task(plan: dict, a: int, b: int, k: int):
     return tp.ivf_block(plan, a, b, k, worker_threads())
 
 
-def levels_task(settings: list[dict], state: dict, min_size: int, max_proposal_size: int, *blocks) -> list[dict]:
+def levels_task(url: str, settings: list[dict], state: dict, min_size: int, max_proposal_size: int, *blocks) -> list[dict]:
     """Worker task: every setting's levels >= 1 from its cut.
 
     ``blocks``: the level-1 kNN query blocks when the cut had a plan (else the kNN is
@@ -124,7 +140,7 @@ def levels_task(settings: list[dict], state: dict, min_size: int, max_proposal_s
 
     from ..cluster import worker_threads
 
-    first, sums0 = settings[0], state["sums0"]
+    first, sums0 = settings[0], cut_sums(url, state)
     knn1 = None
     if sums0 is not None:
         knn1 = P.join_blocks(blocks) if blocks else P.level_knn(sums0, first["sv_k"], worker_threads())
@@ -159,9 +175,9 @@ def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_si
     """
     state = cut_task(url, settings, min_size, max_proposal_size)
     k = settings[0]["sv_k"]
-    plan = plan_task(state, k, tp.EXACT_MAX if exact_max is None else exact_max)
+    plan = plan_task(url, state, k, tp.EXACT_MAX if exact_max is None else exact_max)
     blocks = [knn_block_task(plan, a, b, k) for a, b in knn_blocks(plan, block or tp.QUERY_BLOCK)]
-    return levels_task(settings, state, min_size, max_proposal_size, *blocks)
+    return levels_task(url, settings, state, min_size, max_proposal_size, *blocks)
 
 
 def communities_task(url: str, column: int, min_size: int, max_size: int) -> dict:
@@ -291,23 +307,26 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
         # longest group's search instead of one worker finishing it alone.
         order = sorted(groups.values(), key=lambda ix: (settings[ix[0]]["levels"] <= 1, -settings[ix[0]]["th0"]))
         futs = [None] * len(settings)
-        cuts, plans, levels, open_groups = {}, {}, {}, {}
+        cuts, plans, levels, open_groups, sums_paths = {}, {}, {}, {}, {}
         done = as_completed()
+        n_faces, dim = store.array("features").shape
 
         def start(j: int) -> None:
             group = [settings[i] for i in order[j]]
-            cuts[j] = client.submit(cut_task, store.url, group, pc.min_size, pc.max_proposal_size,
+            if group[0]["levels"] > 1:  # room for the cut's sums (at most one row per face; rows never written stay unstored)
+                sums_paths[j] = w.scratch_space(f"sums-{j}", (n_faces, dim), (tp.PLAN_SLICE, dim), np.float64)
+            cuts[j] = client.submit(cut_task, store.url, group, pc.min_size, pc.max_proposal_size, sums_paths.get(j),
                                     key=f"proposals-cut-{j}-{token}", priority=len(order) - j)
-            plans[j] = client.submit(plan_task, cuts[j], group[0]["sv_k"], tp.EXACT_MAX, priority=len(order) - j,
-                                     key=f"proposals-plan-{j}-{token}")
+            plans[j] = client.submit(plan_task, store.url, cuts[j], group[0]["sv_k"], tp.EXACT_MAX,
+                                     priority=len(order) - j, key=f"proposals-plan-{j}-{token}")
             nb = client.submit(knn_blocks, plans[j], tp.QUERY_BLOCK, key=f"proposals-knn-blocks-{j}-{token}",
                                priority=len(order) - j)
             levels[nb] = j
             done.add(nb)
 
-        # At most OPEN_CUTS groups between their cut and their levels: a cut's state (the super-vertices' float64
-        # feature sums, up to 1 GB at 1M faces) and its kNN plan stay on the workers until its levels task has
-        # run, and with every cut started at once a worker held four of them (4.3 GB at 1M faces).
+        # At most OPEN_CUTS groups between their cut and their levels: a cut's kNN plan (0.5 GB at 1M faces) stays
+        # on the workers until its query blocks have run, and with every cut started at once a worker held four
+        # cut states and plans (4.3 GB at 1M faces, when the states still held their 1 GB of sums).
         n_open = min(len(order), max(OPEN_CUTS, len(client.scheduler_info().get("workers", {}))))
         for j in range(n_open):
             start(j)
@@ -318,8 +337,9 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
                 group, members = [settings[i] for i in order[j]], order[j]
                 blocks = [client.submit(knn_block_task, plans[j], a, b, group[0]["sv_k"], priority=len(order),
                                         key=f"proposals-knn-{j}-{a}-{token}") for a, b in fut.result()]
-                grp = client.submit(levels_task, group, cuts[j], pc.min_size, pc.max_proposal_size, *blocks,
+                grp = client.submit(levels_task, store.url, group, cuts[j], pc.min_size, pc.max_proposal_size, *blocks,
                                     key=f"proposals-levels-{j}-{token}")
+                del plans[j]  # the blocks hold it now: freed on the workers when they are done, not after the levels
                 for pos, i in enumerate(members):
                     futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
                 open_groups[grp] = j
@@ -328,7 +348,9 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
                 if fut.status == "error":
                     fut.result()  # raises the task's exception (its result stays on the workers otherwise)
                 j = open_groups.pop(fut)
-                del cuts[j], plans[j]
+                del cuts[j]
+                if j in sums_paths:
+                    w.drop_scratch(sums_paths.pop(j))
                 if nxt < len(order):
                     start(nxt)
                     nxt += 1
