@@ -658,20 +658,23 @@ def ivf_centroids(index) -> np.ndarray:
     return faiss.rev_swig_ptr(quant.get_xb(), quant.ntotal * quant.d).reshape(quant.ntotal, quant.d).copy()
 
 
-def ivf_assign(index, x: np.ndarray, nprobe: int, margin: int = 8) -> np.ndarray:
+def ivf_assign(index, x: np.ndarray, nprobe: int, margin: int = 8, precision: str = "float32") -> np.ndarray:
     """The ``nprobe`` lists of each row of ``x`` (exact, chunking-independent: see module doc).
 
     Lists are ranked by exact centroid similarity then list id, so the probed lists of a
     query (and the list a database row is added to, ``nprobe=1``) do not depend on the
-    batch the row came in.
+    batch the row came in. ``precision="bfloat16"``: the candidates from :func:`knn_bf16`,
+    the same lists (measured at 1M faces, 8,000 lists, 16k rows: nprobe 1 0.63-0.66 s ->
+    0.32-0.38 s; nprobe 136 1.7 s either way, the exact re-scoring of the candidates dominates).
     """
     cent = ivf_centroids(index)
-    quant = flat_index(cent)
     ids = np.arange(len(cent), dtype=np.int64)
     nprobe = min(nprobe, len(cent))
     # q_ids = -2: never equal to a list id, so nothing is excluded
-    _, lists = knn_flat(quant, x, np.full(len(x), -2, dtype=np.int64), ids, nprobe, margin)
-    return lists
+    no_self = np.full(len(x), -2, dtype=np.int64)
+    if precision == "bfloat16":
+        return knn_bf16(Bf16Flat(cent), x, no_self, ids, nprobe, margin)[1]
+    return knn_flat(flat_index(cent), x, no_self, ids, nprobe, margin)[1]
 
 
 def ivf_shard(trained: np.ndarray, db: np.ndarray, db_local_ids: np.ndarray, assign: np.ndarray | None = None):

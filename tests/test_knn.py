@@ -247,6 +247,15 @@ def test_quantizer_training_is_the_same_for_any_thread_count():
         K.set_threads(1)
 
 
+@pytest.mark.parametrize("kind", ["clustered", "near_dup", "equal"])
+def test_ivf_assign_bf16_candidates_give_the_float32_lists(kind):
+    x = np.ascontiguousarray(adversarial_rows(3000, 24, 4, kind), dtype=np.float32)
+    index = K.load_ivf(K.train_ivf(clustered(3000, 24, seed=4), 150, niter=4))
+    for nprobe in (1, 7, 40):
+        np.testing.assert_array_equal(K.ivf_assign(index, x, nprobe, precision="bfloat16"),
+                                      K.ivf_assign(index, x, nprobe))
+
+
 def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
     x, ids, trained, index, lists, probes = ivf_setup(1200, 20, 3, seed=5)
     one = K.ivf_shard(trained, x, ids, lists)

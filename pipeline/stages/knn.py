@@ -257,15 +257,15 @@ def train_task(nlist, seed, niter, *samples) -> np.ndarray:
         K.set_threads(worker_threads())
 
 
-def assign_lists(trained: np.ndarray, rows: np.ndarray) -> np.ndarray:
+def assign_lists(trained: np.ndarray, rows: np.ndarray, precision: str = "float32") -> np.ndarray:
     """The inverted list each row joins: its nearest centroid (what a face's ``knn/ivf_list`` entry holds)."""
-    return K.ivf_assign(index_of(trained), rows, 1)[:, 0]
+    return K.ivf_assign(index_of(trained), rows, 1, precision=precision)[:, 0]
 
 
-def assign_task(url, list_path, r0, r1, trained) -> int:
-    """Write the inverted list of faces [r0, r1) into ``knn/ivf_list``."""
+def assign_task(url, list_path, r0, r1, trained, kernel=None) -> int:
+    """Write the inverted list of faces [r0, r1) into ``knn/ivf_list`` (``kernel``: as for the search tasks)."""
     K.set_threads(worker_threads())
-    lists = assign_lists(trained, _rows(url, r0, r1))
+    lists = assign_lists(trained, _rows(url, r0, r1), _precision(kernel))
     open_array(url, list_path, "r+")[r0:r1] = lists
     return r1 - r0
 
@@ -508,7 +508,8 @@ def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dic
     w.create_array("knn/ivf_list", (n,), (r,), np.int64)
     list_path = w.tmp_path("knn/ivf_list")
     span = r * max(1, int(1e11 / max(nlist * d, 1)) // r)  # ~a few seconds of quantizer search per task
-    futs = [client.submit(assign_task, url, list_path, a, b, trained, key=f"knn-ivf-assign-{token}-{a}")
+    futs = [client.submit(assign_task, url, list_path, a, b, trained, _kernel_arg(kc),
+                          key=f"knn-ivf-assign-{token}-{a}")
             for a, b in _ranges(n, span)]
     wait_futures(futs, "knn-assign", gather=False)
     t_assign = time.perf_counter() - t0 - t_train
