@@ -256,6 +256,21 @@ def test_ivf_assign_bf16_candidates_give_the_float32_lists(kind):
                                       K.ivf_assign(index, x, nprobe))
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 300), nlist=st.integers(1, 60), nprobe=st.integers(1, 70), margin=st.integers(0, 6),
+       seed=st.integers(0, 10_000), kind=st.sampled_from(["clustered", "equal", "near_dup", "norms"]),
+       train_kind=st.sampled_from(["clustered", "near_dup"]))
+def test_ivf_probes_are_the_exact_probe_sets(n, nlist, nprobe, margin, seed, kind, train_kind):
+    # the set of probed lists decides a search's candidates: ivf_probes must give ivf_assign's sets exactly,
+    # ties included (equal queries; near-duplicate centroids, below float32's resolution)
+    x = np.ascontiguousarray(adversarial_rows(n, 12, seed, kind), dtype=np.float32)
+    train = np.ascontiguousarray(adversarial_rows(max(n, nlist), 12, seed + 1, train_kind), dtype=np.float32)
+    index = K.load_ivf(K.train_ivf(train, nlist, niter=3))
+    got, want = K.ivf_probes(index, x, nprobe, margin), K.ivf_assign(index, x, nprobe)
+    assert got.shape == want.shape
+    np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
+
+
 def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
     x, ids, trained, index, lists, probes = ivf_setup(1200, 20, 3, seed=5)
     one = K.ivf_shard(trained, x, ids, lists)

@@ -114,7 +114,7 @@ def ivf_search_task(url: str, paths: dict, q0: int, q1: int, g0: int, g1: int, n
     group = ivf_group(url, g0, g1, trained, paths["knn/ivf_list"], budget, features=paths["features"])
     q = np.ascontiguousarray(open_array(url, paths["features"])[q0:q1], np.float32)
     q_ids = np.arange(q0, q1, dtype=np.int64)
-    probes = K.ivf_assign(index_of(trained), q, nprobe)
+    probes = K.ivf_probes(index_of(trained), q, nprobe)
     return {"new": K.knn_ivf_lists(group, q, q_ids, probes, k, margin),
             "entering": entering_lists(group, kth, q, q_ids, probes, n_old)}
 

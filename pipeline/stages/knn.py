@@ -190,7 +190,7 @@ def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None, kern
     trained, list_path, probes = ivf["trained"], ivf["list_path"], ivf["probes"]
     group = ivf_group(url, g0, g1, trained, list_path, budget)
     if isinstance(probes, int):
-        probes = K.ivf_assign(index_of(trained), q, probes)
+        probes = K.ivf_probes(index_of(trained), q, probes)  # the exact set of lists; the search needs no more
     return K.knn_ivf_lists(group, q, q_ids, probes, k, margin)
 
 
