@@ -367,11 +367,18 @@ HEAP_PROBE = """
 def heap_probe():
     import numpy as np, psutil
     me = psutil.Process()
-    arrays = [np.ones(2_500_000) for _ in range(20)]  # 20 MB each: under MALLOC_ENV's mmap threshold
-    top = np.ones(1000)
+    # 20 MB arrays (under MALLOC_ENV's mmap threshold), each followed by a small pin that stays: the freed
+    # arrays are holes below live chunks, which free() cannot hand back by itself (only a free top of the
+    # heap is trimmed) and malloc_trim can
+    arrays, pins = [], []
+    for _ in range(20):
+        arrays.append(np.ones(2_500_000))
+        pins.append(np.ones(37_501))  # ~300 KB: past the small-chunk caches, cut from the top of the heap
     held = me.memory_info().rss
     del arrays
-    return held, me.memory_info().rss, top.sum()
+    import sys
+    sys.facecluster_test_pins = pins  # alive past the return: freed with the function's locals they would
+    return held, me.memory_info().rss  # make the whole region one free top, which free() trims by itself
 """
 
 
@@ -379,12 +386,26 @@ def heap_probe():
 def test_release_memory_returns_freed_heap_to_the_system():
     from facecluster.pipeline.cluster import release_memory
 
+    # the function itself, in a process of its own with the workers' malloc settings (nothing else trims there)
+    code = HEAP_PROBE + (
+        "import psutil\n"
+        "from facecluster.pipeline.cluster import release_memory\n"
+        "held, after_free = heap_probe()\n"
+        "freed = release_memory()\n"
+        "print(held, after_free, freed, psutil.Process().memory_info().rss)\n")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **MALLOC_ENV}, capture_output=True,
+                         text=True, check=True)
+    held, after_free, freed, rss = (int(v) for v in out.stdout.split())
+    assert after_free > held - (100 << 20)  # freed inside the heap: still resident
+    assert freed > 300 << 20, freed  # malloc_trim handed it back
+    assert rss < after_free - (300 << 20)
+    # and on a worker, as the chain calls it between stages
     ns = {"__name__": "facecluster_test_heap_probe"}
     exec(HEAP_PROBE, ns)
     with connect(DaskConfig(n_workers=1, memory_limit="2GiB")) as client:
-        held, after_free, _ = client.submit(ns["heap_probe"], pure=False).result()
+        held, after_free = client.submit(ns["heap_probe"], pure=False).result()
         freed = list(client.run(release_memory).values())[0]
         rss = list(client.run(lambda: __import__("psutil").Process().memory_info().rss).values())[0]
-    assert after_free > held - (100 << 20)  # freed inside the heap: still resident
-    assert freed > 300 << 20, freed  # malloc_trim handed it back
+    assert after_free > held - (100 << 20)
+    assert freed > 300 << 20, freed
     assert rss < after_free - (300 << 20)
