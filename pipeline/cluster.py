@@ -207,14 +207,6 @@ def worker_threads() -> int:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def host_cpus() -> int:
-    """CPUs this process may run on (its affinity mask: a SLURM or cgroup allocation, not the whole machine)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
-
-
 # -- TLS -----------------------------------------------------------------------------
 def tls_security(cfg: DaskConfig):
     """A ``distributed.Security`` from ``cfg.tls_*`` files, or None to use Dask's own config.

@@ -615,14 +615,20 @@ def default_nlist(n: int, factor: float = 8.0) -> int:
     return max(1, int(round(factor * np.sqrt(max(n, 1)))))
 
 
-def train_ivf(sample: np.ndarray, nlist: int, seed: int = 1234, niter: int = 10) -> np.ndarray:
+def train_ivf(sample: np.ndarray, nlist: int, seed: int = 1234, niter: int = 10, threads: int = 1) -> np.ndarray:
     """Train an empty IndexIVFFlat (inner product, spherical k-means) on ``sample``; serialised bytes.
 
     The quantizer is trained once; every shard deserialises the same bytes, so all
     shards agree on the lists and searching them with one nprobe then merging equals
     searching a single index holding every row.
+
+    ``threads``: faiss's and BLAS's threads for the training, whatever the caller's (restored after).
+    A fixed count, never the worker's: with OpenBLAS's Haswell kernel the centroids differ between
+    1 and 2 threads (the SkylakeX kernel gives the same bytes), so a quantizer trained with the
+    worker's threads would make the lists depend on how the workers were started.
     """
     import faiss
+    from threadpoolctl import threadpool_limits
 
     sample = np.ascontiguousarray(sample, dtype=np.float32)
     d = sample.shape[1]
@@ -637,7 +643,13 @@ def train_ivf(sample: np.ndarray, nlist: int, seed: int = 1234, niter: int = 10)
     # and nprobe is then tuned against exact search, so faiss's "please provide at least 39
     # points per centroid" warning (it only warns) would tell a user nothing actionable.
     index.cp.min_points_per_centroid = max(1, min(39, len(sample) // max(nlist, 1)))
-    index.train(sample)
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(threads))
+    try:
+        with threadpool_limits(int(threads), user_api="blas"):
+            index.train(sample)
+    finally:
+        faiss.omp_set_num_threads(before)
     index.own_fields = True
     quantizer.this.disown()
     return faiss.serialize_index(index)

@@ -43,7 +43,7 @@ import numpy as np
 
 from facecluster.tasks import knn as K
 
-from ..cluster import host_cpus, worker_threads
+from ..cluster import worker_threads
 from ..config import Config
 from ..errors import BadInput
 from ..progress import wait_futures
@@ -242,19 +242,15 @@ def sample_task(url, r0, r1, ids) -> np.ndarray:
     return _rows(url, r0, r1)[np.asarray(ids) - r0]
 
 
-def train_task(nlist, seed, niter, *samples) -> np.ndarray:
-    """Train the IVF quantizer on the gathered sample (one task).
+#: threads of the quantizer's training: a fixed count (the centroids can depend on it: ``train_ivf``), two
+#: because the training is the only task of the cluster while it runs (the stage waits for it): at 1M faces
+#: (200k rows, 8,000 lists) 53-55 s with one thread, 32-33 s with two
+TRAIN_THREADS = 2
 
-    It is the only task of the cluster while it runs (the stage waits for it), so it uses every CPU of its
-    host, not only its worker's threads: at 1M faces (200k rows, 8,000 lists) 53-55 s with one thread,
-    32-33 s with two, the same centroids bit for bit (faiss's k-means assigns with a GEMM whose entries
-    do not depend on the thread split, and adds each centroid's points in point order; tested).
-    """
-    K.set_threads(max(worker_threads(), host_cpus()))
-    try:
-        return K.train_ivf(np.concatenate(samples), nlist, seed=seed, niter=niter)
-    finally:
-        K.set_threads(worker_threads())
+
+def train_task(nlist, seed, niter, *samples) -> np.ndarray:
+    """Train the IVF quantizer on the gathered sample (one task, :data:`TRAIN_THREADS` threads)."""
+    return K.train_ivf(np.concatenate(samples), nlist, seed=seed, niter=niter, threads=TRAIN_THREADS)
 
 
 def assign_lists(trained: np.ndarray, rows: np.ndarray, precision: str = "float32") -> np.ndarray:
