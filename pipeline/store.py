@@ -286,10 +286,13 @@ class StageWriter:
         return path
 
     def drop_scratch(self, path: str) -> None:
-        """Remove one scratch array before the stage ends (its tasks are done with it)."""
+        """Remove one scratch array before the stage ends (its tasks are done with it). As at the stage's end
+        (``RunStore._drop_scratch``) a failed removal does not fail the stage: the path stays listed, and the
+        stage's end tries again."""
         if path in self.scratch:
-            self.scratch.remove(path)
-            self.store._delete(path)
+            with contextlib.suppress(Exception):
+                self.store._delete(path)
+                self.scratch.remove(path)
 
     def tmp_path(self, name: str) -> str:
         return self.tmp_arrays[name]

@@ -159,7 +159,8 @@ def rescore(q: np.ndarray, rows: np.ndarray, local: np.ndarray) -> np.ndarray:
     buf = np.empty((min(step, nq), m, rows.shape[1]), dtype=rows.dtype)
     for s in range(0, nq, step):
         e = min(nq, s + step)
-        g = np.take(rows, safe[s:e], axis=0, out=buf[:e - s], mode="clip")  # in range: "clip" skips numpy's bounds check (2.4x measured)
+        # positions in range already: "clip" skips numpy's bounds check (2.4x faster measured)
+        g = np.take(rows, safe[s:e], axis=0, out=buf[:e - s], mode="clip")
         # float64 accumulation of float32 products, rounded once: the float32 result is a
         # function of the pair (any float64 summation order rounds to the same float32
         # except within ~1e-16 of a rounding boundary). einsum casts on the fly (fastest measured).
