@@ -15,7 +15,7 @@ import pytest
 
 from dask_procs import dask_cluster, free_port, make_tls_files
 from facecluster.pipeline.cluster import (MALLOC_ENV, ClusterError, _probe_store, check_store_reachable, check_workers, connect,
-                              detect_openblas_coretype, local_cluster_size, make_jobqueue_cluster, resolve_coretype,
+                              detect_openblas_coretype, heap_reuse, local_cluster_size, make_jobqueue_cluster, resolve_coretype,
                               worker_env)
 from facecluster.pipeline.config import DaskConfig
 from facecluster.pipeline.errors import BadInput
@@ -295,6 +295,45 @@ def test_local_cluster_workers_reuse_freed_arrays():
     if dask_default < 100:  # e.g. transparent huge pages "always": few faults either way, nothing to compare
         pytest.skip(f"{dask_default:.0f} faults per array under Dask's default here")
     assert in_worker < dask_default / 4, (in_worker, dask_default)
+
+
+LARGE_FAULT_PROBE = FAULT_PROBE.replace("fault_probe", "large_fault_probe").replace(
+    "np.ones(3_000_000)  # two live at once: 48 MB, under MALLOC_ENV's thresholds",
+    "np.ones(12_500_000)  # 100 MB, over MALLOC_ENV's 64 MiB thresholds")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
+def test_heap_reuse_raises_worker_thresholds_for_a_stage_and_puts_them_back():
+    """Inside ``heap_reuse`` (the score stage) a freed 100 MB array is reused from the heap; outside it the
+    worker is back at its own thresholds, where such an array is a fresh mmap faulted in again every time."""
+    assert LARGE_FAULT_PROBE != FAULT_PROBE
+    ns = {"__name__": "facecluster_test_fault_probe"}
+    exec(LARGE_FAULT_PROBE, ns)
+    probe = ns["large_fault_probe"]
+    with connect(DaskConfig(n_workers=1, memory_limit="2GiB")) as client:
+        before = client.submit(probe, pure=False).result()
+        with heap_reuse(client, 1 << 30):
+            inside = client.submit(probe, 40, pure=False).result()
+        after = client.submit(probe, pure=False).result()
+        env = client.run(lambda: {k: os.environ.get(k) for k in MALLOC_ENV})
+    assert list(env.values()) == [MALLOC_ENV]  # mallopt, not the environment
+    if before < 20:  # e.g. transparent huge pages "always" on huge-page-aligned maps: nothing to compare
+        pytest.skip(f"{before:.0f} faults per 100 MB array at the workers' thresholds here")
+    assert inside < before / 4, (before, inside)
+    assert after > 2 * inside, (before, inside, after)
+
+
+def test_heap_reuse_puts_thresholds_back_when_the_stage_fails():
+    calls = []
+
+    class FakeClient:
+        def run(self, fn, *args):
+            calls.append(args)
+
+    with pytest.raises(RuntimeError, match="stage failed"):
+        with heap_reuse(FakeClient(), 1 << 30):
+            raise RuntimeError("stage failed")
+    assert calls == [(1 << 30,), (None,)]
 
 
 @pytest.mark.parametrize("queue", ["slurm", "pbs"])

@@ -30,6 +30,7 @@ import uuid
 
 import numpy as np
 
+from ..cluster import heap_reuse
 from ..config import Config
 from ..model_files import check_dim, edge_weight_array, load_models, model_digest, read_model_config
 from ..progress import wait_futures
@@ -238,11 +239,13 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
                              block=block)
         blocks = block_bounds(offsets, block)
         model_dir = os.path.abspath(model_dir)
-        futs = [client.submit(score_task, store.url, model_dir, digest, blocks[(blocks >= a) & (blocks <= b)].tolist(),
-                              iop_range, keep_prob, g.segment, BUILD_ROWS, key=f"score-{a}-{token}")
-                for a, b in zip(bounds[:-1], bounds[1:])]
         t0 = time.perf_counter()
-        res = wait_futures(futs, "score")
+        with heap_reuse(client):  # its temporaries reuse freed heap instead of fresh pages (cluster.SCORE_MALLOC_THRESHOLD)
+            futs = [client.submit(score_task, store.url, model_dir, digest,
+                                  blocks[(blocks >= a) & (blocks <= b)].tolist(), iop_range, keep_prob, g.segment,
+                                  BUILD_ROWS, key=f"score-{a}-{token}")
+                    for a, b in zip(bounds[:-1], bounds[1:])]
+            res = wait_futures(futs, "score")
         seconds = time.perf_counter() - t0
         cat = (lambda k: np.concatenate([r[k] for r in res]) if res else np.zeros(0))
         iou = cat("iou").astype(np.float32)
