@@ -201,9 +201,9 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 # What the score stage raises both thresholds to while its tasks run. A score task reads its rows into arrays of
 # hundreds of MB and builds ~60 MB temporaries per 65k member rows, all just above MALLOC_ENV's 64 MiB: each
 # one a fresh mmap whose pages the kernel zeroes on first touch and takes back on free. Measured, the score
-# stage alone on a 1M-face store (2 workers, 14 tasks, session 20): 38-42 s of system CPU per worker at
-# 64 MiB (27% of the workers' samples in the kernel's clear_page), 2.7-10.8 s at 1 GiB; 152-210 s -> 104-124 s
-# wall; peak RSS per worker 3,004 / 2,413 -> 3,002 / 2,449 MiB. Not for every stage: at 1 GiB in every stage
+# stage alone on a 1M-face store (2 workers, 14 tasks, runs alternated, session 20): 34-46 s of system CPU per
+# worker at 64 MiB (27% of the workers' samples in the kernel's clear_page), 16-21 s at 1 GiB; 156-163 s ->
+# 127-131 s wall; the same peak RSS per worker (3,031 / 2,489 MiB). Not for every stage: at 1 GiB in every stage
 # the 1M chain's communities stage peaked at 4,473 MiB against 3,132 (freed heap held beside an Infomap
 # child process).
 SCORE_MALLOC_THRESHOLD = 1 << 30
