@@ -26,6 +26,7 @@ import uuid
 
 import numpy as np
 
+from ..cluster import heap_reuse
 from ..config import Config
 from ..model_files import load_edge_scorer, model_digest
 from ..forest import row_chunks
@@ -120,15 +121,16 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         w.create_array("edges/prob", (n, k), (r, k), np.float32, fill_value=0.0)
         summary_path, first_path = w.tmp_path("edges/row_summary"), w.tmp_path("edges/first_ids")
         stride = sample_stride(n, SAMPLE_ROWS)
-        futs = [client.submit(summary_task, store.url, summary_path, first_path, a, b, stride, key=f"edges-rows-{a}-{token}")
-                for a, b in row_chunks(n, r)]
-        rows = wait_futures(futs, "edges (row summaries)")
-        # the scale sample's rows in row order: the same quantiles however the rows were chunked
-        stats = sim_stats(np.concatenate([p["index"] for p in rows]), np.concatenate([p["sim"] for p in rows])).to_dict()
-        futs = [client.submit(edges_task, store.url, w.tmp_path("edges/prob"), summary_path, first_path, a, b,
-                              os.path.abspath(model_dir), digest, stats, key=f"edges-{a}-{token}")
-                for a, b in row_chunks(n, r)]
-        parts = wait_futures(futs, "edges")
+        with heap_reuse(client):  # its temporaries reuse freed heap instead of fresh pages (as in score)
+            futs = [client.submit(summary_task, store.url, summary_path, first_path, a, b, stride, key=f"edges-rows-{a}-{token}")
+                    for a, b in row_chunks(n, r)]
+            rows = wait_futures(futs, "edges (row summaries)")
+            # the scale sample's rows in row order: the same quantiles however the rows were chunked
+            stats = sim_stats(np.concatenate([p["index"] for p in rows]), np.concatenate([p["sim"] for p in rows])).to_dict()
+            futs = [client.submit(edges_task, store.url, w.tmp_path("edges/prob"), summary_path, first_path, a, b,
+                                  os.path.abspath(model_dir), digest, stats, key=f"edges-{a}-{token}")
+                    for a, b in row_chunks(n, r)]
+            parts = wait_futures(futs, "edges")
         n_edges = sum(p["edges"] for p in parts)
         summary = {"n": int(n), "k": int(k), "tasks": len(parts), "edges": int(n_edges),
                    "share_above_half": float(sum(p["above_half"] for p in parts) / max(n_edges, 1)),
