@@ -208,7 +208,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (mallo
 # child process).
 # The edges stage too (its tasks gather neighbour rows into arrays of the same sizes): alone at 1M, alternated,
 # 96.8-103.0 s -> 78.4-84.3 s, system CPU per worker 16.5-19.9 -> 5.2-5.6 s, peak RSS 803-814 MiB either way.
-SCORE_MALLOC_THRESHOLD = 1 << 30
+HEAP_REUSE_THRESHOLD = 1 << 30
 
 
 def set_malloc_thresholds(nbytes: int | None = None) -> bool:
@@ -223,15 +223,15 @@ def set_malloc_thresholds(nbytes: int | None = None) -> bool:
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    mmap_at = nbytes if nbytes is not None else int(os.environ.get("MALLOC_MMAP_THRESHOLD_")
-                                                    or MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"])
-    trim_at = nbytes if nbytes is not None else int(os.environ.get("MALLOC_TRIM_THRESHOLD_")
-                                                    or MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"])
-    return bool(mallopt(M_MMAP_THRESHOLD, int(mmap_at))) and bool(mallopt(M_TRIM_THRESHOLD, int(trim_at)))
+    ok = True
+    for param, var in ((M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"), (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_")):
+        value = nbytes if nbytes is not None else int(os.environ.get(var) or MALLOC_ENV[var])
+        ok = bool(mallopt(param, int(value))) and ok
+    return ok
 
 
 @contextlib.contextmanager
-def heap_reuse(client, nbytes: int = SCORE_MALLOC_THRESHOLD):
+def heap_reuse(client, nbytes: int = HEAP_REUSE_THRESHOLD):
     """Raise the workers' malloc thresholds to ``nbytes`` for the block (one stage), then put them back.
 
     A worker that joins during the block (lost-worker recovery) runs with its own thresholds: the same

@@ -304,7 +304,7 @@ LARGE_FAULT_PROBE = FAULT_PROBE.replace("fault_probe", "large_fault_probe").repl
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_heap_reuse_raises_worker_thresholds_for_a_stage_and_puts_them_back():
-    """Inside ``heap_reuse`` (the score stage) a freed 100 MB array is reused from the heap; outside it the
+    """Inside ``heap_reuse`` (the score and edges stages) a freed 100 MB array is reused from the heap; outside it the
     worker is back at its own thresholds, where such an array is a fresh mmap faulted in again every time."""
     assert LARGE_FAULT_PROBE != FAULT_PROBE
     ns = {"__name__": "facecluster_test_fault_probe"}

@@ -240,7 +240,7 @@ def run_score(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
         blocks = block_bounds(offsets, block)
         model_dir = os.path.abspath(model_dir)
         t0 = time.perf_counter()
-        with heap_reuse(client):  # its temporaries reuse freed heap instead of fresh pages (cluster.SCORE_MALLOC_THRESHOLD)
+        with heap_reuse(client):  # its temporaries reuse freed heap instead of fresh pages (cluster.HEAP_REUSE_THRESHOLD)
             futs = [client.submit(score_task, store.url, model_dir, digest,
                                   blocks[(blocks >= a) & (blocks <= b)].tolist(), iop_range, keep_prob, g.segment,
                                   BUILD_ROWS, key=f"score-{a}-{token}")
