@@ -235,15 +235,21 @@ def heap_reuse(client, nbytes: int = HEAP_REUSE_THRESHOLD):
     """Raise the workers' malloc thresholds to ``nbytes`` for the block (one stage), then put them back.
 
     A worker that joins during the block (lost-worker recovery) runs with its own thresholds: the same
-    results, its tasks only slower. The stage's freed heap is handed back after the stage as after any
-    (``release_memory`` between stages).
+    results, its tasks only slower. On the way out the stage's freed heap is handed back too
+    (``release_memory``): at the restored thresholds a freed chunk that no longer borders the heap's top
+    is never trimmed on its own, so without it a worker kept up to the block's threshold resident and
+    served later large arrays from it whatever its thresholds said.
     """
     client.run(set_malloc_thresholds, int(nbytes))
     try:
         yield
     finally:
-        with contextlib.suppress(Exception):  # a lost connection must not hide the stage's own error
+        try:
             client.run(set_malloc_thresholds, None)
+            client.run(release_memory)
+        except Exception as exc:  # a lost connection must not hide the stage's own error, nor pass unsaid
+            log.warning("could not put the workers' malloc thresholds back (%s); they keep %d bytes until they restart",
+                        exc, int(nbytes))
 
 
 def worker_threads() -> int:

@@ -302,38 +302,78 @@ LARGE_FAULT_PROBE = FAULT_PROBE.replace("fault_probe", "large_fault_probe").repl
     "np.ones(12_500_000)  # 100 MB, over MALLOC_ENV's 64 MiB thresholds")
 
 
+MMAP_PROBE = """
+def malloc_is_mmapped(nbytes=512 << 20):
+    # Does glibc serve a request larger than any free chunk with its own mmap (at or over the mmap threshold)
+    # or from the heap's top? Untouched, so nothing becomes resident; MALLOC_ARENA_MAX=1 keeps every thread on
+    # the main arena, whose heap lies below the program break.
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    libc.sbrk.restype, libc.sbrk.argtypes = ctypes.c_void_p, [ctypes.c_ssize_t]
+    p = libc.malloc(nbytes)
+    from_heap = p < libc.sbrk(0)
+    libc.free(p)
+    return not from_heap
+"""
+
+
+def _probes():
+    ns = {"__name__": "facecluster_test_fault_probe"}
+    exec(LARGE_FAULT_PROBE + MMAP_PROBE, ns)
+    return ns["large_fault_probe"], ns["malloc_is_mmapped"]
+
+
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's mallopt")
 def test_heap_reuse_raises_worker_thresholds_for_a_stage_and_puts_them_back():
-    """Inside ``heap_reuse`` (the score and edges stages) a freed 100 MB array is reused from the heap; outside it the
-    worker is back at its own thresholds, where such an array is a fresh mmap faulted in again every time."""
+    """Inside ``heap_reuse`` (the score and edges stages) a freed 100 MB array is reused from the heap and a large
+    request comes from the heap; after it the worker is back at its own thresholds (a large request is its own mmap
+    again) with the block's freed heap handed back."""
     assert LARGE_FAULT_PROBE != FAULT_PROBE
-    ns = {"__name__": "facecluster_test_fault_probe"}
-    exec(LARGE_FAULT_PROBE, ns)
-    probe = ns["large_fault_probe"]
+    fault_probe, is_mmapped = _probes()
     with connect(DaskConfig(n_workers=1, memory_limit="2GiB")) as client:
-        before = client.submit(probe, pure=False).result()
+        mmapped_before = client.submit(is_mmapped, pure=False).result()
+        faults_before = client.submit(fault_probe, pure=False).result()
         with heap_reuse(client, 1 << 30):
-            inside = client.submit(probe, 40, pure=False).result()
-        after = client.submit(probe, pure=False).result()
+            mmapped_inside = client.submit(is_mmapped, pure=False).result()
+            faults_inside = client.submit(fault_probe, 40, pure=False).result()
+            rss_inside = client.run(lambda: __import__("psutil").Process().memory_info().rss)
+        mmapped_after = client.submit(is_mmapped, pure=False).result()
+        rss_after = client.run(lambda: __import__("psutil").Process().memory_info().rss)
         env = client.run(lambda: {k: os.environ.get(k) for k in MALLOC_ENV})
     assert list(env.values()) == [MALLOC_ENV]  # mallopt, not the environment
-    if before < 20:  # e.g. transparent huge pages "always" on huge-page-aligned maps: nothing to compare
-        pytest.skip(f"{before:.0f} faults per 100 MB array at the workers' thresholds here")
-    assert inside < before / 4, (before, inside)
-    assert after > 2 * inside, (before, inside, after)
+    assert (mmapped_before, mmapped_inside, mmapped_after) == (True, False, True)
+    (inside,), (after,) = rss_inside.values(), rss_after.values()
+    assert after < inside - 150e6, (inside >> 20, after >> 20)  # the probe's two freed 100 MB arrays went back
+    if faults_before < 20:  # e.g. transparent huge pages "always" on huge-page-aligned maps: nothing to compare
+        pytest.skip(f"{faults_before:.0f} faults per 100 MB array at the workers' thresholds here")
+    assert faults_inside < faults_before / 4, (faults_before, faults_inside)
 
 
-def test_heap_reuse_puts_thresholds_back_when_the_stage_fails():
+def test_heap_reuse_puts_thresholds_back_and_trims_when_the_stage_fails():
     calls = []
 
     class FakeClient:
         def run(self, fn, *args):
-            calls.append(args)
+            calls.append((fn.__name__, *args))
 
     with pytest.raises(RuntimeError, match="stage failed"):
         with heap_reuse(FakeClient(), 1 << 30):
             raise RuntimeError("stage failed")
-    assert calls == [(1 << 30,), (None,)]
+    assert calls == [("set_malloc_thresholds", 1 << 30), ("set_malloc_thresholds", None), ("release_memory",)]
+
+
+def test_heap_reuse_says_when_it_cannot_put_thresholds_back(caplog):
+    class LostClient:
+        def run(self, fn, *args):
+            if args == (None,):
+                raise OSError("connection lost")
+
+    with caplog.at_level("WARNING", logger="facecluster.pipeline.cluster"):
+        with heap_reuse(LostClient(), 1 << 30):
+            pass
+    assert "could not put the workers' malloc thresholds back (connection lost)" in caplog.text
 
 
 @pytest.mark.parametrize("queue", ["slurm", "pbs"])
