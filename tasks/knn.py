@@ -791,6 +791,11 @@ def knn_ivf(shard, rows: np.ndarray, row_ids: np.ndarray, q: np.ndarray, q_ids: 
 # probed list) pairs are grouped by list, and each list is multiplied with all the queries
 # that probe it in one GEMM (the list stays in cache). The candidates of a query are still
 # exactly its probed lists, so the result does not depend on which queries share a block.
+# Probe ranks in the first pass of IvfLists.search (each query's nearest lists); a caller sizing query
+# blocks needs it: a list is visited by about n_queries * IVF_FIRST_PROBES / nlist queries in that pass.
+IVF_FIRST_PROBES = 4
+
+
 class IvfLists:
     """Database rows grouped by IVF list: ``rows`` sorted by list, ``ids`` their global ids,
     ``offsets`` [nlist + 1] so list ``j`` is ``rows[offsets[j]:offsets[j + 1]]``."""
@@ -834,7 +839,7 @@ class IvfLists:
         probes = np.asarray(probes, dtype=np.int64)
         return np.where(probes >= 0, self.sizes[np.maximum(probes, 0)], 0).sum(axis=1)
 
-    def search(self, q: np.ndarray, probes: np.ndarray, kk: int, first: int = 4,
+    def search(self, q: np.ndarray, probes: np.ndarray, kk: int, first: int = IVF_FIRST_PROBES,
                growth: int = 4) -> tuple[np.ndarray, np.ndarray]:
         """Top-``kk`` raw float32 similarities of ``q`` among the rows of each query's probed lists.
 

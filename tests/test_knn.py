@@ -366,6 +366,30 @@ def test_ivf_lists_rejects_bad_assignments():
         K.IvfLists([x[:4], x[4:]], np.arange(10), np.zeros(11, int), 5)
 
 
+def test_ivf_query_blocks_amortise_the_per_list_work_within_balance_and_memory():
+    from facecluster.pipeline.config import Config
+    from facecluster.pipeline.stages import knn as S
+
+    kc = Config().knn
+    two = [{"memory_limit": 11 << 30, "nthreads": 1}] * 2
+    n, nlist = 1_000_000, 8000
+    pl = S.plan(n, 256, 16384, 80, kc, two, True, 136, nlist)
+    assert pl["strategy"] == "broadcast" and pl["q_rows"] % 16384 == 0
+    assert pl["q_rows"] * K.IVF_FIRST_PROBES / nlist >= S.IVF_LIST_QUERIES  # 65,536 here
+    # the time model alone would give one chunk: IVF tasks are sized up, exact ones are not
+    assert S.plan(n, 256, 16384, 80, kc, two, False)["q_rows"] < pl["q_rows"]
+    # many threads: every thread still gets >= 4 tasks
+    many = [{"memory_limit": 11 << 30, "nthreads": 4}] * 16
+    assert S.plan(n, 256, 1024, 80, kc, many, True, 136, nlist)["q_rows"] <= n // (4 * 64) + 1024
+    # little memory left beside the database share: the task's working set bounds the block
+    small = [{"memory_limit": 2 << 30, "nthreads": 2}] * 2
+    pl = S.plan(n, 256, 1024, 80, kc, small, True, 136, nlist)  # 37,888 rows
+    per_query = 256 * 4 + 136 * 8 + 4 * (80 + kc.margin) * 8 + 3 * (80 + kc.margin) * 12
+    assert pl["q_rows"] * per_query <= ((2 << 30) - pl["budget"]) // 2 // 2 + 1024 * per_query
+    assert pl["q_rows"] < 65536  # the unbounded block at these lists
+    assert S.plan(n, 256, 16384, 80, dataclasses.replace(kc, q_rows=16384), two, True, 136, nlist)["q_rows"] == 16384
+
+
 def test_worker_cache_makes_room_before_it_builds():
     # an entry that would not fit beside the cached ones is made room for before it is built (peak memory)
     from facecluster.pipeline.stages import knn as S

@@ -17,7 +17,8 @@ How the work is cut
   combines the groups' top-k lists ("blocks"); no task ever holds an N x N block and a
   worker's memory is bounded by ``db_rows``, not N.
 * Query blocks are whole chunks (``q_rows``), sized so a task runs ~``task_seconds``
-  (a no-op task costs milliseconds) while leaving >= 2 tasks per worker thread.
+  (a no-op task costs milliseconds) while leaving >= 2 tasks per worker thread; IVF blocks are
+  at least large enough that each list meets ``IVF_LIST_QUERIES`` queries in the search's first pass.
 * Workers read features from the store by URL (nothing big is scattered from here)
   and write their output chunks straight into the stage's temporary arrays; writes
   cover whole chunks, so a recomputed task rewrites identical bytes.
@@ -43,7 +44,7 @@ import numpy as np
 
 from facecluster.tasks import knn as K
 
-from ..cluster import worker_threads
+from ..cluster import heap_reuse, worker_threads
 from ..config import Config
 from ..errors import BadInput
 from ..progress import wait_futures
@@ -57,6 +58,12 @@ QUANTIZER = "knn/ivf_quantizer"
 # measured single-core speed of IndexFlatIP search (multiply-adds/s) with an AVX-512/AVX2
 # OpenBLAS kernel; used only to size tasks, never for results
 FLAT_MACS_PER_S = 3.0e10
+# IVF query blocks: at least this many queries per list in the search's first pass (K.IVF_FIRST_PROBES
+# probes per query). The list-major search makes ~10 numpy calls per (list, pass), whatever the block's
+# size; at 1M faces, 8,000 lists, 8 queries per list (16,384-query blocks) those calls were 1.7 s of a
+# 7.2 s task, and the search went at 0.44 ms per query against 0.36 ms with 32 per list (65,536-query
+# blocks; one thread, /work/exp/s21/ivf_lines.py; alone on 2 workers 45.3 -> 42.5 s per 131,072 queries).
+IVF_LIST_QUERIES = 32
 DEFAULT_WORKER_MEMORY = 4 << 30
 
 # -- worker side ---------------------------------------------------------------------------------
@@ -314,6 +321,13 @@ def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, np
         q_rows = cfg.q_rows
     else:
         q_rows = int(cfg.task_seconds * FLAT_MACS_PER_S / max(macs, 1))
+        if ivf:  # amortise the search's per-list work (IVF_LIST_QUERIES); balance and memory still cap it below
+            q_rows = max(q_rows, -(-IVF_LIST_QUERIES * nlist // K.IVF_FIRST_PROBES))
+            # a task's queries, probes, candidate buffer (4 (k + margin) slots) and re-scoring, in the
+            # worker memory the database share leaves to its threads
+            per_query = d * 4 + nprobe * 8 + 4 * (k + cfg.margin) * 8 + 3 * (k + cfg.margin) * 12
+            per_thread = (mem - budget) // max((int(w.get("nthreads", 1)) for w in workers), default=1)
+            q_rows = min(q_rows, max(r, per_thread // 2 // per_query))
         # enough tasks to keep every thread busy and balance at the end
         if strategy == "broadcast":
             q_rows = min(q_rows, -(-n // (4 * threads)))
@@ -427,7 +441,8 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
             pl = plan(n, d, r, k, kc, workers, False)
         summary.update({x: pl[x] for x in ("strategy", "db_rows", "q_rows")})
         t_search = time.perf_counter()
-        n_tasks = _search_all(client, store.url, paths, n, k, kc, pl, ivf, token)
+        with heap_reuse(client):  # its candidate buffers reuse freed heap instead of fresh pages (as in score)
+            n_tasks = _search_all(client, store.url, paths, n, k, kc, pl, ivf, token)
         elapsed = time.perf_counter() - t_search
         client.run(clear_cache)
         summary.update(tasks=n_tasks, search_seconds=round(elapsed, 3), seconds=round(time.perf_counter() - t0, 3),
