@@ -404,6 +404,13 @@ def test_worker_cache_makes_room_before_it_builds():
     # a hit neither builds nor estimates (the estimate may read the store: not on every task)
     assert S._cached(("c",), 100, lambda: 1 / 0, estimate=lambda: 1 / 0) == "C"
     S.clear_cache()
+    # before the IVF search the stage drops the tune's exact database and keeps the lists
+    for key in (("flat", 1), ("ivf", 1), ("bf16", 1), ("ivf", 2)):
+        S._cached(key, 100, lambda: (key, 10))
+    S.clear_cache("ivf")
+    assert list(S._CACHE) == [("ivf", 1), ("ivf", 2)]
+    S.clear_cache()
+    assert not S._CACHE
 
 
 # -- the stage on a real LocalCluster ---------------------------------------------------------------
