@@ -325,9 +325,9 @@ def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, np
         q_rows = int(cfg.task_seconds * FLAT_MACS_PER_S / max(macs, 1))
         if ivf:  # amortise the search's per-list work (IVF_LIST_QUERIES); balance and memory still cap it below
             q_rows = max(q_rows, -(-IVF_LIST_QUERIES * nlist // K.IVF_FIRST_PROBES))
-            # a task's queries, probes, candidate buffer (K._TopBuffer's slots) and re-scoring, in the
-            # worker memory the database share leaves to its threads
-            per_query = d * 4 + nprobe * 8 + max(4 * (k + cfg.margin), K.TOP_BUFFER_MIN_SLOTS) * 8 + 3 * (k + cfg.margin) * 12
+            # a task's queries, probes, candidate buffer and re-scoring, in the worker memory the database
+            # share leaves to its threads
+            per_query = d * 4 + nprobe * 8 + K.top_buffer_slots(k + cfg.margin) * 8 + 3 * (k + cfg.margin) * 12
             per_thread = (mem - budget) // max((int(w.get("nthreads", 1)) for w in workers), default=1)
             q_rows = min(q_rows, max(r, per_thread // 2 // per_query))
         # enough tasks to keep every thread busy and balance at the end
