@@ -51,17 +51,19 @@ def undirected_links(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     Why an array: Infomap's list path turns every link into Python objects first (three lists of L
     ints and floats, then L tuples), which at 10^7 links is gigabytes beside the graph itself; the
     array path hands the same links, in the same order, to the same C++ network (same partition).
-    The pair is one int64 key (low * n + high, exact below n = 3e9), so one sort orders it.
+    The pair is one int64 key (low * n + high, exact below n = 3e9), so one sort orders it and the larger
+    weight of a pair is a ``maximum.reduceat`` over its run (a two-key ``lexsort`` took 8.9 s of a
+    686k-face component's 25M directed edges; this 5 s, the same array).
     """
     src, dst, weight = np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(weight, np.float64)
     key = np.minimum(src, dst) * np.int64(n) + np.maximum(src, dst)
-    order = np.lexsort((-weight, key))  # by pair, the larger weight first
+    order = np.argsort(key)
     key = key[order]
-    first = np.ones(len(key), dtype=bool)
-    first[1:] = key[1:] != key[:-1]
-    links = np.empty((int(first.sum()), 3), np.float64)
-    links[:, 0], links[:, 1] = np.divmod(key[first], np.int64(max(n, 1)))
-    links[:, 2] = weight[order[first]]
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
+    links = np.empty((len(starts), 3), np.float64)
+    links[:, 0], links[:, 1] = np.divmod(key[starts], np.int64(max(n, 1)))
+    if len(starts):
+        links[:, 2] = np.maximum.reduceat(weight[order], starts)
     return links
 
 
@@ -81,35 +83,75 @@ def infomap_modules(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) 
     return run_network(infomap_network(n, links, seed=seed, trials=trials), n)
 
 
-def infomap_network(n: int, links: np.ndarray, seed: int = 42, trials: int = 1):
+def infomap_args(seed: int = 42, trials: int = 1) -> str:
+    """The engine arguments of a two-level undirected run, as Infomap's Python facade renders
+    ``Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)`` (a test compares)."""
+    return (f" --silent --two-level --flow-model undirected --seed {int(seed)}"
+            + (f" --num-trials {int(trials)}" if int(trials) != 1 else ""))
+
+
+def infomap_engine():
+    """Infomap's C++ engine class (``infomap._swig.InfomapWrapper``, what the facade's ``Infomap`` drives), or
+    None where this installation's infomap lacks it (the facade is used then: the same partition).
+
+    Why the engine directly: per run the facade validates and renders its ~100 options in Python several
+    times (constructor and run) and builds a Result; on a small component that is most of the run
+    (measured: 0.9-1.3 ms per 2-60-node component through the facade, 0.45-0.55 ms through the engine,
+    0.24 ms of it Infomap's own search), and the communities stage at 1M faces solves ~160,000 such
+    components. The engine gets the argument string the facade would render (:func:`infomap_args`) and
+    the same nodes and links in the same order; tests compare the modules with the facade's."""
+    try:
+        from infomap._swig import InfomapWrapper
+    except ImportError:
+        return None
+    needed = ("addNode", "addLinksFromNumpy2D", "run", "getModules")
+    return InfomapWrapper if all(hasattr(InfomapWrapper, m) for m in needed) else None
+
+
+def infomap_network(n: int, links: np.ndarray, seed: int = 42, trials: int = 1, engine: bool = True):
     """A two-level undirected Infomap holding ``n`` nodes and ``links`` (copied into its network: the caller
-    may drop them before :func:`run_network`)."""
+    may drop them before :func:`run_network`). ``engine=False``: through the facade even where
+    :func:`infomap_engine` is available (the tests' reference)."""
     try:
         import infomap
     except ImportError:  # pragma: no cover - depends on the optional extra
         raise ImportError("Infomap is missing from this installation: pip install 'infomap>=2.16,<3' "
                           "(a dependency of facecluster)") from None
-    im = infomap.Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)
-    im.add_nodes(range(n))
-    im.add_links(links)
-    return im
+    core = infomap_engine() if engine else None
+    if core is None:
+        im = infomap.Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)
+        im.add_nodes(range(n))
+        im.add_links(links)
+        return im
+    net = core(infomap_args(seed, trials))
+    for node in range(n):
+        net.addNode(node)
+    links = np.ascontiguousarray(links, np.float64)
+    if len(links):
+        net.addLinksFromNumpy2D(links, links.shape[0], links.shape[1], "f", 8)
+    return net
 
 
 def run_network(im, n: int) -> np.ndarray:
     """Run an :func:`infomap_network`; its modules as labels 0..C-1 numbered by first node (nodes Infomap
     left out are singletons)."""
-    im.run()
-    # Infomap.get_modules, not the Result that infomap >= 2.16 returns from run(): reading that
-    # Result's modules goes through a SWIG iterator that, with faiss imported in the same process,
-    # crashed the interpreter (segfault in faiss' swigfaiss __next__, from infomap/result.py, in
-    # training's choose_levels). get_modules is deprecated in 2.16 (a warning) and removed in 3.0,
-    # hence infomap < 3 in pyproject.toml; its deprecation warning is silenced here, where the choice is made.
+    if hasattr(im, "getModules"):  # the engine: run with no arguments of its own, as the facade runs it
+        im.run("")
+        modules = im.getModules(1, False)
+    else:
+        im.run()
+        # Infomap.get_modules, not the Result that infomap >= 2.16 returns from run(): reading that
+        # Result's modules goes through a SWIG iterator that, with faiss imported in the same process,
+        # crashed the interpreter (segfault in faiss' swigfaiss __next__, from infomap/result.py, in
+        # training's choose_levels). get_modules is deprecated in 2.16 (a warning) and removed in 3.0,
+        # hence infomap < 3 in pyproject.toml; its deprecation warning is silenced here, where the choice is made.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Infomap\.get_modules is deprecated")
+            modules = im.get_modules(depth_level=1)
     labels = np.full(n, -1, dtype=np.int64)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"Infomap\.get_modules is deprecated")
-        modules = im.get_modules(depth_level=1)
-    for node_id, module_id in modules.items():
-        labels[node_id] = module_id
+    if len(modules):
+        labels[np.fromiter(modules.keys(), np.int64, len(modules))] = np.fromiter(modules.values(), np.int64,
+                                                                                  len(modules))
     missing = labels < 0
     labels[missing] = labels.max(initial=-1) + 1 + np.arange(int(missing.sum()))
     _, first_idx, inv = np.unique(labels, return_index=True, return_inverse=True)
@@ -153,6 +195,29 @@ def solve_links(n: int, links: np.ndarray, seed: int = 42, apart: bool | None = 
         return run_infomap_child(n, links_path, seed=seed)
 
 
+def node_positions(nodes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each of ``ids``' position in the ascending ``nodes`` (-1 where it is not there).
+
+    A table over the ids' span where that span is at most ``64 * len(nodes)`` (4 bytes a slot: at most 256
+    bytes per node, under the ~1 KB of kNN rows a task holds per node), else a binary search: on a task of
+    481k nodes spread over 1M ids and its 10M edges the search took 2.7 s, the table 0.1 s.
+    """
+    nodes, ids = np.asarray(nodes, np.int64), np.asarray(ids, np.int64)
+    if not len(nodes):
+        return np.full(len(ids), -1, np.int64)
+    lo, hi = int(nodes[0]), int(nodes[-1])
+    if hi - lo + 1 <= 64 * len(nodes) and len(nodes) < 2**31:
+        table = np.full(hi - lo + 1, -1, np.int32)
+        table[nodes - lo] = np.arange(len(nodes), dtype=np.int32)
+        within = (ids >= lo) & (ids <= hi)
+        pos = np.full(len(ids), -1, np.int64)
+        pos[within] = table[ids[within] - lo]
+        return pos
+    pos = np.searchsorted(nodes, ids)
+    found = (pos < len(nodes)) & (nodes[np.minimum(pos, len(nodes) - 1)] == ids)
+    return np.where(found, pos, -1)
+
+
 def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,
                          floor: float, seed: int = 42, joint: bool = False) -> np.ndarray:
     """Infomap run separately on each connected component of a group of whole components (or on the group at once).
@@ -191,29 +256,36 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     src = np.nonzero(keep)[0]
     dst, w = np.asarray(index[keep], np.int64), np.asarray(weight[keep], np.float64)
     del keep
-    pos = np.searchsorted(nodes, dst)
-    inside = (pos < n) & (nodes[np.minimum(pos, n - 1)] == dst)
-    if not inside.all():
+    dst = node_positions(nodes, dst)
+    if (dst < 0).any():
         raise ValueError("infomap_by_component: an edge above the floor leaves the components given")
-    dst = pos
-    del pos, inside
     if joint or (n and (comp == comp[0]).all()):  # one component: nothing to split
         links = [undirected_links(n, src, dst, w)]
         del src, dst, w  # a giant component's task: its directed edges go before Infomap's network comes
         return solve_links(n, links.pop(), seed=seed)  # popped: solve_links holds the only reference
     module = np.zeros(n, np.int64)
+    # every component's undirected links at once, in node-position order: a component's members ascend (a
+    # stable sort by component), so a node's place among them keeps that order, and the component's slice of
+    # these links, renumbered, is exactly its own undirected_links (the per-component numpy calls cost as much
+    # as Infomap itself on the ~20-face components that make up most of a floor's problems)
     order = np.argsort(comp, kind="stable")
-    bounds = np.flatnonzero(np.diff(comp[order])) + 1
-    e_order = np.argsort(comp[src], kind="stable")
-    src, dst, w = src[e_order], dst[e_order], w[e_order]
-    e_comp = comp[src]
-    for members in np.split(order, bounds):
-        if len(members) < 2:
+    starts = np.flatnonzero(np.concatenate([[True], comp[order][1:] != comp[order][:-1]]))
+    sizes = np.diff(np.append(starts, n))
+    local = np.empty(n, np.int64)
+    local[order] = np.arange(n, dtype=np.int64) - np.repeat(starts, sizes)
+    links = undirected_links(n, src, dst, w)
+    del src, dst, w
+    low = links[:, 0].astype(np.int64)
+    l_order = np.argsort(comp[low], kind="stable")
+    links, low = links[l_order], low[l_order]
+    l_comp = comp[low]
+    links[:, 0] = local[low]
+    links[:, 1] = local[links[:, 1].astype(np.int64)]
+    del low, l_order
+    cut = np.searchsorted(l_comp, comp[order[starts]], "left"), np.searchsorted(l_comp, comp[order[starts]], "right")
+    for s, m, a, b in zip(starts, sizes, *cut):
+        if m < 2:
             continue
-        c = comp[members[0]]
-        a, b = np.searchsorted(e_comp, c, "left"), np.searchsorted(e_comp, c, "right")
-        # members ascend (a stable sort by component), so a node's place among them is a binary search
-        m = len(members)
-        module[members] = solve_links(m, undirected_links(m, np.searchsorted(members, src[a:b]),
-                                                          np.searchsorted(members, dst[a:b]), w[a:b]), seed=seed)
+        members = order[s:s + m]
+        module[members] = solve_links(int(m), links[a:b], seed=seed)
     return module

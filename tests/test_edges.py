@@ -684,3 +684,69 @@ def test_undirected_links_keep_each_pair_once_with_its_larger_weight(n, m, seed)
     links = undirected_links(n, src, dst, w)
     assert [(int(a), int(b)) for a, b, _ in links] == sorted(oracle)  # in (low, high) order
     assert [x for *_, x in links] == [oracle[key] for key in sorted(oracle)]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(2, 40), st.integers(1, 160), st.integers(0, 2**31 - 1), st.sampled_from([1, 3]))
+def test_infomap_engine_gives_the_facades_modules(n, m, seed, trials):
+    """The engine path (Infomap's C++ class, what its Python facade drives, without the facade's per-run option
+    rendering) gives the facade's modules for any graph, seed and number of trials."""
+    pytest.importorskip("infomap")
+    from facecluster.tasks.peers import infomap_engine, infomap_network, run_network, undirected_links
+
+    assert infomap_engine() is not None  # the pinned infomap has it: the stage's speed rests on it
+    rng = np.random.default_rng(seed)
+    src, dst = rng.integers(0, n, m), rng.integers(0, n, m)
+    keep = src != dst
+    links = undirected_links(n, src[keep], dst[keep], rng.random(m)[keep])
+    s = int(rng.integers(0, 1000))
+    engine = run_network(infomap_network(n, links, seed=s, trials=trials), n)
+    facade = run_network(infomap_network(n, links, seed=s, trials=trials, engine=False), n)
+    np.testing.assert_array_equal(engine, facade)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=0, max_size=60, unique=True), st.integers(0, 2**31 - 1))
+def test_node_positions_by_table_or_search_match_the_set_oracle(ids, seed):
+    """Positions of ids among ascending nodes (-1 where absent), by the span table (dense ids) and by the
+    binary search (ids spread far apart) alike."""
+    from facecluster.tasks.peers import node_positions
+
+    rng = np.random.default_rng(seed)
+    nodes = np.array(sorted(ids), np.int64)
+    queries = rng.integers(-3, 5005, 200)
+    if len(nodes):
+        queries = np.concatenate([queries, rng.choice(nodes, 50)])
+    where = {int(v): i for i, v in enumerate(nodes)}
+    oracle = [where.get(int(q), -1) for q in queries]
+    assert node_positions(nodes, queries).tolist() == oracle
+    spread = nodes * 10**6  # span far over 64 slots per node: the search
+    assert node_positions(spread, queries * 10**6).tolist() == oracle
+
+
+def test_infomap_by_component_equals_each_component_solved_alone():
+    """Exactly the per-component oracle: each component's own edges, its own undirected links on its own node
+    numbering, through Infomap's facade (the kernel prepares every component's links at once and runs the engine)."""
+    pytest.importorskip("infomap")
+    from facecluster.tasks.components import components
+    from facecluster.tasks.peers import (infomap_by_component, infomap_network, knn_edge_list, run_network,
+                                         undirected_links)
+
+    x, _ = make_faces(900, dim=32, seed=7)
+    idx, sim = _exact_knn(x, 10)
+    floor = float(np.quantile(sim, 0.85))
+    src, dst, w = knn_edge_list(idx, sim, floor)
+    comp = components(len(x), src, dst)
+    sizes = np.bincount(comp)
+    assert (sizes >= 2).sum() > 20 and (sizes >= 10).any()
+    nodes = np.flatnonzero(sizes[comp] >= 2)
+    got = infomap_by_component(nodes, comp[nodes], idx[nodes], sim[nodes], floor)
+    oracle = np.zeros(len(nodes), np.int64)
+    for c in np.unique(comp[nodes]):
+        members = np.flatnonzero(comp == c)
+        local = {int(v): i for i, v in enumerate(members)}
+        e = comp[src] == c
+        links = undirected_links(len(members), [local[int(v)] for v in src[e]], [local[int(v)] for v in dst[e]], w[e])
+        oracle[np.searchsorted(nodes, members)] = run_network(
+            infomap_network(len(members), links, seed=42, engine=False), len(members))
+    np.testing.assert_array_equal(got, oracle)
