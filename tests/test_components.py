@@ -7,8 +7,8 @@ import scipy.sparse as sp
 from hypothesis import given, settings, strategies as st
 from scipy.sparse.csgraph import connected_components
 
-from facecluster.tasks.components import (canonical_labels, components, chunk_forest, knn_edges, merge_forests, spanning_forest,
-                              super_vertices, threshold_components)
+from facecluster.tasks.components import (canonical_labels, components, chunk_forest, compress_ids, knn_edges, merge_forests,
+                                          node_positions, spanning_forest, super_vertices, threshold_components)
 
 
 def scipy_cc(n, src, dst):
@@ -127,6 +127,38 @@ def test_super_vertices_duplicates_do_not_loop():
     src = np.array([0, 1, 2, 3]); dst = np.array([1, 2, 3, 4]); s = np.ones(4, np.float32)
     labels, tau = super_vertices(6, src, dst, s, 0.5, 0.5, 2)
     assert labels.tolist() == [0, 0, 0, 0, 0, 1]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=0, max_size=60, unique=True), st.integers(0, 2**31 - 1))
+def test_node_positions_by_table_or_search_match_the_set_oracle(ids, seed):
+    """Positions of ids among ascending nodes (-1 where absent), by the span table (dense ids) and by the
+    binary search (ids spread far apart) alike."""
+    rng = np.random.default_rng(seed)
+    nodes = np.array(sorted(ids), np.int64)
+    queries = rng.integers(-3, 5005, 200)
+    if len(nodes):
+        queries = np.concatenate([queries, rng.choice(nodes, 50)])
+    where = {int(v): i for i, v in enumerate(nodes)}
+    oracle = [where.get(int(q), -1) for q in queries]
+    assert node_positions(nodes, queries).tolist() == oracle
+    spread = nodes * 10**6  # span far over 64 slots per node: the search
+    assert node_positions(spread, queries * 10**6).tolist() == oracle
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 300), st.integers(1, 10**6), st.integers(0, 2**31 - 1))
+def test_compress_ids_by_table_or_sort_match_the_unique_oracle(m, span, seed):
+    """The distinct ids of both ends, ascending, and each end's position: by the span table (ids dense over the
+    edges) and by the sort (ids spread over a span far above the edges) alike."""
+    rng = np.random.default_rng(seed)
+    src, dst = rng.integers(0, span, m) + 7, rng.integers(0, span, m) + 7
+    nodes, ls, ld = compress_ids(src, dst)
+    oracle = np.unique(np.concatenate([src, dst]))
+    np.testing.assert_array_equal(nodes, oracle)
+    assert ls.dtype == ld.dtype == np.int64
+    np.testing.assert_array_equal(nodes[ls], src)
+    np.testing.assert_array_equal(nodes[ld], dst)
 
 
 def test_canonical_labels():

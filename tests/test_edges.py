@@ -705,25 +705,6 @@ def test_infomap_engine_gives_the_facades_modules(n, m, seed, trials):
     np.testing.assert_array_equal(engine, facade)
 
 
-@settings(max_examples=60, deadline=None)
-@given(st.lists(st.integers(0, 5000), min_size=0, max_size=60, unique=True), st.integers(0, 2**31 - 1))
-def test_node_positions_by_table_or_search_match_the_set_oracle(ids, seed):
-    """Positions of ids among ascending nodes (-1 where absent), by the span table (dense ids) and by the
-    binary search (ids spread far apart) alike."""
-    from facecluster.tasks.peers import node_positions
-
-    rng = np.random.default_rng(seed)
-    nodes = np.array(sorted(ids), np.int64)
-    queries = rng.integers(-3, 5005, 200)
-    if len(nodes):
-        queries = np.concatenate([queries, rng.choice(nodes, 50)])
-    where = {int(v): i for i, v in enumerate(nodes)}
-    oracle = [where.get(int(q), -1) for q in queries]
-    assert node_positions(nodes, queries).tolist() == oracle
-    spread = nodes * 10**6  # span far over 64 slots per node: the search
-    assert node_positions(spread, queries * 10**6).tolist() == oracle
-
-
 def test_infomap_by_component_equals_each_component_solved_alone():
     """Exactly the per-component oracle: each component's own edges, its own undirected links on its own node
     numbering, through Infomap's facade (the kernel prepares every component's links at once and runs the engine)."""
