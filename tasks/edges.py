@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .components import components, knn_edges
+from .components import components, distinct_positions, knn_edges
 from .baselines import listed_edges, prob_level_min_sim, valid_sims
 from .merge import MERGE_GRID, MERGE_WORST_LOSS, merge_by_affinity
 from .metrics import bcubed_f, pairwise_f
@@ -213,7 +213,7 @@ def gather_positions(index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Distinct neighbour ids of a row block and, per edge, the row of that id among them (-1: padding)."""
     flat = np.asarray(index).reshape(-1)
     ok = flat >= 0
-    uniq, inv = np.unique(flat[ok], return_inverse=True)
+    uniq, inv = distinct_positions(flat[ok])
     pos = np.full(flat.shape, -1, np.int64)
     pos[ok] = inv
     return uniq, pos.reshape(np.shape(index))

@@ -7,7 +7,7 @@ import scipy.sparse as sp
 from hypothesis import given, settings, strategies as st
 from scipy.sparse.csgraph import connected_components
 
-from facecluster.tasks.components import (canonical_labels, components, chunk_forest, compress_ids, knn_edges, merge_forests,
+from facecluster.tasks.components import (canonical_labels, components, chunk_forest, compress_ids, distinct_positions, knn_edges, merge_forests,
                                           node_positions, spanning_forest, super_vertices, threshold_components)
 
 
@@ -157,6 +157,9 @@ def test_compress_ids_by_table_or_sort_match_the_unique_oracle(m, span, seed):
     oracle = np.unique(np.concatenate([src, dst]))
     np.testing.assert_array_equal(nodes, oracle)
     assert ls.dtype == ld.dtype == np.int64
+    uniq, pos = distinct_positions(src)
+    np.testing.assert_array_equal(uniq, np.unique(src))
+    np.testing.assert_array_equal(uniq[pos], src)
     np.testing.assert_array_equal(nodes[ls], src)
     np.testing.assert_array_equal(nodes[ld], dst)
 
