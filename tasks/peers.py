@@ -87,7 +87,8 @@ def infomap_modules(n: int, links: np.ndarray, seed: int = 42, trials: int = 1) 
 
 def infomap_args(seed: int = 42, trials: int = 1) -> str:
     """The engine arguments of a two-level undirected run, as Infomap's Python facade renders
-    ``Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)`` (a test compares)."""
+    ``Infomap(two_level=True, silent=True, seed=seed, num_trials=trials, directed=False)`` (the tests compare the
+    two paths' modules)."""
     return (f" --silent --two-level --flow-model undirected --seed {int(seed)}"
             + (f" --num-trials {int(trials)}" if int(trials) != 1 else ""))
 
@@ -228,6 +229,8 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     comp = np.asarray(comp, np.int64)
     index = np.asarray(index)
     n = len(index)
+    if n == 0:
+        return np.zeros(0, np.int64)
     # only the edges above the floor are ever materialised (a giant component's task holds them all:
     # an n x k int64 source array beside them would double its memory)
     weight = np.asarray(weight)

@@ -731,3 +731,5 @@ def test_infomap_by_component_equals_each_component_solved_alone():
         oracle[np.searchsorted(nodes, members)] = run_network(
             infomap_network(len(members), links, seed=42, engine=False), len(members))
     np.testing.assert_array_equal(got, oracle)
+    empty = infomap_by_component(np.zeros(0, np.int64), np.zeros(0, np.int64), idx[:0], sim[:0], floor)
+    assert empty.shape == (0,) and empty.dtype == np.int64
