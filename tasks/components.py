@@ -64,6 +64,18 @@ def knn_edges(index: np.ndarray, sim: np.ndarray, row0: int, min_sim: float | No
     return dedup_edges(np.minimum(rows, nb), np.maximum(rows, nb), s)
 
 
+def max_by_key(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct keys (ascending) and the largest of ``values`` at each: one argsort of the int64 keys and a
+    ``maximum.reduceat`` over each key's run (no stable sort or second sort key needed for a maximum)."""
+    key, values = np.asarray(key, np.int64), np.asarray(values)
+    if not len(key):
+        return key, values[:0]
+    order = np.argsort(key)
+    key = key[order]
+    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+    return key[starts], np.maximum.reduceat(values[order], starts)
+
+
 def dedup_edges(src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> Forest:
     """Keep each (src, dst) pair once, with its largest similarity; sorted by (src, dst).
 
@@ -75,13 +87,7 @@ def dedup_edges(src: np.ndarray, dst: np.ndarray, sim: np.ndarray) -> Forest:
     sim = np.asarray(sim, np.float32)
     if len(src) == 0:
         return empty_forest()
-    key = (src << 32) | dst
-    order = np.argsort(key)  # stability not needed: the max similarity per key is taken below
-    key = key[order]
-    sim = sim[order]
-    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-    smax = np.maximum.reduceat(sim, starts)
-    key = key[starts]
+    key, smax = max_by_key((src << 32) | dst, sim)
     return key >> 32, key & 0xFFFFFFFF, smax
 
 

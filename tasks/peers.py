@@ -16,7 +16,7 @@ import warnings
 
 import numpy as np
 
-from .components import node_positions
+from .components import max_by_key, node_positions
 
 # Undirected links from which a worker's Infomap problem runs in a child process
 # (:mod:`facecluster.tasks.infomap_child`: Infomap holds the GIL for its whole run, which would
@@ -58,14 +58,10 @@ def undirected_links(n: int, src: np.ndarray, dst: np.ndarray, weight: np.ndarra
     686k-face component's 25M directed edges; this 5 s, the same array).
     """
     src, dst, weight = np.asarray(src, np.int64), np.asarray(dst, np.int64), np.asarray(weight, np.float64)
-    key = np.minimum(src, dst) * np.int64(n) + np.maximum(src, dst)
-    order = np.argsort(key)
-    key = key[order]
-    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]])) if len(key) else np.zeros(0, np.int64)
-    links = np.empty((len(starts), 3), np.float64)
-    links[:, 0], links[:, 1] = np.divmod(key[starts], np.int64(max(n, 1)))
-    if len(starts):
-        links[:, 2] = np.maximum.reduceat(weight[order], starts)
+    key, wmax = max_by_key(np.minimum(src, dst) * np.int64(n) + np.maximum(src, dst), weight)
+    links = np.empty((len(key), 3), np.float64)
+    links[:, 0], links[:, 1] = np.divmod(key, np.int64(max(n, 1)))
+    links[:, 2] = wmax
     return links
 
 
@@ -251,20 +247,22 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     # these links, renumbered, is exactly its own undirected_links (the per-component numpy calls cost as much
     # as Infomap itself on the ~20-face components that make up most of a floor's problems)
     order = np.argsort(comp, kind="stable")
-    starts = np.flatnonzero(np.concatenate([[True], comp[order][1:] != comp[order][:-1]]))
+    sorted_comp = comp[order]
+    starts = np.flatnonzero(np.concatenate([[True], sorted_comp[1:] != sorted_comp[:-1]]))
     sizes = np.diff(np.append(starts, n))
     local = np.empty(n, np.int64)
     local[order] = np.arange(n, dtype=np.int64) - np.repeat(starts, sizes)
     links = undirected_links(n, src, dst, w)
     del src, dst, w
     low = links[:, 0].astype(np.int64)
-    l_order = np.argsort(comp[low], kind="stable")
-    links, low = links[l_order], low[l_order]
     l_comp = comp[low]
+    l_order = np.argsort(l_comp, kind="stable")
+    links, low, l_comp = links[l_order], low[l_order], l_comp[l_order]
     links[:, 0] = local[low]
     links[:, 1] = local[links[:, 1].astype(np.int64)]
     del low, l_order
-    cut = np.searchsorted(l_comp, comp[order[starts]], "left"), np.searchsorted(l_comp, comp[order[starts]], "right")
+    first_comp = sorted_comp[starts]
+    cut = np.searchsorted(l_comp, first_comp, "left"), np.searchsorted(l_comp, first_comp, "right")
     for s, m, a, b in zip(starts, sizes, *cut):
         if m < 2:
             continue
