@@ -356,6 +356,26 @@ def test_list_major_search_equals_probed_oracle(n, nlist, nprobe, k, first, seed
     assert (D[:, :-1] >= D[:, 1:]).all()  # descending, pads (-inf) last
 
 
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 40), extra=st.integers(1, 30), kk=st.integers(1, 20), levels=st.integers(1, 6),
+       seed=st.integers(0, 10_000))
+def test_keep_best_keeps_the_kk_largest_with_their_positions_ties_included(n, extra, kk, levels, seed):
+    """The search buffer's shrink: the kk largest values per row (as a multiset), each with its own position;
+    few distinct values force ties at the kk-th (the argpartition path), many give the partition path."""
+    rng = np.random.default_rng(seed)
+    m = kk + extra
+    sim = rng.integers(0, levels, (n, m)).astype(np.float32) if levels < 6 else rng.standard_normal((n, m)).astype(np.float32)
+    loc = rng.permutation(n * m).reshape(n, m).astype(np.int32)
+    top_sim, top_loc = K.keep_best(sim, loc, kk)
+    assert top_sim.shape == top_loc.shape == (n, kk)
+    np.testing.assert_array_equal(np.sort(top_sim, axis=1), np.sort(sim, axis=1)[:, -kk:])
+    for r in range(n):  # every kept position is a distinct slot of its row holding the kept value
+        slot = {int(v): j for j, v in enumerate(loc[r])}
+        cols = [slot[int(v)] for v in top_loc[r]]
+        assert len(set(cols)) == kk
+        np.testing.assert_array_equal(sim[r, cols], top_sim[r])
+
+
 def test_ivf_lists_rejects_bad_assignments():
     x = unit(np.random.default_rng(0).standard_normal((10, 4)))
     with pytest.raises(ValueError, match="list ids"):
