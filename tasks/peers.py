@@ -264,7 +264,11 @@ def infomap_by_component(nodes: np.ndarray, comp: np.ndarray, index: np.ndarray,
     first_comp = sorted_comp[starts]
     cut = np.searchsorted(l_comp, first_comp, "left"), np.searchsorted(l_comp, first_comp, "right")
     for s, m, a, b in zip(starts, sizes, *cut):
-        if m < 2:
+        # a component of one face is its own module; one of two faces (one link) is one module: the map
+        # equation of two modules codes each step twice (index and module codebooks) where one module codes
+        # it once, so Infomap never splits it (tested against Infomap over link weights). At 1M faces 36,369 of the
+        # four floors' 163,168 multi-face components have two faces, ~0.45 ms each through the engine
+        if m < 3:
             continue
         members = order[s:s + m]
         module[members] = solve_links(int(m), links[a:b], seed=seed)

@@ -705,6 +705,19 @@ def test_infomap_engine_gives_the_facades_modules(n, m, seed, trials):
     np.testing.assert_array_equal(engine, facade)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.floats(1e-6, 1e6), st.integers(0, 2**31 - 1))
+def test_infomap_keeps_a_two_face_component_whole(weight, seed):
+    """infomap_by_component gives a two-face component one module without running Infomap: what Infomap
+    itself gives for one link of any weight and any seed."""
+    pytest.importorskip("infomap")
+    from facecluster.tasks.peers import infomap_network, run_network, undirected_links
+
+    links = undirected_links(2, np.array([0]), np.array([1]), np.array([weight]))
+    for engine in (True, False):
+        np.testing.assert_array_equal(run_network(infomap_network(2, links, seed=1 + seed % 1000, engine=engine), 2), [0, 0])
+
+
 def test_infomap_by_component_equals_each_component_solved_alone():
     """Exactly the per-component oracle: each component's own edges, its own undirected links on its own node
     numbering, through Infomap's facade (the kernel prepares every component's links at once and runs the engine)."""
