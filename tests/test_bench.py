@@ -13,6 +13,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.slow
 
@@ -109,6 +111,48 @@ def test_split_by_identity_is_disjoint_deterministic_and_keeps_row_order():
     tr2, te2 = split_by_identity(labels, 0.5, 0)
     assert np.array_equal(tr, tr2) and np.array_equal(te, te2)
     assert not np.array_equal(split_by_identity(labels, 0.5, 1)[0], tr)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=1, max_size=200), st.integers(1, 4), st.integers(0, 6), st.integers(0, 99))
+def test_resample_sizes_against_a_per_identity_oracle(labels, lo, extra, seed):
+    import numpy as np
+
+    from facecluster.pipeline.benchmarks.quality import resample_sizes
+
+    labels = np.asarray(labels)
+    hi = lo + extra
+    rows = resample_sizes(labels, lo, hi, seed)
+    assert np.all(np.diff(rows) > 0) and (len(rows) == 0 or rows.max() < len(labels))
+    for ident in np.unique(labels):
+        mine, kept = np.flatnonzero(labels == ident), rows[labels[rows] == ident]
+        if len(mine) < lo:
+            assert len(kept) == 0
+        elif len(mine) <= hi:
+            assert np.array_equal(kept, mine)
+        else:
+            assert len(kept) == hi and set(kept) <= set(mine)
+    assert np.array_equal(rows, resample_sizes(labels, lo, hi, seed))
+
+
+def test_bench_quality_test_sizes_resamples_the_test_identities_only(tmp_path):
+    """`--test-sizes 3-10`: every test identity has 3-10 faces; the training split is untouched."""
+    import numpy as np
+
+    from facecluster.pipeline.store import RunStore
+
+    _bench(tmp_path, "quality", "--baselines-only", "--n", "1600", "--dim", "32", "--test-sizes", "3-10",
+           "--workdir", "w", "--out", "q.json")
+    r = json.loads((tmp_path / "q.json").read_text())
+    te = RunStore.open(str(tmp_path / "w" / "test.zarr")).array("labels")[:]
+    full = np.load(tmp_path / "w" / "data" / "test" / "labels.npy")
+    sizes = np.unique(te, return_counts=True)[1]
+    assert r["test_sizes"] == [3, 10] and r["n_test"] == len(te) < len(full)
+    assert sizes.min() >= 3 and sizes.max() <= 10
+    assert set(te.tolist()) == {v for v, c in zip(*np.unique(full, return_counts=True)) if c >= 3}
+    bad = subprocess.run([sys.executable, "-m", "facecluster", "bench", "quality", "--test-sizes", "9-3",
+                          "--baselines-only", "--workdir", "w2"], cwd=tmp_path, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--test-sizes" in bad.stderr
 
 
 def test_bench_quality_own_labelled_features_over_seeds(tmp_path):

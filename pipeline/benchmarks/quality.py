@@ -54,8 +54,43 @@ def split_by_identity(labels: np.ndarray, test_fraction: float, seed: int) -> tu
     return np.flatnonzero(is_train), np.flatnonzero(~is_train)
 
 
+def resample_sizes(labels: np.ndarray, lo: int, hi: int, seed: int) -> np.ndarray:
+    """Rows (ascending) of a set whose identities all have ``lo``..``hi`` faces: identities with fewer than
+    ``lo`` are dropped, those with more than ``hi`` keep ``hi`` faces drawn with ``seed``, the rest are whole.
+
+    What ``bench quality --test-sizes`` applies to the test identities: a shift of the identity-size law on the
+    same faces and face model (e.g. a model trained on LFW, where most people have one image, tested on people
+    of 2-30 images each, the law of issue 17's held-out dataset).
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")  # each identity's rows, ascending, one run per identity
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    keep = []
+    for ident in np.flatnonzero(counts >= lo):
+        rows = order[starts[ident]:starts[ident] + counts[ident]]
+        keep.append(rows if counts[ident] <= hi else rng.choice(rows, hi, replace=False))
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def parse_sizes(text: str | None) -> tuple[int, int] | None:
+    """``"LO-HI"`` (``--test-sizes``) as (LO, HI), 1 <= LO <= HI; None for None."""
+    if text is None:
+        return None
+    try:
+        lo, hi = (int(v) for v in str(text).split("-"))
+    except ValueError:
+        raise click.BadParameter(f"must be LO-HI faces per identity, e.g. 2-30; got {text!r}",
+                                 param_hint="--test-sizes") from None
+    if not 1 <= lo <= hi:
+        raise click.BadParameter(f"needs 1 <= LO <= HI, got {text!r}", param_hint="--test-sizes")
+    return lo, hi
+
+
 def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float, split_seed: int,
-             ingest_cfg=None, variant: str = "default", train_features=None, train_labels=None) -> dict:
+             ingest_cfg=None, variant: str = "default", train_features=None, train_labels=None,
+             test_sizes: tuple[int, int] | None = None) -> dict:
     """The train and test sets as ``{"train": (features, labels), "test": (features, labels)}`` paths.
 
     Without ``train_features``: one labelled set (``features``, or the built-in ``variant``
@@ -91,6 +126,20 @@ def _prepare(wd: Path, features, labels, n: int, dim: int, test_fraction: float,
             out[s] = (data / f"{s}_f.npy", data / f"{s}_l.npy")
     if train_features is not None:
         out["train"] = (train_features, train_labels)
+    if test_sizes is not None:
+        # read back through ingest (any input format, validated and normalised once), then keep the rows of
+        # identities resampled to the size range; the training set is left as it is
+        run_ingest(out["test"][0], str(wd / "test_source.zarr"), labels=out["test"][1], cfg=ingest_cfg, overwrite=True)
+        src = RunStore.open(str(wd / "test_source.zarr"))
+        feats, labs = src.array("features")[:], src.array("labels")[:]
+        rows = resample_sizes(labs, *test_sizes, seed=split_seed)
+        if len(np.unique(labs[rows])) < 2:
+            raise BadInput(f"{out['test'][1]}: fewer than 2 test identities have {test_sizes[0]} or more faces; "
+                           f"lower --test-sizes' LO or use a set with more faces per identity")
+        data.mkdir(parents=True, exist_ok=True)
+        np.save(data / "test_sized_f.npy", feats[rows])
+        np.save(data / "test_sized_l.npy", labs[rows])
+        out["test"] = (data / "test_sized_f.npy", data / "test_sized_l.npy")
     return out
 
 
@@ -235,6 +284,9 @@ def _summary(rows: list[dict], key: str) -> dict:
 @click.option("--test-fraction", type=float, default=0.5, show_default=True, help="Share of identities held out for testing.")
 @click.option("--split-seed", type=int, default=0, show_default=True,
               help="Seed of the identity split (--features), or of the built-in dataset.")
+@click.option("--test-sizes", default=None, metavar="LO-HI",
+              help="Resample the test identities to LO..HI faces each (fewer: dropped; more: a seeded subsample "
+                   "of HI), leaving the training set as it is: a shift of the identity-size law, e.g. 2-30.")
 @click.option("--seeds", default="0,1,2,3", show_default=True, help="Training seeds, comma-separated: one model each.")
 @click.option("--model", "given_model", default=None,
               help="Evaluate this model directory instead of training one per seed (nothing is trained; --seeds "
@@ -246,8 +298,8 @@ def _summary(rows: list[dict], key: str) -> dict:
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-quality", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result (default bench-quality.json).")
-def command(features, labels, train_features, train_labels, variant, n, dim, test_fraction, split_seed, seeds,
-            given_model, baselines_only, config_path, workers, workdir, out):
+def command(features, labels, train_features, train_labels, variant, n, dim, test_fraction, split_seed, test_sizes,
+            seeds, given_model, baselines_only, config_path, workers, workdir, out):
     """GCN-D and GCN-D+S over training seeds vs the label-chosen threshold, Infomap and the true-IoU bound.
 
     The threshold's and Infomap's grids span the test set's own kNN similarities and are
@@ -263,6 +315,7 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
       facecluster bench quality --train-features lfw/features.npy --train-labels lfw/labels.npy --dim 128
       facecluster bench quality --train-features a/f.npy --train-labels a/l.npy --features b/f.npy --labels b/l.npy
       facecluster bench quality --model general --features lfw/features.npy --labels lfw/labels.npy --split-seed 1
+      facecluster bench quality --features lfw/features.npy --labels lfw/labels.npy --test-sizes 2-30 --seeds 0
     """
     from facecluster.tasks.dedup import dedup
     from facecluster.tasks.metrics import evaluate
@@ -309,8 +362,9 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    sizes = parse_sizes(test_sizes)
     paths = _prepare(wd, features, labels, n, dim, test_fraction, split_seed, cfg.ingest, variant,
-                     train_features, train_labels)
+                     train_features, train_labels, sizes)
     stores = {}
     for s, (f, lab) in paths.items():
         if s == "train" and (baselines_only or given is not None) and train_features is None:
@@ -326,10 +380,12 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
                                str(train_features) if train_features else "same set, other identities"),
               "variant": None if features else variant,
               "n_train": int(stores["train"].array("features").shape[0]) if "train" in stores else 0,
-              "n_test": int(len(gt)), "test_fraction": test_fraction, "split_seed": split_seed, "seeds": seed_list,
+              "n_test": int(len(gt)), "test_fraction": test_fraction, "split_seed": split_seed,
+              "test_sizes": list(sizes) if sizes else None, "seeds": seed_list,
               "baselines_only": bool(baselines_only), "gcn": cfg.gcn.to_dict(), "baselines": {}, "by_seed": []}
     click.echo(f"{result['source']}: {result['n_train']} training faces ({result['train_source']}), "
-               f"{result['n_test']} test faces; {len(seed_list)} training seeds", err=True)
+               f"{result['n_test']} test faces" + (f" (identities resampled to {sizes[0]}-{sizes[1]} faces)" if sizes else "")
+               + f"; {len(seed_list)} training seeds", err=True)
     with connect(cfg.dask, quiet=True) as client:
         if baselines_only or given is not None:
             run_knn(test, cfg, client)
