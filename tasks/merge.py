@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .components import canonical_labels
+from .components import canonical_labels, max_by_key
 
 MIN_SIZE = 3
 MIN_P = 0.05  # a cost bound, not a quality setting: see above
@@ -58,12 +58,7 @@ def _max_by_pair(face: np.ndarray, other: np.ndarray, p: np.ndarray) -> Entries:
     if len(face) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     width = np.int64(other.max()) + 1
-    key = face * width + other  # one int64 sort key (ids < 2^31)
-    order = np.argsort(key)  # any order within a pair: its max is the same
-    key = key[order]
-    starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
-    best = np.maximum.reduceat(np.asarray(p, np.float32)[order], starts)
-    key = key[starts]
+    key, best = max_by_key(face * width + other, np.asarray(p, np.float32))  # one int64 key (ids < 2^31)
     return key // width, key % width, best
 
 
