@@ -268,6 +268,23 @@ def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, 
     assert code == 2 and len(err.strip().splitlines()) == 1 and "edge scorer" in err
 
 
+def test_add_scores_new_edges_with_the_runs_adaptation(faces, tmp_path, local_client):
+    """[edges] adapt: the faces added are scored with the adaptation the run's edges stage fitted (kept in its
+    record), not with the scorer's own P: the new rows equal the kernel's adapted P of their inputs."""
+    from facecluster.tasks.edges import adapted_prob, run_edge_inputs
+
+    X, y, m = _split(*faces, seed=5)
+    fc, _ = _fit_then_add(X, m, tmp_path / "run.zarr", local_client, config={**CFG, "edges": {"adapt": True}})
+    store = RunStore.open(str(tmp_path / "run.zarr"))
+    ad = store.record("edges")["summary"]["adaptation"]
+    assert ad is not None
+    idx, sim = store.array("knn/index")[:], store.array("knn/sim")[:]
+    n_old = len(X) - m
+    x, _ = run_edge_inputs(idx, sim)  # the grown run's scale, as the add's edges read it
+    np.testing.assert_array_equal(store.array("edges/prob")[n_old:], adapted_prob(x[n_old:], ad))
+    assert pairwise_f(y, fc.labels_)[2] > 0.5
+
+
 def _ivf_oracle(feats, cand_of, k):
     """Top-k (sim descending, id ascending) of each query over its candidate ids, by exact float64 sums."""
     out_i, out_s = [], []

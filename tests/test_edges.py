@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from facecluster.pipeline.config import Config, IngestConfig
 from facecluster.pipeline.errors import BadInput
 from facecluster.pipeline.store import RunStore
-from facecluster.tasks.edges import (INPUT_NAMES, N_INPUTS, SNN_M, attach, best_claimed_neighbour, calibration, edge_inputs,
-                                     gather_positions, roc_auc, row_summaries, run_edge_inputs, sim_stats)
+from facecluster.tasks.edges import (ADAPT_MIN_PER_CLASS, INPUT_NAMES, N_INPUTS, SNN_M, adapted_prob, attach,
+                                     best_claimed_neighbour, calibration, edge_inputs, fit_adaptation, gather_positions,
+                                     roc_auc, row_summaries, run_edge_inputs, sim_stats)
 from facecluster.tasks.synth import make_faces, make_splits
 
 
@@ -89,6 +90,43 @@ def test_padding_gives_nan_inputs_and_shared_neighbours_count():
     # rank of 0 in 3's list is 0; of 3 in 0's list is 2 (of k = 3)
     r = INPUT_NAMES.index("rank_min"), INPUT_NAMES.index("rank_max")
     assert x[0, 2, r[0]] == pytest.approx(0.0) and x[0, 2, r[1]] == pytest.approx(2 / 3)
+
+
+# -- the per-run adaptation ---------------------------------------------------------------------------
+def _noisy_scorer(x: np.ndarray, same: np.ndarray, seed: int) -> np.ndarray:
+    """A scorer that is right where it is confident and noisy in between: P from the truth blurred by a
+    noise independent of the inputs (what a scorer trained on other data does on a run it has not seen)."""
+    rng = np.random.default_rng(seed)
+    logit = np.where(same, 2.0, -2.0) + rng.normal(0.0, 2.5, same.shape)
+    return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
+
+
+def test_adaptation_learns_from_the_confident_edges_and_scores_each_row_alone(small_knn):
+    idx, sim, labels = small_knn
+    x, _ = run_edge_inputs(idx, sim)
+    ok = idx >= 0
+    same = labels[np.maximum(idx, 0)] == labels[:, None]
+    p = np.where(ok, _noisy_scorer(x, same, 0), 0.0).astype(np.float32)
+    ad = fit_adaptation(x[ok], p[ok])
+    assert ad is not None and min(ad["pseudo_labels"]) >= ADAPT_MIN_PER_CLASS
+    assert fit_adaptation(x[ok], p[ok]) == ad  # the same weights and map every time
+    json.dumps(ad)  # kept in the stage's record
+    q = adapted_prob(x, ad)
+    # the run's own inputs separate its identities better than the noisy scorer they were taught by
+    assert roc_auc(q[ok], same[ok]) > roc_auc(p[ok], same[ok]) + 0.02
+    # mapped onto the scorer's distribution of P: a level keeps about the share of edges it kept
+    for level in (0.5, 0.85, 0.95):
+        assert abs(float((q[ok] >= level).mean()) - float((p[ok] >= level).mean())) < 0.01
+    assert (q[~ok] == 0).all() and q.dtype == np.float32
+    # each row's value depends on that row alone: any split of the rows gives the same bits
+    parts = np.concatenate([adapted_prob(x[a:b], ad) for a, b in ((0, 7), (7, 300), (300, len(x)))])
+    np.testing.assert_array_equal(parts, q)
+    # symmetric inputs, symmetric probabilities (a mutual pair)
+    i, c = next((i, c) for i in range(len(idx)) for c in range(idx.shape[1]) if i in idx[idx[i, c]])
+    j = idx[i, c]
+    assert q[i, c] == q[j, list(idx[j]).index(i)]
+    # a scorer confident about too few edges teaches nothing
+    assert fit_adaptation(x[ok][:ADAPT_MIN_PER_CLASS], np.full(ADAPT_MIN_PER_CLASS, 0.95, np.float32)) is None
 
 
 def test_sim_stats_and_metrics():
@@ -346,6 +384,44 @@ def test_cluster_chain_is_invariant_to_chunk_size_and_workers(trained, local_cli
     echo.clear()
     run_cluster(a, cfg, local_client, str(trained["model"]), echo=echo.append)
     assert all("skipped" in line for line in echo)
+
+
+def test_adapted_edges_stage_equals_the_kernel_for_any_chunks_and_workers(trained, local_client, single_worker_client):
+    """[edges] adapt with the general model (confident where a small trained one is not): the stage fits the
+    run's adaptation on its scale sample and writes the adapted P; the same bits for 2 workers / 500-row chunks
+    and 1 worker / 1,300-row chunks, and as the kernels give in memory; skipped where no edge is confident."""
+    import torch
+
+    from facecluster.pipeline.model_files import GENERAL_MODEL_DIR, load_edge_scorer
+    from facecluster.pipeline.stages.edges import run_edges
+    from facecluster.pipeline.stages.knn import run_knn
+    from facecluster.tasks.edges import predict_edges
+
+    general = str(GENERAL_MODEL_DIR)
+    cfg = Config.from_dict(_cfg().to_dict(), {"edges.adapt": True})
+    a, b = _test_run(trained, "adapt_a", 500), _test_run(trained, "adapt_b", 1300)
+    for store, client in ((a, local_client), (b, single_worker_client)):
+        run_knn(store, cfg, client)
+        run_edges(store, general, cfg, client)
+    np.testing.assert_array_equal(a.array("edges/prob")[:], b.array("edges/prob")[:])
+    ad = a.record("edges")["summary"]["adaptation"]
+    assert ad is not None and ad == b.record("edges")["summary"]["adaptation"]
+    assert a.record("edges")["params"]["adapt"] is True
+    idx, sim = a.array("knn/index")[:], a.array("knn/sim")[:]
+    x, _ = run_edge_inputs(idx, sim)
+    ok = idx >= 0
+    torch.set_num_threads(1)
+    p = predict_edges(load_edge_scorer(general)[0], x)
+    assert fit_adaptation(x[ok], p[ok]) == ad
+    np.testing.assert_array_equal(a.array("edges/prob")[:], adapted_prob(x, ad))
+    assert not np.array_equal(a.array("edges/prob")[:], p)
+    # without the option: the scorer's own P, and the stage's parameters as before (no "adapt" key)
+    run_edges(a, general, _cfg(), local_client)
+    assert "adapt" not in a.record("edges")["params"] and "adaptation" not in a.record("edges")["summary"]
+    np.testing.assert_array_equal(a.array("edges/prob")[:], p)
+    # a scorer confident about no edge (the small model trained here): asked for, skipped, its own P
+    run_edges(b, str(trained["model"]), cfg, local_client)
+    assert b.record("edges")["summary"]["adaptation"] is None
 
 
 def test_model_without_edge_scorer_runs_the_old_chain_with_a_note(trained, local_client, tmp_path):

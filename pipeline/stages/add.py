@@ -144,15 +144,20 @@ def stats_task(url: str, paths: dict) -> dict:
                      open_array(url, paths["knn/sim"]).get_orthogonal_selection((rows, slice(None)))).to_dict()
 
 
-def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: str, digest: str, stats: dict) -> int:
+def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: str, digest: str, stats: dict,
+               adaptation: dict | None = None) -> int:
     """``edges/prob`` rows [r0, r1) of the grown run: every edge of a new face's row, and every edge of an old
     row that leads to a new face, scored; an old row's other edges keep their stored probability (they keep
     their order in the merged list, so they are its first entries, in order)."""
     import torch  # here and below: on the worker only, so the CLI starts without torch
 
-    from facecluster.tasks.edges import SNN_M, SimStats, edge_inputs, gather_positions, predict_edges
+    from facecluster.tasks.edges import SNN_M, SimStats, adapted_prob, edge_inputs, gather_positions, predict_edges
 
     torch.set_num_threads(worker_threads())
+
+    def score(x):  # the run's adapted P where its edges stage fitted one (the old edges carry it already)
+        return adapted_prob(x, adaptation) if adaptation else predict_edges(edge_scorer(model_dir, digest), x)
+
     zi, zs = open_array(url, paths["knn/index"]), open_array(url, paths["knn/sim"])
     idx, sim = zi[r0:r1], zs[r0:r1]
     m_snn = min(SNN_M, zi.shape[1])
@@ -173,7 +178,7 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
             nbr_idx = np.concatenate([zi.get_orthogonal_selection((uniq, slice(0, m_snn))),
                                       np.full((1, m_snn), -1, np.int64)])
             x = edge_inputs(r0 + rows, ridx, sim[old][rows], pos, nbr_sim, nbr_idx, SimStats.from_dict(stats))
-            p = predict_edges(edge_scorer(model_dir, digest), x[want[rows]][:, None, :])[:, 0]
+            p = score(x[want[rows]][:, None, :])[:, 0]
             sub = out[old][rows]
             sub[want[rows]] = p
             out[rows] = sub
@@ -184,7 +189,7 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
         uniq, pos = gather_positions(nidx)
         x = edge_inputs(np.arange(r0 + a, r1), nidx, sim[a:], pos, zs.get_orthogonal_selection((uniq, slice(None))),
                         zi.get_orthogonal_selection((uniq, slice(0, m_snn))), SimStats.from_dict(stats))
-        out[a:] = predict_edges(edge_scorer(model_dir, digest), x)
+        out[a:] = score(x)
         scored += int((nidx >= 0).sum())
     open_array(url, paths["edges/prob"], "r+")[r0:r1] = out
     return scored
@@ -376,8 +381,9 @@ def edges(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, mode
     paths["edges/prob"] = w.tmp_path("edges/prob")
     token = uuid.uuid4().hex[:8]
     stats = client.submit(stats_task, store.url, paths, key=f"add-edges-scale-{token}").result()
+    adaptation = ((store.record("edges") or {}).get("summary") or {}).get("adaptation")
     counts = wait_futures([client.submit(edges_task, store.url, paths, a, b, n_old, os.path.abspath(model_dir),
-                                         digest, stats, key=f"add-edges-{a}-{token}") for a, b in row_chunks(n, r)],
+                                         digest, stats, adaptation, key=f"add-edges-{a}-{token}") for a, b in row_chunks(n, r)],
                           "add: edges")
     if store.has("edges/row_summary"):
         # the edges stage's per-row arrays follow the grown lists (every row: a list a new face entered has

@@ -16,6 +16,13 @@ Two passes, one task per chunk of ``knn`` rows each:
 2. ``edges/prob``: a task reads its rows' kNN lists and, for their distinct neighbours,
    their similarity rows, summaries and first ids (orthogonal selections: never the
    whole matrix), and writes its whole chunk (chunked like ``knn``).
+
+With ``[edges] adapt`` one task between the two passes scores the edges of the scale sample's
+rows, the driver fits the run's adaptation on them
+(:func:`facecluster.tasks.edges.fit_adaptation`: a linear model on the run's own inputs,
+pseudo-labelled by the scorer's confident edges), and the second pass writes the adapted P
+(:func:`facecluster.tasks.edges.adapted_prob`) instead of the scorer's. The adaptation is kept
+in the stage's summary (``adaptation``), so ``add`` scores new edges with it.
 """
 
 from __future__ import annotations
@@ -65,33 +72,61 @@ def summary_task(url: str, summary_path: str, first_path: str, r0: int, r1: int,
     return {"index": idx[local], "sim": sim[local]}
 
 
-def edges_task(url: str, out_path: str, summary_path: str, first_path: str, r0: int, r1: int, model_dir: str,
-               digest: str, stats: dict) -> dict:
-    """Worker task, second pass: ``edges/prob`` rows r0..r1 (one whole chunk).
+def row_inputs(url: str, rows: np.ndarray, summary_path: str, first_path: str, stats: dict):
+    """(kNN ids [R, k], edge inputs [R, k, N_INPUTS]) of the given rows (ascending global ids).
 
-    Gathers, for its rows' distinct neighbours, their similarity rows (the rank an edge
+    Gathers, for the rows' distinct neighbours, their similarity rows (the rank an edge
     would have in the other end's list needs them whole), summaries and first ids: from the
     first pass's arrays, so no task recomputes a neighbour's summary or decodes ``knn/index``.
     """
-    import torch
+    from facecluster.tasks.edges import SimStats, edge_inputs, gather_positions
 
-    from facecluster.tasks.edges import SimStats, edge_inputs, gather_positions, predict_edges
-
-    from ..cluster import worker_threads
-
-    torch.set_num_threads(worker_threads())
-    zs = open_array(url, "knn/sim")
-    idx, sim = open_array(url, "knn/index")[r0:r1], zs[r0:r1]
+    zs, zi = open_array(url, "knn/sim"), open_array(url, "knn/index")
+    rows = np.asarray(rows, np.int64)
+    contiguous = len(rows) and rows[-1] - rows[0] + 1 == len(rows)
+    if contiguous:  # a chunk: plain slices
+        idx, sim = zi[int(rows[0]):int(rows[-1]) + 1], zs[int(rows[0]):int(rows[-1]) + 1]
+    else:
+        idx, sim = zi.get_orthogonal_selection((rows, slice(None))), zs.get_orthogonal_selection((rows, slice(None)))
     uniq, pos = gather_positions(idx)
     nbr_sim = zs.get_orthogonal_selection((uniq, slice(None)))
     nbr_summary = open_array(url, summary_path).get_orthogonal_selection((uniq, slice(None)))
     nbr_idx = open_array(url, first_path).get_orthogonal_selection((uniq, slice(None)))
-    x = edge_inputs(np.arange(r0, r1), idx, sim, pos, nbr_sim, nbr_idx, SimStats.from_dict(stats),
-                    nbr_summary=nbr_summary)
-    p = predict_edges(edge_scorer(model_dir, digest), x)
+    x = edge_inputs(rows, idx, sim, pos, nbr_sim, nbr_idx, SimStats.from_dict(stats), nbr_summary=nbr_summary)
+    return idx, x, len(uniq)
+
+
+def sample_task(url: str, rows: np.ndarray, summary_path: str, first_path: str, model_dir: str, digest: str,
+                stats: dict) -> dict:
+    """Worker task (``[edges] adapt``): the inputs and scorer P of the scale sample's rows' edges, valid ones only."""
+    import torch
+
+    from facecluster.tasks.edges import predict_edges
+
+    from ..cluster import worker_threads
+
+    torch.set_num_threads(worker_threads())
+    idx, x, _ = row_inputs(url, rows, summary_path, first_path, stats)
+    ok = idx >= 0
+    return {"inputs": x[ok], "prob": predict_edges(edge_scorer(model_dir, digest), x)[ok]}
+
+
+def edges_task(url: str, out_path: str, summary_path: str, first_path: str, r0: int, r1: int, model_dir: str,
+               digest: str, stats: dict, adaptation: dict | None = None) -> dict:
+    """Worker task, second pass: ``edges/prob`` rows r0..r1 (one whole chunk): the scorer's P, or the run's
+    adapted P where ``adaptation`` is given (no scorer pass needed then)."""
+    import torch
+
+    from facecluster.tasks.edges import adapted_prob, predict_edges
+
+    from ..cluster import worker_threads
+
+    torch.set_num_threads(worker_threads())
+    idx, x, n_uniq = row_inputs(url, np.arange(r0, r1), summary_path, first_path, stats)
+    p = adapted_prob(x, adaptation) if adaptation else predict_edges(edge_scorer(model_dir, digest), x)
     open_array(url, out_path, mode="r+")[r0:r1] = p
     ok = idx >= 0
-    return {"rows": int(r1 - r0), "neighbour_rows": int(len(uniq)), "edges": int(ok.sum()),
+    return {"rows": int(r1 - r0), "neighbour_rows": int(n_uniq), "edges": int(ok.sum()),
             "above_half": int((p[ok] >= 0.5).sum())}
 
 
@@ -101,7 +136,7 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
     Returns the stage summary: the data's similarity scale, edges scored, share with
     P >= 0.5, the largest neighbour gather of a task.
     """
-    from facecluster.tasks.edges import ROW_SUMMARY, SNN_M, sample_stride, sim_stats  # torch: imported when run
+    from facecluster.tasks.edges import ROW_SUMMARY, SNN_M, fit_adaptation, sample_stride, sim_stats  # torch: imported when run
 
     store.require("knn", f"run `facecluster knn {store.url}` first")
     load_edge_scorer(model_dir)  # a bad model fails here, before any task runs
@@ -109,7 +144,8 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
     n, k = index.shape
     r = int(index.chunks[0])
     digest = model_digest(model_dir)
-    params = {"model_digest": digest}
+    adapt = bool(cfg.edges.adapt)
+    params = {"model_digest": digest, **({"adapt": True} if adapt else {})}  # runs without it keep their digest
     with store.stage(STAGE, params, inputs=["knn"], extra={"model": os.path.abspath(model_dir)}, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
@@ -127,8 +163,17 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
             rows = wait_futures(futs, "edges (row summaries)")
             # the scale sample's rows in row order: the same quantiles however the rows were chunked
             stats = sim_stats(np.concatenate([p["index"] for p in rows]), np.concatenate([p["sim"] for p in rows])).to_dict()
+            adaptation = None
+            if adapt:  # the scale sample's rows: their edges teach the run's adaptation
+                sample = client.submit(sample_task, store.url, np.arange(0, n, stride), summary_path, first_path,
+                                       os.path.abspath(model_dir), digest, stats, key=f"edges-sample-{token}")
+                got = wait_futures([sample], "edges (adaptation sample)")[0]
+                adaptation = fit_adaptation(got["inputs"], got["prob"])
+                del got
+                log.info("edges: adaptation %s", "fitted on %d + %d confident sample edges" % tuple(
+                    adaptation["pseudo_labels"]) if adaptation else "skipped: too few confident sample edges")
             futs = [client.submit(edges_task, store.url, w.tmp_path("edges/prob"), summary_path, first_path, a, b,
-                                  os.path.abspath(model_dir), digest, stats, key=f"edges-{a}-{token}")
+                                  os.path.abspath(model_dir), digest, stats, adaptation, key=f"edges-{a}-{token}")
                     for a, b in row_chunks(n, r)]
             parts = wait_futures(futs, "edges")
         n_edges = sum(p["edges"] for p in parts)
@@ -137,6 +182,8 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
                    "largest_gather_rows": int(max((p["neighbour_rows"] for p in parts), default=0)),
                    "scale": {"top1": stats["top1"], "last": stats["last"],
                              "median": stats["quantiles"][len(stats["quantiles"]) // 2]}}
+        if adapt:
+            summary["adaptation"] = adaptation  # None: asked for, too few confident edges to fit
         w.summary.update(summary)
         log.info("edges: %d edges scored, %.1f%% with P >= 0.5", n_edges, 100 * summary["share_above_half"])
         return summary
