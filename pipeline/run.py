@@ -92,6 +92,16 @@ def run_stages(store: RunStore, cfg: Config, client, stages: dict[str, Callable]
         return _run_in_order(store, cfg, client, stages, echo, force)
 
 
+def stage_note(summary) -> str:
+    """What a stage's line adds to "done in ...": whether ``[edges] adapt`` adapted the scorer to the run."""
+    if not isinstance(summary, dict) or "adaptation" not in summary:
+        return ""
+    ad = summary["adaptation"]
+    if ad:
+        return " (P adapted to this run: fitted on {} + {} confident edges)".format(*ad["pseudo_labels"])
+    return " ([edges] adapt: too few confident edges to fit on, the scorer's own P)"
+
+
 def _run_in_order(store: RunStore, cfg: Config, client, stages: dict[str, Callable], echo, force: bool) -> dict:
     report = {}
     for name, runner in stages.items():
@@ -102,7 +112,7 @@ def _run_in_order(store: RunStore, cfg: Config, client, stages: dict[str, Callab
         after = store.record(name) or {}
         ran = not (before.get("complete") and before.get("finished") == after.get("finished"))
         report[name] = {"ran": ran, "seconds": round(seconds, 3), "summary": summary}
-        echo(f"{name:<10} {'done' if ran else 'skipped (up to date)'} in {seconds:.1f}s")
+        echo(f"{name:<10} {'done' if ran else 'skipped (up to date)'} in {seconds:.1f}s{stage_note(summary)}")
         if ran:  # the next stage starts from what this one still holds, not from what it freed
             freed = client.run(release_memory)
             log.debug("%s: released %s MiB on the workers", name, {w: b >> 20 for w, b in freed.items()})

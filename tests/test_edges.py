@@ -419,9 +419,16 @@ def test_adapted_edges_stage_equals_the_kernel_for_any_chunks_and_workers(traine
     run_edges(a, general, _cfg(), local_client)
     assert "adapt" not in a.record("edges")["params"] and "adaptation" not in a.record("edges")["summary"]
     np.testing.assert_array_equal(a.array("edges/prob")[:], p)
-    # a scorer confident about no edge (the small model trained here): asked for, skipped, its own P
-    run_edges(b, str(trained["model"]), cfg, local_client)
+    # a scorer confident about no edge (the small model trained here): asked for, skipped, its own P; the
+    # stage's line says which
+    from facecluster.pipeline.run import run_stages
+
+    lines = []
+    for store, model in ((b, str(trained["model"])), (a, general)):
+        run_stages(store, cfg, local_client, {"edges": lambda st, c, cl, force=False: run_edges(st, model, c, cl, force=force)},
+                   echo=lines.append, force=True)
     assert b.record("edges")["summary"]["adaptation"] is None
+    assert "too few confident edges" in lines[0] and "P adapted to this run: fitted on" in lines[1]
 
 
 def test_model_without_edge_scorer_runs_the_old_chain_with_a_note(trained, local_client, tmp_path):
