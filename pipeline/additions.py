@@ -56,6 +56,7 @@ from .model_files import GENERAL_MODEL_DIR, edge_meta, model_digest
 from .run import stage_runners
 from .stages import add as A
 from .stages.cut import WEIGHTS as CUT_WEIGHTS, run_prob_threshold_clusters
+from .stages.edges import run_levels
 from .stages.ingest import run_ingest
 from .stages.proposals import run_threshold_clusters
 from .stages.graph import run_graph
@@ -355,7 +356,7 @@ def _learned_targets(store: RunStore, paths: dict, old_labels: np.ndarray, n_old
     a few faces gains one, and the closure held 92% of the faces (20k built-in faces: the add took 0.88
     of a full run, for the same F)."""
     meta = edge_meta(model_dir)
-    floor = float(meta["floor"])
+    floor = float(run_levels(meta, store)["floor"])  # an adapted run: the model's adapt_levels
     level = floor
     idx = np.asarray(store.root[paths["knn/index"]][n_old:n])
     prob = np.asarray(store.root[paths["edges/prob"]][n_old:n])

@@ -119,8 +119,9 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
     out-of-fold probabilities (as :func:`facecluster.pipeline.train.train_edge_scorer`, over several runs)."""
     import torch
 
-    from facecluster.tasks.edges import (INPUT_NAMES, calibration, choose_cut_over, choose_infomap_level_over,
-                                         choose_levels_over, face_balanced_weights, fit_edge_scorer, predict_edges, roc_auc, run_edge_inputs)
+    from facecluster.tasks.edges import (INPUT_NAMES, adapted_prob, calibration, choose_cut_over, choose_infomap_level_over,
+                                         choose_levels_over, face_balanced_weights, fit_adaptation, fit_edge_scorer, predict_edges,
+                                         roc_auc, run_edge_inputs)
 
     e, g = cfg.edges, cfg.gcn
     fit = dict(hidden=tuple(e.hidden), epochs=e.epochs, lr=e.lr, batch_size=e.batch_size)
@@ -182,6 +183,17 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
              f"floor {levels['floor']}, merge {levels['merge']}, attach {levels['attach']} ({time.perf_counter() - t:.0f}s)")
     balance = max(tried, key=lambda b: tried[b][2]["score"])  # "none" first: a tie keeps the plain loss
     oof, probs, levels = tried[balance]
+    # the levels of runs whose P the edges stage adapts ([edges] adapt): chosen the same way on each world's
+    # out-of-fold P adapted on that world's own edges (every row is in a 3,000-face world's scale sample)
+    adapted_oof = np.array(oof, copy=True)
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ad = fit_adaptation(x[a:b], oof[a:b])
+        if ad:
+            adapted_oof[a:b] = adapted_prob(x[a:b], ad, oof[a:b])
+    adapt_levels = choose_levels_over([(i, p, lab, np.arange(len(lab)))
+                                       for i, p, lab in zip(idx_all, per_world(adapted_oof), lab_all)])
+    echo(f"edge scorer: adapted out-of-fold communities mean pairwise + BCubed F {adapt_levels['score']:.4f} at floor "
+         f"{adapt_levels['floor']}, merge {adapt_levels['merge']}, attach {adapt_levels['attach']}")
     # the components cut of `--method threshold` without --th (:func:`facecluster.pipeline.methods.cluster_threshold`)
     cut = choose_cut_over(list(zip(idx_all, probs, lab_all)))
     echo(f"edge scorer: out-of-fold components mean pairwise + BCubed F {cut['score']:.4f} at P >= {cut['level']}")
@@ -197,13 +209,16 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
     table = {"inputs": list(INPUT_NAMES), "hidden": list(e.hidden), "balance": balance, "floor": levels["floor"],
              "merge": levels["merge"] if e.merge else None, "attach": levels["attach"] if e.attach else None,
              "cut": cut["level"], "infomap_level": infomap_level["level"],
+             "adapt_levels": {"floor": adapt_levels["floor"], "merge": adapt_levels["merge"] if e.merge else None,
+                              "attach": adapt_levels["attach"] if e.attach else None},
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_calibration": calibration(pv, same[va]) if len(va) else [],
                          "out_of_fold_auc": roc_auc(oof, same), "out_of_fold_calibration": calibration(oof, same),
                          "out_of_fold_auc_by_world": [roc_auc(oof[a:b], same[a:b]) for a, b in zip(bounds[:-1], bounds[1:])],
                          "cosine_auc_by_world": [roc_auc(cos[a:b], same[a:b]) for a, b in zip(bounds[:-1], bounds[1:])],
                          "train_edges": int(len(tr)), "val_edges": int(len(va)), "history": history,
-                         "levels": levels, "cut": cut, "infomap_level": infomap_level, "balance_scores": {b: tried[b][2]["score"] for b in tried}}}
+                         "levels": levels, "cut": cut, "infomap_level": infomap_level, "adapt_levels": adapt_levels,
+                         "balance_scores": {b: tried[b][2]["score"] for b in tried}}}
     save_edge_scorer(out_dir, model)
     echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f}, out-of-fold "
          f"{table['metrics']['out_of_fold_auc']:.4f}; communities floor {table['floor']}, merge level {table['merge']}, "

@@ -17,7 +17,7 @@ from .config import Config
 from .model_files import RETRAIN_NOTE, check_dim, edge_meta, read_model_config
 from .stages.communities import run_communities
 from .stages.dedup import run_dedup
-from .stages.edges import run_edges
+from .stages.edges import run_edges, run_levels
 from .stages.graph import run_graph
 from .stages.knn import run_knn
 from .stages.proposals import run_proposals
@@ -34,7 +34,6 @@ def stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None
     edges = edge_meta(model_dir) if model_dir else None
     runners = {"knn": run_knn}
     communities = False
-    attach = merge = None
     if edges is None:
         if model_dir:
             echo(RETRAIN_NOTE.format(model=model_dir))
@@ -44,19 +43,29 @@ def stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None
         if communities:
             runners["communities"] = lambda store, cfg, client, force=False: run_communities(store, model_dir, cfg, client,
                                                                                            force=force)
-        attach = edges.get("attach") if cfg.edges.attach else None
-        merge = edges.get("merge") if cfg.edges.merge else None
     runners["graph"] = run_graph
     runners["proposals"] = lambda store, cfg, client, force=False: run_proposals(store, cfg, client, force=force,
                                                                                  communities=communities)
     runners["score"] = lambda store, cfg, client, force=False: run_score(store, model_dir, cfg, client, force=force)
     # the model's output: dedup over every proposal, or its communities (chosen on validation identities)
     source = (read_model_config(model_dir).get("output") or {}).get("source", "proposals") if communities else "proposals"
-    # the merge level was chosen on the communities: the dedup output over every proposal is not merged
-    merge = merge if source == "communities" else None
-    runners["dedup"] = lambda store, cfg, client, force=False: run_dedup(store, cfg, client, force=force, attach=attach,
-                                                                         use_gcns=source == "proposals", source=source,
-                                                                         merge=merge)
+
+    def levels(store) -> tuple:
+        """(attach, merge) for this run: read when dedup runs, since an adapted run takes the model's adapt_levels."""
+        if edges is None:
+            return None, None
+        lv = run_levels(edges, store)
+        attach = lv["attach"] if cfg.edges.attach else None
+        # the merge level was chosen on the communities: the dedup output over every proposal is not merged
+        merge = lv["merge"] if cfg.edges.merge and source == "communities" else None
+        return attach, merge
+
+    def dedup(store, cfg, client, force=False):
+        attach, merge = levels(store)
+        return run_dedup(store, cfg, client, force=force, attach=attach, use_gcns=source == "proposals", source=source,
+                         merge=merge)
+
+    runners["dedup"] = dedup
     return runners
 
 

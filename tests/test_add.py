@@ -271,7 +271,10 @@ def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, 
 def test_add_scores_new_edges_with_the_runs_adaptation(faces, tmp_path, local_client):
     """[edges] adapt: the faces added are scored with the adaptation the run's edges stage fitted (kept in its
     record), not with the scorer's own P: the new rows equal the kernel's adapted P of their inputs."""
-    from facecluster.tasks.edges import adapted_prob, run_edge_inputs
+    import torch
+
+    from facecluster.pipeline.model_files import GENERAL_MODEL_DIR, edge_meta, load_edge_scorer
+    from facecluster.tasks.edges import adapted_prob, predict_edges, run_edge_inputs
 
     X, y, m = _split(*faces, seed=5)
     fc, _ = _fit_then_add(X, m, tmp_path / "run.zarr", local_client, config={**CFG, "edges": {"adapt": True}})
@@ -281,8 +284,14 @@ def test_add_scores_new_edges_with_the_runs_adaptation(faces, tmp_path, local_cl
     idx, sim = store.array("knn/index")[:], store.array("knn/sim")[:]
     n_old = len(X) - m
     x, _ = run_edge_inputs(idx, sim)  # the grown run's scale, as the add's edges read it
-    np.testing.assert_array_equal(store.array("edges/prob")[n_old:], adapted_prob(x[n_old:], ad))
+    torch.set_num_threads(1)
+    p = predict_edges(load_edge_scorer(GENERAL_MODEL_DIR)[0], x[n_old:])
+    np.testing.assert_array_equal(store.array("edges/prob")[n_old:], adapted_prob(x[n_old:], ad, p))
     assert pairwise_f(y, fc.labels_)[2] > 0.5
+    # an adapted run takes the model's levels for adapted runs (chosen in training on adapted out-of-fold P)
+    levels = edge_meta(GENERAL_MODEL_DIR)["adapt_levels"]
+    assert store.record("communities")["summary"]["floors"][0] == levels["floor"]
+    assert store.record("dedup")["params"].get("merge") == levels["merge"]
 
 
 def _ivf_oracle(feats, cand_of, k):

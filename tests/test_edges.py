@@ -93,11 +93,14 @@ def test_padding_gives_nan_inputs_and_shared_neighbours_count():
 
 
 # -- the per-run adaptation ---------------------------------------------------------------------------
-def _noisy_scorer(x: np.ndarray, same: np.ndarray, seed: int) -> np.ndarray:
+def _noisy_scorer(idx: np.ndarray, same: np.ndarray, seed: int) -> np.ndarray:
     """A scorer that is right where it is confident and noisy in between: P from the truth blurred by a
-    noise independent of the inputs (what a scorer trained on other data does on a run it has not seen)."""
-    rng = np.random.default_rng(seed)
-    logit = np.where(same, 2.0, -2.0) + rng.normal(0.0, 2.5, same.shape)
+    noise independent of the inputs (what a scorer trained on other data does on a run it has not seen); the
+    noise is a function of the unordered pair, so both listings of an edge get one P, as the scorer's do."""
+    i = np.broadcast_to(np.arange(len(idx))[:, None], idx.shape)
+    lo, hi = np.minimum(i, idx), np.maximum(i, idx)
+    u = np.modf(np.abs(np.sin(12.9898 * lo + 78.233 * hi + seed)) * 43758.5453)[0]  # uniform on [0, 1)
+    logit = np.where(same, 2.0, -2.0) + 9.0 * (u - 0.5)
     return (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
 
 
@@ -106,12 +109,12 @@ def test_adaptation_learns_from_the_confident_edges_and_scores_each_row_alone(sm
     x, _ = run_edge_inputs(idx, sim)
     ok = idx >= 0
     same = labels[np.maximum(idx, 0)] == labels[:, None]
-    p = np.where(ok, _noisy_scorer(x, same, 0), 0.0).astype(np.float32)
+    p = np.where(ok, _noisy_scorer(idx, same, 0), 0.0).astype(np.float32)
     ad = fit_adaptation(x[ok], p[ok])
     assert ad is not None and min(ad["pseudo_labels"]) >= ADAPT_MIN_PER_CLASS
     assert fit_adaptation(x[ok], p[ok]) == ad  # the same weights and map every time
     json.dumps(ad)  # kept in the stage's record
-    q = adapted_prob(x, ad)
+    q = adapted_prob(x, ad, p)
     # the run's own inputs separate its identities better than the noisy scorer they were taught by
     assert roc_auc(q[ok], same[ok]) > roc_auc(p[ok], same[ok]) + 0.02
     # mapped onto the scorer's distribution of P: a level keeps about the share of edges it kept
@@ -119,7 +122,7 @@ def test_adaptation_learns_from_the_confident_edges_and_scores_each_row_alone(sm
         assert abs(float((q[ok] >= level).mean()) - float((p[ok] >= level).mean())) < 0.01
     assert (q[~ok] == 0).all() and q.dtype == np.float32
     # each row's value depends on that row alone: any split of the rows gives the same bits
-    parts = np.concatenate([adapted_prob(x[a:b], ad) for a, b in ((0, 7), (7, 300), (300, len(x)))])
+    parts = np.concatenate([adapted_prob(x[a:b], ad, p[a:b]) for a, b in ((0, 7), (7, 300), (300, len(x)))])
     np.testing.assert_array_equal(parts, q)
     # symmetric inputs, symmetric probabilities (a mutual pair)
     i, c = next((i, c) for i in range(len(idx)) for c in range(idx.shape[1]) if i in idx[idx[i, c]])
@@ -413,7 +416,7 @@ def test_adapted_edges_stage_equals_the_kernel_for_any_chunks_and_workers(traine
     torch.set_num_threads(1)
     p = predict_edges(load_edge_scorer(general)[0], x)
     assert fit_adaptation(x[ok], p[ok]) == ad
-    np.testing.assert_array_equal(a.array("edges/prob")[:], adapted_prob(x, ad))
+    np.testing.assert_array_equal(a.array("edges/prob")[:], adapted_prob(x, ad, p))
     assert not np.array_equal(a.array("edges/prob")[:], p)
     # without the option: the scorer's own P, and the stage's parameters as before (no "adapt" key)
     run_edges(a, general, _cfg(), local_client)

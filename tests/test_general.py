@@ -63,6 +63,12 @@ def test_the_shipped_model_is_the_recipe_s_and_loads():
     assert [r["level"] for r in choice["curve"]] == [None, *INFOMAP_LEVEL_GRID]
     assert meta["edges"]["infomap_level"] == choice["level"] == \
         max(choice["curve"], key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
+    # the levels of adapted runs ([edges] adapt): the recipe's choice on adapted out-of-fold P, as for the floor
+    adapt = meta["edges"]["adapt_choice"]
+    assert meta["edges"]["adapt_levels"] == adapt["levels"]
+    assert adapt["levels"]["floor"] == max(adapt["floor_curve"], key=lambda r: r["pairwise_f"] + r["bcubed_f"])["floor"]
+    allowed = [r for r in adapt["merge_curve"] if r["worst_loss"] <= MERGE_WORST_LOSS]
+    assert adapt["levels"]["merge"] == max(allowed, key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
     for dim in (48, 64, 512):
         check_model(GENERAL_MODEL_DIR, dim)
     assert sum(f.stat().st_size for f in GENERAL_MODEL_DIR.iterdir()) <= 5 * 2**20

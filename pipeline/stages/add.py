@@ -156,7 +156,8 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
     torch.set_num_threads(worker_threads())
 
     def score(x):  # the run's adapted P where its edges stage fitted one (the old edges carry it already)
-        return adapted_prob(x, adaptation) if adaptation else predict_edges(edge_scorer(model_dir, digest), x)
+        p = predict_edges(edge_scorer(model_dir, digest), x)
+        return adapted_prob(x, adaptation, p) if adaptation else p
 
     zi, zs = open_array(url, paths["knn/index"]), open_array(url, paths["knn/sim"])
     idx, sim = zi[r0:r1], zs[r0:r1]

@@ -42,6 +42,7 @@ from ..forest import spanning_forest
 from ..model_files import edge_meta, model_digest
 from ..progress import wait_futures
 from ..store import RunStore, StageWriter, open_array
+from .edges import run_levels
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +179,7 @@ def community_floors(model_floor: float) -> list[float]:
 def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
     """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
     store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
-    floors = community_floors(edge_meta(model_dir)["floor"])
+    floors = community_floors(run_levels(edge_meta(model_dir), store)["floor"])  # adapted runs: the model's adapt_levels
     index = store.array("knn/index")
     n, _ = index.shape
     r = int(index.chunks[0])

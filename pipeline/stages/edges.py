@@ -22,7 +22,8 @@ rows, the driver fits the run's adaptation on them
 (:func:`facecluster.tasks.edges.fit_adaptation`: a linear model on the run's own inputs,
 pseudo-labelled by the scorer's confident edges), and the second pass writes the adapted P
 (:func:`facecluster.tasks.edges.adapted_prob`) instead of the scorer's. The adaptation is kept
-in the stage's summary (``adaptation``), so ``add`` scores new edges with it.
+in the stage's summary (``adaptation``), so ``add`` scores new edges with it, and the later stages
+read the model's levels for adapted runs (:func:`run_levels`).
 """
 
 from __future__ import annotations
@@ -96,6 +97,19 @@ def row_inputs(url: str, rows: np.ndarray, summary_path: str, first_path: str, s
     return idx, x, len(uniq)
 
 
+def adapted(store: RunStore) -> bool:
+    """Whether the run's edges stage adapted the scorer's P to the run (``[edges] adapt`` and enough confident edges)."""
+    return bool(((store.record(STAGE) or {}).get("summary") or {}).get("adaptation"))
+
+
+def run_levels(edges: dict, store: RunStore) -> dict:
+    """The model's communities floor, merge and attach levels for this run: those chosen on adapted
+    out-of-fold P (``adapt_levels``) where the run's P was adapted and the model records them, else its own."""
+    own = {key: edges.get(key) for key in ("floor", "merge", "attach")}
+    alt = edges.get("adapt_levels")
+    return {key: alt.get(key) for key in own} if alt and adapted(store) else own
+
+
 def sample_task(url: str, rows: np.ndarray, summary_path: str, first_path: str, model_dir: str, digest: str,
                 stats: dict) -> dict:
     """Worker task (``[edges] adapt``): the inputs and scorer P of the scale sample's rows' edges, valid ones only."""
@@ -114,7 +128,7 @@ def sample_task(url: str, rows: np.ndarray, summary_path: str, first_path: str, 
 def edges_task(url: str, out_path: str, summary_path: str, first_path: str, r0: int, r1: int, model_dir: str,
                digest: str, stats: dict, adaptation: dict | None = None) -> dict:
     """Worker task, second pass: ``edges/prob`` rows r0..r1 (one whole chunk): the scorer's P, or the run's
-    adapted P where ``adaptation`` is given (no scorer pass needed then)."""
+    adapted P where ``adaptation`` is given."""
     import torch
 
     from facecluster.tasks.edges import adapted_prob, predict_edges
@@ -123,7 +137,9 @@ def edges_task(url: str, out_path: str, summary_path: str, first_path: str, r0: 
 
     torch.set_num_threads(worker_threads())
     idx, x, n_uniq = row_inputs(url, np.arange(r0, r1), summary_path, first_path, stats)
-    p = adapted_prob(x, adaptation) if adaptation else predict_edges(edge_scorer(model_dir, digest), x)
+    p = predict_edges(edge_scorer(model_dir, digest), x)
+    if adaptation:
+        p = adapted_prob(x, adaptation, p)
     open_array(url, out_path, mode="r+")[r0:r1] = p
     ok = idx >= 0
     return {"rows": int(r1 - r0), "neighbour_rows": int(n_uniq), "edges": int(ok.sum()),
