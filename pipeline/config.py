@@ -241,7 +241,7 @@ class EdgesConfig(_Section):
     communities: bool = opt(True, _bool(), "add Infomap communities of the learned-affinity graph to the proposals")
     merge: bool = opt(True, _bool(), "merge the model's communities by the learned affinity between them (level chosen in training; used where the model's output is its communities)")
     attach: bool = opt(True, _bool(), "attach faces no proposal claims to their most probable neighbour's cluster (level chosen in training)")
-    adapt: bool = opt(False, _bool(), "cluster time: fit a linear model on the run's own edge inputs, labelled by the scorer's confident edges (P >= 0.9 / <= 0.1), and use its score, mapped onto the scorer's distribution of P, as the run's P (self-training; measured to help the general model on real face models)")
+    adapt: bool = opt(False, _bool(), "cluster time: fit a linear model on the run's own edge inputs, labelled by the scorer's confident edges (P >= 0.9 / <= 0.1); the run's P is the rank average of the scorer's P and that model's score, mapped onto the scorer's distribution of P, and the run takes the model's adapt_levels (self-training; measured to help the general model on real face models)")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,14 @@ N_INPUTS = len(INPUT_NAMES)
 _EPS = 1e-6
 
 
+def quantile_interp(v: np.ndarray, q, values) -> np.ndarray:
+    """Piecewise-linear map of ``v`` through quantiles ``q`` (ascending) onto ``values``: with ``values`` the
+    quantile levels, the sample CDF. The abscissae are made strictly increasing for interp (equal quantiles: a
+    plateau of identical values)."""
+    q = np.asarray(q, np.float64)
+    return np.interp(v, q + np.arange(len(q)) * 1e-12, values)
+
+
 @dataclass(frozen=True)
 class SimStats:
     """The data's distribution of kNN similarities (from a row sample): the scale every input is read on.
@@ -71,10 +79,7 @@ class SimStats:
         return cls(np.asarray(d["quantiles"], np.float64), float(d["top1"]), float(d["last"]))
 
     def cdf(self, s: np.ndarray) -> np.ndarray:
-        q = self.quantiles
-        # strictly increasing abscissae for interp (equal quantiles: a plateau of identical similarities)
-        x = q + np.arange(len(q)) * 1e-12
-        return np.interp(s, x, QUANTILE_GRID).astype(np.float32)
+        return quantile_interp(s, self.quantiles, QUANTILE_GRID).astype(np.float32)
 
     def scale(self, s: np.ndarray) -> np.ndarray:
         return ((s - self.last) / max(self.top1 - self.last, _EPS)).astype(np.float32)
@@ -276,7 +281,7 @@ def predict_edges(model: EdgeScorer, inputs: np.ndarray, tile: int = PREDICT_TIL
 ADAPT_HI, ADAPT_LO = 0.9, 0.1
 ADAPT_PER_CLASS = 50_000  #: pseudo-labelled edges per class the fit uses, at most (a seeded draw)
 ADAPT_MIN_PER_CLASS = 100  #: fewer confident edges in either class: no adaptation
-ADAPT_LEVELS = 1001  #: quantile levels of the map from the linear score onto P
+ADAPT_LEVELS = 1001  #: quantile levels of the maps (linear score and P to their ranks, the rank average onto P)
 ADAPT_L2 = 1e-4
 
 
@@ -287,8 +292,8 @@ def fit_adaptation(inputs: np.ndarray, prob: np.ndarray, hi: float = ADAPT_HI, l
     than :data:`ADAPT_MIN_PER_CLASS` edges.
 
     The fit: inputs standardised by the sample's mean and deviation, L2-regularised logistic regression by
-    L-BFGS in float64 on one torch thread (the same weights whatever the caller's threads). The map: the
-    sample's linear scores and P at :data:`ADAPT_LEVELS` quantile levels.
+    L-BFGS in float64 on one torch thread (the same weights whatever the caller's threads). The maps: the
+    sample's linear scores, P and their rank average (:func:`_blend_score`) at :data:`ADAPT_LEVELS` quantile levels.
     """
     x = np.asarray(inputs, np.float64).reshape(-1, np.shape(inputs)[-1])
     p = np.asarray(prob, np.float64).reshape(-1)
@@ -331,17 +336,11 @@ def fit_adaptation(inputs: np.ndarray, prob: np.ndarray, hi: float = ADAPT_HI, l
     return ad
 
 
-def _cdf(v: np.ndarray, q) -> np.ndarray:
-    """The sample CDF at ``v`` from its quantiles ``q`` at :data:`ADAPT_LEVELS` levels (strictly increasing
-    abscissae for interp: equal quantiles are a plateau of equal values)."""
-    q = np.asarray(q, np.float64)
-    return np.interp(v, q + np.arange(len(q)) * 1e-12, np.linspace(0.0, 1.0, len(q)))
-
-
 def _blend_score(p: np.ndarray, z: np.ndarray, ad: dict) -> np.ndarray:
     """An edge's place among the run's scorer P plus its place among the adapted linear scores (a rank average:
     the scorer's own ranking is kept where the run's inputs do not overrule it)."""
-    return _cdf(np.asarray(p, np.float64), ad["p_q"]) + _cdf(z, ad["z_q"])
+    levels = np.linspace(0.0, 1.0, len(ad["p_q"]))
+    return quantile_interp(np.asarray(p, np.float64), ad["p_q"], levels) + quantile_interp(z, ad["z_q"], levels)
 
 
 def _linear_score(x: np.ndarray, ad: dict) -> np.ndarray:
@@ -365,8 +364,7 @@ def adapted_prob(inputs: np.ndarray, ad: dict, prob: np.ndarray) -> np.ndarray:
     ok = np.isfinite(x).all(1)
     out = np.zeros(len(x), np.float32)
     b = _blend_score(p[ok], _linear_score(x[ok], ad), ad)
-    bq = np.asarray(ad["b_q"], np.float64)
-    out[ok] = np.interp(b, bq + np.arange(len(bq)) * 1e-12, np.asarray(ad["p_q"], np.float64))
+    out[ok] = quantile_interp(b, ad["b_q"], np.asarray(ad["p_q"], np.float64))
     return out.reshape(shape)
 
 

@@ -40,7 +40,7 @@ from facecluster.tasks.additions import (affected_rows, candidate_lists, carried
 from facecluster.tasks.components import chunk_forest
 from facecluster.tasks.thresholds import auto_threshold
 
-from .edges import edge_scorer, summary_task
+from .edges import edge_scorer, run_adaptation, summary_task
 from .graph import SAMPLE_ROWS
 from .knn import QUANTIZER, assign_lists, clear_cache, index_of, ivf_group, merge_task, plan
 
@@ -382,7 +382,7 @@ def edges(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, mode
     paths["edges/prob"] = w.tmp_path("edges/prob")
     token = uuid.uuid4().hex[:8]
     stats = client.submit(stats_task, store.url, paths, key=f"add-edges-scale-{token}").result()
-    adaptation = ((store.record("edges") or {}).get("summary") or {}).get("adaptation")
+    adaptation = run_adaptation(store)
     counts = wait_futures([client.submit(edges_task, store.url, paths, a, b, n_old, os.path.abspath(model_dir),
                                          digest, stats, adaptation, key=f"add-edges-{a}-{token}") for a, b in row_chunks(n, r)],
                           "add: edges")

@@ -97,9 +97,14 @@ def row_inputs(url: str, rows: np.ndarray, summary_path: str, first_path: str, s
     return idx, x, len(uniq)
 
 
+def run_adaptation(store: RunStore) -> dict | None:
+    """The adaptation the run's edges stage fitted (``[edges] adapt`` and enough confident edges), else None."""
+    return ((store.record(STAGE) or {}).get("summary") or {}).get("adaptation")
+
+
 def adapted(store: RunStore) -> bool:
-    """Whether the run's edges stage adapted the scorer's P to the run (``[edges] adapt`` and enough confident edges)."""
-    return bool(((store.record(STAGE) or {}).get("summary") or {}).get("adaptation"))
+    """Whether the run's edges stage adapted the scorer's P to the run."""
+    return bool(run_adaptation(store))
 
 
 def run_levels(edges: dict, store: RunStore) -> dict:
