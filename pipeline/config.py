@@ -232,6 +232,7 @@ class GCNConfig(_Section):
 @dataclass(frozen=True)
 class EdgesConfig(_Section):
     """[edges]: the learned affinity (edge scorer, communities, merge, attach) trained beside GCN-D/GCN-S."""
+    _section = "edges"
     learn: bool = opt(True, _bool(), "train an edge scorer (P(same identity) per kNN edge) with GCN-D/GCN-S; false: the 0.1 chain")
     hidden: tuple = opt([64, 64], lambda v: None if isinstance(v, (list, tuple)) and v and all(isinstance(x, int) and x > 0 for x in v) else f"must be a list of positive integers, got {v!r}", "edge scorer MLP widths")
     epochs: int = opt(6, _int(1), "edge scorer training epochs (the best validation loss is kept)")
@@ -247,6 +248,7 @@ class EdgesConfig(_Section):
 @dataclass(frozen=True)
 class AddConfig(_Section):
     """[add]: adding faces to a clustered run (`facecluster add`)."""
+    _section = "add"
     recluster: str = opt("new", _choice("new", "touched"), "learned method: new = each new face joins its most probable old neighbour's cluster (at the model's attach level) and only the others are clustered, with the old singletons they reach; touched = the old clusters a new face reaches (P >= the model's floor) are re-clustered with the new faces (closer to clustering all faces afresh, costs more)")
 
 
