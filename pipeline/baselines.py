@@ -26,7 +26,7 @@ from .config import Config
 from .stages.graph import knn_sims  # the rows the anchor is computed from place the grids too
 from .model_files import GENERAL_MODEL_DIR
 from .stages.cut import cut_labels, model_cut
-from .stages.edges import run_edges
+from .stages.edges import run_edges, scorer_p
 from .stages.infomap import COSINE, resolve_min_sim
 from .stages.proposals import graph_anchor, threshold_task
 from .store import RunStore, open_array
@@ -95,8 +95,8 @@ def auto_threshold(store: RunStore, cfg: Config, client) -> tuple[float, np.ndar
     """``--method threshold`` without ``--th``: the components of the kNN edges with P(same identity) >= the general
     model's cut (its edge scorer: runs stage "edges"); (the cut, labels)."""
     model = str(GENERAL_MODEL_DIR)
-    run_edges(store, model, cfg, client)
-    level = model_cut(model)
+    run_edges(store, model, scorer_p(cfg), client)
+    level = model_cut(model, store)
     return level, cut_labels(store, level, cfg, client)
 
 
@@ -157,7 +157,7 @@ def infomap_general(store: RunStore, cfg: Config, client) -> dict | None:
     if not has_infomap():
         return None
     model = str(GENERAL_MODEL_DIR)
-    run_edges(store, model, cfg, client)
+    run_edges(store, model, scorer_p(cfg), client)
     value, info = resolve_min_sim(store, COSINE, None, None, level_model=model)
     labels = client.submit(infomap_task, store.url, value, key=f"infomap-general-{uuid.uuid4().hex[:8]}").result()
     return {"min_sim": value, "info": info, "labels": labels}

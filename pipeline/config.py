@@ -74,6 +74,13 @@ def _bool():
     return check
 
 
+def _bool_or(*words):
+    def check(v):
+        return None if isinstance(v, bool) or v in words else \
+            f"must be true, false or {', '.join(map(repr, words))}, got {v!r}"
+    return check
+
+
 def _float_list(lo=None, hi=None, none=True):
     def check(v):
         if v is None and none:
@@ -242,7 +249,7 @@ class EdgesConfig(_Section):
     communities: bool = opt(True, _bool(), "add Infomap communities of the learned-affinity graph to the proposals")
     merge: bool = opt(True, _bool(), "merge the model's communities by the learned affinity between them (level chosen in training; used where the model's output is its communities)")
     attach: bool = opt(True, _bool(), "attach faces no proposal claims to their most probable neighbour's cluster (level chosen in training)")
-    adapt: bool = opt(False, _bool(), "cluster time: fit a linear model on the run's own edge inputs, labelled by the scorer's confident edges (P >= 0.9 / <= 0.1); the run's P is the rank average of the scorer's P and that model's score, mapped onto the scorer's distribution of P, and the run takes the model's adapt_levels (self-training; measured to help the general model on real face models)")
+    adapt: bool | str = opt("auto", _bool_or("auto"), "cluster time: fit a linear model on the run's own edge inputs, labelled by the scorer's confident edges (P >= 0.9 / <= 0.1); the run's P is the rank average of the scorer's P and that model's score, mapped onto the scorer's distribution of P, and the run takes the model's adapt_levels (self-training; measured to help the general model's communities on every real and generated set). auto = in the learned method where the model records adapt_levels (the general model; a model trained on your own labels does not), not for --method threshold's cut or --method infomap's cosine floor (measured mixed there); true = everywhere")
 
 
 @dataclass(frozen=True)

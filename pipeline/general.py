@@ -190,10 +190,16 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
         ad = fit_adaptation(x[a:b], oof[a:b])
         if ad:
             adapted_oof[a:b] = adapted_prob(x[a:b], ad, oof[a:b])
-    adapt_levels = choose_levels_over([(i, p, lab, np.arange(len(lab)))
-                                       for i, p, lab in zip(idx_all, per_world(adapted_oof), lab_all)])
+    adapted_probs = per_world(adapted_oof)
+    adapt_levels = choose_levels_over([(i, p, lab, np.arange(len(lab))) for i, p, lab in zip(idx_all, adapted_probs, lab_all)])
     echo(f"edge scorer: adapted out-of-fold communities mean pairwise + BCubed F {adapt_levels['score']:.4f} at floor "
          f"{adapt_levels['floor']}, merge {adapt_levels['merge']}, attach {adapt_levels['attach']}")
+    adapt_cut = choose_cut_over(list(zip(idx_all, adapted_probs, lab_all)))
+    echo(f"edge scorer: adapted out-of-fold components mean pairwise + BCubed F {adapt_cut['score']:.4f} at "
+         f"P >= {adapt_cut['level']}")
+    adapt_infomap = choose_infomap_level_over(list(zip(idx_all, sim_all, adapted_probs, lab_all)))
+    echo(f"edge scorer: adapted out-of-fold cosine kNN + Infomap mean pairwise + BCubed F {adapt_infomap['score']:.4f} "
+         f"at the cosine where P crosses {adapt_infomap['level']}")
     # the components cut of `--method threshold` without --th (:func:`facecluster.pipeline.methods.cluster_threshold`)
     cut = choose_cut_over(list(zip(idx_all, probs, lab_all)))
     echo(f"edge scorer: out-of-fold components mean pairwise + BCubed F {cut['score']:.4f} at P >= {cut['level']}")
@@ -210,7 +216,8 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
              "merge": levels["merge"] if e.merge else None, "attach": levels["attach"] if e.attach else None,
              "cut": cut["level"], "infomap_level": infomap_level["level"],
              "adapt_levels": {"floor": adapt_levels["floor"], "merge": adapt_levels["merge"] if e.merge else None,
-                              "attach": adapt_levels["attach"] if e.attach else None},
+                              "attach": adapt_levels["attach"] if e.attach else None,
+                              "cut": adapt_cut["level"], "infomap_level": adapt_infomap["level"]},
              "metrics": {"val_auc": roc_auc(pv, same[va]) if len(va) else None,
                          "val_calibration": calibration(pv, same[va]) if len(va) else [],
                          "out_of_fold_auc": roc_auc(oof, same), "out_of_fold_calibration": calibration(oof, same),
@@ -218,6 +225,7 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
                          "cosine_auc_by_world": [roc_auc(cos[a:b], same[a:b]) for a, b in zip(bounds[:-1], bounds[1:])],
                          "train_edges": int(len(tr)), "val_edges": int(len(va)), "history": history,
                          "levels": levels, "cut": cut, "infomap_level": infomap_level, "adapt_levels": adapt_levels,
+                         "adapt_cut": adapt_cut, "adapt_infomap_level": adapt_infomap,
                          "balance_scores": {b: tried[b][2]["score"] for b in tried}}}
     save_edge_scorer(out_dir, model)
     echo(f"edge scorer: validation ROC-AUC {table['metrics']['val_auc']:.4f}, out-of-fold "

@@ -27,7 +27,7 @@ from .model_files import GENERAL_MODEL_DIR, check_model, edge_meta, model_digest
 from .run import ensure_graph, ensure_knn, run_cluster
 from .stages.cut import (check_enough_similarities, cut_source, enough_similarities, model_cut,
                          run_prob_threshold_clusters)
-from .stages.edges import run_edges
+from .stages.edges import run_edges, scorer_p
 from .stages.infomap import check_min_sim_value, model_infomap_level, run_infomap_clusters
 from .stages.proposals import run_threshold_clusters
 from .store import RunStore
@@ -52,7 +52,7 @@ def cluster_threshold(store: RunStore, cfg: Config, client, options: dict,
         model = options.get("model") or str(GENERAL_MODEL_DIR)
         ensure_knn(store, cfg, client)
         check_enough_similarities(store)
-        run_edges(store, model, cfg, client)
+        run_edges(store, model, scorer_p(cfg), client)
         return run_prob_threshold_clusters(store, model, cfg, client, max_size=options.get("max_size"),
                                            force=options.get("force", False))
     ensure_graph(store, cfg, client)
@@ -83,7 +83,7 @@ def cluster_infomap(store: RunStore, cfg: Config, client, options: dict,
     else:
         general = str(GENERAL_MODEL_DIR)
         if min_sim is None and model_infomap_level(general) is not None and enough_similarities(store):
-            run_edges(store, general, cfg, client)
+            run_edges(store, general, scorer_p(cfg), client)
             level_model = general
         ensure_graph(store, cfg, client)
     return run_infomap_clusters(store, cfg, client, model_dir=model, min_sim=min_sim,

@@ -24,7 +24,7 @@ from .errors import BadInput
 #: ``facecluster cluster`` and ``FaceClusterer`` use for the learned method when no model is given
 GENERAL_MODEL_DIR = Path(__file__).resolve().parent / "models" / "general"
 #: :func:`model_digest` of those files (tests/test_general.py checks them against it)
-GENERAL_MODEL_DIGEST = "2221b692f2f8577bdcb8a06e92341425"
+GENERAL_MODEL_DIGEST = "92afa2d61d2b55f5d50e7d6a5926ad72"
 FORMAT = 2  # 2: gcnd.pt holds a GCNDEnsemble (config.json "ensemble" members); 1: one GCND
 MODEL_FILES = ("gcnd.pt", "gcns.pt", "config.json")
 EDGE_FILE = "edges.pt"  # optional: models from before 0.2 have none

@@ -269,15 +269,16 @@ def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, 
 
 
 def test_add_scores_new_edges_with_the_runs_adaptation(faces, tmp_path, local_client):
-    """[edges] adapt: the faces added are scored with the adaptation the run's edges stage fitted (kept in its
-    record), not with the scorer's own P: the new rows equal the kernel's adapted P of their inputs."""
+    """[edges] adapt (the general model's default): the faces added are scored with the adaptation the run's edges
+    stage fitted (kept in its record), not with the scorer's own P: the new rows equal the kernel's adapted P of
+    their inputs."""
     import torch
 
     from facecluster.pipeline.model_files import GENERAL_MODEL_DIR, edge_meta, load_edge_scorer
     from facecluster.tasks.edges import adapted_prob, predict_edges, run_edge_inputs
 
     X, y, m = _split(*faces, seed=5)
-    fc, _ = _fit_then_add(X, m, tmp_path / "run.zarr", local_client, config={**CFG, "edges": {"adapt": True}})
+    fc, _ = _fit_then_add(X, m, tmp_path / "run.zarr", local_client, config=CFG)
     store = RunStore.open(str(tmp_path / "run.zarr"))
     ad = store.record("edges")["summary"]["adaptation"]
     assert ad is not None

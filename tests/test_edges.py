@@ -418,10 +418,16 @@ def test_adapted_edges_stage_equals_the_kernel_for_any_chunks_and_workers(traine
     assert fit_adaptation(x[ok], p[ok]) == ad
     np.testing.assert_array_equal(a.array("edges/prob")[:], adapted_prob(x, ad, p))
     assert not np.array_equal(a.array("edges/prob")[:], p)
-    # without the option: the scorer's own P, and the stage's parameters as before (no "adapt" key)
-    run_edges(a, general, _cfg(), local_client)
+    # by default ("auto") the general model, which records adapt_levels, adapts: the same stage, up to date
+    assert run_edges(a, general, _cfg(), local_client)["adaptation"] == ad
+    assert a.record("edges")["params"]["adapt"] is True
+    # turned off: the scorer's own P, and the stage's parameters as before the option (no "adapt" key)
+    run_edges(a, general, Config.from_dict(_cfg().to_dict(), {"edges.adapt": False}), local_client)
     assert "adapt" not in a.record("edges")["params"] and "adaptation" not in a.record("edges")["summary"]
     np.testing.assert_array_equal(a.array("edges/prob")[:], p)
+    # "auto" with a model that records no adapt_levels (one trained on labels, as here): not adapted
+    run_edges(b, str(trained["model"]), _cfg(), single_worker_client)
+    assert "adapt" not in b.record("edges")["params"] and "adaptation" not in b.record("edges")["summary"]
     # a scorer confident about no edge (the small model trained here): asked for, skipped, its own P; the
     # stage's line says which
     from facecluster.pipeline.run import run_stages
@@ -432,6 +438,14 @@ def test_adapted_edges_stage_equals_the_kernel_for_any_chunks_and_workers(traine
                    echo=lines.append, force=True)
     assert b.record("edges")["summary"]["adaptation"] is None
     assert "too few confident edges" in lines[0] and "P adapted to this run: fitted on" in lines[1]
+    # the levels a run takes: for an adapted run those the model chose on adapted P, its own for a level it did not
+    # record there (a model from before 0.7: no cut, no infomap level) and for a run not adapted
+    from facecluster.pipeline.stages.edges import LEVEL_KEYS, run_levels
+
+    meta = {"floor": 0.85, "merge": 0.85, "attach": None, "cut": 0.98, "infomap_level": 0.925,
+            "adapt_levels": {"floor": 0.8, "merge": 0.7, "attach": 0.9, "cut": 0.95}}
+    assert run_levels(meta, a) == {"floor": 0.8, "merge": 0.7, "attach": 0.9, "cut": 0.95, "infomap_level": 0.925}
+    assert run_levels(meta, b) == {key: meta[key] for key in LEVEL_KEYS}
 
 
 def test_model_without_edge_scorer_runs_the_old_chain_with_a_note(trained, local_client, tmp_path):

@@ -69,6 +69,11 @@ def test_the_shipped_model_is_the_recipe_s_and_loads():
     assert adapt["levels"]["floor"] == max(adapt["floor_curve"], key=lambda r: r["pairwise_f"] + r["bcubed_f"])["floor"]
     allowed = [r for r in adapt["merge_curve"] if r["worst_loss"] <= MERGE_WORST_LOSS]
     assert adapt["levels"]["merge"] == max(allowed, key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
+    # ... and the cut of `--method threshold` and the level of `--method infomap` for adapted runs, on their curves
+    assert adapt["levels"]["cut"] == max(adapt["cut_curve"], key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
+    assert [r["level"] for r in adapt["infomap_curve"]] == [None, *INFOMAP_LEVEL_GRID]
+    assert adapt["levels"]["infomap_level"] == \
+        max(adapt["infomap_curve"], key=lambda r: r["pairwise_f"] + r["bcubed_f"])["level"]
     for dim in (48, 64, 512):
         check_model(GENERAL_MODEL_DIR, dim)
     assert sum(f.stat().st_size for f in GENERAL_MODEL_DIR.iterdir()) <= 5 * 2**20

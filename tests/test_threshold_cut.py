@@ -52,11 +52,15 @@ def test_cli_threshold_without_th_cuts_the_general_model_s_probabilities(faces, 
     assert _cli(["ingest", tmp_path / "f.npy", "-o", run], capsys)[0] == 0
     code, out, err = _cli(["cluster", run, "--method", "threshold", *sched], capsys)
     assert code == 0, err
-    cut = edge_meta(GENERAL_MODEL_DIR)["cut"]
+    meta = edge_meta(GENERAL_MODEL_DIR)
     assert [ln for ln in err.splitlines() if ln.startswith(f"threshold (no --th): components of kNN edges with "
-                                                           f"P(same identity) >= {cut:g}, the cut the general model")]
-    assert out.startswith(f"threshold P(same identity) >= {cut:g} (P(same identity) >= {cut:g}, the cut the general model")
+                                                           f"P(same identity) >= {meta['cut']:g}, the cut the general model")]
+    # the scorer's own P ([edges] adapt "auto" adapts the learned method's P only) at the model's own cut
     store = RunStore.open(str(run))
+    assert "adaptation" not in store.record("edges")["summary"]
+    cut = meta["cut"]
+    assert out.startswith(f"threshold P(same identity) >= {cut:g} (P(same identity) >= {cut:g}, the cut the general model")
+    assert "adapted" not in out
     rec = store.record("clusters")
     assert rec["params"]["weights"] == "edges/prob" and rec["params"]["th"] == cut and rec["inputs"] == ["edges"]
     index, prob = store.array("knn/index")[:], store.array("edges/prob")[:]
@@ -64,6 +68,20 @@ def test_cli_threshold_without_th_cuts_the_general_model_s_probabilities(faces, 
     assert np.array_equal(labels, components_at(index, prob, cut))
     lower = components_at(index, prob, max(v for v in FLOOR_GRID if v < cut))
     assert not np.array_equal(labels, lower)  # the level matters on these faces: the test sees a wrong one
+
+
+def test_adapt_true_cuts_the_adapted_probabilities_at_the_adapted_cut(faces, tmp_path, local_client):
+    """[edges] adapt = true (not the default for this method): the run's P is adapted and the cut is the one the
+    model chose on adapted out-of-fold P (``adapt_levels``), and the summary says so."""
+    x, _ = faces
+    fc = facecluster.FaceClusterer(method="threshold", config={**CFG, "edges": {"adapt": True}}, client=local_client,
+                                   store=tmp_path / "run.zarr")
+    labels = fc.fit_predict(x)
+    store = RunStore.open(fc.run_.url)
+    assert store.record("edges")["summary"]["adaptation"] is not None
+    cut = edge_meta(GENERAL_MODEL_DIR)["adapt_levels"]["cut"]
+    assert fc.summary_["th"] == cut and "on P adapted to each run" in fc.summary_["threshold"]["source"]
+    assert np.array_equal(labels, components_at(store.array("knn/index")[:], store.array("edges/prob")[:], cut))
 
 
 def test_th_keeps_the_cosine_cut(faces, tmp_path, local_client):

@@ -30,6 +30,7 @@ from ..errors import BadInput
 from ..forest import spanning_forest
 from ..model_files import GENERAL_MODEL_DIGEST, edge_meta, model_digest
 from ..store import RunStore
+from .edges import adapted, run_levels
 from .proposals import CLUSTERS_STAGE
 
 log = logging.getLogger(__name__)
@@ -37,14 +38,16 @@ log = logging.getLogger(__name__)
 WEIGHTS = "edges/prob"
 
 
-def model_cut(model_dir: str) -> float:
-    """The components cut a model recorded in training (``edges.cut``); BadInput when it has none."""
+def model_cut(model_dir: str, store: RunStore | None = None) -> float:
+    """The components cut a model recorded in training (``edges.cut``; for a run whose P the edges stage
+    adapted, the cut chosen on adapted P: :func:`facecluster.pipeline.stages.edges.run_levels`); BadInput
+    when it has none."""
     meta = edge_meta(model_dir)
     if meta is None or meta.get("cut") is None:
         raise BadInput(f"{model_dir}: records no components cut (only the general model "
                        "shipped with facecluster does); --method threshold without --th uses the general "
                        "model shipped with facecluster, or pass --th")
-    return float(meta["cut"])
+    return float(run_levels(meta, store)["cut"] if store is not None else meta["cut"])
 
 
 def enough_similarities(store: RunStore) -> bool:
@@ -64,11 +67,12 @@ def check_enough_similarities(store: RunStore) -> None:
                        "faces, or pass --th")
 
 
-def cut_source(model_dir: str, level: float) -> str:
-    """One line: which rule and which model gave the cut."""
+def cut_source(model_dir: str, level: float, adapted_p: bool = False) -> str:
+    """One line: which rule and which model gave the cut (``adapted_p``: chosen for P adapted to the run)."""
     digest = model_digest(model_dir)
     who = "the general model shipped with facecluster" if digest == GENERAL_MODEL_DIGEST else str(model_dir)
-    return (f"P(same identity) >= {level:g}, the cut {who} (digest {digest}) chose in training "
+    on = " on P adapted to each run, as this run's is" if adapted_p else ""
+    return (f"P(same identity) >= {level:g}, the cut {who} (digest {digest}) chose in training{on} "
             "(best mean pairwise + BCubed F of components over its worlds)")
 
 
@@ -95,7 +99,7 @@ def run_prob_threshold_clusters(store: RunStore, model_dir: str, cfg: Config, cl
     max_size : split larger components by Algorithm 1 (ladder step ``cfg.proposals.step``).
     """
     store.require("edges", f"run `facecluster cluster {store.url} --method threshold` (it runs the stages before)")
-    level = model_cut(model_dir) if level is None else float(level)
+    level = model_cut(model_dir, store) if level is None else float(level)
     digest = model_digest(model_dir)
     params = {"method": "threshold", "weights": WEIGHTS, "th": level, "max_size": max_size,
               "step": cfg.proposals.step if max_size else None}
@@ -106,7 +110,7 @@ def run_prob_threshold_clusters(store: RunStore, model_dir: str, cfg: Config, cl
         w.write_array("clusters", labels)
         sizes = np.bincount(labels)
         summary = {"method": "threshold", "weights": "learned", "th": level,
-                   "threshold": {"source": cut_source(model_dir, level), "model": str(model_dir), "model_digest": digest},
+                   "threshold": {"source": cut_source(model_dir, level, adapted(store)), "model": str(model_dir), "model_digest": digest},
                    "max_size": max_size, "n_clusters": int(len(sizes)), "n_singletons": int((sizes == 1).sum()),
                    "largest": int(sizes.max()) if len(sizes) else 0}
         w.summary.update(summary)

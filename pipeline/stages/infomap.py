@@ -43,6 +43,7 @@ from ..forest import spanning_forest
 from ..model_files import edge_meta
 from ..store import RunStore
 from .communities import INFOMAP_SEED, infomap_components
+from .edges import run_levels
 from .graph import knn_sims, read_forest, sampled_rows
 from .proposals import CLUSTERS_STAGE, graph_anchor
 
@@ -63,11 +64,12 @@ def check_min_sim_value(min_sim: float | None, learned: bool) -> None:
                        "automatic one")
 
 
-def model_infomap_level(model_dir: str | None) -> float | None:
-    """The P level a model recorded for the cosine floor of ``--method infomap`` (``edges.infomap_level``;
-    None: no model, or one trained before facecluster 0.6.1)."""
+def model_infomap_level(model_dir: str | None, store: RunStore | None = None) -> float | None:
+    """The P level a model recorded for the cosine floor of ``--method infomap`` (``edges.infomap_level``; for
+    a run whose P the edges stage adapted, the level chosen on adapted P:
+    :func:`facecluster.pipeline.stages.edges.run_levels`; None: no model, or one trained before facecluster 0.6.1)."""
     meta = edge_meta(model_dir) if model_dir else None
-    level = meta.get("infomap_level") if meta else None
+    level = (run_levels(meta, store) if store is not None else meta).get("infomap_level") if meta else None
     return None if level is None else float(level)
 
 
@@ -82,8 +84,8 @@ def resolve_min_sim(store: RunStore, weights: str, min_sim: float | None, model_
     """
     if min_sim is None:
         if weights == LEARNED:
-            return float(edge_meta(model_dir)["floor"]), {"source": "the model's communities floor"}
-        level, note = model_infomap_level(level_model), ""
+            return float(run_levels(edge_meta(model_dir), store)["floor"]), {"source": "the model's communities floor"}
+        level, note = model_infomap_level(level_model, store), ""
         if level is not None:
             value, count = prob_level_min_sim(*edge_pairs(*sampled_rows(store, ("knn/index", "knn/sim", "edges/prob"))),
                                               level)
