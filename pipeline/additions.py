@@ -126,9 +126,15 @@ def check_add_model(store: RunStore, clustering: dict, model_dir: str | None) ->
         return None
     want = clustering["pinned"].get("model_digest")
     if not model_dir:
-        if want and want == model_digest(GENERAL_MODEL_DIR):
+        shipped = model_digest(GENERAL_MODEL_DIR)
+        if want and want == shipped:
             return str(GENERAL_MODEL_DIR)
-        raise BadInput(f"{store.url}: was clustered on a model's edge probabilities; pass the model it used (--model DIR)")
+        # a model given to `cluster`, or the general model of another facecluster version (its files, hence its
+        # digest, change between versions): new faces scored by this version's would not match the run's P
+        raise BadInput(f"{store.url}: was clustered on the edge probabilities of model {want} (a --model DIR, or the "
+                       f"general model of another facecluster version; this one ships {shipped}); pass that model "
+                       f"(--model DIR), or re-run `facecluster cluster {store.url}` first to re-cluster every face "
+                       "with this version's general model")
     if edge_meta(model_dir) is None:
         raise BadInput(f"{model_dir}: has no edge scorer (trained before facecluster 0.2); adding faces needs one: "
                        "re-train it and re-run cluster")

@@ -3,6 +3,9 @@ LocalCluster workers and real run stores."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import pytest
 
@@ -249,7 +252,7 @@ def test_cli_add_then_export(faces, tmp_path, local_client, capsys):
     assert store.array("clusters").shape == (len(X),) and store.stale_reason("clusters") is None
 
 
-def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, local_client, capsys):
+def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, local_client, capsys, monkeypatch):
     """A run clustered without a model (the general model shipped in the package) takes new faces without
     one too, through the API and the CLI; another model is refused with one line."""
     X, y, m = _split(*faces, seed=3)
@@ -266,6 +269,22 @@ def test_learned_add_to_a_run_clustered_with_the_general_model(faces, tmp_path, 
     np.save(tmp_path / "again.npy", X[5:8] + 1e-3)
     code, err = _code_err(["add", run, tmp_path / "again.npy", "--model", tmp_path], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and "edge scorer" in err
+    # this facecluster's general model is not the one the run was clustered with (an upgrade changed its files):
+    # refused with one line that names both digests and the way on, not scored by a model the run never used
+    from facecluster.pipeline import additions
+    from facecluster.pipeline.model_files import GENERAL_MODEL_DIR, model_digest
+
+    newer = tmp_path / "newer-general"
+    shutil.copytree(GENERAL_MODEL_DIR, newer)
+    meta = json.loads((newer / "config.json").read_text())
+    meta["edges"]["cut"] = 0.97
+    (newer / "config.json").write_text(json.dumps(meta))
+    monkeypatch.setattr(additions, "GENERAL_MODEL_DIR", newer)
+    clustered_with = model_digest(GENERAL_MODEL_DIR)
+    code, err = _code_err(["add", run, tmp_path / "again.npy", "--scheduler", local_client.scheduler.address], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert clustered_with in err and model_digest(newer) in err and f"facecluster cluster {run}" in err
+    assert RunStore.open(run).array("clusters").shape == (len(X) + 5,)  # nothing written
 
 
 def test_add_scores_new_edges_with_the_runs_adaptation(faces, tmp_path, local_client):
