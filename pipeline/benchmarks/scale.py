@@ -24,7 +24,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from facecluster.tasks.planted import Planted, features
+from facecluster.tasks.planted import LATENT, Planted
 from facecluster.tasks.synth import SynthParams, draw_sizes
 
 from . import MemorySampler, save_result
@@ -53,7 +53,7 @@ def write_rows_task(url: str, paths: dict, r0: int, r1: int, planted: Planted, k
 
     ids = np.arange(r0, r1, dtype=np.int64)
     if "features" in paths:
-        put("features", features(r0, r1, dim, seed))
+        put("features", planted.features(r0, r1, dim))
         put("input_rows", ids)
         put("labels", planted.identity(ids))
     if "knn/index" in paths:
@@ -113,7 +113,8 @@ def growth(sizes: list[int], by_size: dict) -> dict:
 @click.command("scale")
 @click.option("--sizes", default="1000000,3000000,10000000", show_default=True, help="Comma-separated N.")
 @click.option("--k", "k", type=int, default=80, show_default=True)
-@click.option("--dim", type=int, default=64, show_default=True)
+@click.option("--dim", type=click.IntRange(min=LATENT), default=64, show_default=True,
+              help=f"Feature dimensions (the planted latent vectors, {LATENT}-d, zero-padded).")
 @click.option("--chunk-rows", type=int, default=65_536, show_default=True)
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="Model directory (default: the general model shipped in the package).")
