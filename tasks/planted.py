@@ -66,7 +66,7 @@ def _gaussian(x: np.ndarray) -> np.ndarray:
 LATENT = 32  #: dimensions of the latent vectors the similarities are cosines of
 SPREAD = 0.6  #: a face's noise norm relative to its unit identity centre, times its quality factor (0.75-1.25)
 FAMILY = 0.4  #: AR(1) correlation of consecutive identity centres (the look-alikes of the window)
-BLOCK_CANDIDATES = 1 << 19  #: (row, candidate) pairs of one block of knn(): ~130 MB of latent products
+BLOCK_CANDIDATES = 1 << 17  #: (row, candidate) pairs of one block of knn(): ~34 MB of latent products
 
 
 class Planted:
@@ -156,10 +156,10 @@ class Planted:
         order = np.argsort(length, kind="stable")
         start = 0
         while start < len(order):
-            rows_per_block = max(1, BLOCK_CANDIDATES // int(length[order[start]]))
-            blk = order[start:start + rows_per_block]
-            width = int(length[blk].max())
-            blk = blk[length[blk] <= width]
+            # sorted by length: the block's last row is its widest; size the block by it
+            guess = min(start + max(1, BLOCK_CANDIDATES // int(length[order[start]])), len(order))
+            width = int(length[order[guess - 1]])
+            blk = order[start:start + max(1, BLOCK_CANDIDATES // width)]
             start += len(blk)
             slot = np.arange(width, dtype=np.int64)[None, :]
             cand = self.id_of(first[blk, None] + slot)

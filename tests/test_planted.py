@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from facecluster.tasks import planted
 from facecluster.tasks.planted import Planted
 
 
@@ -19,12 +20,19 @@ def _planted(n: int, seed: int) -> Planted:
 
 
 @settings(max_examples=25, deadline=None)
-@given(n=st.integers(2, 600), k=st.integers(1, 30), seed=st.integers(0, 5), cut=st.integers(1, 599))
-def test_lists_are_sorted_symmetric_and_chunk_free(n, k, seed, cut):
+@given(n=st.integers(2, 600), k=st.integers(1, 30), seed=st.integers(0, 5), cut=st.integers(1, 599),
+       block=st.integers(1, 5000))
+def test_lists_are_sorted_symmetric_and_chunk_free(n, k, seed, cut, block):
     p = _planted(n, seed)
     idx, sim = p.knn(0, n, k)
     cut = min(cut, n)
-    a, b = p.knn(0, cut, k), p.knn(cut, n, k)
+    # any cut into chunks, and any block size inside a chunk: the same rows
+    default = planted.BLOCK_CANDIDATES
+    planted.BLOCK_CANDIDATES = block
+    try:
+        a, b = p.knn(0, cut, k), p.knn(cut, n, k)
+    finally:
+        planted.BLOCK_CANDIDATES = default
     np.testing.assert_array_equal(np.concatenate([a[0], b[0]]), idx)  # any cut into chunks: the same rows
     np.testing.assert_array_equal(np.concatenate([a[1], b[1]]), sim)
     rows = np.broadcast_to(np.arange(n)[:, None], idx.shape)
