@@ -529,7 +529,7 @@ def test_communities_output_keeps_every_community_and_attaches(trained, local_cl
 def test_merge_step_on_the_cluster_chain_equals_the_kernel_for_any_chunks_and_workers(trained, local_client,
                                                                                    single_worker_client, tmp_path):
     """A model whose output is its communities, merged at its level: the clusters the dedup stage writes (one
-    task per face range, rounds on the driver) equal the in-memory kernel on the whole kNN lists, for 2
+    task per chunk of kNN rows, rounds on the driver) equal the in-memory kernel on the whole kNN lists, for 2
     workers / 500-row chunks and 1 worker / 1,300-row chunks; whole communities move, never a part."""
     from facecluster.pipeline.run import run_cluster
     from facecluster.tasks.components import canonical_labels

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..cluster import pick
 from ..config import Config
+from ..forest import row_chunks
 from ..progress import wait_futures
 from ..store import RunStore, open_array
 
@@ -189,9 +190,11 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
             from facecluster.tasks.merge import combine_entries, eligible_clusters, merge_clusters
 
             lab_f, elig_f = client.scatter([labels, eligible_clusters(labels)], broadcast=True)
-            parts = wait_futures([client.submit(merge_entries_task, store.url, int(lo), int(hi), lab_f, elig_f,
+            # one task per chunk of knn rows, not per face range (gcn.dedup_faces = 2^20 rows): a task's temporaries
+            # are ~50 B per kNN edge, 4.4 GB on one worker for a 1M-face range (bench scale at 1M, session 25)
+            parts = wait_futures([client.submit(merge_entries_task, store.url, lo, hi, lab_f, elig_f,
                                                 key=f"dedup-merge-{lo}-{token}")
-                                  for lo, hi in zip(bounds[:-1], bounds[1:])], "merge")
+                                  for lo, hi in row_chunks(n, int(store.array("knn/index").chunks[0]))], "merge")
             labels, merged = merge_clusters(labels, combine_entries(*parts), float(merge))
             log.info("merge at %.4g: %d merges in %d rounds (%d faces in merged clusters)", merge,
                      merged["merges"], merged["rounds"], merged["faces_in_merged"])
