@@ -194,19 +194,20 @@ def train_general_edges(stores: list[RunStore], out_dir: Path, cfg: Config, echo
     adapt_levels = choose_levels_over([(i, p, lab, np.arange(len(lab))) for i, p, lab in zip(idx_all, adapted_probs, lab_all)])
     echo(f"edge scorer: adapted out-of-fold communities mean pairwise + BCubed F {adapt_levels['score']:.4f} at floor "
          f"{adapt_levels['floor']}, merge {adapt_levels['merge']}, attach {adapt_levels['attach']}")
-    adapt_cut = choose_cut_over(list(zip(idx_all, adapted_probs, lab_all)))
-    echo(f"edge scorer: adapted out-of-fold components mean pairwise + BCubed F {adapt_cut['score']:.4f} at "
-         f"P >= {adapt_cut['level']}")
-    adapt_infomap = choose_infomap_level_over(list(zip(idx_all, sim_all, adapted_probs, lab_all)))
-    echo(f"edge scorer: adapted out-of-fold cosine kNN + Infomap mean pairwise + BCubed F {adapt_infomap['score']:.4f} "
-         f"at the cosine where P crosses {adapt_infomap['level']}")
-    # the components cut of `--method threshold` without --th (:func:`facecluster.pipeline.methods.cluster_threshold`)
-    cut = choose_cut_over(list(zip(idx_all, probs, lab_all)))
-    echo(f"edge scorer: out-of-fold components mean pairwise + BCubed F {cut['score']:.4f} at P >= {cut['level']}")
-    # the cosine floor of `--method infomap` without --min-sim (:func:`facecluster.pipeline.stages.infomap.resolve_min_sim`)
-    infomap_level = choose_infomap_level_over(list(zip(idx_all, sim_all, probs, lab_all)))
-    echo(f"edge scorer: out-of-fold cosine kNN + Infomap mean pairwise + BCubed F {infomap_level['score']:.4f} at the "
-         f"cosine where P crosses {infomap_level['level']}")
+
+    def cut_and_infomap_level(run_probs: list[np.ndarray], what: str) -> tuple[dict, dict]:
+        """The components cut of `--method threshold` without --th (:func:`facecluster.pipeline.methods.cluster_threshold`)
+        and the P level of `--method infomap`'s cosine floor without --min-sim
+        (:func:`facecluster.pipeline.stages.infomap.resolve_min_sim`), chosen on ``run_probs``."""
+        cut = choose_cut_over(list(zip(idx_all, run_probs, lab_all)))
+        echo(f"edge scorer: {what}out-of-fold components mean pairwise + BCubed F {cut['score']:.4f} at P >= {cut['level']}")
+        level = choose_infomap_level_over(list(zip(idx_all, sim_all, run_probs, lab_all)))
+        echo(f"edge scorer: {what}out-of-fold cosine kNN + Infomap mean pairwise + BCubed F {level['score']:.4f} at the "
+             f"cosine where P crosses {level['level']}")
+        return cut, level
+
+    adapt_cut, adapt_infomap = cut_and_infomap_level(adapted_probs, "adapted ")
+    cut, infomap_level = cut_and_infomap_level(probs, "")
     tr, va = np.flatnonzero(train_edge), np.flatnonzero(~train_edge)
     torch.manual_seed(g.seed)
     model, history = fit_edge_scorer(x, same, tr, va, seed=g.seed, weight=weights[balance], **fit)

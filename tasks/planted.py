@@ -166,8 +166,7 @@ class Planted:
             cand = np.where((slot < length[blk, None]) & (cand != ids[blk, None]), cand, -1)
             uniq, inv = np.unique(np.where(cand >= 0, cand, ids[blk, None]), return_inverse=True)
             z, zr = self.latent(uniq), self.latent(ids[blk])
-            sim = (z[inv.reshape(cand.shape)] * zr[:, None, :]).sum(2).astype(np.float32)
-            sim = np.where(cand >= 0, sim, -np.inf).astype(np.float32)
+            sim = np.where(cand >= 0, (z[inv.reshape(cand.shape)] * zr[:, None, :]).sum(2), -np.inf).astype(np.float32)
             # one int64 key per entry (similarity descending, then id ascending; ids < 2^31): one argpartition
             bits = sim.view(np.int32)
             monotone = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)  # increasing with sim
@@ -175,6 +174,5 @@ class Planted:
             kk = min(k, width)
             top = np.argpartition(key, kk - 1, axis=1)[:, :kk] if kk < width else np.broadcast_to(slot, key.shape)
             top = np.take_along_axis(top, np.argsort(np.take_along_axis(key, top, 1), axis=1), 1)
-            ci, si = np.take_along_axis(cand, top, 1), np.take_along_axis(sim, top, 1)
-            out_i[blk, :kk], out_s[blk, :kk] = np.where(ci >= 0, ci, -1), np.where(ci >= 0, si, -np.inf)
+            out_i[blk, :kk], out_s[blk, :kk] = np.take_along_axis(cand, top, 1), np.take_along_axis(sim, top, 1)
         return out_i, out_s

@@ -47,7 +47,7 @@ def model_cut(model_dir: str, store: RunStore | None = None) -> float:
         raise BadInput(f"{model_dir}: records no components cut (only the general model "
                        "shipped with facecluster does); --method threshold without --th uses the general "
                        "model shipped with facecluster, or pass --th")
-    return float(run_levels(meta, store)["cut"] if store is not None else meta["cut"])
+    return float(run_levels(meta, store)["cut"])
 
 
 def enough_similarities(store: RunStore) -> bool:

@@ -111,16 +111,17 @@ def adapted(store: RunStore) -> bool:
 LEVEL_KEYS = ("floor", "merge", "attach", "cut", "infomap_level")
 
 
-def run_levels(edges: dict, store: RunStore) -> dict:
+def run_levels(edges: dict, store: RunStore | None) -> dict:
     """The model's levels for this run (communities floor, merge, attach, the components cut of
     ``--method threshold``, the cosine-floor level of ``--method infomap``): those chosen on adapted out-of-fold P
-    (``adapt_levels``) where the run's P was adapted and the model records them, else its own.
+    (``adapt_levels``) where the run's P was adapted and the model records them, else its own (also without a
+    run: ``store`` None).
 
     A level a model's ``adapt_levels`` lacks (recorded before facecluster 0.7: cut, infomap_level) is its own.
     """
     own = {key: edges.get(key) for key in LEVEL_KEYS}
     alt = edges.get("adapt_levels")
-    return {key: alt.get(key, own[key]) for key in own} if alt and adapted(store) else own
+    return {key: alt.get(key, own[key]) for key in own} if alt and store is not None and adapted(store) else own
 
 
 def adapts(cfg: Config, model_dir: str) -> bool:

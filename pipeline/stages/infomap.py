@@ -69,7 +69,7 @@ def model_infomap_level(model_dir: str | None, store: RunStore | None = None) ->
     a run whose P the edges stage adapted, the level chosen on adapted P:
     :func:`facecluster.pipeline.stages.edges.run_levels`; None: no model, or one trained before facecluster 0.6.1)."""
     meta = edge_meta(model_dir) if model_dir else None
-    level = (run_levels(meta, store) if store is not None else meta).get("infomap_level") if meta else None
+    level = run_levels(meta, store)["infomap_level"] if meta else None
     return None if level is None else float(level)
 
 
