@@ -1,11 +1,20 @@
 """The maximum spanning forest of stored kNN lists, distributed (used by the graph and communities stages).
 
-One task per row chunk reduces that chunk's undirected edges to its spanning
-forest (memory bounded by the chunk); a tree of forest merges with an explicit
-fan-in (MSF(A u B) = MSF(MSF(A) u MSF(B))) gives one forest of <= N-1 edges. The
-edge weight is any array shaped like ``knn/index``: ``knn/sim`` (the cosine
-graph) or ``edges/prob`` (the learned affinity). The forest is unique (ties
-broken by edge ids), so it does not depend on chunk size or worker count.
+One task per range of whole row chunks reduces that range's undirected edges to its
+spanning forest; a tree of forest merges (MSF(A u B) = MSF(MSF(A) u MSF(B))) gives one
+forest of <= N-1 edges. The edge weight is any array shaped like ``knn/index``:
+``knn/sim`` (the cosine graph) or ``edges/prob`` (the learned affinity). The forest is
+unique (ties broken by edge ids), so it does not depend on chunk size, task sizes or
+worker count.
+
+Sizes: a task's forest spans its rows *and every neighbour they list*, so it has up to
+min(N - 1, its kNN entries) edges whatever its row count, and every merge above the
+first level holds forests of ~N edges. Fewer, larger tasks therefore mean less merging:
+a task reads as many whole chunks as keep its kNN entries within ``forest_edges``, and
+a merge takes as many forests (2 to ``fan_in``) as keep their edges within it. At 3M
+planted faces (65,536-row chunks, k = 80) the chunk-per-task tree merged 155M edges to
+build a 3M-edge forest. Past ``forest_edges / 2`` faces a merge holds two forests of up
+to N - 1 edges: ~160 bytes per face at its peak, the stage's one N-sized state.
 """
 
 from __future__ import annotations
@@ -32,13 +41,30 @@ def merge_task(*forests):
     return merge_forests(*forests)
 
 
-def tree_reduce(client, futures: list, fan_in: int, name: str = "graph-merge"):
-    """Reduce futures of forests by ``fan_in`` at a time until one is left; returns its future."""
+def merge_groups(sizes: list[int], fan_in: int, budget: int) -> list[tuple[int, int]]:
+    """One level of the merge tree: consecutive ranges of forests (``sizes``: a bound on each one's edges), each
+    taking forests while they hold at most ``budget`` edges together, at least 2 and at most ``fan_in``."""
+    groups, i = [], 0
+    while i < len(sizes):
+        j, held = i + 1, sizes[i]
+        while j < len(sizes) and j - i < fan_in and (j - i < 2 or held + sizes[j] <= budget):
+            held += sizes[j]
+            j += 1
+        groups.append((i, j))
+        i = j
+    return groups
+
+
+def tree_reduce(client, futures: list, sizes: list[int], fan_in: int, budget: int, n: int, name: str):
+    """Reduce futures of forests (``sizes``: a bound on each one's edges) by levels of :func:`merge_groups` until
+    one is left; returns its future. A merged forest's bound is the sum of its inputs', at most ``n - 1``."""
     token = uuid.uuid4().hex[:8]
     level = 0
     while len(futures) > 1:
-        futures = [client.submit(merge_task, *futures[i:i + fan_in], key=f"{name}-{level}-{i // fan_in}-{token}")
-                   for i in range(0, len(futures), fan_in)]
+        groups = merge_groups(sizes, fan_in, budget)
+        futures = [client.submit(merge_task, *futures[a:b], key=f"{name}-{level}-{g}-{token}") if b - a > 1
+                   else futures[a] for g, (a, b) in enumerate(groups)]
+        sizes = [min(sum(sizes[a:b]), max(n - 1, 0)) for a, b in groups]
         level += 1
     return futures[0]
 
@@ -47,18 +73,34 @@ def row_chunks(n: int, r: int) -> list[tuple[int, int]]:
     return [(a, min(a + r, n)) for a in range(0, n, r)]
 
 
-def spanning_forest(client, url: str, n: int, r: int, min_sim: float | None, fan_in: int, weights: str = "knn/sim",
-                    name: str = "graph"):
-    """(src, dst, weight) of the MSF of the stored kNN lists weighted by ``weights`` (edges >= ``min_sim``)."""
+def forest_tasks(n: int, r: int, k: int, forest_edges: int) -> list[tuple[int, int]]:
+    """Row ranges of the forest tasks: whole chunks of ``r`` rows, as many per task as keep its ``k`` entries per
+    row within ``forest_edges`` (at least one chunk), the chunks spread evenly over the fewest such tasks."""
     chunks = row_chunks(n, r)
+    if not chunks:
+        return []
+    per = max(1, int(forest_edges) // max(1, r * k))
+    tasks = -(-len(chunks) // per)
+    cuts = [len(chunks) * t // tasks for t in range(tasks + 1)]
+    return [(chunks[a][0], chunks[b - 1][1]) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def spanning_forest(client, url: str, n: int, r: int, min_sim: float | None, fan_in: int, weights: str = "knn/sim",
+                    name: str = "graph", forest_edges: int = 1 << 24):
+    """(src, dst, weight) of the MSF of the stored kNN lists weighted by ``weights`` (edges >= ``min_sim``).
+
+    ``r``: the lists' chunk rows; ``fan_in``, ``forest_edges``: the tree's shape (see the module's notes)."""
+    k = int(open_array(url, "knn/index").shape[1])
+    ranges = forest_tasks(n, r, k, forest_edges)
     token = uuid.uuid4().hex[:8]
     futs = [client.submit(chunk_forest_task, url, a, b, min_sim, weights, key=f"{name}-chunk-{a}-{b}-{token}")
-            for a, b in chunks]
+            for a, b in ranges]
     wait_futures(futs, name, gather=False)
     if not futs:
         from facecluster.tasks.components import empty_forest
 
         return empty_forest()
-    final = tree_reduce(client, futs, fan_in, name=f"{name}-merge")
+    bounds = [min(max(n - 1, 0), (b - a) * k) for a, b in ranges]
+    final = tree_reduce(client, futs, bounds, fan_in, forest_edges, n, f"{name}-merge")
     wait_futures([final], f"{name}-merge", gather=False)
     return final.result()

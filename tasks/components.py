@@ -66,11 +66,16 @@ def knn_edges(index: np.ndarray, sim: np.ndarray, row0: int, min_sim: float | No
 
 def max_by_key(key: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The distinct keys (ascending) and the largest of ``values`` at each: one argsort of the int64 keys and a
-    ``maximum.reduceat`` over each key's run (no stable sort or second sort key needed for a maximum)."""
+    ``maximum.reduceat`` over each key's run.
+
+    The argsort is numpy's stable one, not for stability (a maximum needs none) but for speed: it merges
+    ascending runs instead of sorting them, and forests being merged are a few sorted lists one after another
+    (19M keys of 8 runs: 0.37 s against quicksort's 1.73 s; a chunk's kNN edges, ascending by row for half
+    their ends, 0.11 s against 0.26 s; random keys the same either way)."""
     key, values = np.asarray(key, np.int64), np.asarray(values)
     if not len(key):
         return key, values[:0]
-    order = np.argsort(key)
+    order = np.argsort(key, kind="stable")
     key = key[order]
     starts = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
     return key[starts], np.maximum.reduceat(values[order], starts)
@@ -141,6 +146,26 @@ def compress_ids(src: np.ndarray, dst: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return nodes, pos[:len(src)], pos[len(src):]
 
 
+TIE_BITS = 28  #: bits below a float32 weight's last one that order its ties (see :func:`kruskal_weights`)
+
+
+def kruskal_weights(sim: np.ndarray) -> np.ndarray | None:
+    """Distinct float64 weights whose ascending order is the forest's edge order: ``sim`` descending, ties by
+    position (the edges come sorted by (src, dst)); None where there are too many edges for that.
+
+    Edge ``i`` (from 1) gets ``-sim + i * ulp(sim) * 2**-TIE_BITS``: the offset stays under half a float32
+    step of its ``sim`` (i < 2**(TIE_BITS - 1)), so edges of different float32 weights keep their order, and
+    the sum is exact in float64 (24 + TIE_BITS significant bits), so equal weights are ordered by ``i``. It
+    is never 0, which the sparse matrix would take for no edge. Sorting ranks once for this order cost as
+    much as the minimum spanning tree's own sort (3.4 s of a 19M-edge merge's 12.5 s).
+    """
+    sim = np.asarray(sim, np.float32)
+    if len(sim) >= 2 ** (TIE_BITS - 1):
+        return None
+    step = np.spacing(np.abs(sim)).astype(np.float64) * 2.0 ** -TIE_BITS
+    return np.arange(1, len(sim) + 1, dtype=np.float64) * step - sim.astype(np.float64)
+
+
 def spanning_forest(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, deduped: bool = False) -> Forest:
     """The unique maximum spanning forest of an edge list (order: sim desc, src asc, dst asc).
 
@@ -153,14 +178,19 @@ def spanning_forest(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, deduped: 
     if len(src) == 0:
         return empty_forest()
     nodes, ls, ld = compress_ids(src, dst)
-    # Distinct integer weights = rank in the total order, so the MSF is unique
-    # (scipy's Kruskal breaks ties arbitrarily). Ranks are exact in float64.
-    order = np.argsort(-sim, kind="stable")  # edges are in (src, dst) order: ties stay by (src, dst)
-    rank = np.empty(len(src), np.float64)
-    rank[order] = np.arange(1, len(src) + 1, dtype=np.float64)
-    g = sp.csr_matrix((rank, (ls, ld)), shape=(len(nodes), len(nodes)))
+    weight = kruskal_weights(sim)
+    if weight is None:
+        # Distinct integer weights = rank in the total order, so the MSF is unique
+        # (scipy's Kruskal breaks ties arbitrarily). Ranks are exact in float64.
+        order = np.argsort(-sim, kind="stable")  # edges are in (src, dst) order: ties stay by (src, dst)
+        weight = np.empty(len(src), np.float64)
+        weight[order] = np.arange(1, len(src) + 1, dtype=np.float64)
+    g = sp.csr_matrix((weight, (ls, ld)), shape=(len(nodes), len(nodes)))
     t = minimum_spanning_tree(g).tocoo()
-    picked = order[t.data.astype(np.int64) - 1]
+    # each (ls, ld) pair is one edge and both ascend with the (src, dst) order: a picked entry's place among
+    # them is its edge's
+    width = np.int64(len(nodes))
+    picked = np.searchsorted(ls * width + ld, t.row.astype(np.int64) * width + t.col.astype(np.int64))
     picked.sort()  # edges were sorted by (src, dst): keep that order
     return src[picked], dst[picked], sim[picked]
 

@@ -9,6 +9,7 @@ from scipy.sparse.csgraph import connected_components
 
 from facecluster.tasks.components import (canonical_labels, components, chunk_forest, compress_ids, distinct_positions, knn_edges, merge_forests,
                                           node_positions, spanning_forest, super_vertices, threshold_components)
+from facecluster.tasks import components as components_module
 
 
 def scipy_cc(n, src, dst):
@@ -81,6 +82,62 @@ def test_forest_cuts_equal_scipy_cc(n, k, seed, r, fan_in, ties):
     for tau in (0.0, 0.25, 0.5, 0.7, 0.9, 1.0):
         keep = s >= np.float32(tau)
         np.testing.assert_array_equal(threshold_components(n, *f, tau), scipy_cc(n, src[keep], dst[keep]))
+
+
+def kruskal_oracle(src, dst, sim):
+    """Plain Kruskal in the forest's order: each pair once with its largest weight, then (sim desc, src, dst)."""
+    best = {}
+    for a, b, w in zip(src.tolist(), dst.tolist(), np.asarray(sim, np.float32).tolist()):
+        key = (min(a, b), max(a, b))
+        if a != b and (key not in best or w > best[key]):
+            best[key] = w
+    parent = {}
+
+    def root(x):
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    kept = []
+    for (a, b), w in sorted(best.items(), key=lambda e: (-e[1], e[0])):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[ra] = rb
+            kept.append((a, b, w))
+    return sorted(kept)
+
+
+# float32 weights where an ordering by tie offsets could go wrong: signed zeros, subnormals, both sides of
+# binade boundaries (1, 0.5, 2^-20), negatives, and repeats of each (ties)
+TRICKY = np.array([0.0, -0.0, 1e-45, 3e-45, 1.0, np.nextafter(np.float32(1), np.float32(0)), 0.5,
+                   np.nextafter(np.float32(0.5), np.float32(0)), np.nextafter(np.float32(0.5), np.float32(1)),
+                   2.0 ** -20, np.nextafter(np.float32(2.0 ** -20), np.float32(0)), -0.5, -1.0, 0.25, 0.75], np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 40), m=st.integers(0, 150), seed=st.integers(0, 10_000), parts=st.integers(1, 4),
+       limit=st.sampled_from([None, 2]))
+def test_spanning_forest_equals_plain_kruskal_on_tricky_weights(n, m, seed, parts, limit):
+    """The forest (whole, or merged from parts of the edge list) is plain Kruskal's in its documented order,
+    by the tie offsets and, where too many edges for them (``limit``), by ranks."""
+    rng = np.random.default_rng(seed)
+    src, dst = rng.integers(0, n, m), rng.integers(0, n, m)
+    sim = rng.choice(TRICKY, m)
+    ok = src != dst
+    src, dst, sim = src[ok], dst[ok], sim[ok]
+    expected = kruskal_oracle(src, dst, sim)
+    saved = components_module.TIE_BITS
+    try:
+        if limit is not None:
+            components_module.TIE_BITS = limit  # 2 ** (limit - 1) = 2 edges: the rank path
+        f = spanning_forest(src, dst, sim)
+        cuts = np.array_split(np.arange(len(src)), parts)
+        g = merge_forests(*(spanning_forest(src[c], dst[c], sim[c]) for c in cuts))
+    finally:
+        components_module.TIE_BITS = saved
+    for forest in (f, g):
+        got = sorted(zip(forest[0].tolist(), forest[1].tolist(), forest[2].tolist()))
+        assert got == expected
 
 
 def test_knn_edges_drops_self_padding_and_dedups():

@@ -8,7 +8,10 @@ import pytest
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from hypothesis import given, strategies as st
+
 from facecluster.pipeline.config import Config
+from facecluster.pipeline.forest import forest_tasks, merge_groups, row_chunks
 from facecluster.pipeline.stages.graph import read_forest, run_graph
 from facecluster.pipeline.store import RunStore
 from facecluster.tasks.components import canonical_labels, threshold_components
@@ -70,12 +73,16 @@ def scipy_cc_at(idx, sim, tau):
 def test_forest_invariant_to_chunks_and_workers(tmp_path, local_client, single_worker_client):
     feats, _ = clustered_features(300, seed=1)
     k = 6
-    cfg = Config.from_dict({"proposals": {"fan_in": 2, "min_edge_sim": -1.0}})  # every edge: cuts at any tau
     forests = []
-    for i, (r, client) in enumerate([(300, single_worker_client), (37, local_client), (64, single_worker_client)]):
+    # forest_edges: one chunk per task and merges of 2 forests (1); 2 chunks per task (768 = 2 x 64 rows x 6) and
+    # merges of up to fan_in; the default (every chunk in one task)
+    for i, (r, client, budget, tasks) in enumerate([(300, single_worker_client, 1 << 24, 1), (37, local_client, 1, 9),
+                                                     (64, single_worker_client, 768, 3), (37, local_client, 1 << 24, 1)]):
+        cfg = Config.from_dict({"proposals": {"fan_in": 3, "min_edge_sim": -1.0,  # every edge: cuts at any tau
+                                              "forest_edges": budget}})
         store = make_run(tmp_path / f"r{i}.zarr", feats, k, r)
         summary = run_graph(store, cfg, client)
-        assert summary["chunks"] == -(-300 // r)
+        assert summary["chunks"] == -(-300 // r) and summary["forest_tasks"] == tasks
         forests.append(read_forest(store))
     for f in forests[1:]:
         for a, b in zip(forests[0], f):
@@ -100,3 +107,28 @@ def test_graph_min_edge_sim_and_padding_and_resume(tmp_path, local_client):
     finished = store.record("graph")["finished"]
     run_graph(store, cfg, local_client)  # unchanged inputs and params: skipped
     assert store.record("graph")["finished"] == finished
+
+
+@given(n=st.integers(0, 5_000), r=st.integers(1, 700), k=st.integers(1, 40), budget=st.integers(1, 200_000))
+def test_forest_tasks_are_whole_chunks_within_the_budget(n, r, k, budget):
+    ranges = forest_tasks(n, r, k, budget)
+    chunks = row_chunks(n, r)
+    per = max(1, budget // (r * k))  # chunks a task may read: its entries within the budget, or one chunk
+    assert len(ranges) == -(-len(chunks) // per)  # the fewest tasks that fit
+    if not n:
+        return
+    assert ranges[0][0] == 0 and ranges[-1][1] == n and all(b == a2 for (_, b), (a2, _) in zip(ranges, ranges[1:]))
+    for a, b in ranges:
+        assert a % r == 0 and (b == n or b % r == 0)  # whole chunks
+        assert 1 <= -(-(b - a) // r) <= per
+
+
+@given(sizes=st.lists(st.integers(0, 1_000), max_size=30), fan_in=st.integers(2, 6), budget=st.integers(0, 3_000))
+def test_merge_groups_cover_in_order_within_fan_in_and_budget(sizes, fan_in, budget):
+    groups = merge_groups(sizes, fan_in, budget)
+    assert [i for a, b in groups for i in range(a, b)] == list(range(len(sizes)))
+    for a, b in groups:
+        assert b - a <= fan_in
+        assert b - a <= 2 or sum(sizes[a:b]) <= budget  # two forests always, more only within the budget
+        if b < len(sizes) and b - a < fan_in and (b - a < 2 or sum(sizes[a:b + 1]) <= budget):
+            raise AssertionError("a group stopped before it had to")

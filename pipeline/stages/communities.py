@@ -188,7 +188,8 @@ def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force:
         if w is None:
             return store.record(STAGE).get("summary", {})
         forest = spanning_forest(client, store.url, n, r, min(floors), cfg.proposals.fan_in,
-                                 weights="edges/prob", name="communities-forest")
+                                 weights="edges/prob", name="communities-forest",
+                                 forest_edges=cfg.proposals.forest_edges)
         out = w.create_array("communities/labels", (n, len(floors)), (r, len(floors)), np.int64)
         per_floor = []
         for f_i, (labels, stats) in enumerate(infomap_components(client, w, n, forest, floors, "edges/prob",

@@ -80,7 +80,8 @@ def cut_labels(store: RunStore, level: float, cfg: Config, client, max_size: int
     """Labels of the components of ``edges/prob`` at ``level`` (Algorithm 1 above ``max_size``), canonical."""
     index = store.array("knn/index")
     src, dst, p = spanning_forest(client, store.url, int(index.shape[0]), int(index.chunks[0]), level,
-                                  cfg.proposals.fan_in, weights=WEIGHTS, name="threshold-prob-forest")
+                                  cfg.proposals.fan_in, weights=WEIGHTS, name="threshold-prob-forest",
+                                  forest_edges=cfg.proposals.forest_edges)
     n = int(index.shape[0])
     if max_size:
         return np.asarray(super_vertices(n, src, dst, p, level, cfg.proposals.step, max_size)[0], np.int64)

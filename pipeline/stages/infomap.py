@@ -151,7 +151,8 @@ def run_infomap_clusters(store: RunStore, cfg: Config, client, model_dir: str | 
             forest, forest_source = read_forest(store), "graph"  # cut at min_sim: the components there
         else:
             forest = spanning_forest(client, store.url, n, int(index.chunks[0]), floor, cfg.proposals.fan_in,
-                                     weights=weights, name="infomap-forest")
+                                     weights=weights, name="infomap-forest",
+                                     forest_edges=cfg.proposals.forest_edges)
             forest_source = weights
         (labels, stats), = infomap_components(client, w, n, forest, [floor], weights, "infomap",
                                               budget=BATCH_NODES, joint=True)
