@@ -208,7 +208,7 @@ class ProposalConfig(_Section):
     min_edge_sim: float | None = opt(None, _float(-1.0, 1.0, none=True), "graph stage: drop kNN edges below this (default: 1 - 1.5 * (1 - anchor), below every automatic threshold; -1 keeps all)")
     fan_in: int = opt(4, _int(2), "forests merged per task in the graph stage's tree reduction")
     forest_edges: int = opt(1 << 24, _int(1), "kNN entries one spanning-forest task reads, and edges one merge holds "
-                            "(whole chunks, at least one chunk or two forests; ~80 bytes each at the task's peak)")
+                            "(whole chunks, at least one chunk or two forests; ~100 bytes each at the task's peak)")
 
 
 @dataclass(frozen=True)

@@ -144,7 +144,9 @@ class Planted:
 
         Exact within a face's *band*: every face at the positions of its identity and ``window`` positions either
         side (its look-alikes: the AR(1) centres make identities beyond the band unrelated). Rows go in blocks of
-        similar band length (sorted by it: little padding), ``BLOCK_CANDIDATES`` candidates a block at most.
+        neighbouring positions (sorted by position, so their bands overlap and the latent vectors of the block's
+        positions are made once: 65,536 rows at 1M faces 23.4 -> 5.2 s, at 3M 30.3 -> 9.9 s, the same lists), ``BLOCK_CANDIDATES`` (row, candidate)
+        pairs a block at most, each row's band padded to the block's widest.
         """
         ids = np.arange(r0, r1, dtype=np.int64)
         pos = self.pos_of(ids)
@@ -153,20 +155,22 @@ class Planted:
         length = np.minimum(length, self.n)  # a band never wraps onto itself
         out_i = np.full((len(ids), k), -1, np.int64)
         out_s = np.full((len(ids), k), -np.inf, np.float32)
-        order = np.argsort(length, kind="stable")
+        order = np.argsort(pos, kind="stable")
+        longest = BLOCK_CANDIDATES // max(1, int(length.min())) + 1 if len(ids) else 1  # most rows a block can take
         start = 0
         while start < len(order):
-            # sorted by length: the block's last row is its widest; size the block by it
-            guess = min(start + max(1, BLOCK_CANDIDATES // int(length[order[start]])), len(order))
-            width = int(length[order[guess - 1]])
-            blk = order[start:start + max(1, BLOCK_CANDIDATES // width)]
-            start += len(blk)
+            widest = np.maximum.accumulate(length[order[start:start + longest]])
+            rows = max(1, int((np.arange(1, len(widest) + 1) * widest <= BLOCK_CANDIDATES).sum()))
+            blk, width = order[start:start + rows], int(widest[rows - 1])
+            start += rows
             slot = np.arange(width, dtype=np.int64)[None, :]
-            cand = self.id_of(first[blk, None] + slot)
+            at = first[blk, None] + slot  # band positions (unwrapped: id_of takes them mod n)
+            lo = int(first[blk].min())
+            span = self.latent(self.id_of(np.arange(lo, int(at.max()) + 1, dtype=np.int64)))
+            cand = self.id_of(at)
             cand = np.where((slot < length[blk, None]) & (cand != ids[blk, None]), cand, -1)
-            uniq, inv = np.unique(np.where(cand >= 0, cand, ids[blk, None]), return_inverse=True)
-            z, zr = self.latent(uniq), self.latent(ids[blk])
-            sim = np.where(cand >= 0, (z[inv.reshape(cand.shape)] * zr[:, None, :]).sum(2), -np.inf).astype(np.float32)
+            zr = self.latent(ids[blk])
+            sim = np.where(cand >= 0, (span[at - lo] * zr[:, None, :]).sum(2), -np.inf).astype(np.float32)
             # one int64 key per entry (similarity descending, then id ascending; ids < 2^31): one argpartition
             bits = sim.view(np.int32)
             monotone = (bits ^ ((bits >> 31) & np.int32(0x7FFFFFFF))).astype(np.int64)  # increasing with sim
