@@ -14,7 +14,7 @@ a task reads as many whole chunks as keep its kNN entries within ``forest_edges`
 a merge takes as many forests (2 to ``fan_in``) as keep their edges within it. At 3M
 planted faces (65,536-row chunks, k = 80) one task per chunk made 46 forests of ~2.4M
 edges and the tree merged ~155M edges (graph 127-129 s, 3.0 GB per worker); 16 tasks of
-3 chunks, ~47M (73-75 s, 2.0 GB). Past ``forest_edges / 2`` faces a merge holds two
+3 chunks, ~59M (73-75 s, 2.0 GB). Past ``forest_edges / 2`` faces a merge holds two
 forests of up to N - 1 edges: ~110 bytes per input edge, ~220 per face at its peak, the
 stage's one N-sized state.
 """
