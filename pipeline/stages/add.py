@@ -348,7 +348,7 @@ def _knn_ivf(store: RunStore, w: StageWriter, client, paths: dict, n_old: int, n
                             pl["budget"], trained, kth, key=f"add-ivf-search-{q0}-{g0}-{token}") for q0, q1 in blocks]
              for g0, g1 in groups]
     done = wait_futures([f for g in parts for f in g], "add: knn (IVF)")
-    client.run(clear_cache)
+    client.run(clear_cache, on_error="ignore")
     by_block = [[done[gi * len(blocks) + bi] for gi in range(len(groups))] for bi in range(len(blocks))]
     new_lists = [K.merge_topk_many([p["new"] for p in ps], k) for ps in by_block]
     old = np.concatenate([p["entering"][0] for p in done])

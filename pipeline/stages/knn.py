@@ -412,7 +412,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
             summary["skipped"] = True
             return summary
         t0 = time.perf_counter()
-        blas = client.run(worker_blas, kc.precision if mode == "exact" else None)
+        blas = client.run(worker_blas, kc.precision if mode == "exact" else None, on_error="ignore")  # a lost worker: no line
         kernels = sorted({str(v["libs"].get("faiss", {}).get("architecture")) for v in blas.values()})
         log.info("knn: faiss OpenBLAS kernel on the workers: %s", ", ".join(kernels))
         precisions = sorted({v["kernel"]["precision"] for v in blas.values() if "kernel" in v})
@@ -439,7 +439,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
             ivf, info = _prepare_ivf(store, w, client, kc, n, d, r, token, params["nlist"])
             # the tune's exact database (1.5 GB at 1M faces) fits the budget beside the lists, but the search
             # does not need it and its tasks' buffers do: held, a knn worker peaked at 3.9 GB (65,536-query blocks)
-            client.run(clear_cache, "ivf")
+            client.run(clear_cache, "ivf", on_error="ignore")
             summary.update(info)
             pl = plan(n, d, r, k, kc, workers, True, ivf["probes"], params["nlist"])
         else:
@@ -449,7 +449,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
         with heap_reuse(client):  # its candidate buffers reuse freed heap instead of fresh pages (as in score)
             n_tasks = _search_all(client, store.url, paths, n, k, kc, pl, ivf, token)
         elapsed = time.perf_counter() - t_search
-        client.run(clear_cache)
+        client.run(clear_cache, on_error="ignore")  # a worker lost at the end of the search has no cache left
         summary.update(tasks=n_tasks, search_seconds=round(elapsed, 3), seconds=round(time.perf_counter() - t0, 3),
                        queries_per_s=round(n / max(elapsed, 1e-9), 1))
         w.summary.update(summary)
