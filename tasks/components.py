@@ -185,13 +185,19 @@ def spanning_forest(src: np.ndarray, dst: np.ndarray, sim: np.ndarray, deduped: 
         order = np.argsort(-sim, kind="stable")  # edges are in (src, dst) order: ties stay by (src, dst)
         weight = np.empty(len(src), np.float64)
         weight[order] = np.arange(1, len(src) + 1, dtype=np.float64)
-    g = sp.csr_matrix((weight, (ls, ld)), shape=(len(nodes), len(nodes)))
-    t = minimum_spanning_tree(g).tocoo()
-    # each (ls, ld) pair is one edge and both ascend with the (src, dst) order: a picked entry's place among
-    # them is its edge's
-    width = np.int64(len(nodes))
+    # the edges ascend by (ls, ld) (compression keeps the (src, dst) order): that is CSR order already, so the
+    # matrix is built from its row counts, not by a COO conversion (its scattered writes)
+    nn = len(nodes)
+    indptr = np.zeros(nn + 1, np.int64)
+    np.cumsum(np.bincount(ls, minlength=nn), out=indptr[1:])
+    g = sp.csr_matrix((weight, ld, indptr), shape=(nn, nn))
+    g.has_sorted_indices = True
+    t = minimum_spanning_tree(g, overwrite=True).tocoo()
+    # each (ls, ld) pair is one edge: a picked entry's place among them is its edge's
+    width = np.int64(nn)
     picked = np.searchsorted(ls * width + ld, t.row.astype(np.int64) * width + t.col.astype(np.int64))
-    picked.sort()  # edges were sorted by (src, dst): keep that order
+    if len(picked) > 1 and not (picked[1:] > picked[:-1]).all():
+        picked.sort()  # keep the (src, dst) order (scipy's tree comes in row order: checked, not assumed)
     return src[picked], dst[picked], sim[picked]
 
 
