@@ -10,13 +10,14 @@ worker count.
 Sizes: a task's forest spans its rows *and every neighbour they list*, so it has up to
 min(N - 1, its kNN entries) edges whatever its row count, and every merge above the
 first level holds forests of ~N edges. Fewer, larger tasks therefore mean less merging:
-a task reads as many whole chunks as keep its kNN entries within ``forest_edges``, and
-a merge takes as many forests (2 to ``fan_in``) as keep their edges within it. At 3M
-planted faces (65,536-row chunks, k = 80) one task per chunk made 46 forests of ~2.4M
-edges and the tree merged ~155M edges (graph 127-129 s, 3.0 GB per worker); 16 tasks of
-3 chunks, ~59M (73-75 s, 2.0 GB). Past ``forest_edges / 2`` faces a merge holds two
-forests of up to N - 1 edges: ~110 bytes per input edge, ~220 per face at its peak, the
-stage's one N-sized state.
+a task reads as many whole chunks as keep its kNN entries within ``forest_edges`` (unset:
+:func:`forest_budget` of the smallest worker's memory limit), and a merge takes as many
+forests (2 to ``fan_in``) as keep their edges within it. At 3M planted faces (65,536-row
+chunks, k = 80) one task per chunk made 46 forests of ~2.4M edges and the tree merged
+~155M edges (graph 127-129 s, 3.0 GB per worker); 16 tasks of 3 chunks, ~59M (73-75 s,
+2.0 GB). At 10M, 26 tasks of 6 chunks (2^25) merged in 13 merges: 306 s, 3.9 GB per worker.
+The whole tree is submitted at once, merges ahead of forest tasks, and each forest is freed
+when its merge is done.
 """
 
 from __future__ import annotations
@@ -78,25 +79,67 @@ def row_chunks(n: int, r: int) -> list[tuple[int, int]]:
     return [(a, min(a + r, n)) for a in range(0, n, r)]
 
 
-def forest_tasks(n: int, r: int, k: int, forest_edges: int) -> list[tuple[int, int]]:
+#: a forest task's or merge's peak per edge of the budget, above the worker's own ~0.33 GB (measured at 10M
+#: planted faces: 3.35-3.88 GB per worker at 2^25, 106 B an edge)
+FOREST_BYTES_PER_EDGE = 106
+#: share of the smallest worker's memory limit the default budget lets one forest task or merge take
+FOREST_MEMORY_SHARE = 0.4  # as [knn] memory_fraction; the peak then stays under Dask's 60% spill target
+FOREST_EDGES_RANGE = (1 << 22, 1 << 26)
+FOREST_EDGES_NO_LIMIT = 1 << 24  #: the budget where no worker states a memory limit
+
+
+def forest_budget(memory_limit: int | None, setting: int | None = None) -> int:
+    """``[proposals] forest_edges``: ``setting`` when set, else the largest power of two of edges whose peak
+    (:data:`FOREST_BYTES_PER_EDGE`) fits :data:`FOREST_MEMORY_SHARE` of ``memory_limit`` (the smallest worker's),
+    within :data:`FOREST_EDGES_RANGE`. Only the stage's speed and memory depend on it, never its forest. At 10M
+    planted faces 2^24 (51 tasks, 50 merges) took 715 worker CPU-s and 3.0 GB per worker, 2^25 (26 tasks,
+    13 merges) 535 CPU-s and 3.9 GB: fewer forests of ~N edges to merge; an 11 GiB worker gets 2^25, 4 GiB 2^23."""
+    if setting is not None:
+        return int(setting)
+    if not memory_limit:
+        return FOREST_EDGES_NO_LIMIT
+    edges = max(1.0, memory_limit * FOREST_MEMORY_SHARE / FOREST_BYTES_PER_EDGE)
+    lo, hi = FOREST_EDGES_RANGE
+    return int(min(hi, max(lo, 1 << (int(edges).bit_length() - 1))))
+
+
+def cluster_budget(client, setting: int | None = None) -> tuple[int, int]:
+    """(forest_edges, worker threads in all) for ``client``'s cluster."""
+    try:
+        info = client.scheduler_info(n_workers=-1).get("workers", {})  # every worker, not the first few
+    except TypeError:  # older distributed: no n_workers argument
+        info = client.scheduler_info().get("workers", {})
+    limits = [int(w.get("memory_limit") or 0) for w in info.values()]
+    limit = min(limits) if limits and all(limits) else None
+    threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or 1
+    return forest_budget(limit, setting), threads
+
+
+def forest_tasks(n: int, r: int, k: int, forest_edges: int, slots: int = 1) -> list[tuple[int, int]]:
     """Row ranges of the forest tasks: whole chunks of ``r`` rows, as many per task as keep its ``k`` entries per
-    row within ``forest_edges`` (at least one chunk), the chunks spread evenly over the fewest such tasks."""
+    row within ``forest_edges`` (at least one chunk), the chunks spread evenly over the fewest such tasks, that
+    count rounded up to a multiple of ``slots`` (the cluster's threads: 3 equal tasks on 2 workers end when 4 would)
+    while there are chunks for it."""
     chunks = row_chunks(n, r)
     if not chunks:
         return []
     per = max(1, int(forest_edges) // max(1, r * k))
     tasks = -(-len(chunks) // per)
+    slots = max(1, int(slots))
+    tasks = min(len(chunks), -(-tasks // slots) * slots)
     cuts = [len(chunks) * t // tasks for t in range(tasks + 1)]
     return [(chunks[a][0], chunks[b - 1][1]) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
 def spanning_forest(client, url: str, n: int, r: int, min_sim: float | None, fan_in: int, weights: str = "knn/sim",
-                    name: str = "graph", forest_edges: int = 1 << 24):
+                    name: str = "graph", forest_edges: int | None = None):
     """(src, dst, weight) of the MSF of the stored kNN lists weighted by ``weights`` (edges >= ``min_sim``).
 
-    ``r``: the lists' chunk rows; ``fan_in``, ``forest_edges``: the tree's shape (see the module's notes)."""
+    ``r``: the lists' chunk rows; ``fan_in``, ``forest_edges`` (None: :func:`forest_budget` of the workers'
+    memory): the tree's shape (see the module's notes)."""
     k = int(open_array(url, "knn/index").shape[1])
-    ranges = forest_tasks(n, r, k, forest_edges)
+    forest_edges, slots = cluster_budget(client, forest_edges)
+    ranges = forest_tasks(n, r, k, forest_edges, slots)
     token = uuid.uuid4().hex[:8]
     if not ranges:
         from facecluster.tasks.components import empty_forest

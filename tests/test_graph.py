@@ -11,7 +11,7 @@ from scipy.sparse.csgraph import connected_components
 from hypothesis import given, strategies as st
 
 from facecluster.pipeline.config import Config
-from facecluster.pipeline.forest import forest_tasks, merge_groups, row_chunks
+from facecluster.pipeline.forest import FOREST_EDGES_RANGE, forest_budget, forest_tasks, merge_groups, row_chunks
 from facecluster.pipeline.stages.graph import read_forest, run_graph
 from facecluster.pipeline.store import RunStore
 from facecluster.tasks.components import canonical_labels, threshold_components
@@ -76,8 +76,9 @@ def test_forest_invariant_to_chunks_and_workers(tmp_path, local_client, single_w
     forests = []
     # forest_edges: one chunk per task and merges of 2 forests (1); 2 chunks per task (768 = 2 x 64 rows x 6) and
     # merges of up to fan_in; the default (every chunk in one task)
+    # (37 rows, 2 workers, the largest budget: 2 tasks, one per worker thread, and one merge)
     for i, (r, client, budget, tasks) in enumerate([(300, single_worker_client, 1 << 24, 1), (37, local_client, 1, 9),
-                                                     (64, single_worker_client, 768, 3), (37, local_client, 1 << 24, 1)]):
+                                                     (64, single_worker_client, 768, 3), (37, local_client, 1 << 24, 2)]):
         cfg = Config.from_dict({"proposals": {"fan_in": 3, "min_edge_sim": -1.0,  # every edge: cuts at any tau
                                               "forest_edges": budget}})
         store = make_run(tmp_path / f"r{i}.zarr", feats, k, r)
@@ -143,18 +144,33 @@ def test_graph_min_edge_sim_and_padding_and_resume(tmp_path, local_client):
     assert store.record("graph")["finished"] == finished
 
 
-@given(n=st.integers(0, 5_000), r=st.integers(1, 700), k=st.integers(1, 40), budget=st.integers(1, 200_000))
-def test_forest_tasks_are_whole_chunks_within_the_budget(n, r, k, budget):
-    ranges = forest_tasks(n, r, k, budget)
+@given(n=st.integers(0, 5_000), r=st.integers(1, 700), k=st.integers(1, 40), budget=st.integers(1, 200_000),
+       slots=st.integers(1, 5))
+def test_forest_tasks_are_whole_chunks_within_the_budget(n, r, k, budget, slots):
+    ranges = forest_tasks(n, r, k, budget, slots)
     chunks = row_chunks(n, r)
     per = max(1, budget // (r * k))  # chunks a task may read: its entries within the budget, or one chunk
-    assert len(ranges) == -(-len(chunks) // per)  # the fewest tasks that fit
+    fewest = -(-len(chunks) // per)  # the fewest tasks that fit
+    # ... rounded up to a multiple of the cluster's threads while there are chunks for it
+    assert len(ranges) == min(len(chunks), -(-fewest // slots) * slots)
     if not n:
         return
     assert ranges[0][0] == 0 and ranges[-1][1] == n and all(b == a2 for (_, b), (a2, _) in zip(ranges, ranges[1:]))
     for a, b in ranges:
         assert a % r == 0 and (b == n or b % r == 0)  # whole chunks
         assert 1 <= -(-(b - a) // r) <= per
+
+
+def test_forest_budget_follows_the_smallest_workers_memory():
+    lo, hi = FOREST_EDGES_RANGE
+    budgets = [forest_budget(int(g * 2**30)) for g in (0.5, 2, 4, 8, 11, 16, 24, 64, 1024)]
+    assert budgets == sorted(budgets) and all(lo <= b <= hi and b & (b - 1) == 0 for b in budgets)  # powers of two
+    assert budgets[0] == lo and budgets[-1] == hi
+    # its peak (~106 bytes an edge) stays within 40% of the worker's memory wherever the range allows
+    assert all(b * 106 <= 0.4 * g * 2**30 for b, g in zip(budgets, (0.5, 2, 4, 8, 11, 16, 24, 64, 1024)) if b > lo)
+    assert forest_budget(int(4 * 2**30)) == 1 << 23 and forest_budget(int(11 * 2**30)) == 1 << 25
+    assert forest_budget(None) == 1 << 24 and forest_budget(0) == 1 << 24  # no limit stated
+    assert forest_budget(int(4 * 2**30), setting=12345) == 12345  # [proposals] forest_edges wins
 
 
 @given(sizes=st.lists(st.integers(0, 1_000), max_size=30), fan_in=st.integers(2, 6), budget=st.integers(0, 3_000))

@@ -24,7 +24,7 @@ from facecluster.tasks.thresholds import TooFewSimilarities
 
 from ..config import Config
 from ..errors import BadInput
-from ..forest import forest_tasks, row_chunks, spanning_forest
+from ..forest import cluster_budget, forest_tasks, row_chunks, spanning_forest
 from ..store import RunStore, open_array
 
 log = logging.getLogger(__name__)
@@ -111,13 +111,14 @@ def run_graph(store: RunStore, cfg: Config, client, force: bool = False, anchor:
             min_sim = edge_floor(anchor["anchor"])
         else:
             min_sim = None if configured <= -1.0 else float(configured)
-        src, dst, sim = spanning_forest(client, store.url, n, r, min_sim, cfg.proposals.fan_in,
-                                        forest_edges=cfg.proposals.forest_edges)
+        budget, slots = cluster_budget(client, cfg.proposals.forest_edges)
+        src, dst, sim = spanning_forest(client, store.url, n, r, min_sim, cfg.proposals.fan_in, forest_edges=budget)
         w.write_array("graph/forest_src", src)
         w.write_array("graph/forest_dst", dst)
         w.write_array("graph/forest_sim", sim)
         summary = {"n": int(n), "k": int(k), "chunks": len(row_chunks(n, r)),
-                   "forest_tasks": len(forest_tasks(n, r, k, cfg.proposals.forest_edges)), "forest_edges": int(len(src)),
+                   "forest_tasks": len(forest_tasks(n, r, k, budget, slots)), "forest_budget": budget,
+                   "forest_edges": int(len(src)),
                    "min_edge_sim": min_sim, "anchor": anchor,
                    "forest_sim_quantiles": {str(q): float(np.quantile(sim, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)} if len(sim) else {}}
         w.summary.update(summary)
