@@ -150,7 +150,7 @@ def spanning_forest(client, url: str, n: int, r: int, min_sim: float | None, fan
     bounds = [min(max(n - 1, 0), (b - a) * k) for a, b in ranges]
     # the whole tree at once: merges run while forest tasks are still to come, and a forest held by nobody
     # but its merge is freed when that merge is done. Waiting for every forest first held all of them: at
-    # 10M planted faces 48 forests of ~8M edges, 7.5 GB per worker
+    # 10M planted faces 51 forests of ~8M edges, 7.5 GB per worker
     final = tree_reduce(client, futs, bounds, fan_in, forest_edges, n, f"{name}-merge")
     wait_futures(futs, name, gather=False, release=True)
     wait_futures([final], f"{name}-merge", gather=False)
