@@ -208,8 +208,8 @@ class ProposalConfig(_Section):
     min_edge_sim: float | None = opt(None, _float(-1.0, 1.0, none=True), "graph stage: drop kNN edges below this (default: 1 - 1.5 * (1 - anchor), below every automatic threshold; -1 keeps all)")
     fan_in: int = opt(4, _int(2), "forests merged per task in the graph stage's tree reduction")
     forest_edges: int | None = opt(None, _int(1, none=True), "kNN entries one spanning-forest task reads, and edges one merge "
-                                   "holds (whole chunks, at least one chunk or two forests; ~116 bytes each at the peak); "
-                                   "default: from the smallest worker's memory limit (40% of it at ~106 bytes an edge, a power of two in 2^22..2^26)")
+                                   "holds (whole chunks, at least one chunk or two forests; ~114 bytes each at the peak); "
+                                   "default: from the smallest worker's memory limit (40% of it at ~114 bytes an edge, a power of two in 2^22..2^26)")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ a task reads as many whole chunks as keep its kNN entries within ``forest_edges`
 forests (2 to ``fan_in``) as keep their edges within it. At 3M planted faces (65,536-row
 chunks, k = 80) one task per chunk made 46 forests of ~2.4M edges and the tree merged
 ~155M edges (graph 127-129 s, 3.0 GB per worker); 16 tasks of 3 chunks, ~59M (73-75 s,
-2.0 GB). At 10M, 26 tasks of 6 chunks (2^25) merged in 13 merges: 306 s, 3.9 GB per worker.
+2.0 GB). At 10M, 26 tasks of 6 chunks (2^25) merged in 13 merges: 306 s, at most 3,966 MiB per worker.
 The whole tree is submitted at once, merges ahead of forest tasks, and each forest is freed
 when its merge is done.
 """
@@ -79,9 +79,9 @@ def row_chunks(n: int, r: int) -> list[tuple[int, int]]:
     return [(a, min(a + r, n)) for a in range(0, n, r)]
 
 
-#: a forest task's or merge's peak per edge of the budget, above the worker's own ~0.33 GB (measured at 10M
-#: planted faces: 3.35-3.88 GB per worker at 2^25, 106 B an edge)
-FOREST_BYTES_PER_EDGE = 106
+#: a forest task's or merge's peak per edge of the budget, above the worker's own 329 MiB (measured at 10M
+#: planted faces: 3,342-3,966 MiB per worker at 2^25, at most 114 B an edge)
+FOREST_BYTES_PER_EDGE = 114
 #: share of the smallest worker's memory limit the default budget lets one forest task or merge take
 FOREST_MEMORY_SHARE = 0.4  # as [knn] memory_fraction; the peak then stays under Dask's 60% spill target
 FOREST_EDGES_RANGE = (1 << 22, 1 << 26)
@@ -93,7 +93,7 @@ def forest_budget(memory_limit: int | None, setting: int | None = None) -> int:
     (:data:`FOREST_BYTES_PER_EDGE`) fits :data:`FOREST_MEMORY_SHARE` of ``memory_limit`` (the smallest worker's),
     within :data:`FOREST_EDGES_RANGE`. Only the stage's speed and memory depend on it, never its forest. At 10M
     planted faces 2^24 (51 tasks, 50 merges) took 715 worker CPU-s and 3.0 GB per worker, 2^25 (26 tasks,
-    13 merges) 535 CPU-s and 3.9 GB: fewer forests of ~N edges to merge; an 11 GiB worker gets 2^25, 4 GiB 2^23."""
+    13 merges) 535-554 CPU-s and 3.9 GB: fewer forests of ~N edges to merge; an 11 GiB worker gets 2^25, 4 GiB 2^23."""
     if setting is not None:
         return int(setting)
     if not memory_limit:
