@@ -620,11 +620,17 @@ def _handshake(address: str, security, timeout: float) -> None:
                                "`dask scheduler` listens on 8786 by default)") from None
 
 
-def _n_workers(client) -> int:
+def worker_infos(client) -> list[dict]:
+    """The scheduler's record of every worker (``memory_limit``, ``nthreads``, ...), not only the first few."""
     try:
-        return len(client.scheduler_info(n_workers=-1).get("workers", {}))
+        info = client.scheduler_info(n_workers=-1)
     except TypeError:  # older distributed: no n_workers argument
-        return len(client.scheduler_info().get("workers", {}))
+        info = client.scheduler_info()
+    return list(info.get("workers", {}).values())
+
+
+def _n_workers(client) -> int:
+    return len(worker_infos(client))
 
 
 @contextlib.contextmanager

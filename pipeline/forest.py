@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import uuid
 
+from .cluster import worker_infos
 from .progress import wait_futures
 from .store import open_array
 
@@ -105,13 +106,10 @@ def forest_budget(memory_limit: int | None, setting: int | None = None) -> int:
 
 def cluster_budget(client, setting: int | None = None) -> tuple[int, int]:
     """(forest_edges, worker threads in all) for ``client``'s cluster."""
-    try:
-        info = client.scheduler_info(n_workers=-1).get("workers", {})  # every worker, not the first few
-    except TypeError:  # older distributed: no n_workers argument
-        info = client.scheduler_info().get("workers", {})
-    limits = [int(w.get("memory_limit") or 0) for w in info.values()]
+    workers = worker_infos(client)
+    limits = [int(w.get("memory_limit") or 0) for w in workers]
     limit = min(limits) if limits and all(limits) else None
-    threads = sum(int(w.get("nthreads", 1)) for w in info.values()) or 1
+    threads = sum(int(w.get("nthreads", 1)) for w in workers) or 1
     return forest_budget(limit, setting), threads
 
 

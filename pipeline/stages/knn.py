@@ -44,7 +44,7 @@ import numpy as np
 
 from facecluster.tasks import knn as K
 
-from ..cluster import heap_reuse, worker_threads
+from ..cluster import heap_reuse, worker_infos, worker_threads
 from ..config import Config
 from ..errors import BadInput
 from ..progress import wait_futures
@@ -285,14 +285,6 @@ def probes_task(trained, x, nprobe) -> np.ndarray:
 
 
 # -- planning (driver) ------------------------------------------------------------------------------
-def _workers(client) -> list[dict]:
-    try:
-        info = client.scheduler_info(n_workers=-1)
-    except TypeError:
-        info = client.scheduler_info()
-    return list(info.get("workers", {}).values())
-
-
 def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, nprobe: int = 1, nlist: int = 1) -> dict:
     """Database group and query block sizes from the workers' memory and thread counts.
 
@@ -426,7 +418,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
         w.create_array("knn/sim", (n, k), (r, k), np.float32, fill_value=float("-inf"))
         paths = {"index": w.tmp_path("knn/index"), "sim": w.tmp_path("knn/sim")}
         r = idx_arr.chunks[0]
-        workers = _workers(client)
+        workers = worker_infos(client)
         token = uuid.uuid4().hex[:8]
         summary = {"n": n, "dim": d, "k": k, "mode": mode, "chunk_rows": r, "workers": len(workers),
                    "openblas": kernels}
@@ -473,7 +465,7 @@ def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
         return len(futures)
     # blocks: waves of query blocks so the intermediate top-k lists stay within memory
     per_q = len(groups) * k * 12
-    wave_rows = max(pl["q_rows"], int(0.25 * pl["worker_memory"] * max(1, len(_workers(client))) // per_q))
+    wave_rows = max(pl["q_rows"], int(0.25 * pl["worker_memory"] * max(1, len(worker_infos(client))) // per_q))
     n_tasks = 0
     for w0 in range(0, n, wave_rows):
         wave = [(a, b) for a, b in qblocks if w0 <= a < w0 + wave_rows]
@@ -555,7 +547,7 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
     from facecluster.tasks.thresholds import auto_threshold
 
     k = kc.k
-    workers = _workers(client)
+    workers = worker_infos(client)
     pl = plan(n, d, r, k, kc, workers, True)
     groups = _ranges(n, pl["db_rows"])
     m = int(min(n, kc.tune_queries))
