@@ -629,6 +629,11 @@ def worker_infos(client) -> list[dict]:
     return list(info.get("workers", {}).values())
 
 
+def total_threads(workers: list[dict]) -> int:
+    """Worker threads in all, from :func:`worker_infos` records (at least 1)."""
+    return sum(int(w.get("nthreads", 1)) for w in workers) or 1
+
+
 def _n_workers(client) -> int:
     return len(worker_infos(client))
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import uuid
 
-from .cluster import worker_infos
+from .cluster import total_threads, worker_infos
 from .progress import wait_futures
 from .store import open_array
 
@@ -109,8 +109,7 @@ def cluster_budget(client, setting: int | None = None) -> tuple[int, int]:
     workers = worker_infos(client)
     limits = [int(w.get("memory_limit") or 0) for w in workers]
     limit = min(limits) if limits and all(limits) else None
-    threads = sum(int(w.get("nthreads", 1)) for w in workers) or 1
-    return forest_budget(limit, setting), threads
+    return forest_budget(limit, setting), total_threads(workers)
 
 
 def forest_tasks(n: int, r: int, k: int, forest_edges: int, slots: int = 1) -> list[tuple[int, int]]:

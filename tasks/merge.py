@@ -95,15 +95,50 @@ def eligible_clusters(labels: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarra
     return np.bincount(labels) >= min_size if len(labels) else np.zeros(0, bool)
 
 
-def pair_scores(own: np.ndarray, other: np.ndarray, p: np.ndarray, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_entries(entries: Entries, bounds: np.ndarray) -> list[Entries]:
+    """Entries (sorted by face) split into the face ranges ``[bounds[i], bounds[i+1])``."""
+    cut = np.searchsorted(entries[0], np.asarray(bounds, np.int64))
+    return [tuple(x[cut[i]:cut[i + 1]] for x in entries) for i in range(len(bounds) - 1)]
+
+
+PairSums = tuple[np.ndarray, np.ndarray]  # key own * C + other (int64, ascending), sum of best P (float64)
+
+
+def round_sums(entries: Entries, labels: np.ndarray, cur: np.ndarray) -> tuple[Entries, PairSums]:
+    """One round's work on some faces' entries: the entries under the current clusters ``cur`` (original cluster
+    -> current; pairs now inside one cluster dropped, a face's best P into a merged cluster the max of its
+    parts'), and per (own current cluster, other) the sum over those faces of their best P.
+
+    The sums are exact, so any split of the faces gives the same totals (:func:`combine_sums`): every P here
+    is a float32 >= MIN_P > 2^-5, a multiple of 2^-28, and at most 1, so a sum over fewer than 2^25 faces (a
+    cluster's) is a multiple of 2^-28 below 2^25: 53 bits, exact in float64 in any order.
+    """
+    face, other, p = entries
+    other = cur[other]
+    keep = cur[labels[face]] != other
+    face, other, p = _max_by_pair(face[keep], other[keep], p[keep])
+    c = np.int64(len(cur))
+    uniq, inv = np.unique(cur[labels[face]] * c + other, return_inverse=True)
+    sums = np.bincount(inv.reshape(-1), weights=p.astype(np.float64), minlength=len(uniq))
+    return (face, other, p), (uniq, sums)
+
+
+def combine_sums(*parts: PairSums) -> PairSums:
+    """Several face ranges' :func:`round_sums` as one (sum per key; exact, so in any order)."""
+    if not parts:
+        return np.zeros(0, np.int64), np.zeros(0, np.float64)
+    uniq, inv = np.unique(np.concatenate([x[0] for x in parts]), return_inverse=True)
+    return uniq, np.bincount(inv.reshape(-1), weights=np.concatenate([x[1] for x in parts]), minlength=len(uniq))
+
+
+def pair_scores(sums: PairSums, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per unordered pair (a < b) of clusters sharing an entry: min of the two directions' mean best P.
 
-    ``own``/``other``: the cluster of each entry's face and the other cluster; ``sizes`` per cluster.
+    ``sums``: :func:`combine_sums` (keys own * C + other, C = ``len(sizes)``); ``sizes`` per cluster.
     """
+    uniq, total = sums
     c = np.int64(len(sizes))
-    key = own * c + other
-    uniq, inv = np.unique(key, return_inverse=True)
-    mean = np.bincount(inv, weights=p.astype(np.float64), minlength=len(uniq)) / sizes[uniq // c]
+    mean = total / sizes[uniq // c]
     a, b = uniq // c, uniq % c
     # each unordered pair's two directions; a direction with no entry scores 0
     lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -115,6 +150,64 @@ def pair_scores(own: np.ndarray, other: np.ndarray, p: np.ndarray, sizes: np.nda
     return pairs // c, pairs % c, score
 
 
+def mutual_best(a: np.ndarray, b: np.ndarray, score: np.ndarray, level: float, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs (a < b) scoring >= ``level`` that are each other's best partner (highest score, ties to the
+    smaller partner id): a matching, each cluster in at most one pair."""
+    cand = score >= level
+    a, b, score = a[cand], b[cand], score[cand]
+    ends = np.concatenate([a, b])
+    partner = np.concatenate([b, a])
+    sc = np.concatenate([score, score])
+    order = np.lexsort((partner, -sc, ends))
+    ends, partner = ends[order], partner[order]
+    first = np.ones(len(ends), bool)
+    first[1:] = ends[1:] != ends[:-1]
+    best = np.full(n_clusters, -1, np.int64)
+    best[ends[first]] = partner[first]
+    mutual = (best[a] == b) & (best[b] == a)
+    return a[mutual], b[mutual]
+
+
+class MergeRounds:
+    """The rounds' bookkeeping, apart from where the entries live (one array here, or face ranges on several
+    workers: :func:`facecluster.pipeline.stages.dedup.run_dedup`): feed each round's combined
+    :func:`round_sums` to :meth:`step` until it returns False, then :meth:`labels`.
+
+    Every round scores all pairs of current clusters that share an entry and merges each mutual best pair at or
+    above the level; the best pair of a round is always mutual, so every round that has a pair at the level
+    merges."""
+
+    def __init__(self, labels: np.ndarray, level: float):
+        self.labels0 = np.asarray(labels, np.int64)
+        self.level = float(level)
+        self.sizes = np.bincount(self.labels0).astype(np.int64) if len(self.labels0) else np.zeros(0, np.int64)
+        self.cur = np.arange(len(self.sizes), dtype=np.int64)  # original cluster -> current cluster
+        self.merges = self.rounds = 0
+
+    def step(self, sums: PairSums) -> bool:
+        """Merge this round's mutual best pairs; False when none reaches the level (no round done)."""
+        if not len(sums[0]):
+            return False
+        a, b = mutual_best(*pair_scores(sums, self.sizes), self.level, len(self.sizes))
+        if not len(a):
+            return False
+        step = np.arange(len(self.sizes), dtype=np.int64)
+        step[b] = a  # a matching: each cluster in at most one pair, a < b
+        self.cur = step[self.cur]
+        self.sizes[a] += self.sizes[b]
+        self.sizes[b] = 0
+        self.merges += len(a)
+        self.rounds += 1
+        return True
+
+    def labels(self) -> tuple[np.ndarray, dict]:
+        """Canonical labels (0..C'-1 by smallest face) and {"merges", "rounds", "faces_in_merged"}."""
+        labels = self.labels0
+        out = canonical_labels(self.cur[labels]) if len(labels) else labels
+        grown = int((np.bincount(out)[out] > np.bincount(labels)[labels]).sum()) if len(labels) else 0
+        return out, {"merges": int(self.merges), "rounds": int(self.rounds), "faces_in_merged": grown}
+
+
 def merge_clusters(labels: np.ndarray, entries: Entries, level: float) -> tuple[np.ndarray, dict]:
     """``labels`` (0..C-1) with clusters merged in rounds of mutual best partners scoring >= ``level``.
 
@@ -122,45 +215,11 @@ def merge_clusters(labels: np.ndarray, entries: Entries, level: float) -> tuple[
     of fewer than ``MIN_SIZE`` faces have none, so they never merge). Returns canonical labels (0..C'-1 by
     smallest face) and {"merges", "rounds", "faces_in_merged"} (faces of the clusters that merged).
     """
-    labels = np.asarray(labels, np.int64)
-    face, other, p = entries
-    sizes = np.bincount(labels).astype(np.int64) if len(labels) else np.zeros(0, np.int64)
-    cur = np.arange(len(sizes), dtype=np.int64)  # original cluster -> current cluster
-    merges = rounds = 0
-    while len(face):
-        if rounds:  # after a merge: entries inside a cluster go, and a face's best P into a merged one is the max
-            other = cur[other]
-            keep = cur[labels[face]] != other
-            face, other, p = _max_by_pair(face[keep], other[keep], p[keep])
-            if not len(face):
-                break
-        a, b, score = pair_scores(cur[labels[face]], other, p, sizes)
-        cand = score >= level
-        if not cand.any():
-            break
-        a, b, score = a[cand], b[cand], score[cand]
-        # each cluster's best partner: highest score, ties to the smaller partner id
-        ends = np.concatenate([a, b])
-        partner = np.concatenate([b, a])
-        sc = np.concatenate([score, score])
-        order = np.lexsort((partner, -sc, ends))
-        ends, partner = ends[order], partner[order]
-        first = np.ones(len(ends), bool)
-        first[1:] = ends[1:] != ends[:-1]
-        best = np.full(len(sizes), -1, np.int64)
-        best[ends[first]] = partner[first]
-        mutual = (best[a] == b) & (best[b] == a)
-        a, b = a[mutual], b[mutual]
-        step = np.arange(len(sizes), dtype=np.int64)
-        step[b] = a  # a matching: each cluster in at most one pair, a < b
-        cur = step[cur]
-        sizes[a] += sizes[b]
-        sizes[b] = 0
-        merges += len(a)
-        rounds += 1
-    out = canonical_labels(cur[labels]) if len(labels) else labels
-    grown = int((np.bincount(out)[out] > np.bincount(labels)[labels]).sum()) if len(labels) else 0
-    return out, {"merges": int(merges), "rounds": int(rounds), "faces_in_merged": grown}
+    rounds = MergeRounds(labels, level)
+    while True:
+        entries, sums = round_sums(entries, rounds.labels0, rounds.cur)
+        if not rounds.step(sums):
+            return rounds.labels()
 
 
 def merge_by_affinity(index: np.ndarray, prob: np.ndarray, labels: np.ndarray, level: float | None,

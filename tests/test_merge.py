@@ -6,8 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from facecluster.tasks.components import canonical_labels
-from facecluster.tasks.merge import (MERGE_WORST_LOSS, MIN_P, MIN_SIZE, combine_entries, cross_entries, eligible_clusters,
-                                     merge_by_affinity, merge_clusters)
+from facecluster.tasks.merge import (MERGE_WORST_LOSS, MIN_P, MIN_SIZE, MergeRounds, combine_entries, combine_sums,
+                                     cross_entries, eligible_clusters, merge_by_affinity, merge_clusters, round_sums,
+                                     split_entries)
 
 
 def oracle_merge(index, prob, labels, level, min_size=MIN_SIZE):
@@ -103,6 +104,40 @@ def test_entries_and_merge_do_not_depend_on_the_row_chunks(seed, n, cuts):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(merge_clusters(labels, combine_entries(*parts), 0.5)[0],
                                   merge_by_affinity(index, prob, labels, 0.5))
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(3, 60), st.lists(st.integers(1, 59), max_size=4),
+       st.sampled_from([0.3, 0.5, 0.7]))
+def test_rounds_over_face_ranges_equal_the_rounds_over_all_entries(seed, n, cuts, level):
+    """The dedup stage keeps each face range's entries on a worker and sums per pair of clusters there: any split
+    of the faces gives the same merges, rounds and labels (the sums are exact), in any order of the ranges."""
+    index, prob, labels = _graph(seed, n, 6, 5)
+    labels = canonical_labels(labels)
+    entries = cross_entries(0, index, prob, labels, eligible_clusters(labels))
+    bounds = np.array(sorted({0, n, *[c for c in cuts if c < n]}))
+    ranges = split_entries(entries, bounds)
+    assert sum(len(r[0]) for r in ranges) == len(entries[0])
+    rounds = MergeRounds(labels, level)
+    while True:
+        done = [round_sums(r, labels, rounds.cur) for r in ranges]
+        ranges = [d[0] for d in done]
+        if not rounds.step(combine_sums(*reversed([d[1] for d in done]))):
+            break
+    out, stats = rounds.labels()
+    whole, whole_stats = merge_clusters(labels, entries, level)
+    np.testing.assert_array_equal(out, whole)
+    assert stats == whole_stats
+
+
+def test_pair_sums_are_exact_in_any_order():
+    """Why the split cannot change a score: P >= MIN_P in float32 are multiples of 2^-28, so their float64 sums
+    are exact; summed forwards, backwards or in pieces they agree bit for bit."""
+    rng = np.random.default_rng(0)
+    p = rng.uniform(MIN_P, 1.0, 200_000).astype(np.float32)
+    fwd, bwd = np.sum(p.astype(np.float64)), np.sum(p[::-1].astype(np.float64))
+    pieces = sum(np.sum(x.astype(np.float64)) for x in np.array_split(p, 7))
+    assert fwd == bwd == pieces
 
 
 def _two_parts_and_a_lookalike():

@@ -10,6 +10,9 @@
    face (one entry per cluster) into ids 0..C-1 ordered by smallest face, and one
    task per range writes its slice of ``clusters`` (chunks = face ranges).
 
+Where the model's output is its communities, the merge step (:func:`merge_on_workers`) keeps its entries
+on the workers by face range; the driver sees only per-pair sums and per-cluster arrays.
+
 See ``facecluster.tasks.dedup`` for the exact semantics; ``facecluster.tasks.dedup.dedup_sequential`` is
 the paper's loop, tested to agree.
 """
@@ -21,7 +24,9 @@ import uuid
 
 import numpy as np
 
-from ..cluster import pick
+from facecluster.tasks.merge import MergeRounds, combine_sums, eligible_clusters
+
+from ..cluster import pick, total_threads, worker_infos
 from ..config import Config
 from ..forest import row_chunks
 from ..progress import wait_futures
@@ -93,11 +98,66 @@ def attach_task(url: str, score_path: str, faces: np.ndarray) -> tuple[np.ndarra
     return faces, target, p
 
 
-def merge_entries_task(url: str, lo: int, hi: int, labels: np.ndarray, eligible: np.ndarray):
-    """Worker task: the (face, other cluster, best P) entries of kNN rows ``[lo, hi)`` for the merge step."""
-    from facecluster.tasks.merge import cross_entries
+def merge_entries_task(url: str, lo: int, hi: int, labels: np.ndarray, eligible: np.ndarray, bounds: np.ndarray):
+    """Worker task: the (face, other cluster, best P) entries of kNN rows ``[lo, hi)`` for the merge step, split
+    by the face ranges ``bounds``."""
+    from facecluster.tasks.merge import cross_entries, split_entries
 
-    return cross_entries(lo, open_array(url, "knn/index")[lo:hi], open_array(url, "edges/prob")[lo:hi], labels, eligible)
+    return split_entries(cross_entries(lo, open_array(url, "knn/index")[lo:hi], open_array(url, "edges/prob")[lo:hi],
+                                       labels, eligible), bounds)
+
+
+def merge_range_task(*parts):
+    """Worker task: one face range's entries from every row chunk's share of them."""
+    from facecluster.tasks.merge import combine_entries
+
+    return combine_entries(*parts)
+
+
+def merge_round_task(entries, labels: np.ndarray, cur: np.ndarray):
+    """Worker task: one face range's entries under the current clusters, and its per-pair sums."""
+    from facecluster.tasks.merge import round_sums
+
+    return round_sums(entries, labels, cur)
+
+
+def merge_ranges(n: int, threads: int, chunk_rows: int) -> np.ndarray:
+    """Face-range bounds of the merge step's entries: about 4 ranges per worker thread, none under a chunk of
+    kNN rows (the result does not depend on them: :func:`facecluster.tasks.merge.round_sums`)."""
+    count = max(1, min(4 * int(threads), -(-n // max(1, int(chunk_rows)))))
+    return np.unique(np.linspace(0, n, count + 1).astype(np.int64))
+
+
+def merge_on_workers(client, url: str, labels: np.ndarray, level: float, chunk_rows: int, token: str):
+    """The merge step (:func:`facecluster.tasks.merge.merge_clusters`) with its entries on the workers.
+
+    One task per chunk of kNN rows gathers that chunk's cross-cluster entries, split by face range; one task
+    per face range combines them and keeps them; every round, each range's task re-reads its entries under the
+    current clusters and returns its per-pair sums, and only those (one per pair of clusters that share an
+    entry) come to the driver, which picks the round's merges. The driver held every entry before: ~10 per face
+    on planted lists at 1M faces, 20 B each plus the rounds' sorts (3.9 GB at 3M faces)."""
+    n = len(labels)
+    bounds = merge_ranges(n, total_threads(worker_infos(client)), chunk_rows)
+    lab_f, elig_f = client.scatter([labels, eligible_clusters(labels)], broadcast=True)
+    # one task per chunk of knn rows, not per face range (gcn.dedup_faces = 2^20 rows): a task's temporaries
+    # are ~50 B per kNN edge, 4.4 GB on one worker for a 1M-face range (bench scale at 1M, session 25)
+    chunks = [client.submit(merge_entries_task, url, lo, hi, lab_f, elig_f, bounds, key=f"dedup-merge-{lo}-{token}")
+              for lo, hi in row_chunks(n, chunk_rows)]
+    ranges = [client.submit(merge_range_task, *[client.submit(pick, c, i, key=f"dedup-mpick-{j}-{i}-{token}")
+                                                for j, c in enumerate(chunks)], key=f"dedup-mrange-{i}-{token}")
+              for i in range(len(bounds) - 1)]
+    del chunks  # each chunk's entries are freed once every range has taken its share
+    rounds = MergeRounds(labels, level)
+    while True:
+        cur_f = client.scatter(rounds.cur, broadcast=True)
+        outs = [client.submit(merge_round_task, e, lab_f, cur_f, key=f"dedup-round-{rounds.rounds}-{i}-{token}")
+                for i, e in enumerate(ranges)]
+        ranges = [client.submit(pick, o, 0, key=f"dedup-rentries-{rounds.rounds}-{i}-{token}") for i, o in enumerate(outs)]
+        sums = combine_sums(*wait_futures([client.submit(pick, o, 1, key=f"dedup-rsums-{rounds.rounds}-{i}-{token}")
+                                           for i, o in enumerate(outs)], "merge"))
+        del outs
+        if not rounds.step(sums):
+            return rounds.labels()
 
 
 def _proposal_ranges(offsets: np.ndarray, per: int) -> list[tuple[int, int]]:
@@ -187,15 +247,8 @@ def run_dedup(store: RunStore, cfg: Config, client, force: bool = False, use_gcn
         arr = store.root[w.tmp_path(out)] if merge is not None or attaching else None
         labels = arr[:] if arr is not None else None
         if merge is not None:
-            from facecluster.tasks.merge import combine_entries, eligible_clusters, merge_clusters
-
-            lab_f, elig_f = client.scatter([labels, eligible_clusters(labels)], broadcast=True)
-            # one task per chunk of knn rows, not per face range (gcn.dedup_faces = 2^20 rows): a task's temporaries
-            # are ~50 B per kNN edge, 4.4 GB on one worker for a 1M-face range (bench scale at 1M, session 25)
-            parts = wait_futures([client.submit(merge_entries_task, store.url, lo, hi, lab_f, elig_f,
-                                                key=f"dedup-merge-{lo}-{token}")
-                                  for lo, hi in row_chunks(n, int(store.array("knn/index").chunks[0]))], "merge")
-            labels, merged = merge_clusters(labels, combine_entries(*parts), float(merge))
+            labels, merged = merge_on_workers(client, store.url, labels, float(merge),
+                                              int(store.array("knn/index").chunks[0]), token)
             log.info("merge at %.4g: %d merges in %d rounds (%d faces in merged clusters)", merge,
                      merged["merges"], merged["rounds"], merged["faces_in_merged"])
         attached = 0

@@ -44,7 +44,7 @@ import numpy as np
 
 from facecluster.tasks import knn as K
 
-from ..cluster import heap_reuse, worker_infos, worker_threads
+from ..cluster import heap_reuse, total_threads, worker_infos, worker_threads
 from ..config import Config
 from ..errors import BadInput
 from ..progress import wait_futures
@@ -293,7 +293,7 @@ def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, np
     """
     mems = [int(w.get("memory_limit") or 0) for w in workers] or [0]
     mem = min(m for m in mems) or DEFAULT_WORKER_MEMORY
-    threads = sum(int(w.get("nthreads", 1)) for w in workers) or 1
+    threads = total_threads(workers)
     budget = int(cfg.memory_fraction * mem)
     per_row = d * 4 * (2 if ivf else 1) + (16 if ivf else 0)
     if not ivf and getattr(cfg, "precision", "float32") != "float32":
