@@ -8,10 +8,11 @@ them per proposal, as it does among the multi-scale super-vertex proposals.
 
 Connected components are independent Infomap problems: they are cuts of one
 maximum spanning forest of ``edges/prob`` (:mod:`facecluster.pipeline.forest`, built once
-down to the lowest floor), packed into tasks of at most ``NODES_PER_TASK`` nodes (about four tasks per worker per floor; a
-component larger than that is a task of its own: the one part that stays in one
-process, reported as ``largest_component``); each task reads only its nodes' kNN
-rows and runs Infomap per component (:func:`facecluster.tasks.peers.infomap_by_component`),
+down to the lowest floor). The components of the lowest floor are packed into tasks of at most
+``NODES_PER_TASK`` nodes (about ``TASKS_PER_WORKER`` tasks per worker; a component larger than that is a
+task of its own: the one part that stays in one process, reported as ``largest_component``); every higher
+floor's components nest in them, so each task reads its nodes' kNN rows once and runs Infomap per
+component at every floor (:func:`facecluster.tasks.peers.infomap_by_component`),
 so the partition does not depend on how components are packed, on the chunk size
 or on the worker count.
 A problem of ``CHILD_LINKS`` links or more runs in a child process of the worker
@@ -37,6 +38,7 @@ import numpy as np
 from facecluster.tasks.components import canonical_labels, components
 from facecluster.tasks.peers import same_cut
 
+from ..cluster import worker_infos
 from ..config import Config
 from ..forest import spanning_forest
 from ..model_files import edge_meta, model_digest
@@ -48,22 +50,33 @@ log = logging.getLogger(__name__)
 
 STAGE = "communities"
 NODES_PER_TASK = 200_000
+TASKS_PER_WORKER = 8  #: the default packing: about this many tasks per worker (each serves every floor)
 MIN_NODES_PER_TASK = 5_000  # below this a task's overhead outweighs the parallelism
 INFOMAP_SEED = 42
 
 
-def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floor: float,
-                   weights: str = "edges/prob", joint: bool = False) -> np.ndarray:
-    """Worker task: Infomap modules of whole components, numbered within each (``joint``: one Infomap run over
-    them all). The components' nodes (ascending) and their component ids are entries ``[a, b)`` of the
-    stage's scratch arrays ``nodes_path`` and ``comp_path``."""
+def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floors: list[float],
+                   weights: str = "edges/prob", joint: bool = False) -> list[np.ndarray]:
+    """Worker task: Infomap modules, at each of ``floors``, of whole components of the lowest floor, numbered within
+    each component of that floor (``joint``: one Infomap run per floor over all of them). The nodes (ascending) are
+    entries ``[a, b)`` of the stage's scratch array ``nodes_path``, their component id at every floor the same rows
+    of ``comp_path`` (one column per floor). Their kNN rows are read once for every floor: a task's nodes are
+    spread over every chunk, so a read costs a pass over the whole kNN store (11 CPU-s for 200k of 10M faces)."""
     from facecluster.tasks.peers import infomap_by_component
 
     nodes = open_array(url, nodes_path)[a:b]
-    comp = open_array(url, comp_path)[a:b]
+    comps = open_array(url, comp_path)[a:b]
     idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
     w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
-    return infomap_by_component(nodes, comp, idx, w, floor, seed=INFOMAP_SEED, joint=joint)
+    out = []
+    for f_i, floor in enumerate(floors):
+        comp = comps[:, f_i]
+        # a higher floor's components nest in the lowest floor's: the task holds them whole; its singletons sit out
+        _, inv, count = np.unique(comp, return_inverse=True, return_counts=True)
+        multi = count[inv.reshape(-1)] >= 2
+        out.append(infomap_by_component(nodes[multi], comp[multi], idx[multi], w[multi], floor, seed=INFOMAP_SEED,
+                                        joint=joint))
+    return out
 
 
 def floor_components(n: int, forest, floor: float) -> np.ndarray:
@@ -104,16 +117,17 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     forest : (src, dst, weight) of a maximum spanning forest of the same weights holding every edge
         >= ``min(floors)`` (:func:`facecluster.pipeline.forest.spanning_forest`, or the graph stage's
         forest for ``knn/sim``): its cut at a floor gives the graph's connected components there.
-    floors : edges with weight >= floor are the graph, per floor; every floor's tasks are submitted
-        before any is gathered.
+    floors : edges with weight >= floor are the graph, per floor. A task holds whole components of the
+        lowest floor, in which every higher floor's components nest, and runs every floor on them.
     weights : the weight array's name.
     name : prefix of the task keys and progress lines.
-    budget : nodes per task (default: about 4 tasks per worker per floor, within
-        ``MIN_NODES_PER_TASK``..``NODES_PER_TASK``); a larger component is one task. The packing
-        never changes the result: each component is solved alone with the same seed.
+    budget : nodes per task (default: about ``TASKS_PER_WORKER`` tasks per worker, within
+        ``MIN_NODES_PER_TASK``..``NODES_PER_TASK``); a component of the lowest floor larger than that is one
+        task. The packing never changes the result: each component is solved alone with the same seed.
     joint : one Infomap run per task over all its components (their modules split by component
         afterwards), closer to a whole-graph run (:func:`facecluster.tasks.peers.infomap_by_component`);
-        the result then depends on the packing: give a fixed ``budget``, not the worker-dependent default.
+        the result then depends on the packing (by the lowest floor's components): give a fixed ``budget``, not
+        the worker-dependent default, and one floor.
 
     Returns
     -------
@@ -122,43 +136,51 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     (faces of the largest component: the one task that bounds time and memory), ``tasks``,
     ``communities``, ``singletons``, ``largest_community``.
     """
+    if not floors:
+        return []
     url = writer.store.url
     if budget is None:
-        n_workers = max(1, len(client.scheduler_info().get("workers", {})))
-        budget = int(min(NODES_PER_TASK, max(MIN_NODES_PER_TASK, -(-n // (4 * n_workers)))))
+        n_workers = max(1, len(worker_infos(client)))
+        budget = int(min(NODES_PER_TASK, max(MIN_NODES_PER_TASK, -(-n // (TASKS_PER_WORKER * n_workers)))))
     token = uuid.uuid4().hex[:8]
-    plans = []
-    for f_i, floor in enumerate(floors):
-        comp = floor_components(n, forest, floor)
-        sizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
-        order = np.argsort(comp, kind="stable")
-        starts = np.concatenate([[0], np.cumsum(sizes)])
-        groups = pack_components(sizes, budget)
-        node_sets = [np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids])) for cids in groups]
+    # the components at every floor, and tasks of whole components of the lowest floor, in which those of every
+    # higher floor nest (its edges are a subset): one task reads its nodes' kNN rows once for all the floors. One
+    # task per floor and group read them once per floor, and each read decodes the whole kNN store (the nodes of
+    # a task are spread over it): at 10M planted faces 199 tasks of 200k nodes, 11 CPU-s of reads each
+    comps = np.stack([floor_components(n, forest, f) for f in floors], axis=1) if n else np.zeros((0, len(floors)), np.int64)
+    base = int(np.argmin(floors))
+    sizes = np.bincount(comps[:, base], minlength=1) if n else np.zeros(0, np.int64)
+    order = np.argsort(comps[:, base], kind="stable") if n else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    groups = pack_components(sizes, budget)
+    node_sets = [np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids])) for cids in groups]
+    del order
+    futs = []
+    if node_sets:
         # the node lists go to the workers through the store, not inside the task graph (N ids per floor in
         # all: 10 MiB at 1M faces, which distributed warns about and ships through the scheduler) nor by
         # scatter (a lost worker would take them along: see StageWriter.scratch_array)
+        grouped = np.concatenate(node_sets)
         ends = np.cumsum([len(nodes) for nodes in node_sets], dtype=np.int64)
-        futs = []
-        if node_sets:
-            grouped = np.concatenate(node_sets)
-            nodes_path = writer.scratch_array(f"{name}-nodes-{f_i}", grouped)
-            comp_path = writer.scratch_array(f"{name}-comp-{f_i}", comp[grouped])
-            futs = [client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), floor,
-                                  weights, joint, key=f"{name}-infomap-{f_i}-{g_i}-{token}")
-                    for g_i, (nodes, b) in enumerate(zip(node_sets, ends))]
-        plans.append((floor, comp, sizes, groups, futs, node_sets))
+        nodes_path = writer.scratch_array(f"{name}-nodes", grouped)
+        comp_path = writer.scratch_array(f"{name}-comp", comps[grouped])
+        del grouped
+        futs = [client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), list(floors),
+                              weights, joint, key=f"{name}-infomap-{g_i}-{token}")
+                for g_i, (nodes, b) in enumerate(zip(node_sets, ends))]
+    parts = wait_futures(futs, f"{name} {', '.join(f'{f:g}' for f in floors)}")
     results = []
-    for floor, comp, sizes, groups, futs, node_sets in plans:
-        modules = wait_futures(futs, f"{name} {floor}")
+    for f_i, floor in enumerate(floors):
+        comp = comps[:, f_i]
+        fsizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
         module = np.zeros(n, np.int64)
-        for nodes, mod in zip(node_sets, modules):
-            module[nodes] = mod
+        for nodes, mods in zip(node_sets, parts):
+            module[nodes[fsizes[comp[nodes]] >= 2]] = mods[f_i]
         width = int(module.max()) + 1 if n else 1
         labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
         csizes = np.bincount(labels) if n else np.zeros(0, np.int64)
-        stats = {"floor": floor, "components": int(len(sizes)), "components_multi": int((sizes >= 2).sum()),
-                 "largest_component": int(sizes.max()) if n else 0, "tasks": len(groups),
+        stats = {"floor": floor, "components": int(len(fsizes)), "components_multi": int((fsizes >= 2).sum()),
+                 "largest_component": int(fsizes.max()) if n else 0, "tasks": len(groups),
                  "communities": int(len(csizes)), "singletons": int((csizes == 1).sum()),
                  "largest_community": int(csizes.max()) if n else 0}
         log.info("%s at %s >= %.4g: %d communities (%d singletons) in %d components, largest component %d (%d tasks)",
