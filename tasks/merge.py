@@ -152,7 +152,8 @@ def pair_scores(sums: PairSums, sizes: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return pairs // c, pairs % c, score
 
 
-def mutual_best(a: np.ndarray, b: np.ndarray, score: np.ndarray, level: float, n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
+def mutual_best(a: np.ndarray, b: np.ndarray, score: np.ndarray, level: float,
+                n_clusters: int) -> tuple[np.ndarray, np.ndarray]:
     """The pairs (a < b) scoring >= ``level`` that are each other's best partner (highest score, ties to the
     smaller partner id): a matching, each cluster in at most one pair."""
     cand = score >= level

@@ -147,7 +147,8 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     # higher floor nest (its edges are a subset): one task reads its nodes' kNN rows once for all the floors. One
     # task per floor and group read them once per floor, and each read decodes the whole kNN store (the nodes of
     # a task are spread over it): at 10M planted faces 199 tasks of 200k nodes, 11 CPU-s of reads each
-    comps = np.stack([floor_components(n, forest, f) for f in floors], axis=1) if n else np.zeros((0, len(floors)), np.int64)
+    comps = (np.stack([floor_components(n, forest, f) for f in floors], axis=1) if n
+             else np.zeros((0, len(floors)), np.int64))
     base = int(np.argmin(floors))
     sizes = np.bincount(comps[:, base], minlength=1) if n else np.zeros(0, np.int64)
     order = np.argsort(comps[:, base], kind="stable") if n else np.zeros(0, np.int64)
@@ -157,8 +158,8 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     del order
     futs = []
     if node_sets:
-        # the node lists go to the workers through the store, not inside the task graph (N ids per floor in
-        # all: 10 MiB at 1M faces, which distributed warns about and ships through the scheduler) nor by
+        # the node lists go to the workers through the store, not inside the task graph (N ids and a component
+        # id per floor each: 40 MiB at 1M faces, which distributed warns about and ships through the scheduler) nor by
         # scatter (a lost worker would take them along: see StageWriter.scratch_array)
         grouped = np.concatenate(node_sets)
         ends = np.cumsum([len(nodes) for nodes in node_sets], dtype=np.int64)

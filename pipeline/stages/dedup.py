@@ -152,7 +152,8 @@ def merge_on_workers(client, url: str, labels: np.ndarray, level: float, chunk_r
         cur_f = client.scatter(rounds.cur, broadcast=True)
         outs = [client.submit(merge_round_task, e, lab_f, cur_f, key=f"dedup-round-{rounds.rounds}-{i}-{token}")
                 for i, e in enumerate(ranges)]
-        ranges = [client.submit(pick, o, 0, key=f"dedup-rentries-{rounds.rounds}-{i}-{token}") for i, o in enumerate(outs)]
+        ranges = [client.submit(pick, o, 0, key=f"dedup-rentries-{rounds.rounds}-{i}-{token}")
+                  for i, o in enumerate(outs)]
         sums = combine_sums(*wait_futures([client.submit(pick, o, 1, key=f"dedup-rsums-{rounds.rounds}-{i}-{token}")
                                            for i, o in enumerate(outs)], "merge"))
         del outs
