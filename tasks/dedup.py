@@ -62,8 +62,9 @@ def argmax_by_face(*parts: Triples) -> Triples:
     return face[w], tier[w], score[w], pid[w]
 
 
-def split_by_face(t: Triples, bounds: np.ndarray) -> list[Triples]:
-    """Split triples (sorted by face) into face ranges ``[bounds[i], bounds[i+1])``."""
+def split_by_face(t: tuple, bounds: np.ndarray) -> list[tuple]:
+    """Split arrays aligned with a face array sorted ascending (the first: dedup's triples, the merge step's
+    entries) into face ranges ``[bounds[i], bounds[i+1])``."""
     cut = np.searchsorted(t[0], bounds)
     return [tuple(a[cut[i]:cut[i + 1]] for a in t) for i in range(len(bounds) - 1)]
 

@@ -97,12 +97,6 @@ def eligible_clusters(labels: np.ndarray, min_size: int = MIN_SIZE) -> np.ndarra
     return np.bincount(labels) >= min_size if len(labels) else np.zeros(0, bool)
 
 
-def split_entries(entries: Entries, bounds: np.ndarray) -> list[Entries]:
-    """Entries (sorted by face) split into the face ranges ``[bounds[i], bounds[i+1])``."""
-    cut = np.searchsorted(entries[0], np.asarray(bounds, np.int64))
-    return [tuple(x[cut[i]:cut[i + 1]] for x in entries) for i in range(len(bounds) - 1)]
-
-
 PairSums = tuple[np.ndarray, np.ndarray]  # key own * C + other (int64, ascending), sum of best P (float64)
 
 

@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from facecluster.tasks.components import canonical_labels
+from facecluster.tasks.dedup import split_by_face
 from facecluster.tasks.merge import (MERGE_WORST_LOSS, MIN_P, MIN_SIZE, MergeRounds, combine_entries, combine_sums,
-                                     cross_entries, eligible_clusters, merge_by_affinity, merge_clusters, round_sums,
-                                     split_entries)
+                                     cross_entries, eligible_clusters, merge_by_affinity, merge_clusters, round_sums)
 
 
 def oracle_merge(index, prob, labels, level, min_size=MIN_SIZE):
@@ -116,7 +116,7 @@ def test_rounds_over_face_ranges_equal_the_rounds_over_all_entries(seed, n, cuts
     labels = canonical_labels(labels)
     entries = cross_entries(0, index, prob, labels, eligible_clusters(labels))
     bounds = np.array(sorted({0, n, *[c for c in cuts if c < n]}))
-    ranges = split_entries(entries, bounds)
+    ranges = split_by_face(entries, bounds)
     assert sum(len(r[0]) for r in ranges) == len(entries[0])
     rounds = MergeRounds(labels, level)
     while True:

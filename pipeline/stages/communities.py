@@ -57,8 +57,8 @@ INFOMAP_SEED = 42
 
 def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floors: list[float],
                    weights: str = "edges/prob", joint: bool = False) -> list[np.ndarray]:
-    """Worker task: Infomap modules, at each of ``floors``, of whole components of the lowest floor, numbered within
-    each component of that floor (``joint``: one Infomap run per floor over all of them). The nodes (ascending) are
+    """Worker task: Infomap modules, at each of ``floors``, of whole components of the lowest floor (one array per
+    floor, aligned with the task's nodes), numbered within each component of that floor (``joint``: one Infomap run per floor over all of them). The nodes (ascending) are
     entries ``[a, b)`` of the stage's scratch array ``nodes_path``, their component id at every floor the same rows
     of ``comp_path`` (one column per floor). Their kNN rows are read once for every floor: a task's nodes are
     spread over every chunk, so a read costs a pass over the whole kNN store (11 CPU-s for 200k of 10M faces)."""
@@ -71,11 +71,14 @@ def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, fl
     out = []
     for f_i, floor in enumerate(floors):
         comp = comps[:, f_i]
-        # a higher floor's components nest in the lowest floor's: the task holds them whole; its singletons sit out
+        # a higher floor's components nest in the lowest floor's: the task holds them whole; its singletons sit
+        # out (module 0, alone in their component)
         _, inv, count = np.unique(comp, return_inverse=True, return_counts=True)
         multi = count[inv.reshape(-1)] >= 2
-        out.append(infomap_by_component(nodes[multi], comp[multi], idx[multi], w[multi], floor, seed=INFOMAP_SEED,
-                                        joint=joint))
+        module = np.zeros(len(nodes), np.int64)
+        module[multi] = infomap_by_component(nodes[multi], comp[multi], idx[multi], w[multi], floor,
+                                             seed=INFOMAP_SEED, joint=joint)
+        out.append(module)
     return out
 
 
@@ -176,7 +179,7 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
         fsizes = np.bincount(comp, minlength=1) if n else np.zeros(0, np.int64)
         module = np.zeros(n, np.int64)
         for nodes, mods in zip(node_sets, parts):
-            module[nodes[fsizes[comp[nodes]] >= 2]] = mods[f_i]
+            module[nodes] = mods[f_i]
         width = int(module.max()) + 1 if n else 1
         labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
         csizes = np.bincount(labels) if n else np.zeros(0, np.int64)

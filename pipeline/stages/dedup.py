@@ -101,9 +101,10 @@ def attach_task(url: str, score_path: str, faces: np.ndarray) -> tuple[np.ndarra
 def merge_entries_task(url: str, lo: int, hi: int, labels: np.ndarray, eligible: np.ndarray, bounds: np.ndarray):
     """Worker task: the (face, other cluster, best P) entries of kNN rows ``[lo, hi)`` for the merge step, split
     by the face ranges ``bounds``."""
-    from facecluster.tasks.merge import cross_entries, split_entries
+    from facecluster.tasks.dedup import split_by_face
+    from facecluster.tasks.merge import cross_entries
 
-    return split_entries(cross_entries(lo, open_array(url, "knn/index")[lo:hi], open_array(url, "edges/prob")[lo:hi],
+    return split_by_face(cross_entries(lo, open_array(url, "knn/index")[lo:hi], open_array(url, "edges/prob")[lo:hi],
                                        labels, eligible), bounds)
 
 
