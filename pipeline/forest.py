@@ -17,14 +17,15 @@ chunks, k = 80) one task per chunk made 46 forests of ~2.4M edges and the tree m
 ~155M edges (graph 127-129 s, 3.0 GB per worker); 16 tasks of 3 chunks, ~59M (73-75 s,
 2.0 GB). At 10M, 26 tasks of 6 chunks (2^25) merged in 13 merges: 306 s, at most 3,966 MiB per worker.
 The whole tree is submitted at once, merges ahead of forest tasks, and each forest is freed
-when its merge is done.
+when its merge is done. Its tasks run with raised malloc thresholds (:func:`forest_heap_bytes`):
+their arrays of hundreds of MB reuse freed heap instead of faulting in fresh zeroed pages.
 """
 
 from __future__ import annotations
 
 import uuid
 
-from .cluster import total_threads, worker_infos
+from .cluster import HEAP_REUSE_THRESHOLD, heap_reuse, total_threads, worker_infos
 from .progress import wait_futures
 from .store import open_array
 
@@ -81,7 +82,8 @@ def row_chunks(n: int, r: int) -> list[tuple[int, int]]:
 
 
 #: a forest task's or merge's peak per edge of the budget, above the worker's own 329 MiB (measured at 10M
-#: planted faces: 3,342-3,966 MiB per worker at 2^25, at most 114 B an edge)
+#: planted faces: 3,342-3,966 MiB per worker at 2^25, at most 114 B an edge; the heap kept for reuse,
+#: :func:`forest_heap_bytes`, comes on top: 4,874 MiB with it)
 FOREST_BYTES_PER_EDGE = 114
 #: share of the smallest worker's memory limit the default budget lets one forest task or merge take
 FOREST_MEMORY_SHARE = 0.4  # as [knn] memory_fraction; the peak then stays under Dask's 60% spill target
@@ -94,7 +96,8 @@ def forest_budget(memory_limit: int | None, setting: int | None = None) -> int:
     (:data:`FOREST_BYTES_PER_EDGE`) fits :data:`FOREST_MEMORY_SHARE` of ``memory_limit`` (the smallest worker's),
     within :data:`FOREST_EDGES_RANGE`. Only the stage's speed and memory depend on it, never its forest. At 10M
     planted faces 2^24 (51 tasks, 50 merges) took 715 worker CPU-s and 3.0 GB per worker, 2^25 (26 tasks,
-    13 merges) 535-554 CPU-s and 3.9 GB: fewer forests of ~N edges to merge; an 11 GiB worker gets 2^25, 4 GiB 2^23."""
+    13 merges) 535-554 CPU-s and 3.9 GB: fewer forests of ~N edges to merge; an 11 GiB worker gets 2^25, 4 GiB 2^23.
+    The freed heap the tasks keep for reuse (:func:`forest_heap_bytes`) comes on top of this peak."""
     if setting is not None:
         return int(setting)
     if not memory_limit:
@@ -104,12 +107,32 @@ def forest_budget(memory_limit: int | None, setting: int | None = None) -> int:
     return int(min(hi, max(lo, 1 << (int(edges).bit_length() - 1))))
 
 
+#: share of the smallest worker's memory limit that the forest's freed heap may keep for reuse (at most
+#: ``cluster.HEAP_REUSE_THRESHOLD``): with :data:`FOREST_MEMORY_SHARE` a forest task's peak stays within half the
+#: limit plus the worker's own ~330 MiB, under Dask's 60% spill target
+FOREST_HEAP_SHARE = 0.1
+
+
+def forest_heap_bytes(memory_limit: int | None) -> int:
+    """The malloc thresholds of the forest's tasks (:func:`facecluster.pipeline.cluster.heap_reuse`): their
+    arrays of up to this many bytes come from freed heap, not from fresh pages (each a page fault and a zeroed
+    page: at 10M planted faces, 2^25 budget, graph 290.7 -> 221.6 s, 521 -> 406 worker CPU-s, the same forest),
+    and the heap keeps up to that much freed memory between them (the peak per worker 3,991 -> 4,874 MiB there)."""
+    if not memory_limit:
+        return HEAP_REUSE_THRESHOLD
+    return int(min(HEAP_REUSE_THRESHOLD, FOREST_HEAP_SHARE * memory_limit))
+
+
+def smallest_memory_limit(workers: list[dict]) -> int | None:
+    """The smallest memory limit among ``workers`` (``worker_infos``); None where one states none."""
+    limits = [int(w.get("memory_limit") or 0) for w in workers]
+    return min(limits) if limits and all(limits) else None
+
+
 def cluster_budget(client, setting: int | None = None) -> tuple[int, int]:
     """(forest_edges, worker threads in all) for ``client``'s cluster."""
     workers = worker_infos(client)
-    limits = [int(w.get("memory_limit") or 0) for w in workers]
-    limit = min(limits) if limits and all(limits) else None
-    return forest_budget(limit, setting), total_threads(workers)
+    return forest_budget(smallest_memory_limit(workers), setting), total_threads(workers)
 
 
 def forest_tasks(n: int, r: int, k: int, forest_edges: int, slots: int = 1) -> list[tuple[int, int]]:
@@ -142,13 +165,14 @@ def spanning_forest(client, url: str, n: int, r: int, min_sim: float | None, fan
         from facecluster.tasks.components import empty_forest
 
         return empty_forest()
-    futs = [client.submit(chunk_forest_task, url, a, b, min_sim, weights, key=f"{name}-chunk-{a}-{b}-{token}")
-            for a, b in ranges]
-    bounds = [min(max(n - 1, 0), (b - a) * k) for a, b in ranges]
-    # the whole tree at once: merges run while forest tasks are still to come, and a forest held by nobody
-    # but its merge is freed when that merge is done. Waiting for every forest first held all of them: at
-    # 10M planted faces 51 forests of ~8M edges, 7.5 GB per worker
-    final = tree_reduce(client, futs, bounds, fan_in, forest_edges, n, f"{name}-merge")
-    wait_futures(futs, name, gather=False, release=True)
-    wait_futures([final], f"{name}-merge", gather=False)
-    return final.result()
+    with heap_reuse(client, forest_heap_bytes(smallest_memory_limit(worker_infos(client)))):
+        futs = [client.submit(chunk_forest_task, url, a, b, min_sim, weights, key=f"{name}-chunk-{a}-{b}-{token}")
+                for a, b in ranges]
+        bounds = [min(max(n - 1, 0), (b - a) * k) for a, b in ranges]
+        # the whole tree at once: merges run while forest tasks are still to come, and a forest held by nobody
+        # but its merge is freed when that merge is done. Waiting for every forest first held all of them: at
+        # 10M planted faces 51 forests of ~8M edges, 7.5 GB per worker
+        final = tree_reduce(client, futs, bounds, fan_in, forest_edges, n, f"{name}-merge")
+        wait_futures(futs, name, gather=False, release=True)
+        wait_futures([final], f"{name}-merge", gather=False)
+        return final.result()

@@ -754,6 +754,14 @@ def test_infomap_batches_of_components_do_not_depend_on_the_workers(trained, loc
     (joint_b, jb), = run(budget=60, joint=True)
     np.testing.assert_array_equal(joint_a, joint_b)
     assert ja == jb and ja["tasks"] == sa["tasks"]
+    # the pass that regroups the kNN rows by task: one range of rows per chunk gives each task the rows one range
+    # for the whole store gives, in the same order (a joint run's modules depend on the order of its nodes)
+    assert n > 2 * store.array("knn/index").chunks[0]
+    (alone_c, _), = run(budget=60, gather_entries=1)
+    np.testing.assert_array_equal(alone_a, alone_c)
+    (joint_c, jc), = run(budget=60, joint=True, gather_entries=1)
+    np.testing.assert_array_equal(joint_a, joint_c)
+    assert jc == ja
     # several floors: a task holds whole components of the lowest floor and runs every floor on them (one read of
     # its rows); each floor's labels and stats are those of that floor run alone, in any order of the floors
     floors = [floor + 0.04, floor, floor + 0.08]

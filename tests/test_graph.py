@@ -182,3 +182,21 @@ def test_merge_groups_cover_in_order_within_fan_in_and_budget(sizes, fan_in, bud
         assert b - a <= 2 or sum(sizes[a:b]) <= budget  # two forests always, more only within the budget
         if b < len(sizes) and b - a < fan_in and (b - a < 2 or sum(sizes[a:b + 1]) <= budget):
             raise AssertionError("a group stopped before it had to")
+
+
+def test_forest_heap_reuse_stays_within_a_share_of_the_workers_memory():
+    """The freed heap the forest's tasks keep (their malloc thresholds) is 10% of the smallest worker's memory
+    limit, at most the stages' 1 GiB: with the forest budget's 40%, a task's peak stays within half the limit."""
+    from facecluster.pipeline.cluster import HEAP_REUSE_THRESHOLD
+    from facecluster.pipeline.forest import (FOREST_BYTES_PER_EDGE, FOREST_HEAP_SHARE, FOREST_MEMORY_SHARE,
+                                             forest_heap_bytes, smallest_memory_limit)
+
+    assert forest_heap_bytes(None) == forest_heap_bytes(0) == HEAP_REUSE_THRESHOLD
+    assert forest_heap_bytes(4 * 2**30) == int(0.4 * 2**30) and forest_heap_bytes(64 * 2**30) == HEAP_REUSE_THRESHOLD
+    for gib in (0.5, 2, 4, 8, 11, 16, 64):
+        limit = int(gib * 2**30)
+        peak = forest_budget(limit) * FOREST_BYTES_PER_EDGE + forest_heap_bytes(limit)
+        assert peak <= (FOREST_MEMORY_SHARE + FOREST_HEAP_SHARE) * limit or forest_budget(limit) == FOREST_EDGES_RANGE[0]
+    assert smallest_memory_limit([{"memory_limit": 8}, {"memory_limit": 5}]) == 5
+    assert smallest_memory_limit([{"memory_limit": 8}, {"memory_limit": None}]) is None
+    assert smallest_memory_limit([]) is None

@@ -12,7 +12,10 @@ down to the lowest floor). The components of the lowest floor are packed into ta
 ``NODES_PER_TASK`` nodes (about ``TASKS_PER_WORKER`` tasks per worker; a component larger than that is a
 task of its own: the one part that stays in one process, reported as ``largest_component``); every higher
 floor's components nest in them, so each task reads its nodes' kNN rows once and runs Infomap per
-component at every floor (:func:`facecluster.tasks.peers.infomap_by_component`),
+component at every floor (:func:`facecluster.tasks.peers.infomap_by_component`). A task's nodes lie in every
+chunk (components are scattered over the face ids), so the rows are first regrouped by task in one pass over
+the store (:func:`regroup_rows`, one Dask task per range of whole chunks, into scratch arrays) and each task
+reads its own slices: reading them from the store decoded all of it per task (49 x 11 CPU-s at 10M faces),
 so the partition does not depend on how components are packed, on the chunk size
 or on the worker count.
 A problem of ``CHILD_LINKS`` links or more runs in a child process of the worker
@@ -53,21 +56,34 @@ NODES_PER_TASK = 200_000
 TASKS_PER_WORKER = 8  #: the default packing: about this many tasks per worker (each serves every floor)
 MIN_NODES_PER_TASK = 5_000  # below this a task's overhead outweighs the parallelism
 INFOMAP_SEED = 42
+GATHER_ENTRIES = 1 << 24  #: kNN entries per task of the pass that regroups the rows by communities task
+GATHER_CHUNK_ROWS = 8192  #: rows per chunk of the regrouped arrays: a task's slice decodes little beyond itself
 
 
 def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floors: list[float],
-                   weights: str = "edges/prob", joint: bool = False) -> list[np.ndarray]:
+                   weights: str = "edges/prob", joint: bool = False, pieces=(), *gathered) -> list[np.ndarray]:
     """Worker task: Infomap modules, at each of ``floors``, of whole components of the lowest floor (one array per
     floor, aligned with the task's nodes), numbered within each component of that floor (``joint``: one Infomap run per floor over all of them). The nodes (ascending) are
     entries ``[a, b)`` of the stage's scratch array ``nodes_path``, their component id at every floor the same rows
-    of ``comp_path`` (one column per floor). Their kNN rows are read once for every floor: a task's nodes are
-    spread over every chunk, so a read costs a pass over the whole kNN store (11 CPU-s for 200k of 10M faces)."""
+    of ``comp_path`` (one column per floor).
+
+    Their kNN rows are read once for every floor: from ``pieces``, ``(index path, weights path, lo, hi)`` per row
+    range of the store in range order, rows ``[lo, hi)`` of the arrays :func:`gather_task` regrouped by task
+    (``gathered``: those tasks' futures, so that they run first); without pieces, straight from the store, where a
+    read costs a pass over the whole kNN store whatever the task's size (its nodes are spread over every chunk:
+    11 CPU-s for 200k of 10M faces)."""
     from facecluster.tasks.peers import infomap_by_component
 
     nodes = open_array(url, nodes_path)[a:b]
     comps = open_array(url, comp_path)[a:b]
-    idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
-    w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
+    if pieces:
+        idx = np.concatenate([open_array(url, ip)[lo:hi] for ip, _, lo, hi in pieces]).astype(np.int64, copy=False)
+        w = np.concatenate([open_array(url, wp)[lo:hi] for _, wp, lo, hi in pieces])
+        if len(idx) != len(nodes):
+            raise RuntimeError(f"{url}: a communities task got {len(idx)} regrouped kNN rows for {len(nodes)} nodes")
+    else:
+        idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
+        w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
     out = []
     for f_i, floor in enumerate(floors):
         comp = comps[:, f_i]
@@ -80,6 +96,62 @@ def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, fl
                                              seed=INFOMAP_SEED, joint=joint)
         out.append(module)
     return out
+
+
+def gather_task(url: str, task_path: str, a: int, b: int, index_path: str, weights_path: str, weights: str) -> int:
+    """Worker task: rows ``[a, b)`` of ``knn/index`` and of ``weights`` whose node is in some communities task
+    (``task_path``: each face's task, -1 for none), written to the scratch arrays ``index_path`` / ``weights_path``
+    grouped by task, ascending by row within a task (so a task's rows from every range, in range order, are its
+    nodes in ascending order: what it would read from the store). Returns the rows written."""
+    task = open_array(url, task_path)[a:b]
+    rows = np.flatnonzero(task >= 0)
+    rows = rows[np.argsort(task[rows], kind="stable")]
+    if len(rows):
+        idx = open_array(url, "knn/index")[a:b]
+        # int32 where ids fit (they do below 2^31 faces): half the scratch bytes; read back as int64
+        open_array(url, index_path, mode="r+")[...] = idx[rows].astype(np.dtype(open_array(url, index_path).dtype))
+        del idx
+        open_array(url, weights_path, mode="r+")[...] = open_array(url, weights)[a:b][rows]
+    return int(len(rows))
+
+
+def regroup_rows(client, writer: StageWriter, node_sets: list[np.ndarray], weights: str, name: str, token: str,
+                 gather_entries: int = GATHER_ENTRIES):
+    """One pass over the kNN store that writes every task's rows grouped by task (:func:`gather_task`, one Dask
+    task per range of whole chunks of about ``gather_entries`` entries), so that each communities task reads its
+    own rows instead of decoding the whole store: at 10M planted faces 49 tasks read 11 CPU-s each.
+
+    Returns (pieces, futures): ``pieces[range][task]`` = (index path, weights path, lo, hi) of that task's rows in
+    that range's scratch arrays, and the regrouping tasks' futures."""
+    url = writer.store.url
+    index = open_array(url, "knn/index")
+    n, k = index.shape
+    r = int(index.chunks[0])
+    task = np.full(n, -1, np.int32)
+    for g_i, nodes in enumerate(node_sets):
+        task[nodes] = g_i
+    task_path = writer.scratch_array(f"{name}-task", task)
+    per = max(1, int(gather_entries) // max(1, r * k))
+    ranges = [(a, min(a + per * r, n)) for a in range(0, n, per * r)]
+    id_dtype = np.int32 if n < 2**31 else np.int64
+    w_dtype = open_array(url, weights).dtype
+    pieces, futs = [], []
+    for a, b in ranges:
+        counts = np.bincount(task[a:b][task[a:b] >= 0], minlength=len(node_sets))
+        kept = int(counts.sum())
+        if not kept:
+            continue
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        rows = (max(1, min(kept, GATHER_CHUNK_ROWS)), k)
+        ip = writer.scratch_space(f"{name}-index-{a}", (kept, k), rows, id_dtype)
+        wp = writer.scratch_space(f"{name}-weights-{a}", (kept, k), rows, w_dtype)
+        pieces.append([(ip, wp, int(offsets[t]), int(offsets[t + 1])) for t in range(len(node_sets))])
+        futs.append(client.submit(gather_task, url, task_path, a, b, ip, wp, weights, key=f"{name}-gather-{a}-{token}"))
+    return pieces, futs
+
+
+def scratch_of(pieces) -> list[str]:
+    return [path for p in pieces for path in p[0][:2]]
 
 
 def floor_components(n: int, forest, floor: float) -> np.ndarray:
@@ -107,7 +179,8 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
 
 
 def infomap_components(client, writer: StageWriter, n: int, forest, floors: list[float], weights: str, name: str,
-                       budget: int | None = None, joint: bool = False) -> list[tuple[np.ndarray, dict]]:
+                       budget: int | None = None, joint: bool = False,
+                       gather_entries: int = GATHER_ENTRIES) -> list[tuple[np.ndarray, dict]]:
     """Infomap on the kNN graph weighted by array ``weights`` at each of ``floors``, one Dask task per group of components.
 
     Parameters
@@ -131,6 +204,7 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
         afterwards), closer to a whole-graph run (:func:`facecluster.tasks.peers.infomap_by_component`);
         the result then depends on the packing (by the lowest floor's components): give a fixed ``budget``, not
         the worker-dependent default, and one floor.
+    gather_entries : kNN entries per task of the regrouping pass (:func:`regroup_rows`); never changes the result.
 
     Returns
     -------
@@ -169,10 +243,15 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
         nodes_path = writer.scratch_array(f"{name}-nodes", grouped)
         comp_path = writer.scratch_array(f"{name}-comp", comps[grouped])
         del grouped
+        pieces, gathered = regroup_rows(client, writer, node_sets, weights, name, token, gather_entries)
         futs = [client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), list(floors),
-                              weights, joint, key=f"{name}-infomap-{g_i}-{token}")
+                              weights, joint, [p[g_i] for p in pieces if p[g_i][3] > p[g_i][2]], *gathered,
+                              key=f"{name}-infomap-{g_i}-{token}")
                 for g_i, (nodes, b) in enumerate(zip(node_sets, ends))]
     parts = wait_futures(futs, f"{name} {', '.join(f'{f:g}' for f in floors)}")
+    del futs
+    for path in scratch_of(pieces):  # gigabytes at 10M faces: not left on disk until the stage ends
+        writer.drop_scratch(path)
     results = []
     for f_i, floor in enumerate(floors):
         comp = comps[:, f_i]
