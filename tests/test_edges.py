@@ -762,11 +762,18 @@ def test_infomap_batches_of_components_do_not_depend_on_the_workers(trained, loc
     (joint_c, jc), = run(budget=60, joint=True, gather_entries=1)
     np.testing.assert_array_equal(joint_a, joint_c)
     assert jc == ja
+    # no edge at the floor: every face its own community, no task and no scratch left behind
+    (none, sn), = run([1.5])
+    np.testing.assert_array_equal(none, np.arange(n))
+    assert sn["tasks"] == 0 and sn["communities"] == n
     # several floors: a task holds whole components of the lowest floor and runs every floor on them (one read of
     # its rows); each floor's labels and stats are those of that floor run alone, in any order of the floors
     floors = [floor + 0.04, floor, floor + 0.08]
     together = run(floors, budget=60)
     assert len({st["components"] for _, st in together}) == 3  # three different graphs
+    # a group of one component larger than the budget runs one task per floor (its floors in one task were the
+    # stage's serial tail), the others one task for every floor
+    assert together[1][1]["largest_component"] > 60 and together[1][1]["tasks"] > sa["tasks"]
     for f, (labels, stats) in zip(floors, together):
         (alone, alone_stats), = run([f], budget=60)
         np.testing.assert_array_equal(labels, alone)

@@ -61,11 +61,12 @@ GATHER_CHUNK_ROWS = 8192  #: rows per chunk of the regrouped arrays: a task's sl
 
 
 def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floors: list[float],
-                   weights: str = "edges/prob", joint: bool = False, pieces=(), *gathered) -> list[np.ndarray]:
+                   weights: str = "edges/prob", joint: bool = False, pieces=(), *gathered,
+                   columns: list[int] | None = None) -> list[np.ndarray]:
     """Worker task: Infomap modules, at each of ``floors``, of whole components of the lowest floor (one array per
     floor, aligned with the task's nodes), numbered within each component of that floor (``joint``: one Infomap run per floor over all of them). The nodes (ascending) are
     entries ``[a, b)`` of the stage's scratch array ``nodes_path``, their component id at every floor the same rows
-    of ``comp_path`` (one column per floor).
+    of ``comp_path`` (one column per floor; ``columns``: the column of each of ``floors``, default in order).
 
     Their kNN rows are read once for every floor: from ``pieces``, ``(index path, weights path, lo, hi)`` per row
     range of the store in range order, rows ``[lo, hi)`` of the arrays :func:`gather_task` regrouped by task
@@ -85,7 +86,7 @@ def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, fl
         idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
         w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
     out = []
-    for f_i, floor in enumerate(floors):
+    for f_i, floor in zip(range(len(floors)) if columns is None else columns, floors):
         comp = comps[:, f_i]
         # a higher floor's components nest in the lowest floor's: the task holds them whole; its singletons sit
         # out (module 0, alone in their component)
@@ -234,7 +235,6 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
     groups = pack_components(sizes, budget)
     node_sets = [np.sort(np.concatenate([order[starts[c]:starts[c + 1]] for c in cids])) for cids in groups]
     del order
-    futs = []
     if node_sets:
         # the node lists go to the workers through the store, not inside the task graph (N ids and a component
         # id per floor each: 40 MiB at 1M faces, which distributed warns about and ships through the scheduler) nor by
@@ -245,14 +245,30 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
         comp_path = writer.scratch_array(f"{name}-comp", comps[grouped])
         del grouped
         pieces, gathered = regroup_rows(client, writer, node_sets, weights, name, token, gather_entries)
-        futs = [client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), list(floors),
-                              weights, joint, [p[g_i] for p in pieces if p[g_i][3] > p[g_i][2]], *gathered,
-                              key=f"{name}-infomap-{g_i}-{token}")
-                for g_i, (nodes, b) in enumerate(zip(node_sets, ends))]
-    parts = wait_futures(futs, f"{name} {', '.join(f'{f:g}' for f in floors)}")
-    del futs
-    for path in scratch_of(pieces):  # gigabytes at 10M faces: not left on disk until the stage ends
-        writer.drop_scratch(path)
+        # a group of one component larger than the budget runs one task per floor: its floors in one task were the
+        # stage's serial tail (a 1M-face built-in run: a component of 686k faces at 0.5, one worker idle 80% of the
+        # stage). With its rows regrouped each of those tasks reads only its own slices.
+        by_floor = [len(nodes) > budget and len(floors) > 1 for nodes in node_sets]
+        futs = []
+        for g_i, (nodes, b) in enumerate(zip(node_sets, ends)):
+            mine = [p[g_i] for p in pieces if p[g_i][3] > p[g_i][2]]
+            runs = [[f_i] for f_i in range(len(floors))] if by_floor[g_i] else [list(range(len(floors)))]
+            futs.append([client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b),
+                                       [floors[f_i] for f_i in cols], weights, joint, mine, *gathered, columns=cols,
+                                       key=f"{name}-infomap-{g_i}-{cols[0] if len(cols) == 1 else 'all'}-{token}")
+                         for cols in runs])
+        flat = wait_futures([f for fs in futs for f in fs], f"{name} {', '.join(f'{f:g}' for f in floors)}")
+        parts, i = [], 0
+        for fs in futs:  # each group's modules per floor, in the order of floors
+            got = flat[i:i + len(fs)]
+            parts.append([mods[0] for mods in got] if len(fs) > 1 else got[0])
+            i += len(fs)
+        n_tasks = len(flat)
+        del futs, flat
+        for path in scratch_of(pieces):  # gigabytes at 10M faces: not left on disk until the stage ends
+            writer.drop_scratch(path)
+    else:
+        parts, n_tasks = [], 0
     results = []
     for f_i, floor in enumerate(floors):
         comp = comps[:, f_i]
@@ -264,7 +280,7 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
         labels = canonical_labels(comp * width + module) if n else np.zeros(0, np.int64)
         csizes = np.bincount(labels) if n else np.zeros(0, np.int64)
         stats = {"floor": floor, "components": int(len(fsizes)), "components_multi": int((fsizes >= 2).sum()),
-                 "largest_component": int(fsizes.max()) if n else 0, "tasks": len(groups),
+                 "largest_component": int(fsizes.max()) if n else 0, "tasks": n_tasks,
                  "communities": int(len(csizes)), "singletons": int((csizes == 1).sum()),
                  "largest_community": int(csizes.max()) if n else 0}
         log.info("%s at %s >= %.4g: %d communities (%d singletons) in %d components, largest component %d (%d tasks)",
