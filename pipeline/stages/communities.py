@@ -10,7 +10,7 @@ Connected components are independent Infomap problems: they are cuts of one
 maximum spanning forest of ``edges/prob`` (:mod:`facecluster.pipeline.forest`, built once
 down to the lowest floor). The components of the lowest floor are packed into tasks of at most
 ``NODES_PER_TASK`` nodes (about ``TASKS_PER_WORKER`` tasks per worker; a component larger than that is a
-task of its own: the one part that stays in one process, reported as ``largest_component``); every higher
+task of its own per floor: the one part that stays in one process, reported as ``largest_component``); every higher
 floor's components nest in them, so each task reads its nodes' kNN rows once and runs Infomap per
 component at every floor (:func:`facecluster.tasks.peers.infomap_by_component`). A task's nodes lie in every
 chunk (components are scattered over the face ids), so the rows are first regrouped by task in one pass over
