@@ -158,14 +158,16 @@ def spanning_forest(client, url: str, n: int, r: int, min_sim: float | None, fan
     ``r``: the lists' chunk rows; ``fan_in``, ``forest_edges`` (None: :func:`forest_budget` of the workers'
     memory): the tree's shape (see the module's notes)."""
     k = int(open_array(url, "knn/index").shape[1])
-    forest_edges, slots = cluster_budget(client, forest_edges)
+    workers = worker_infos(client)
+    limit = smallest_memory_limit(workers)
+    forest_edges, slots = forest_budget(limit, forest_edges), total_threads(workers)
     ranges = forest_tasks(n, r, k, forest_edges, slots)
     token = uuid.uuid4().hex[:8]
     if not ranges:
         from facecluster.tasks.components import empty_forest
 
         return empty_forest()
-    with heap_reuse(client, forest_heap_bytes(smallest_memory_limit(worker_infos(client)))):
+    with heap_reuse(client, forest_heap_bytes(limit)):
         futs = [client.submit(chunk_forest_task, url, a, b, min_sim, weights, key=f"{name}-chunk-{a}-{b}-{token}")
                 for a, b in ranges]
         bounds = [min(max(n - 1, 0), (b - a) * k) for a, b in ranges]

@@ -61,30 +61,26 @@ GATHER_CHUNK_ROWS = 8192  #: rows per chunk of the regrouped arrays: a task's sl
 
 
 def component_task(url: str, nodes_path: str, comp_path: str, a: int, b: int, floors: list[float],
-                   weights: str = "edges/prob", joint: bool = False, pieces=(), *gathered,
+                   weights: str, joint: bool, pieces: list[tuple], *gathered,
                    columns: list[int] | None = None) -> list[np.ndarray]:
     """Worker task: Infomap modules, at each of ``floors``, of whole components of the lowest floor (one array per
     floor, aligned with the task's nodes), numbered within each component of that floor (``joint``: one Infomap run per floor over all of them). The nodes (ascending) are
     entries ``[a, b)`` of the stage's scratch array ``nodes_path``, their component id at every floor the same rows
     of ``comp_path`` (one column per floor; ``columns``: the column of each of ``floors``, default in order).
 
-    Their kNN rows are read once for every floor: from ``pieces``, ``(index path, weights path, lo, hi)`` per row
-    range of the store in range order, rows ``[lo, hi)`` of the arrays :func:`gather_task` regrouped by task
-    (``gathered``: those tasks' futures, so that they run first); without pieces, straight from the store, where a
-    read costs a pass over the whole kNN store whatever the task's size (its nodes are spread over every chunk:
+    Their kNN rows (``knn/index`` and ``weights``) are read once for every floor, from ``pieces``: ``(index path,
+    weights path, lo, hi)`` per row range of the store in range order, rows ``[lo, hi)`` of the arrays
+    :func:`gather_task` regrouped by task (``gathered``: those tasks' futures, so that they run first). Read straight
+    from the store, they cost a pass over all of it whatever the task's size (its nodes are spread over every chunk:
     11 CPU-s for 200k of 10M faces)."""
     from facecluster.tasks.peers import infomap_by_component
 
     nodes = open_array(url, nodes_path)[a:b]
     comps = open_array(url, comp_path)[a:b]
-    if pieces:
-        idx = np.concatenate([open_array(url, ip)[lo:hi] for ip, _, lo, hi in pieces]).astype(np.int64, copy=False)
-        w = np.concatenate([open_array(url, wp)[lo:hi] for _, wp, lo, hi in pieces])
-        if len(idx) != len(nodes):
-            raise RuntimeError(f"{url}: a communities task got {len(idx)} regrouped kNN rows for {len(nodes)} nodes")
-    else:
-        idx = open_array(url, "knn/index").get_orthogonal_selection((nodes, slice(None)))
-        w = open_array(url, weights).get_orthogonal_selection((nodes, slice(None)))
+    idx = np.concatenate([open_array(url, ip)[lo:hi] for ip, _, lo, hi in pieces]).astype(np.int64, copy=False)
+    w = np.concatenate([open_array(url, wp)[lo:hi] for _, wp, lo, hi in pieces])
+    if len(idx) != len(nodes):
+        raise RuntimeError(f"{url}: a communities task got {len(idx)} regrouped kNN rows for {len(nodes)} nodes")
     out = []
     for f_i, floor in zip(range(len(floors)) if columns is None else columns, floors):
         comp = comps[:, f_i]
@@ -108,10 +104,9 @@ def gather_task(url: str, task_path: str, a: int, b: int, index_path: str, weigh
     rows = np.flatnonzero(task >= 0)
     rows = rows[np.argsort(task[rows], kind="stable")]
     if len(rows):
-        idx = open_array(url, "knn/index")[a:b]
+        out = open_array(url, index_path, mode="r+")
         # int32 where ids fit (they do below 2^31 faces): half the scratch bytes; read back as int64
-        open_array(url, index_path, mode="r+")[...] = idx[rows].astype(np.dtype(open_array(url, index_path).dtype))
-        del idx
+        out[...] = open_array(url, "knn/index")[a:b][rows].astype(out.dtype)
         open_array(url, weights_path, mode="r+")[...] = open_array(url, weights)[a:b][rows]
     return int(len(rows))
 
@@ -259,9 +254,8 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
                          for cols in runs])
         flat = wait_futures([f for fs in futs for f in fs], f"{name} {', '.join(f'{f:g}' for f in floors)}")
         parts, i = [], 0
-        for fs in futs:  # each group's modules per floor, in the order of floors
-            got = flat[i:i + len(fs)]
-            parts.append([mods[0] for mods in got] if len(fs) > 1 else got[0])
+        for fs in futs:  # each group's modules per floor, in the order of floors (its tasks' lists, joined)
+            parts.append([mods for got in flat[i:i + len(fs)] for mods in got])
             i += len(fs)
         n_tasks = len(flat)
         del futs, flat
