@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .arrays import descending_key, unique_sorted
 from .components import knn_edges, spanning_forest, super_vertices
 
 
@@ -167,6 +168,70 @@ def join_blocks(parts) -> tuple[np.ndarray, np.ndarray]:
     idx = np.concatenate([p[1] for p in parts])
     ok = np.isfinite(sim)
     return np.where(ok, idx, -1).astype(np.int64), np.where(ok, sim, 0).astype(np.float32)
+
+
+GRAPH_NEIGHBOURS = 20  #: each face's first kNN neighbours that propose its super-vertex's level-1 candidates
+PAIR_BATCH = 1 << 18  #: candidate pairs per batch of exact similarities
+
+
+def graph_candidate_keys(row_labels: np.ndarray, neighbours: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
+    """Level-1 candidate pairs from one chunk of the face kNN lists: for every face and each neighbour it lists,
+    the pair {its super-vertex, the neighbour's} when they differ, as sorted unique keys ``lo * n_groups + hi``
+    (``lo < hi``).
+
+    ``row_labels``: the chunk's faces' super-vertices; ``neighbours``: their kNN ids (``-1`` padding);
+    ``labels``: every face's super-vertex. The union over chunks does not depend on the chunking.
+    """
+    nb = np.asarray(neighbours, np.int64)
+    ok = nb >= 0
+    lb = np.asarray(labels, np.int64)[np.where(ok, nb, 0)]
+    la = np.broadcast_to(np.asarray(row_labels, np.int64)[:, None], lb.shape)
+    ok &= la != lb
+    a, b = la[ok], lb[ok]
+    return unique_sorted(np.minimum(a, b) * np.int64(n_groups) + np.maximum(a, b))
+
+
+def candidate_knn(keys: np.ndarray, means: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``k`` of each node among its candidates (sorted unique pair keys ``lo * n + hi`` of
+    :func:`graph_candidate_keys`, ``n = len(means)``; each pair is a candidate of both its nodes) by the exact
+    float32 similarity of their unit mean features: (index int64, sim float32) as :func:`small_knn` returns
+    them (rows sorted by sim desc, id asc; a node with fewer candidates padded with -1, 0).
+
+    Why candidates from the face graph: two super-vertices whose faces list each other are the ones a
+    level-1 edge can join. Measured at 1M built-in faces (502k super-vertices, sv_k 3, 4,000 sampled
+    nodes against exact search): the IVF search used before found 0.49 of the exact top-3, these
+    candidates (each face's first 20 neighbours, both directions) 0.87; their cost grows linearly with
+    the faces where the IVF's grew as N^1.5.
+    """
+    n = len(means)
+    keys = np.asarray(keys, np.int64)
+    lo, hi = keys // n, keys % n
+    sim = np.empty(len(keys), np.float32)
+    for s in range(0, len(keys), PAIR_BATCH):  # each pair's similarity once, for both its nodes
+        e = s + PAIR_BATCH
+        sim[s:e] = np.einsum("ij,ij->i", means[lo[s:e]], means[hi[s:e]])
+    a, b, sim = np.concatenate([lo, hi]), np.concatenate([hi, lo]), np.concatenate([sim, sim])
+    # within a node: similarity desc, then id asc (one stable sort of (node, sim) keys over pairs ordered by id)
+    order = np.argsort(b, kind="stable")
+    order = order[np.argsort((a[order].astype(np.uint64) << np.uint64(32)) | descending_key(sim[order]), kind="stable")]
+    a, b, sim = a[order], b[order], sim[order]
+    pos = np.arange(len(a)) - np.searchsorted(a, np.arange(n))[a]
+    keep = pos < k
+    idx = np.full((n, k), -1, np.int64)
+    out = np.zeros((n, k), np.float32)
+    idx[a[keep], pos[keep]] = b[keep]
+    out[a[keep], pos[keep]] = sim[keep]
+    return idx, out
+
+
+def face_graph_knn(labels: np.ndarray, sums: np.ndarray, k: int, neighbour_chunks) -> tuple[np.ndarray, np.ndarray]:
+    """The level-1 kNN of the super-vertices ``labels`` (one per face; ``sums``: their feature sums) among the
+    candidates their faces' kNN lists propose: ``neighbour_chunks`` yields ``(row0, rows)``, consecutive
+    chunks of every face's first kNN neighbours. Returns :func:`candidate_knn`'s (index, sim)."""
+    n_groups = len(sums)
+    parts = [graph_candidate_keys(labels[r0:r0 + len(rows)], rows, labels, n_groups) for r0, rows in neighbour_chunks]
+    keys = unique_sorted(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return candidate_knn(keys, unit_means(sums), min(int(k), n_groups - 1))
 
 
 def level_knn(sums: np.ndarray, k: int, threads: int = 1):

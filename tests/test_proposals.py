@@ -274,12 +274,11 @@ def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local
         settings_task(store.url, [settings[0], settings[1]], 2, 500)
 
 
-def test_level_knn_split_into_query_block_tasks_equals_one_process(tmp_path, local_client, monkeypatch):
-    """Above EXACT_MAX super-vertices the stage runs a group's level-1 kNN as query-block tasks on both workers
-    (small EXACT_MAX / QUERY_BLOCK here so that this data has several blocks): the stored proposals equal those of
-    every group's settings run in one process with the same limits."""
-    from facecluster.pipeline.stages.proposals import (combine_task, cut_key, cut_sums, cut_task, knn_blocks,
-                                                       plan_task, resolve_settings, settings_task)
+def test_level_knn_from_the_face_graph_in_the_stage_equals_one_process(tmp_path, local_client, monkeypatch):
+    """Above EXACT_MAX super-vertices a cut's level-1 kNN comes from the faces' kNN lists (small EXACT_MAX here):
+    the stored proposals equal those of every group's settings run in one process, and that kNN equals the
+    kernel's on the faces' lists read whole."""
+    from facecluster.pipeline.stages.proposals import combine_task, cut_key, cut_sums, cut_task, resolve_settings, settings_task
     from facecluster.tasks import proposals as tp
 
     feats, _ = clustered_features(3000, d=16, n_ids=120, spread=0.7, seed=5)
@@ -289,15 +288,18 @@ def test_level_knn_split_into_query_block_tasks_equals_one_process(tmp_path, loc
     settings, _ = resolve_settings(store, cfg, local_client)
     multi = [s for s in settings if s["levels"] > 1]
     state = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size)
-    assert state["n_groups"] > 400
+    assert state["n_groups"] > 400 and "knn1" not in state  # exact, in the levels task
     with store.stage("sums-check", {}, inputs=[]) as w:  # the sums through a scratch array: the same float64 values
         on_disk = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size,
                            w.scratch_space("sums", (len(feats), feats.shape[1]), (512, feats.shape[1]), np.float64))
         assert on_disk["sums0"] is None
         np.testing.assert_array_equal(cut_sums(store.url, on_disk), state["sums0"])
     monkeypatch.setattr(tp, "EXACT_MAX", 200)
-    monkeypatch.setattr(tp, "QUERY_BLOCK", 128)
-    assert len(knn_blocks(plan_task(store.url, state, multi[0]["sv_k"], 200), 128)) >= 3
+    state = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size)
+    whole = tp.face_graph_knn(state["labels"], state["sums0"], multi[0]["sv_k"],
+                              [(0, store.array("knn/index")[:, :tp.GRAPH_NEIGHBOURS])])
+    for got, want in zip(state["knn1"], whole):  # read chunk by chunk (700 rows) in the task
+        np.testing.assert_array_equal(got, want)
     run_proposals(store, cfg, local_client)  # each multi-level cut's sums go through a scratch array on disk
     assert not [p for p in (tmp_path / "b.zarr" / "_tmp").rglob("*") if "__scratch__" in p.name]  # none left behind
     got = read_proposals(store)
@@ -306,12 +308,64 @@ def test_level_knn_split_into_query_block_tasks_equals_one_process(tmp_path, loc
         groups.setdefault(cut_key(s), []).append(s)
     res = {}
     for g in groups.values():
-        for s, r in zip(g, settings_task(store.url, g, cfg.proposals.min_size, cfg.proposals.max_proposal_size,
-                                         exact_max=200, block=128)):
+        for s, r in zip(g, settings_task(store.url, g, cfg.proposals.min_size, cfg.proposals.max_proposal_size)):
             res[s["id"]] = r
     want = combine_task(settings, [res[s["id"]] for s in settings])
     for key in ("offsets", "members", "setting", "level"):
         np.testing.assert_array_equal(got[key], want[key])
+
+
+@settings(max_examples=80, deadline=None)
+@given(n_faces=st.integers(1, 60), n_groups=st.integers(1, 12), k_lists=st.integers(1, 6), k=st.integers(1, 5),
+       chunk=st.integers(1, 70), ties=st.booleans(), seed=st.integers(0, 10_000))
+def test_face_graph_knn_equals_candidate_oracle(n_faces, n_groups, k_lists, k, chunk, ties, seed):
+    """The level-1 kNN from the face graph against a plain oracle: a node's candidates are the nodes its faces
+    list and the nodes whose faces list its faces; its top k by the float32 similarity of the unit means, ties by
+    id; padding -1 / 0; whatever the chunking of the lists."""
+    from facecluster.tasks import proposals as tp
+
+    rng = np.random.default_rng(seed)
+    n_groups = min(n_groups, n_faces)
+    labels = np.concatenate([np.arange(n_groups), rng.integers(0, n_groups, n_faces - n_groups)])
+    nb = rng.integers(-1, n_faces, (n_faces, k_lists))  # -1: padding
+    sums = rng.integers(-2, 3, (n_groups, 3)).astype(np.float64) if ties else rng.standard_normal((n_groups, 3))
+    means = tp.unit_means(sums)
+    kk = max(0, min(k, n_groups - 1))
+    idx, sim = tp.face_graph_knn(labels, sums, k, [(a, nb[a:a + chunk]) for a in range(0, n_faces, chunk)])
+    assert idx.shape == (n_groups, kk) and sim.shape == (n_groups, kk)
+    cand = [set() for _ in range(n_groups)]
+    for i in range(n_faces):
+        for j in nb[i]:
+            if j >= 0 and labels[j] != labels[i]:
+                cand[labels[i]].add(int(labels[j]))
+                cand[labels[j]].add(int(labels[i]))
+    for a in range(n_groups):
+        ranked = sorted(cand[a], key=lambda b: (-np.float32(np.dot(means[a], means[b])), b))[:kk]
+        assert idx[a].tolist() == ranked + [-1] * (kk - len(ranked))
+        np.testing.assert_allclose(sim[a, :len(ranked)], [np.dot(means[a], means[b]) for b in ranked], atol=1e-6)
+        assert (sim[a, len(ranked):] == 0).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=st.lists(st.integers(-2**40, 2**40), max_size=200))
+def test_unique_sorted_equals_numpy_unique(x):
+    from facecluster.tasks.arrays import unique_sorted
+
+    a = np.asarray(x, np.int64)
+    np.testing.assert_array_equal(unique_sorted(a), np.unique(a))
+
+
+@settings(max_examples=100, deadline=None)
+@given(v=st.lists(st.floats(width=32, allow_nan=False), max_size=100))
+def test_descending_key_orders_floats_descending(v):
+    from facecluster.tasks.arrays import descending_key
+
+    v = np.asarray(v, np.float32)
+    order = np.argsort(descending_key(v), kind="stable")
+    assert (v[order][:-1] >= v[order][1:]).all()
+    key = descending_key(v)
+    for i in range(len(v)):  # equal floats (0.0 and -0.0 included) get equal keys
+        assert ((key == key[i]) == (v == v[i])).all()
 
 
 @settings(max_examples=60, deadline=None)

@@ -6,9 +6,14 @@ stage, so a setting needs only the forest (<= N-1 edges) and one streaming pass
 over ``features`` for the level >= 1 mean features. Settings run as parallel
 Dask tasks per group of settings sharing a level-0 cut (:func:`cut_key`: they
 differ only at level >= 1, and share the cut, the sums and the level-1 kNN): one
-cut task, the level-1 kNN's query blocks as tasks of their own (any worker), one
-levels task; their proposals are merged, de-duplicated (identical member sets kept
-once, first by (setting, level)) and stored as CSR.
+cut task, one levels task; their proposals are merged, de-duplicated (identical
+member sets kept once, first by (setting, level)) and stored as CSR.
+
+The level-1 kNN among super-vertices: exact up to ``EXACT_MAX`` of them (in the
+levels task); above, in the cut task, among the candidates the faces' own kNN lists
+propose (:func:`facecluster.tasks.proposals.face_graph_knn`, one more streaming pass,
+over ``knn/index``), which found more of the exact neighbours than an IVF search at
+a ninth of its cost, and grows linearly with the faces.
 
 Thresholds: unless explicit ones are given, the anchor threshold is derived from
 the data's kNN similarity distribution (:func:`facecluster.tasks.thresholds.auto_threshold`)
@@ -53,13 +58,15 @@ def cut_key(setting: dict) -> tuple:
     return (setting["th0"], setting["step"], setting["max_size"], setting["sv_k"], setting["levels"] > 1)
 
 
-def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int, sums_path: str | None = None) -> dict:
+def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int, sums_path: str | None = None,
+             exact_max: int | None = None) -> dict:
     """Worker task: what the settings of one :func:`cut_key` share, up to their level-1 kNN.
 
     The super-vertices, their level-0 proposals and, for multi-level settings, the
     feature sums of the super-vertices (one streaming pass over ``features``): in the
     state, or, given ``sums_path`` (a scratch array of at least as many rows as faces),
-    written there and read back by :func:`cut_sums`.
+    written there and read back by :func:`cut_sums`. Above ``exact_max`` (default ``EXACT_MAX``) super-vertices
+    also their level-1 kNN (``state["knn1"]``) among the candidates of the faces' kNN lists.
     """
     from facecluster.tasks import proposals as P
     from facecluster.tasks.components import super_vertices
@@ -83,6 +90,11 @@ def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: i
         sums0 = np.zeros((n_groups, feats.shape[1]), np.float64)
         for a in range(0, n, r):  # stream the features: one chunk in memory at a time
             P.add_group_sums(sums0, feats[a:a + r], labels[a:a + r])
+        if n_groups > (P.EXACT_MAX if exact_max is None else exact_max):
+            index = open_array(url, "knn/index")
+            rk, m = int(index.chunks[0]), min(P.GRAPH_NEIGHBOURS, index.shape[1])
+            state["knn1"] = P.face_graph_knn(labels, sums0, first["sv_k"],
+                                             ((a, index[a:a + rk, :m]) for a in range(0, n, rk)))
         if sums_path is None:
             state["sums0"] = sums0
         else:
@@ -101,40 +113,13 @@ def cut_sums(url: str, state: dict) -> np.ndarray | None:
     return state["sums0"]
 
 
-def plan_task(url: str, state: dict, k: int, exact_max: int) -> dict | None:
-    """Worker task: the IVF plan of a cut's level-1 kNN (above ``EXACT_MAX`` super-vertices; else None: the
-    levels task searches exactly). Its query blocks run as :func:`knn_block_task` tasks on any worker, and it is
-    freed when they are done."""
-    from facecluster.tasks import proposals as P
-
-    from ..cluster import worker_threads
-
-    n = state["n_groups"]
-    if (state["sums0"] is None and not state.get("sums_path")) or min(k, n - 1) <= 0 or n <= exact_max:
-        return None
-    return P.ivf_plan(cut_sums(url, state), worker_threads(), from_sums=True)
-
-
-def knn_blocks(plan: dict | None, block: int) -> list[tuple[int, int]]:
-    """Worker task: the level-1 kNN query blocks (row ranges) of a plan (none without one)."""
-    n = 0 if plan is None else plan["n"]
-    return [(a, min(a + block, n)) for a in range(0, n, block)]
-
-
-def knn_block_task(plan: dict, a: int, b: int, k: int):
-    """Worker task: rows ``[a, b)`` of a cut's level-1 kNN (the plan travels to each worker once)."""
-    from ..cluster import worker_threads
-
-    return tp.ivf_block(plan, a, b, k, worker_threads())
-
-
-def levels_task(url: str, settings: list[dict], state: dict, min_size: int, max_proposal_size: int, *blocks) -> list[dict]:
+def levels_task(url: str, settings: list[dict], state: dict, min_size: int, max_proposal_size: int) -> list[dict]:
     """Worker task: every setting's levels >= 1 from its cut.
 
-    ``blocks``: the level-1 kNN query blocks when the cut had a plan (else the kNN is
-    searched here). Returns, per setting, ``{"levels": [(level, offsets, members), ...],
-    "n_super_vertices": ..., "largest_super_vertex": ...}`` (the same as running each
-    setting alone).
+    The level-1 kNN is the cut's (``state["knn1"]``) or, up to ``EXACT_MAX``
+    super-vertices, searched exactly here. Returns, per setting, ``{"levels": [(level,
+    offsets, members), ...], "n_super_vertices": ..., "largest_super_vertex": ...}``
+    (the same as running each setting alone).
     """
     from facecluster.tasks import proposals as P
 
@@ -143,7 +128,9 @@ def levels_task(url: str, settings: list[dict], state: dict, min_size: int, max_
     first, sums0 = settings[0], cut_sums(url, state)
     knn1 = None
     if sums0 is not None:
-        knn1 = P.join_blocks(blocks) if blocks else P.level_knn(sums0, first["sv_k"], worker_threads())
+        knn1 = state.get("knn1")
+        if knn1 is None:
+            knn1 = P.level_knn(sums0, first["sv_k"], worker_threads())
     outs = []
     for setting in settings:
         out = {"levels": [state["level0"]], "n_super_vertices": state["n_groups"], "largest_super_vertex": state["largest"]}
@@ -164,20 +151,16 @@ def levels_task(url: str, settings: list[dict], state: dict, min_size: int, max_
     return outs
 
 
-def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int, exact_max: int | None = None,
-                  block: int | None = None) -> list[dict]:
+def settings_task(url: str, settings: list[dict], min_size: int, max_proposal_size: int) -> list[dict]:
     """All levels of settings that share one :func:`cut_key`, in one process (what the stage's
-    cut / kNN block / levels tasks compute together).
+    cut and levels tasks compute together).
 
     The super-vertices, the feature sums and the level-1 kNN among super-vertices are
     computed once for the group (at 1M faces that kNN was 87% of a setting's time);
     each setting then groups them with its own ``sv_th`` / ``sv_max_size``.
     """
-    state = cut_task(url, settings, min_size, max_proposal_size)
-    k = settings[0]["sv_k"]
-    plan = plan_task(url, state, k, tp.EXACT_MAX if exact_max is None else exact_max)
-    blocks = [knn_block_task(plan, a, b, k) for a, b in knn_blocks(plan, block or tp.QUERY_BLOCK)]
-    return levels_task(url, settings, state, min_size, max_proposal_size, *blocks)
+    return levels_task(url, settings, cut_task(url, settings, min_size, max_proposal_size, exact_max=tp.EXACT_MAX),
+                       min_size, max_proposal_size)
 
 
 def communities_task(url: str, column: int, min_size: int, max_size: int) -> dict:
@@ -302,58 +285,43 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
         groups = {}
         for i, s in enumerate(settings):
             groups.setdefault(cut_key(s), []).append(i)
-        # Multi-level groups with more super-vertices first (a higher th0 cuts more): the longest work starts
-        # first. Each group's level-1 kNN query blocks are tasks of their own, so both workers share the
-        # longest group's search instead of one worker finishing it alone.
+        # Multi-level groups with more super-vertices first (a higher th0 cuts more): the longest work starts first.
         order = sorted(groups.values(), key=lambda ix: (settings[ix[0]]["levels"] <= 1, -settings[ix[0]]["th0"]))
         futs = [None] * len(settings)
-        cuts, plans, levels, open_groups, sums_paths = {}, {}, {}, {}, {}
+        cuts, open_groups, sums_paths = {}, {}, {}
         done = as_completed()
         n_faces, dim = store.array("features").shape
 
         def start(j: int) -> None:
-            group = [settings[i] for i in order[j]]
+            group, members = [settings[i] for i in order[j]], order[j]
             if group[0]["levels"] > 1:  # room for the cut's sums (at most one row per face; rows never written stay unstored)
                 sums_paths[j] = w.scratch_space(f"sums-{j}", (n_faces, dim), (tp.PLAN_SLICE, dim), np.float64)
             cuts[j] = client.submit(cut_task, store.url, group, pc.min_size, pc.max_proposal_size, sums_paths.get(j),
-                                    key=f"proposals-cut-{j}-{token}", priority=len(order) - j)
-            plans[j] = client.submit(plan_task, store.url, cuts[j], group[0]["sv_k"], tp.EXACT_MAX,
-                                     priority=len(order) - j, key=f"proposals-plan-{j}-{token}")
-            nb = client.submit(knn_blocks, plans[j], tp.QUERY_BLOCK, key=f"proposals-knn-blocks-{j}-{token}",
-                               priority=len(order) - j)
-            levels[nb] = j
-            done.add(nb)
+                                    tp.EXACT_MAX, key=f"proposals-cut-{j}-{token}", priority=len(order) - j)
+            grp = client.submit(levels_task, store.url, group, cuts[j], pc.min_size, pc.max_proposal_size,
+                                key=f"proposals-levels-{j}-{token}", priority=len(order) - j)
+            for pos, i in enumerate(members):
+                futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
+            open_groups[grp] = j
+            done.add(grp)
 
-        # At most OPEN_CUTS groups between their cut and their levels: a cut's kNN plan (0.5 GB at 1M faces) stays
-        # on the workers until its query blocks have run, and with every cut started at once a worker held four
-        # cut states and plans (4.3 GB at 1M faces, when the states still held their 1 GB of sums).
+        # At most OPEN_CUTS groups between their cut and their levels: a cut's state (its super-vertices' level-1
+        # kNN, at 1M faces each cut's sums were 1 GB before they went to scratch arrays) stays on a worker until
+        # its levels task has run.
         n_open = min(len(order), max(OPEN_CUTS, len(client.scheduler_info().get("workers", {}))))
         for j in range(n_open):
             start(j)
         nxt = n_open
-        for fut in done:
-            if fut in levels:  # a group's kNN blocks are known: submit them and its levels task
-                j = levels.pop(fut)
-                group, members = [settings[i] for i in order[j]], order[j]
-                blocks = [client.submit(knn_block_task, plans[j], a, b, group[0]["sv_k"], priority=len(order),
-                                        key=f"proposals-knn-{j}-{a}-{token}") for a, b in fut.result()]
-                grp = client.submit(levels_task, store.url, group, cuts[j], pc.min_size, pc.max_proposal_size, *blocks,
-                                    key=f"proposals-levels-{j}-{token}")
-                del plans[j]  # the blocks hold it now: freed on the workers when they are done, not after the levels
-                for pos, i in enumerate(members):
-                    futs[i] = client.submit(pick, grp, pos, key=f"proposals-setting-{settings[i]['id']}-{token}")
-                open_groups[grp] = j
-                done.add(grp)
-            else:  # a group's levels ran: release its cut and plan, start the next group
-                if fut.status == "error":
-                    fut.result()  # raises the task's exception (its result stays on the workers otherwise)
-                j = open_groups.pop(fut)
-                del cuts[j]
-                if j in sums_paths:
-                    w.drop_scratch(sums_paths.pop(j))
-                if nxt < len(order):
-                    start(nxt)
-                    nxt += 1
+        for fut in done:  # a group's levels ran: release its cut, start the next group
+            if fut.status == "error":
+                fut.result()  # raises the task's exception (its result stays on the workers otherwise)
+            j = open_groups.pop(fut)
+            del cuts[j]
+            if j in sums_paths:
+                w.drop_scratch(sums_paths.pop(j))
+            if nxt < len(order):
+                start(nxt)
+                nxt += 1
         if communities:
             # first in the combine order: a member set that a super-vertex setting also produced is kept once, as
             # a community (dedup with the model's communities as output selects proposals by their setting)
