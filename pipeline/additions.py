@@ -48,6 +48,7 @@ from typing import Callable
 import numpy as np
 
 from facecluster.tasks.additions import attach_new, keep_ids
+from facecluster.tasks.arrays import unique_sorted
 from facecluster.tasks.thresholds import edge_floor
 
 from .config import Config
@@ -377,7 +378,7 @@ def _learned_targets(store: RunStore, paths: dict, old_labels: np.ndarray, n_old
     free = attached < 0
     nb, p = idx[free], prob[free]
     reach = (nb >= 0) & (nb < n_old) & (p >= np.float32(floor))
-    cand = np.unique(nb[reach])
+    cand = unique_sorted(nb[reach])
     singles = cand[sizes[old_labels[cand]] == 1]
     return np.concatenate([singles, n_old + np.flatnonzero(free)]).astype(np.int64), attached
 

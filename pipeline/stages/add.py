@@ -30,6 +30,7 @@ import uuid
 import numpy as np
 
 from facecluster.tasks import knn as K
+from facecluster.tasks.arrays import unique_sorted
 
 from ..cluster import worker_threads
 from ..forest import row_chunks
@@ -171,7 +172,7 @@ def edges_task(url: str, paths: dict, r0: int, r1: int, n_old: int, model_dir: s
         rows = np.flatnonzero(want.any(1))
         if len(rows):
             ridx = idx[old][rows]
-            uniq = np.unique(ridx[want[rows]])
+            uniq = unique_sorted(ridx[want[rows]])
             # only new faces are gathered; the other entries point at an empty row and are not used
             pos = np.where(want[rows], np.searchsorted(uniq, np.where(want[rows], ridx, 0)), len(uniq))
             nbr_sim = np.concatenate([zs.get_orthogonal_selection((uniq, slice(None))),

@@ -24,6 +24,7 @@ import uuid
 
 import numpy as np
 
+from facecluster.tasks.arrays import unique_sorted
 from facecluster.tasks.merge import MergeRounds, combine_sums, eligible_clusters
 
 from ..cluster import pick, total_threads, worker_infos
@@ -90,7 +91,7 @@ def attach_task(url: str, score_path: str, faces: np.ndarray) -> tuple[np.ndarra
 
     idx = open_array(url, "knn/index").get_orthogonal_selection((faces, slice(None)))
     prob = open_array(url, "edges/prob").get_orthogonal_selection((faces, slice(None)))
-    nb = np.unique(idx[idx >= 0])
+    nb = unique_sorted(idx[idx >= 0])
     claimed_nb = np.isfinite(open_array(url, score_path).get_orthogonal_selection((nb,)))  # NaN: no proposal won it
     pos = np.searchsorted(nb, np.maximum(idx, 0))
     claimed = (idx >= 0) & claimed_nb[np.minimum(pos, max(len(nb) - 1, 0))] if len(nb) else np.zeros(idx.shape, bool)

@@ -33,6 +33,7 @@ import numpy as np
 from distributed import as_completed
 
 from facecluster.tasks import proposals as tp
+from facecluster.tasks.arrays import unique_sorted
 
 from ..cluster import pick
 from ..config import Config
@@ -367,7 +368,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
         summary = {"n_proposals": int(len(sizes)), "before_dedup": int(comb["before_dedup"]),
                    "threshold": info, "settings": per_setting, "sizes": _size_stats(sizes),
                    "per_level": {str(lv): int((comb["level"] == lv).sum()) for lv in np.unique(comb["level"]).tolist()},
-                   "faces_covered": int(len(np.unique(comb["members"]))), "warnings": warnings}
+                   "faces_covered": int(len(unique_sorted(comb["members"]))), "warnings": warnings}
         w.summary.update(summary)
         return summary
 
