@@ -320,8 +320,8 @@ def test_level_knn_from_the_face_graph_in_the_stage_equals_one_process(tmp_path,
        chunk=st.integers(1, 70), ties=st.booleans(), seed=st.integers(0, 10_000))
 def test_face_graph_knn_equals_candidate_oracle(n_faces, n_groups, k_lists, k, chunk, ties, seed):
     """The level-1 kNN from the face graph against a plain oracle: a node's candidates are the nodes its faces
-    list and the nodes whose faces list its faces; its top k by the float32 similarity of the unit means, ties by
-    id; padding -1 / 0; whatever the chunking of the lists."""
+    list and the nodes whose faces list its faces; its top k by the similarity of the unit means, ties by id;
+    then one round of neighbours' neighbours; padding -1 / 0; whatever the chunking of the lists."""
     from facecluster.tasks import proposals as tp
 
     rng = np.random.default_rng(seed)
@@ -339,10 +339,27 @@ def test_face_graph_knn_equals_candidate_oracle(n_faces, n_groups, k_lists, k, c
             if j >= 0 and labels[j] != labels[i]:
                 cand[labels[i]].add(int(labels[j]))
                 cand[labels[j]].add(int(labels[i]))
+    ii, jj = np.meshgrid(np.arange(n_groups), np.arange(n_groups), indexing="ij")
+    exact = np.einsum("ij,ij->i", means[ii.ravel()], means[jj.ravel()]).reshape(n_groups, n_groups)  # the kernel's bits
+    rank = (lambda a, c: sorted(c, key=lambda b: (-exact[a, b], b))[:kk])
+    first = [rank(a, cand[a]) for a in range(n_groups)]
+    # one refinement round: a node's candidates are its neighbours and their neighbours (and every node that
+    # listed it, or was listed by one of its neighbours, through the pair being undirected)
+    pairs = set()
     for a in range(n_groups):
-        ranked = sorted(cand[a], key=lambda b: (-np.float32(np.dot(means[a], means[b])), b))[:kk]
+        for b in first[a]:
+            pairs.add((min(a, b), max(a, b)))
+            for c in first[b]:
+                if c != a:
+                    pairs.add((min(a, c), max(a, c)))
+    cand2 = [set() for _ in range(n_groups)]
+    for a, b in pairs:
+        cand2[a].add(b)
+        cand2[b].add(a)
+    for a in range(n_groups):
+        ranked = rank(a, cand2[a])
         assert idx[a].tolist() == ranked + [-1] * (kk - len(ranked))
-        np.testing.assert_allclose(sim[a, :len(ranked)], [np.dot(means[a], means[b]) for b in ranked], atol=1e-6)
+        np.testing.assert_allclose(sim[a, :len(ranked)], exact[a, ranked], atol=1e-6)
         assert (sim[a, len(ranked):] == 0).all()
 
 
