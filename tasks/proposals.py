@@ -224,7 +224,7 @@ def candidate_knn(keys: np.ndarray, means: np.ndarray, k: int) -> tuple[np.ndarr
     return idx, out
 
 
-def refine_knn(idx: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def refine_knn(idx: np.ndarray, means: np.ndarray, stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One round of neighbours' neighbours (the join step of NN-descent, forward lists only): every node's
     candidates become its current neighbours and theirs, re-ranked by :func:`candidate_knn` (the same k).
 
@@ -247,20 +247,25 @@ def refine_knn(idx: np.ndarray, means: np.ndarray) -> tuple[np.ndarray, np.ndarr
     x, z = x[far], z[far]
     keys = unique_sorted(np.concatenate([np.minimum(x, z) * np.int64(n) + np.maximum(x, z),
                                          np.minimum(a, b) * np.int64(n) + np.maximum(a, b)]))
+    if stats is not None:
+        stats["pairs"] = stats.get("pairs", 0) + len(keys)
     return candidate_knn(keys, means, k)
 
 
-def face_graph_knn(labels: np.ndarray, sums: np.ndarray, k: int, neighbour_chunks) -> tuple[np.ndarray, np.ndarray]:
+def face_graph_knn(labels: np.ndarray, sums: np.ndarray, k: int, neighbour_chunks,
+                   stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The level-1 kNN of the super-vertices ``labels`` (one per face; ``sums``: their feature sums) among the
     candidates their faces' kNN lists propose, then one :func:`refine_knn` round: ``neighbour_chunks`` yields
     ``(row0, rows)``, consecutive chunks of every face's first kNN neighbours. Returns (index, sim) as
-    :func:`candidate_knn`."""
+    :func:`candidate_knn`. ``stats``: ``"pairs"`` gets the similarities computed (both passes)."""
     n_groups = len(sums)
     parts = [graph_candidate_keys(labels[r0:r0 + len(rows)], rows, labels, n_groups) for r0, rows in neighbour_chunks]
     keys = unique_sorted(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
     means = unit_means(sums)
+    if stats is not None:
+        stats["pairs"] = stats.get("pairs", 0) + len(keys)
     idx, _ = candidate_knn(keys, means, min(int(k), n_groups - 1))
-    return refine_knn(idx, means)
+    return refine_knn(idx, means, stats)
 
 
 def level_knn(sums: np.ndarray, k: int, threads: int = 1):

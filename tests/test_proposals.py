@@ -296,11 +296,17 @@ def test_level_knn_from_the_face_graph_in_the_stage_equals_one_process(tmp_path,
         np.testing.assert_array_equal(cut_sums(store.url, on_disk), state["sums0"])
     monkeypatch.setattr(tp, "EXACT_MAX", 200)
     state = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size)
+    stats = {}
     whole = tp.face_graph_knn(state["labels"], state["sums0"], multi[0]["sv_k"],
-                              [(0, store.array("knn/index")[:, :tp.GRAPH_NEIGHBOURS])])
+                              [(0, store.array("knn/index")[:, :tp.GRAPH_NEIGHBOURS])], stats)
     for got, want in zip(state["knn1"], whole):  # read chunk by chunk (700 rows) in the task
         np.testing.assert_array_equal(got, want)
-    run_proposals(store, cfg, local_client)  # each multi-level cut's sums go through a scratch array on disk
+    assert state["level1_pairs"] == stats["pairs"] > state["n_groups"]
+    summary = run_proposals(store, cfg, local_client)  # each multi-level cut's sums go through a scratch array on disk
+    # the similarities each multi-level cut computed, for bench's work-bound; none where the cut is one level
+    pairs = {row["id"]: row["level1_pairs"] for row in summary["settings"]}
+    assert pairs[multi[0]["id"]] == stats["pairs"]
+    assert all((pairs[s["id"]] is None) == (s["levels"] == 1) for s in settings)
     assert not [p for p in (tmp_path / "b.zarr" / "_tmp").rglob("*") if "__scratch__" in p.name]  # none left behind
     got = read_proposals(store)
     groups = {}

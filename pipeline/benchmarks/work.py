@@ -55,18 +55,16 @@ def edges_flop(s: dict, model_dir: str) -> float:
 
 
 def proposals_flop(s: dict, dim: int) -> float:
-    """Level-1 kNN of each group of settings sharing a cut (IVF, nprobe 16, nlist 4 sqrt(n) above 50k nodes)."""
+    """Level-1 kNN of each group of settings sharing a cut: exact up to 50k nodes; above, the similarities of the
+    candidate pairs from the face graph the cut task computed (``level1_pairs`` in the setting's summary)."""
     from ..stages.proposals import cut_key
 
     groups = {}
     for st in s.get("settings", []):
         if st.get("source") != "communities" and st.get("levels", 1) > 1:
-            groups[cut_key(st)] = float(st.get("super_vertices", 0))
-    total = 0.0
-    for n in groups.values():
-        nlist = 4.0 * np.sqrt(n)
-        total += 2.0 * n * dim * ((nlist + n * 16 / nlist) if n > 50_000 else n)
-    return total
+            n = float(st.get("super_vertices", 0))
+            groups[cut_key(st)] = n * n if st.get("level1_pairs") is None else float(st["level1_pairs"])
+    return float(sum(2.0 * dim * pairs for pairs in groups.values()))
 
 
 def score_flop(offsets: np.ndarray, segmented: int, model_dir: str, dim: int, block: int = 4096) -> float:

@@ -95,8 +95,10 @@ def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: i
         if n_groups > (P.EXACT_MAX if exact_max is None else exact_max):
             index = open_array(url, "knn/index")
             rk, m = int(index.chunks[0]), min(P.GRAPH_NEIGHBOURS, index.shape[1])
+            stats = {}
             state["knn1"] = P.face_graph_knn(labels, sums0, first["sv_k"],
-                                             ((a, index[a:a + rk, :m]) for a in range(0, n, rk)))
+                                             ((a, index[a:a + rk, :m]) for a in range(0, n, rk)), stats)
+            state["level1_pairs"] = stats["pairs"]  # the similarities it computed (bench's work-bound)
         if sums_path is None:
             state["sums0"] = sums0
         else:
@@ -135,7 +137,8 @@ def levels_task(url: str, settings: list[dict], state: dict, min_size: int, max_
             knn1 = P.level_knn(sums0, first["sv_k"], worker_threads())
     outs = []
     for setting in settings:
-        out = {"levels": [state["level0"]], "n_super_vertices": state["n_groups"], "largest_super_vertex": state["largest"]}
+        out = {"levels": [state["level0"]], "n_super_vertices": state["n_groups"], "largest_super_vertex": state["largest"],
+               "level1_pairs": state.get("level1_pairs")}
         outs.append(out)
         if sums0 is None:
             continue
@@ -179,6 +182,7 @@ def communities_task(url: str, column: int, min_size: int, max_size: int) -> dic
 def setting_counts(res: dict) -> dict:
     """Worker task: a setting's result without its proposal lists (level -> number of proposals)."""
     return {"n_super_vertices": res["n_super_vertices"], "largest_super_vertex": res["largest_super_vertex"],
+            "level1_pairs": res.get("level1_pairs"),
             "levels": [(int(lv), int(len(o) - 1)) for lv, o, _ in res["levels"]]}
 
 
@@ -344,6 +348,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
         for s, res in zip(settings, results):
             m = comb["setting"] == s["id"]
             row = {**s, "super_vertices": res["n_super_vertices"], "largest_super_vertex": res["largest_super_vertex"],
+                   "level1_pairs": res.get("level1_pairs"),
                    "proposals": int(m.sum()),
                    "before_dedup": {str(lv): cnt for lv, cnt in res["levels"]},
                    "per_level": {str(lv): int((m & (comb["level"] == lv)).sum()) for lv, _ in res["levels"]},
