@@ -172,6 +172,7 @@ def join_blocks(parts) -> tuple[np.ndarray, np.ndarray]:
 
 GRAPH_NEIGHBOURS = 20  #: each face's first kNN neighbours that propose its super-vertex's level-1 candidates
 PAIR_BATCH = 1 << 18  #: candidate pairs per batch of exact similarities
+SELECT_PAIRS = 1 << 22  #: about this many pairs per block of nodes whose top k are selected together
 
 
 def graph_candidate_keys(row_labels: np.ndarray, neighbours: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
@@ -191,7 +192,8 @@ def graph_candidate_keys(row_labels: np.ndarray, neighbours: np.ndarray, labels:
     return unique_sorted(np.minimum(a, b) * np.int64(n_groups) + np.maximum(a, b))
 
 
-def candidate_knn(keys: np.ndarray, means: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def candidate_knn(keys: np.ndarray, means: np.ndarray, k: int, select_pairs: int | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """The top-``k`` of each node among its candidates (sorted unique pair keys ``lo * n + hi`` of
     :func:`graph_candidate_keys`, ``n = len(means)``; each pair is a candidate of both its nodes) by the exact
     float32 similarity of their unit mean features: (index int64, sim float32) as :func:`small_knn` returns
@@ -203,24 +205,40 @@ def candidate_knn(keys: np.ndarray, means: np.ndarray, k: int) -> tuple[np.ndarr
     candidates (each face's first 20 neighbours, both directions) 0.87 (0.92 after :func:`refine_knn`);
     their cost grows linearly with the faces where the IVF's grew as N^1.5.
     """
+    select_pairs = SELECT_PAIRS if select_pairs is None else select_pairs
     n = len(means)
     keys = np.asarray(keys, np.int64)
-    lo, hi = keys // n, keys % n
-    sim = np.empty(len(keys), np.float32)
-    for s in range(0, len(keys), PAIR_BATCH):  # each pair's similarity once, for both its nodes
+    ids = np.int32 if n < 2 ** 31 else np.int64  # node ids in 4 B where they fit: the pairs are most of the memory
+    lo = (keys // n).astype(ids)
+    hi = (keys - lo.astype(np.int64) * n).astype(ids)
+    del keys
+    sim = np.empty(len(lo), np.float32)
+    for s in range(0, len(lo), PAIR_BATCH):  # each pair's similarity once, for both its nodes
         e = s + PAIR_BATCH
         sim[s:e] = np.einsum("ij,ij->i", means[lo[s:e]], means[hi[s:e]])
-    a, b, sim = np.concatenate([lo, hi]), np.concatenate([hi, lo]), np.concatenate([sim, sim])
-    # within a node: similarity desc, then id asc (one stable sort of (node, sim) keys over pairs ordered by id)
-    order = np.argsort(b, kind="stable")
-    order = order[np.argsort((a[order].astype(np.uint64) << np.uint64(32)) | descending_key(sim[order]), kind="stable")]
-    a, b, sim = a[order], b[order], sim[order]
-    pos = np.arange(len(a)) - np.searchsorted(a, np.arange(n))[a]
-    keep = pos < k
+    by_hi = np.argsort(hi, kind="stable").astype(ids)  # within a node's pairs as hi, lo ascending (keys are sorted)
+    hi_sorted = hi[by_hi]
     idx = np.full((n, k), -1, np.int64)
     out = np.zeros((n, k), np.float32)
-    idx[a[keep], pos[keep]] = b[keep]
-    out[a[keep], pos[keep]] = sim[keep]
+    # Nodes in blocks of about ``select_pairs`` pairs: a node's top k needs only its own pairs, and ranking all
+    # 2P (node, pair) entries at once took ~150 B per pair (1 GB at 1M faces, ~10 GB for a 10M-face cut).
+    block = max(1, int(n * int(select_pairs) // max(2 * len(lo), 1)))
+    for u0 in range(0, n, block):
+        u1 = min(u0 + block, n)
+        s0, s1 = np.searchsorted(lo, [u0, u1])
+        t = by_hi[slice(*np.searchsorted(hi_sorted, [u0, u1]))]
+        a = np.concatenate([lo[s0:s1], hi[t]]).astype(np.int64)
+        b = np.concatenate([hi[s0:s1], lo[t]]).astype(np.int64)
+        v = np.concatenate([sim[s0:s1], sim[t]])
+        # within a node: similarity desc, then id asc (one stable sort of (node, sim) keys over pairs ordered by id)
+        order = np.argsort(b, kind="stable")
+        order = order[np.argsort(((a[order] - u0).astype(np.uint64) << np.uint64(32)) | descending_key(v[order]),
+                                 kind="stable")]
+        a, b, v = a[order], b[order], v[order]
+        pos = np.arange(len(a)) - np.searchsorted(a, np.arange(u0, u1))[a - u0]
+        keep = pos < k
+        idx[a[keep], pos[keep]] = b[keep]
+        out[a[keep], pos[keep]] = v[keep]
     return idx, out
 
 

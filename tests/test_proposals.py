@@ -369,6 +369,25 @@ def test_face_graph_knn_equals_candidate_oracle(n_faces, n_groups, k_lists, k, c
         assert (sim[a, len(ranked):] == 0).all()
 
 
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 40), n_pairs=st.integers(0, 200), k=st.integers(0, 5), select=st.integers(1, 50),
+       seed=st.integers(0, 10_000))
+def test_candidate_knn_in_blocks_of_nodes_equals_one_block(n, n_pairs, k, select, seed):
+    """The top k of each node selected block by block (a few pairs per block) equals one block of every pair."""
+    from facecluster.tasks import proposals as tp
+    from facecluster.tasks.arrays import unique_sorted
+
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, n, n_pairs), rng.integers(0, n, n_pairs)
+    ok = a != b
+    keys = unique_sorted(np.minimum(a, b)[ok] * n + np.maximum(a, b)[ok])
+    means = tp.unit_means(rng.integers(-2, 3, (n, 3)).astype(np.float64))  # small ints: many equal similarities
+    whole = tp.candidate_knn(keys, means, k, select_pairs=10 ** 9)
+    blocked = tp.candidate_knn(keys, means, k, select_pairs=select)
+    np.testing.assert_array_equal(whole[0], blocked[0])
+    np.testing.assert_array_equal(whole[1], blocked[1])
+
+
 @settings(max_examples=100, deadline=None)
 @given(x=st.lists(st.integers(-2**40, 2**40), max_size=200))
 def test_unique_sorted_equals_numpy_unique(x):
