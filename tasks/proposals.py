@@ -113,25 +113,20 @@ def small_knn(x: np.ndarray, k: int, threads: int = 1, exact_max: int = EXACT_MA
     return idx, sim
 
 
-PLAN_SLICE = 1 << 16  #: rows per slice when a plan's rows are made from feature sums
+PLAN_SLICE = 1 << 16  #: rows per slice of a plan's probes and lists
 
 
-def ivf_plan(x: np.ndarray, threads: int = 1, seed: int = 1234, from_sums: bool = False) -> dict:
+def ivf_plan(x: np.ndarray, threads: int = 1, seed: int = 1234) -> dict:
     """The IVF side of :func:`small_knn` above ``exact_max`` rows, before any query: seeded
     training (nlist ~ 4 sqrt(n)), each row's 16 probes, the rows grouped by list.
 
-    ``from_sums``: ``x`` holds feature sums (float64) and the rows are their :func:`unit_means`, made
-    slice by slice, so that the float32 rows are held once, in the lists (at 1M faces a cut's plan
-    otherwise held a 0.5 GB copy beside them and beside the 1 GB of sums). The same plan either way.
-
     Returns ``{"lists", "probes", "where", "n"}`` (``where``: each row's position in
-    ``lists.rows``, so a query block needs nothing else: the stage ships the plan to
-    the :func:`ivf_block` tasks of both workers).
+    ``lists.rows``, so a query block needs nothing else).
     """
     from .knn import IvfLists, ivf_assign, load_ivf, set_threads, train_ivf
 
     set_threads(threads)
-    to_rows = unit_means if from_sums else (lambda v: np.ascontiguousarray(v, np.float32))
+    to_rows = (lambda v: np.ascontiguousarray(v, np.float32))
     n = len(x)
     nlist = int(4 * np.sqrt(n))
     rng = np.random.default_rng(seed)

@@ -228,23 +228,6 @@ def test_small_knn_query_blocks_do_not_change_results(monkeypatch):
     assert np.array_equal(whole[0], blocked[0]) and np.array_equal(whole[1], blocked[1])
 
 
-def test_ivf_plan_from_feature_sums_in_slices_equals_plan_of_unit_means(monkeypatch):
-    # the stage hands a cut's float64 sums to ivf_plan, which makes the unit rows slice by slice (memory)
-    import facecluster.tasks.proposals as P
-
-    sums = np.random.default_rng(4).standard_normal((2500, 16)) * 5
-    whole = P.ivf_plan(P.unit_means(sums))
-    monkeypatch.setattr(P, "PLAN_SLICE", 333)
-    sliced = P.ivf_plan(sums, from_sums=True)
-    for key in ("probes", "where"):
-        np.testing.assert_array_equal(whole[key], sliced[key])
-    np.testing.assert_array_equal(whole["lists"].rows, sliced["lists"].rows)
-    np.testing.assert_array_equal(whole["lists"].ids, sliced["lists"].ids)
-    a, b = P.ivf_block(whole, 0, 2500, 5), P.ivf_block(sliced, 0, 2500, 5)
-    np.testing.assert_array_equal(a[0], b[0])
-    np.testing.assert_array_equal(a[1], b[1])
-
-
 def test_settings_sharing_a_cut_run_together_as_they_would_alone(tmp_path, local_client):
     """The stage runs settings with one cut_key (same level-0 cut, differing sv_max_size / sv_th) in one
     task that computes the cut, the sums and the level-1 kNN once: each setting's levels must equal

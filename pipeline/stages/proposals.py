@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 STAGE = "proposals"
 CLUSTERS_STAGE = "clusters"
 OPEN_CUTS = 2  #: groups of settings between their cut and their levels at once (at least one per worker)
+SUMS_CHUNK_ROWS = 1 << 16  #: rows per chunk of a cut's scratch array of super-vertex feature sums
 
 
 # -- worker tasks -------------------------------------------------------------------------
@@ -72,8 +73,6 @@ def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: i
     """
     from facecluster.tasks import proposals as P
     from facecluster.tasks.components import super_vertices
-
-    from ..cluster import worker_threads
 
     if len({cut_key(s) for s in settings}) != 1:
         raise ValueError("settings_task: settings must share their cut_key")
@@ -301,7 +300,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
         def start(j: int) -> None:
             group, members = [settings[i] for i in order[j]], order[j]
             if group[0]["levels"] > 1:  # room for the cut's sums (at most one row per face; rows never written stay unstored)
-                sums_paths[j] = w.scratch_space(f"sums-{j}", (n_faces, dim), (tp.PLAN_SLICE, dim), np.float64)
+                sums_paths[j] = w.scratch_space(f"sums-{j}", (n_faces, dim), (SUMS_CHUNK_ROWS, dim), np.float64)
             cuts[j] = client.submit(cut_task, store.url, group, pc.min_size, pc.max_proposal_size, sums_paths.get(j),
                                     tp.EXACT_MAX, key=f"proposals-cut-{j}-{token}", priority=len(order) - j)
             grp = client.submit(levels_task, store.url, group, cuts[j], pc.min_size, pc.max_proposal_size,
