@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,6 +275,40 @@ def test_ivf_probes_are_the_exact_probe_sets(n, nlist, nprobe, margin, seed, kin
     got, want = K.ivf_probes(index, x, nprobe, margin), K.ivf_assign(index, x, nprobe)
     assert got.shape == want.shape
     np.testing.assert_array_equal(np.sort(got, axis=1), np.sort(want, axis=1))
+    # with the nearest list (the kNN stage's one pass for a face's list and probes): the same set, and
+    # exactly the list ivf_assign gives the row
+    both, nearest = K.ivf_probes(index, x, nprobe, margin, nearest=True)
+    np.testing.assert_array_equal(both, got)
+    np.testing.assert_array_equal(nearest, K.ivf_assign(index, x, 1)[:, 0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(2, 260), nlist=st.integers(1, 30), k=st.integers(1, 25), seed=st.integers(0, 10_000),
+       kind=st.sampled_from(["clustered", "equal", "near_dup", "norms"]))
+def test_probes_needed_is_what_the_ivf_search_finds_at_every_nprobe(n, nlist, k, seed, kind):
+    # the tune counts its recall from probes_needed instead of searching: for every nprobe, the exact
+    # neighbours an IVF search finds must be exactly those whose count is <= nprobe (ties and duplicates too)
+    k = min(k, n - 1)
+    if k < 1:
+        return
+    x = np.ascontiguousarray(adversarial_rows(n, 12, seed, kind), dtype=np.float32)
+    ids = np.arange(n, dtype=np.int64)
+    index = K.load_ivf(K.train_ivf(x if n >= nlist else np.tile(x, (nlist // n + 1, 1)), nlist, niter=3))
+    nl = index.nlist
+    lists = K.ivf_assign(index, x, 1)[:, 0]
+    group = K.IvfLists(x, ids, lists, nl)
+    es, ei = K.knn_block(x, ids, x, ids, k)
+    probes = K.ivf_assign(index, x, nl)
+    needed = K.probes_needed(probes, np.where(ei >= 0, lists[np.maximum(ei, 0)], -1))
+    assert needed.shape == ei.shape and needed.min() >= 1 and needed.max() <= nl + 1
+    for p in range(1, nl + 1):
+        _, found = K.knn_ivf_lists(group, x, ids, probes[:, :p], k)
+        for j in range(n):
+            want = set(ei[j][(ei[j] >= 0) & (needed[j] <= p)].tolist())
+            assert set(found[j].tolist()) & set(ei[j].tolist()) - {-1} == want
+    # a capped ranking (the tune ranks at most 1,024 lists): beyond it, P + 1
+    capped = K.probes_needed(probes[:, :1], np.where(ei >= 0, lists[np.maximum(ei, 0)], -1))
+    np.testing.assert_array_equal(capped, np.where(needed <= 1, 1, 2))
 
 
 def test_ivf_shards_merge_equals_one_index_and_full_probe_is_exact():
@@ -519,6 +554,19 @@ def test_ivf_stage_recall_and_chunking_invariance(tmp_path, faces, local_client,
         assert all(c["edge_recall"] < 0.95 for c in curve if c["nprobe"] < summary["nprobe"])
         assert [c["edge_recall"] for c in curve if c["nprobe"] == summary["nprobe"]] == [summary["edge_recall"]]
         results.append((store.array("knn/index")[...], store.array("knn/sim")[...], summary["nprobe"]))
+        # the one pass that wrote the lists and the probes the search read: the lists are each face's nearest
+        # (ivf_assign), and the arrays those of the kernel searching every face's own exact probe set
+        x = store.array("features")[...]
+        ids = np.arange(len(x), dtype=np.int64)
+        index = K.load_ivf(store.array("knn/ivf_quantizer")[...])
+        lists = store.array("knn/ivf_list")[...]
+        np.testing.assert_array_equal(lists, K.ivf_assign(index, x, 1)[:, 0])
+        ks, ki = K.knn_ivf_lists(K.IvfLists(x, ids, lists, 24), x, ids, K.ivf_assign(index, x, summary["nprobe"]), 25)
+        np.testing.assert_array_equal(results[-1][0], ki)
+        np.testing.assert_array_equal(results[-1][1], ks)
+        # the probes' scratch array is gone with the stage
+        tmp = Path(store.url) / "_tmp"
+        assert not tmp.exists() or not [p for p in tmp.iterdir() if "scratch" in p.name]
     (i1, s1, p1), (i2, s2, p2) = results
     assert p1 == p2
     np.testing.assert_array_equal(i1, i2)

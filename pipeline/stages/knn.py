@@ -23,9 +23,11 @@ How the work is cut
   and write their output chunks straight into the stage's temporary arrays; writes
   cover whole chunks, so a recomputed task rewrites identical bytes.
 * IVF: a quantizer trained once (spherical k-means on a strided sample, one task);
-  a pass over the chunks assigns every face to its list (written to ``knn/ivf_list``)
-  so a shard is built by copying rows into lists; nprobe is tuned on a query sample
-  for the recall of above-threshold edges against exact search.
+  nprobe tuned on a query sample for the recall of above-threshold edges against exact
+  search (counted from the lists of the sample's exact neighbours, no IVF search); then
+  one pass over the chunks writes every face's list (``knn/ivf_list``, so a shard is built
+  by copying rows into lists) and its probed lists (a scratch array the search tasks read)
+  from one search of the centroids.
 
 The kernels (``facecluster.tasks.knn``) re-score candidates exactly and certify them, so the
 arrays are identical for every chunk size, worker count, strategy and BLAS kernel.
@@ -198,7 +200,10 @@ def _search(url, q0, q1, g0, g1, k, margin, budget, ivf=None, queries=None, kern
         return K.knn_flat(_flat_group(url, g0, g1, budget), q, q_ids, db_ids, k, margin)
     trained, list_path, probes = ivf["trained"], ivf["list_path"], ivf["probes"]
     group = ivf_group(url, g0, g1, trained, list_path, budget)
-    if isinstance(probes, int):
+    if queries is None and ivf.get("probes_path"):
+        # written by the pass that assigned the lists (probes_lists_task): no second search of the centroids
+        probes = np.asarray(open_array(url, ivf["probes_path"])[q0:q1], dtype=np.int64)
+    elif isinstance(probes, int):
         probes = K.ivf_probes(index_of(trained), q, probes)  # the exact set of lists; the search needs no more
     return K.knn_ivf_lists(group, q, q_ids, probes, k, margin)
 
@@ -267,16 +272,29 @@ def assign_lists(trained: np.ndarray, rows: np.ndarray, precision: str = "float3
     return K.ivf_assign(index_of(trained), rows, 1, precision=precision)[:, 0]
 
 
-def assign_task(url, list_path, r0, r1, trained, kernel=None) -> int:
-    """Write the inverted list of faces [r0, r1) into ``knn/ivf_list`` (``kernel``: as for the search tasks)."""
+def lists_task(url, r0, r1, ids, trained, kernel=None) -> np.ndarray:
+    """The inverted lists of faces ``ids`` (all inside [r0, r1)): the tune's exact neighbours' lists."""
     K.set_threads(worker_threads())
-    lists = assign_lists(trained, _rows(url, r0, r1), _precision(kernel))
+    return assign_lists(trained, _rows(url, r0, r1)[np.asarray(ids) - r0], _precision(kernel))
+
+
+def probes_lists_task(url, list_path, probes_path, r0, r1, trained, nprobe) -> int:
+    """Faces [r0, r1): write each one's inverted list into ``knn/ivf_list`` and its ``nprobe`` probed lists into
+    the scratch array ``probes_path`` (which the search tasks read), both from one search of the centroids
+    (:func:`facecluster.tasks.knn.ivf_probes` with ``nearest``: the lists :func:`assign_lists` gives, the probe
+    sets the search would make). At 1M faces the assignment and the search's own probes each searched all 8,000
+    centroids for every face: 48 s and ~45 s of the stage on 2 workers."""
+    K.set_threads(worker_threads())
+    probes, lists = K.ivf_probes(index_of(trained), _rows(url, r0, r1), nprobe, nearest=True)
+    arr = open_array(url, probes_path, "r+")
+    arr[r0:r1] = probes.astype(arr.dtype)
     open_array(url, list_path, "r+")[r0:r1] = lists
     return r1 - r0
 
 
-def _pair(a, b):
-    return a, b
+def _share(q_ids, qx, a, b):
+    """Queries ``a:b`` of the tune's sample, as (ids, rows) for :func:`search_task`."""
+    return q_ids[a:b], qx[a:b]
 
 
 def probes_task(trained, x, nprobe) -> np.ndarray:
@@ -453,7 +471,7 @@ def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
     groups = _ranges(n, pl["db_rows"])
     qblocks = _ranges(n, pl["q_rows"])
     budget = pl["budget"]
-    ivf_arg = None if ivf is None else {"trained": ivf["trained"], "list_path": ivf["list_path"], "probes": ivf["probes"]}
+    ivf_arg = None if ivf is None else {key: ivf[key] for key in ("trained", "list_path", "probes", "probes_path") if key in ivf}
     kernel = _kernel_arg(kc)
     futures = []
     if len(groups) == 1:
@@ -502,7 +520,11 @@ def _gather_rows(client, url: str, n: int, d: int, r: int, ids: np.ndarray, key:
 
 
 def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dict]:
-    """Train the quantizer, assign every face to a list, tune nprobe; returns (ivf spec, summary)."""
+    """Train the quantizer, tune nprobe, then one pass that assigns every face to its list and stores its
+    probes; returns (ivf spec, summary).
+
+    The tune needs no lists but those of its sample's exact neighbours (:func:`tune_nprobe`), so nprobe is known
+    before the pass, which then takes each face's list and probe set from one search of the centroids."""
     t0 = time.perf_counter()
     url = store.url
     nlist = int(min(nlist, n))
@@ -513,36 +535,41 @@ def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dic
     wait_futures([trained], "knn-train", gather=False)
     t_train = time.perf_counter() - t0
     w.write_array(QUANTIZER, np.asarray(trained.result(), dtype=np.uint8))
+    info = {"nlist": nlist, "train_rows": int(len(sample_ids)), "train_seconds": round(t_train, 2)}
+    t1 = time.perf_counter()
+    tune = tune_nprobe(client, url, n, d, r, kc, trained, nlist, token)
+    info.update(tune)
+    info["tune_seconds"] = round(time.perf_counter() - t1, 2)
+    nprobe = int(min(kc.nprobe or tune["nprobe"], nlist))
+    if kc.nprobe is not None:
+        info["nprobe"] = nprobe
+    t2 = time.perf_counter()
     w.create_array("knn/ivf_list", (n,), (r,), np.int64)
     list_path = w.tmp_path("knn/ivf_list")
+    probes_path = w.scratch_space("knn-probes", (n, nprobe), (r, nprobe), np.int16 if nlist <= 2**15 else np.int32)
     span = r * max(1, int(1e11 / max(nlist * d, 1)) // r)  # ~a few seconds of quantizer search per task
-    futs = [client.submit(assign_task, url, list_path, a, b, trained, _kernel_arg(kc),
+    futs = [client.submit(probes_lists_task, url, list_path, probes_path, a, b, trained, nprobe,
                           key=f"knn-ivf-assign-{token}-{a}")
             for a, b in _ranges(n, span)]
     wait_futures(futs, "knn-assign", gather=False)
-    t_assign = time.perf_counter() - t0 - t_train
-    spec = {"trained": trained, "list_path": list_path, "probes": kc.nprobe or 1}
-    info = {"nlist": nlist, "train_rows": int(len(sample_ids)), "train_seconds": round(t_train, 2),
-            "assign_seconds": round(t_assign, 2)}
-    tune = tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token)
-    info.update(tune)
-    if kc.nprobe is None:
-        spec["probes"] = tune["nprobe"]
-    else:
-        info["nprobe"] = kc.nprobe
+    info["assign_seconds"] = round(time.perf_counter() - t2, 2)
+    spec = {"trained": trained, "list_path": list_path, "probes": nprobe, "probes_path": probes_path}
     return spec, info
 
 
-def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> dict:
-    """Smallest nprobe whose recall of above-threshold edges reaches the target: powers of 2 until one
-    does, then bisection between it and the last that did not, to within 1/16 of it (recall never falls
-    as nprobe grows: the probed lists are a query's nearest, nested). At 1M faces the doubling alone chose
-    256 where 128 reached 0.9692 of 0.97, and the search cost follows nprobe.
+def tune_nprobe(client, url, n, d, r, kc, trained, nlist, token) -> dict:
+    """The smallest nprobe whose recall of above-threshold edges reaches the target (at most
+    ``min(nlist, 1024)``: every list's rank is known up to there).
 
-    Exact and IVF top-k lists of a strided query sample are computed with the same
-    database groups as the main pass; an "edge" is a (query, neighbour) pair of the
-    exact list with sim >= ``edge_th`` (default: Otsu's threshold of the sample's
-    exact similarities, the lowest threshold the proposals derive the same way).
+    An "edge" is a (query, neighbour) pair of the exact top-k list of a strided query sample with
+    sim >= ``edge_th`` (default: Otsu's threshold of the sample's exact similarities, the lowest
+    threshold the proposals derive the same way). The exact lists come from the same database groups
+    as the main pass, the sample split over the workers. The recall of every nprobe is then counted,
+    not searched (:func:`facecluster.tasks.knn.probes_needed`: a neighbour is found exactly when its
+    list is among the query's first nprobe lists), so the choice is the smallest nprobe that reaches the
+    target, where 0.7.5's doubling-then-bisection over 13 IVF searches of the sample landed within 1/16
+    above it (at 1M built-in faces 136, 45 s of one worker). The curve in the summary: the powers of two,
+    the chosen nprobe and the one below it.
     """
     from facecluster.tasks.thresholds import auto_threshold
 
@@ -554,59 +581,50 @@ def tune_nprobe(client, url, n, d, r, kc, trained, list_path, nlist, token) -> d
     q_ids = np.unique(np.linspace(0, n - 1, m).astype(np.int64))
     parts = _gather_rows(client, url, n, d, r, q_ids, f"knn-tune-sample-{token}")
     qx = client.submit(np.concatenate, parts, key=f"knn-tune-queries-{token}")
-    queries = client.submit(_pair, q_ids, qx, key=f"knn-tune-q-{token}")
     budget = pl["budget"]
+    probes_all = client.submit(probes_task, trained, qx, min(nlist, 1024), key=f"knn-tune-probes-{token}")
 
-    def run(ivf, tag):
-        ps = [client.submit(search_task, url, 0, 0, g0, g1, k, kc.margin, budget, ivf, queries,
-                            _kernel_arg(kc) if ivf is None else None,
-                            key=f"knn-tune-{tag}-{token}-{g0}") for g0, g1 in groups]
-        root = _tree(client, ps, k, kc.fan_in, f"knn-tune-merge-{tag}-{token}",
-                     lambda ps: client.submit(merge_task, k, *ps, key=f"knn-tune-root-{tag}-{token}"))
-        return wait_futures([root], "knn-tune")[0]
-
+    # the exact lists of the sample: one share of the queries per worker thread, each against every group
     t0 = time.perf_counter()
-    ex_s, ex_i = run(None, "exact")
+    shares = np.array_split(np.arange(len(q_ids)), max(1, min(len(q_ids), total_threads(workers))))
+    roots = []
+    for j, share in enumerate(s for s in shares if len(s)):
+        queries = client.submit(_share, q_ids, qx, share[0], share[-1] + 1, key=f"knn-tune-q-{token}-{j}")
+        ps = [client.submit(search_task, url, 0, 0, g0, g1, k, kc.margin, budget, None, queries, _kernel_arg(kc),
+                            key=f"knn-tune-exact-{token}-{j}-{g0}") for g0, g1 in groups]
+        roots.append(_tree(client, ps, k, kc.fan_in, f"knn-tune-merge-{token}-{j}",
+                           lambda ps, j=j: client.submit(merge_task, k, *ps, key=f"knn-tune-root-{token}-{j}")))
+    exact = wait_futures(roots, "knn-tune")
+    ex_s = np.concatenate([e[0] for e in exact])
+    ex_i = np.concatenate([e[1] for e in exact])
     t_exact = time.perf_counter() - t0
     edge_th = kc.edge_th if kc.edge_th is not None else float(auto_threshold(ex_s))
-    probes_all = client.submit(probes_task, trained, qx, min(nlist, 1024), key=f"knn-tune-probes-{token}")
     probes_np = probes_all.result()
-    curve = []
-    chosen = None
-    p = 1
-    edges = ex_s >= edge_th
+    # the lists of the sample's exact neighbours (the faces' lists are assigned after the tune)
+    nb = ex_i >= 0
+    ids = np.unique(ex_i[nb])
+    found = [client.submit(lists_task, url, a, b, ids[(ids >= a) & (ids < b)], trained, _kernel_arg(kc),
+                           key=f"knn-tune-lists-{token}-{a}")
+             for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))) if ((ids >= a) & (ids < b)).any()]
+    ids_lists = np.concatenate(wait_futures(found, "knn-tune")) if found else np.zeros(0, np.int64)
+    nb_lists = np.full(ex_i.shape, -1, dtype=np.int64)
+    nb_lists[nb] = ids_lists[np.searchsorted(ids, ex_i[nb])]
+    needed = K.probes_needed(probes_np, nb_lists)
+    cap = probes_np.shape[1]
+    edges = nb & (ex_s >= edge_th)
     n_edges = int(edges.sum())
-
-    def measure(p: int) -> bool:
-        ivf = {"trained": trained, "list_path": list_path, "probes": probes_np[:, :p]}
-        t1 = time.perf_counter()
-        s, i = run(ivf, f"p{p}")
-        dt = time.perf_counter() - t1
-        found = np.array([np.isin(ex_i[j][edges[j]], i[j]).sum() for j in range(len(q_ids))]).sum()
-        rec_edges = float(found / n_edges) if n_edges else 1.0
-        rec_k = float(np.mean([np.isin(ex_i[j], i[j]).mean() for j in range(len(q_ids))]))
-        curve.append({"nprobe": p, "edge_recall": round(rec_edges, 4), "recall_at_k": round(rec_k, 4),
-                      "seconds": round(dt, 3)})
-        log.info("knn tune: nprobe=%d edge recall %.4f recall@%d %.4f", p, rec_edges, k, rec_k)
-        return rec_edges >= kc.recall_target
-
-    lo = 0  # largest nprobe measured below the target (0: none)
-    while True:
-        p = min(p, probes_np.shape[1])
-        passed = measure(p)
-        if passed or p >= probes_np.shape[1]:
-            chosen = p
-            break
-        lo = p
-        p *= 2
-    while passed and chosen - lo > max(1, chosen // 16):
-        mid = (lo + chosen) // 2
-        if measure(mid):
-            chosen = mid
-        else:
-            lo = mid
-    curve.sort(key=lambda c: c["nprobe"])
-    best = next(c for c in curve if c["nprobe"] == chosen)
-    return {"nprobe": chosen, "edge_th": round(edge_th, 4), "edge_recall": best["edge_recall"],
-            "recall_at_k": best["recall_at_k"], "tune_edges": n_edges, "tune_queries": int(len(q_ids)),
+    # found(p) for every p = 1..cap: counts of the nprobe each edge (each neighbour) needs, accumulated
+    edge_found = np.cumsum(np.bincount(needed[edges], minlength=cap + 2))[1:cap + 1]
+    all_found = np.cumsum(np.bincount(needed[nb], minlength=cap + 2))[1:cap + 1]
+    edge_recall = edge_found / n_edges if n_edges else np.ones(cap)
+    recall_k = all_found / max(1, int(nb.sum()))
+    reached = np.flatnonzero(edge_recall >= kc.recall_target)
+    chosen = int(reached[0]) + 1 if len(reached) else cap
+    shown = sorted({*(1 << i for i in range(cap.bit_length()) if 1 << i <= cap), chosen, max(1, chosen - 1)})
+    curve = [{"nprobe": p, "edge_recall": round(float(edge_recall[p - 1]), 4),
+              "recall_at_k": round(float(recall_k[p - 1]), 4)} for p in shown]
+    for p in shown:
+        log.info("knn tune: nprobe=%d edge recall %.4f recall@%d %.4f", p, edge_recall[p - 1], k, recall_k[p - 1])
+    return {"nprobe": chosen, "edge_th": round(edge_th, 4), "edge_recall": round(float(edge_recall[chosen - 1]), 4),
+            "recall_at_k": round(float(recall_k[chosen - 1]), 4), "tune_edges": n_edges, "tune_queries": int(len(q_ids)),
             "tune_exact_seconds": round(t_exact, 3), "tune_curve": curve}
