@@ -887,146 +887,64 @@ class IvfLists:
         return np.where(probes >= 0, self.sizes[np.maximum(probes, 0)], 0).sum(axis=1)
 
     def search(self, q: np.ndarray, probes: np.ndarray, kk: int, first: int = IVF_FIRST_PROBES,
-               growth: int = 4) -> tuple[np.ndarray, np.ndarray]:
+               growth: int = 4, block_floats: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-``kk`` raw float32 similarities of ``q`` among the rows of each query's probed lists.
 
         Returns (D [nq, kk] float32 descending, L [nq, kk] int64 positions into ``rows``; -1/-inf
         pads). Pairs are processed in passes over the probe ranks: each query's ``first`` nearest
-        lists, then ranks growing ``growth``-fold (first..4·first, 4·first..16·first, ...); a
-        candidate is kept only if it reaches the query's current kk-th best (``tau``, a lower bound
-        of the final one, raised after every pass and, in the first pass, to each GEMM block's own
-        kk-th best), so the nearest lists raise ``tau`` early and the far ones pass few candidates.
-        Kept candidates go to a dense buffer of :func:`top_buffer_slots` slots per query; a query
-        whose slots would overflow keeps its kk best (a row-wise partition, linear)
-        and raises its ``tau``. Measured at 1M faces, 16,384 queries, 256 probes, one thread (a noisy
-        shared VM): with two passes and a global sort of every buffered candidate the selection took
-        6.5 s of 16.9; the whole search 17.9-21.4 s before, 15.0-17.9 s with this (under pyinstrument).
+        lists, then ranks growing ``growth``-fold (first..4·first, 4·first..16·first, ...), so the
+        nearest lists fill a query's top-kk first and the far ones bring few entries. Each (list, the
+        queries probing it) GEMM block goes straight into one min-heap of ``kk`` entries per query
+        (faiss's ``ResultHeap.add_result_subset``: a value enters when it is above the query's kk-th
+        best so far, the heap's top). Every row not returned is <= the last value returned (it was <=
+        the heap's top when it was rejected or evicted, and the tops only rise): the bound that
+        :func:`certified_topk` reads. A block is a list's rows at most ``block_floats`` //
+        queries at a time (default :data:`SEARCH_BLOCK_FLOATS`; only memory depends on it).
+
+        0.7.6 kept a buffer of 4·kk slots per query behind a lower bound of the kk-th best, raised after
+        each pass and shrunk by partitions: at 1M faces, 133 probes, 16,384 queries, one thread, the
+        comparisons, hit bookkeeping and shrinks were 3.7 of the search's 10.3 s, ~570 hits per query
+        for 97 kept (the GEMMs 5.2 s); with the heaps the search took 7.4-7.8 s against 9.4-9.9 s
+        (alternated in one process, the same candidate sets; ``/work/exp/s32/heap.py``).
         """
+        import faiss
+
         q = np.ascontiguousarray(q, dtype=np.float32)
         probes = np.asarray(probes, dtype=np.int64)
         nq = len(q)
         kk = int(kk)
-        D = np.full((nq, kk), PAD_SIM, dtype=np.float32)
-        L = np.full((nq, kk), PAD_ID, dtype=np.int64)
         if nq == 0 or kk == 0:
-            return D, L
-        buf = _TopBuffer(nq, kk, len(self.rows))
+            return np.full((nq, kk), PAD_SIM, dtype=np.float32), np.full((nq, kk), PAD_ID, dtype=np.int64)
+        heaps = faiss.ResultHeap(nq, kk, keep_max=True)
+        positions = np.arange(len(self.rows), dtype=np.int64)
+        block = int(block_floats or SEARCH_BLOCK_FLOATS)
         cuts = [0]
         while cuts[-1] < probes.shape[1]:
             cuts.append(max(int(first), 1, cuts[-1] * int(max(2, growth))))
-        width = buf.cap - kk  # columns per GEMM: a query's hits from one block always fit after a shrink
         for stage in (slice(a, b) for a, b in zip(cuts[:-1], cuts[1:])):
             for lst, qs in probe_groups(probes[:, stage]):
                 lo, hi = int(self.offsets[lst]), int(self.offsets[lst + 1])
                 if lo == hi:  # an empty list: no query rows to gather
                     continue
                 qx = q[qs]
+                width = max(1, block // len(qs))
                 for a in range(lo, hi, width):
                     b = min(a + width, hi)
-                    sims = qx @ self.rows[a:b].T
-                    if stage.start == 0 and b - a > kk:
-                        # first pass, tau still low: a block's own kk-th best per query is a lower bound of that
-                        # query's final kk-th best, so raise tau to it before the hits are buffered (at 1M
-                        # faces the first pass buffered every candidate of each query's 4 nearest lists;
-                        # a partition of this pass's sims is cheap beside that: -4% CPU per search, the
-                        # commits alternated)
-                        thr = np.partition(sims, b - a - kk, axis=1)[:, b - a - kk]
-                        buf.tau[qs] = np.maximum(buf.tau[qs], thr)
-                    hit = np.flatnonzero(sims >= buf.tau[qs, None])
-                    if len(hit):
-                        r, c = np.divmod(hit, b - a)
-                        buf.add(qs, r, c + a, sims.reshape(-1)[hit])
-            buf.shrink(np.flatnonzero(buf.count > kk))  # raise tau before the farther lists
-        return buf.result(D, L)
-
-
-# Slots per query of the search's candidate buffer, at least: a GEMM block is cap - kk columns, and with
-# few neighbours (the proposals' level graphs: kk = 20, 80 slots) each ~180-row list took three GEMMs and
-# three rounds of numpy calls. 256 slots: the level-1 kNN of 502k super-vertices at 1M faces 40-42 -> 32-33
-# CPU-s (/work/exp/s21/lvl_qb.py); the faces' kNN (kk = 97, 388 slots) is unchanged.
-TOP_BUFFER_MIN_SLOTS = 256
-
-
-def top_buffer_slots(kk: int) -> int:
-    """Slots per query of the search's candidate buffer for ``kk`` candidates (a caller sizing its memory)."""
-    return max(4 * int(kk), TOP_BUFFER_MIN_SLOTS)
-
-
-def keep_best(sim: np.ndarray, loc: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``kk`` largest values of each row of ``sim`` [n, m] (m > kk) and their ``loc``, in row order
-    within a row; where ties at the kk-th value leave a choice, any ``kk`` of the tied ones.
-
-    The kk-th value by ``np.partition`` (values only: 3.6x faster than ``argpartition`` on 388-slot rows,
-    measured), then a row-major mask of the values at or above it; the rows where that mask holds more
-    than ``kk`` (ties at the kk-th value: duplicate faces) take ``argpartition``.
-    """
-    n, m = sim.shape
-    th = np.partition(sim, m - kk, axis=1)[:, m - kk]
-    keep = sim >= th[:, None]
-    tied = np.flatnonzero(keep.sum(1) != kk)
-    if len(tied):
-        top = np.argpartition(sim[tied], m - kk, axis=1)[:, -kk:]
-        sub = np.zeros((len(tied), m), dtype=bool)
-        np.put_along_axis(sub, top, True, axis=1)
-        keep[tied] = sub
-    return sim[keep].reshape(n, kk), loc[keep].reshape(n, kk)
-
-
-class _TopBuffer:
-    """Candidates of ``nq`` queries, ``cap`` slots each (-inf = empty): :meth:`add` appends a block's
-    hits, shrinking to the kk best first the queries that would overflow; ``tau`` is each query's kk-th
-    best so far (-inf until it has kk), a lower bound of its final kk-th best."""
-
-    def __init__(self, nq: int, kk: int, n_rows: int):
-        self.kk = kk
-        self.cap = top_buffer_slots(kk)
-        self.sim = np.full((nq, self.cap), PAD_SIM, dtype=np.float32)
-        # positions fit in int32 below 2^31 rows (half the memory of int64)
-        self.loc = np.full((nq, self.cap), PAD_ID, dtype=np.int32 if n_rows < 2 ** 31 else np.int64)
-        self.count = np.zeros(nq, dtype=np.int64)
-        self.tau = np.full(nq, -np.inf, dtype=np.float32)
-
-    def add(self, qs: np.ndarray, r: np.ndarray, loc: np.ndarray, sim: np.ndarray) -> None:
-        """Hits (``qs[r]``, ``loc``, ``sim``), ``r`` ascending (row-major hits of one block)."""
-        n_hit = np.bincount(r, minlength=len(qs))
-        over = np.flatnonzero(self.count[qs] + n_hit > self.cap)
-        if len(over):
-            self.shrink(qs[over])
-        # r ascending: a hit's rank among its query's hits is its index minus where that query's run starts
-        run_start = np.cumsum(n_hit) - n_hit
-        qi = qs[r]
-        pos = self.count[qi] + (np.arange(len(r)) - run_start[r])
-        self.sim[qi, pos] = sim
-        self.loc[qi, pos] = loc
-        self.count[qs] += n_hit
-
-    def shrink(self, rows: np.ndarray) -> None:
-        """Keep the kk best candidates of queries ``rows``, each holding more than kk, and raise their tau.
-        (:meth:`add` only shrinks queries that would overflow, which hold more than kk: a block brings at
-        most ``cap - kk`` hits per query.)"""
-        kk = self.kk
-        if len(rows) == 0:
-            return
-        sim, loc = self.sim[rows], self.loc[rows]
-        top_sim, top_loc = keep_best(sim, loc, kk)
-        self.sim[rows] = PAD_SIM
-        self.loc[rows] = PAD_ID
-        self.sim[rows, :kk] = top_sim
-        self.loc[rows, :kk] = top_loc
-        self.count[rows] = kk
-        # every candidate dropped is <= the kk-th kept: the query's final kk-th best is at least this
-        self.tau[rows] = np.maximum(self.tau[rows], top_sim.min(axis=1))
-
-    def result(self, D: np.ndarray, L: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Each query's kk best, descending, into D [nq, kk] / L [nq, kk] (pads -inf / -1)."""
-        kk = self.kk
-        self.shrink(np.flatnonzero(self.count > kk))
-        sim, loc = self.sim[:, :kk], self.loc[:, :kk]
-        order = np.argsort(-sim, axis=1, kind="stable")
-        D[:] = np.take_along_axis(sim, order, axis=1)
-        L[:] = np.take_along_axis(loc, order, axis=1)
-        L[~np.isfinite(D)] = PAD_ID
+                    heaps.add_result_subset(qs, qx @ self.rows[a:b].T, positions[a:b])
+        heaps.finalize()
+        D, L = heaps.D, heaps.I
+        D[L < 0] = PAD_SIM  # unfilled slots: faiss's neutral value (-FLT_MAX) and id -1, last
         return D, L
+
+
+#: floats of one GEMM block of :meth:`IvfLists.search` (32 MiB): a list's rows against the queries probing it,
+#: split by columns only where a list is probed by many queries
+SEARCH_BLOCK_FLOATS = 1 << 23
+
+
+def search_bytes_per_query(kk: int) -> int:
+    """Bytes per query of :meth:`IvfLists.search`'s heaps for ``kk`` candidates (a caller sizing its memory)."""
+    return 12 * int(kk)
 
 
 def probe_groups(probes: np.ndarray):

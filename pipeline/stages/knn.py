@@ -45,6 +45,7 @@ from typing import Callable
 import numpy as np
 
 from facecluster.tasks import knn as K
+from facecluster.tasks.thresholds import auto_threshold
 
 from ..cluster import heap_reuse, total_threads, worker_infos, worker_threads
 from ..config import Config
@@ -335,9 +336,9 @@ def plan(n: int, d: int, r: int, k: int, cfg, workers: list[dict], ivf: bool, np
         q_rows = int(cfg.task_seconds * FLAT_MACS_PER_S / max(macs, 1))
         if ivf:  # amortise the search's per-list work (IVF_LIST_QUERIES); balance and memory still cap it below
             q_rows = max(q_rows, -(-IVF_LIST_QUERIES * nlist // K.IVF_FIRST_PROBES))
-            # a task's queries, probes, candidate buffer and re-scoring, in the worker memory the database
-            # share leaves to its threads
-            per_query = d * 4 + nprobe * 8 + K.top_buffer_slots(k + cfg.margin) * 8 + 3 * (k + cfg.margin) * 12
+            # a task's queries, probes, candidate heaps and re-scoring, in the worker memory the database
+            # share leaves to its threads (the search's GEMM block, K.SEARCH_BLOCK_FLOATS, is per task)
+            per_query = d * 4 + nprobe * 8 + K.search_bytes_per_query(k + cfg.margin + 1) + 3 * (k + cfg.margin) * 12
             per_thread = (mem - budget) // max((int(w.get("nthreads", 1)) for w in workers), default=1)
             q_rows = min(q_rows, max(r, per_thread // 2 // per_query))
         # enough tasks to keep every thread busy and balance at the end
@@ -509,14 +510,17 @@ def _kernel_arg(kc) -> dict:
 
 
 # -- IVF preparation --------------------------------------------------------------------------------
+def _ids_by_span(n: int, d: int, r: int, ids: np.ndarray) -> list[tuple[int, int, np.ndarray]]:
+    """``ids`` (sorted) split by ~64 MiB spans of whole feature chunks: (a, b, the ids in [a, b)) for each span
+    holding any, in id order (one task reads a span's chunks once for all its ids)."""
+    bounds = [a for a, _ in _ranges(n, r * max(1, (64 << 20) // (r * d * 4)))] + [n]
+    cuts = np.searchsorted(ids, bounds)
+    return [(a, b, ids[i:j]) for a, b, i, j in zip(bounds[:-1], bounds[1:], cuts[:-1], cuts[1:]) if j > i]
+
+
 def _gather_rows(client, url: str, n: int, d: int, r: int, ids: np.ndarray, key: str) -> list:
     """Futures of the feature rows ``ids`` (sorted), read in ~64 MiB whole-chunk spans, in id order."""
-    parts = []
-    for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))):
-        sel = ids[(ids >= a) & (ids < b)]
-        if len(sel):
-            parts.append(client.submit(sample_task, url, a, b, sel, key=f"{key}-{a}"))
-    return parts
+    return [client.submit(sample_task, url, a, b, sel, key=f"{key}-{a}") for a, b, sel in _ids_by_span(n, d, r, ids)]
 
 
 def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dict]:
@@ -571,8 +575,6 @@ def tune_nprobe(client, url, n, d, r, kc, trained, nlist, token) -> dict:
     above it (at 1M built-in faces 136, 45 s of one worker). The curve in the summary: the powers of two,
     the chosen nprobe and the one below it.
     """
-    from facecluster.tasks.thresholds import auto_threshold
-
     k = kc.k
     workers = worker_infos(client)
     pl = plan(n, d, r, k, kc, workers, True)
@@ -603,9 +605,8 @@ def tune_nprobe(client, url, n, d, r, kc, trained, nlist, token) -> dict:
     # the lists of the sample's exact neighbours (the faces' lists are assigned after the tune)
     nb = ex_i >= 0
     ids = np.unique(ex_i[nb])
-    found = [client.submit(lists_task, url, a, b, ids[(ids >= a) & (ids < b)], trained, _kernel_arg(kc),
-                           key=f"knn-tune-lists-{token}-{a}")
-             for a, b in _ranges(n, r * max(1, (64 << 20) // (r * d * 4))) if ((ids >= a) & (ids < b)).any()]
+    found = [client.submit(lists_task, url, a, b, sel, trained, _kernel_arg(kc), key=f"knn-tune-lists-{token}-{a}")
+             for a, b, sel in _ids_by_span(n, d, r, ids)]
     ids_lists = np.concatenate(wait_futures(found, "knn-tune")) if found else np.zeros(0, np.int64)
     nb_lists = np.full(ex_i.shape, -1, dtype=np.int64)
     nb_lists[nb] = ids_lists[np.searchsorted(ids, ex_i[nb])]
