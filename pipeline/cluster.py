@@ -113,13 +113,25 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+#: the /proc/cpuinfo flags each OpenBLAS kernel named here needs, widest first: a kernel forced on a CPU without
+#: them dies of SIGILL (``pni`` is SSE3)
+CORETYPE_FLAGS = {"SkylakeX": frozenset({"avx512f", "avx512bw", "avx512vl"}), "Haswell": frozenset({"avx2", "fma"}),
+                  "Prescott": frozenset({"pni"})}
+
+
+def coretype_missing_flags(name: str, flags: set[str] | None = None) -> list[str]:
+    """The CPU flags OpenBLAS kernel ``name`` needs that this CPU (or ``flags``) lacks, sorted; [] for a kernel it
+    can run or one not in :data:`CORETYPE_FLAGS`."""
+    have = cpu_flags() if flags is None else flags
+    return sorted(CORETYPE_FLAGS.get(name, frozenset()) - have)
+
+
 def detect_openblas_coretype() -> str | None:
     """The OpenBLAS kernel name matching this CPU's vector extensions (None: leave OpenBLAS alone)."""
     flags = cpu_flags()
-    if {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        return "SkylakeX"
-    if {"avx2", "fma"} <= flags:
-        return "Haswell"
+    for name in ("SkylakeX", "Haswell"):
+        if not coretype_missing_flags(name, flags):
+            return name
     return None
 
 

@@ -48,6 +48,27 @@ def test_bench_knn_exact_ratio_and_list_major_ivf(tmp_path):
     assert "exact ratio distributed / single-process" in out.stdout
 
 
+def test_blas_comparison_skips_the_kernels_this_cpu_cannot_run(tmp_path):
+    """A kernel forced on a CPU without its instructions dies of SIGILL (``bench knn`` on an AVX2-only machine lost
+    every result to SkylakeX): such a row says it was not run and why; the others run and agree."""
+    import numpy as np
+
+    from facecluster.pipeline.benchmarks.knn import blas_comparison
+    from facecluster.pipeline.cluster import coretype_missing_flags, cpu_flags
+
+    assert coretype_missing_flags("SkylakeX", {"avx2", "fma", "pni"}) == ["avx512bw", "avx512f", "avx512vl"]
+    assert coretype_missing_flags("Haswell", {"avx2", "fma", "pni"}) == []
+    assert coretype_missing_flags("unset", set()) == []  # not a kernel: nothing to check
+    x = np.random.default_rng(0).standard_normal((500, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    no_avx512 = cpu_flags() - {"avx512f"}  # this machine as if it had no AVX-512
+    rows = blas_comparison(x, 64, 5, tmp_path, coretypes=("auto", "SkylakeX", "Prescott"), flags=no_avx512)
+    assert [r["setting"] for r in rows][1:] == ["SkylakeX", "Prescott"]
+    assert rows[1]["skipped"].startswith("this CPU lacks") and "avx512f" in rows[1]["skipped"] and "seconds" not in rows[1]
+    ran = [r for r in rows if "skipped" not in r]
+    assert len(ran) == 2 and len({r["digest"] for r in ran}) == 1 and all(r["seconds"] > 0 for r in ran)
+
+
 def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
     out = _bench(tmp_path, "cluster", "--n", "3000", "--train-n", "1500", "--dim", "32", "--epochs", "1",
                  "--workdir", "w", "--out", "cluster.json")

@@ -71,14 +71,22 @@ print(json.dumps({"architecture": arch, "seconds": dt, "raw_faiss_seconds": dt_r
 """
 
 
-def blas_comparison(x: np.ndarray, nq: int, k: int, tmp: Path, coretypes=("auto", "Prescott", "Haswell", "SkylakeX")) -> list[dict]:
-    """Exact search of ``nq`` queries against ``x`` (1 thread) under several OpenBLAS core types."""
-    from ..cluster import detect_openblas_coretype
+def blas_comparison(x: np.ndarray, nq: int, k: int, tmp: Path, coretypes=("auto", "Prescott", "Haswell", "SkylakeX"),
+                    flags: set[str] | None = None) -> list[dict]:
+    """Exact search of ``nq`` queries against ``x`` (1 thread) under several OpenBLAS core types.
+
+    A core type this CPU (or ``flags``) cannot run is not run: its row says ``skipped`` and names the missing CPU
+    flags (SkylakeX on an AVX2-only CPU died of SIGILL and took the whole bench's results with it)."""
+    from ..cluster import coretype_missing_flags, detect_openblas_coretype
 
     src = tmp / "blas.npy"
     np.save(src, x)
     out = []
     for ct in coretypes:
+        missing = coretype_missing_flags(ct, flags)
+        if missing:
+            out.append({"setting": ct, "skipped": f"this CPU lacks {', '.join(missing)}"})
+            continue
         env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
         env.pop("OPENBLAS_CORETYPE", None)
         label = ct
@@ -254,9 +262,13 @@ def command(n, dim, k, chunk_rows, edge_th, recall_target, ivf_n, mem_sizes, mem
                 result["memory"] = mem_rows
         if blas_queries and "blas" not in skip:
             bl = blas_comparison(x[: min(n, 50_000)], blas_queries, k, tmp)
+            ran = [r for r in bl if "skipped" not in r]
             result["openblas"] = {"database_rows": int(min(n, 50_000)), "queries": blas_queries, "runs": bl,
-                                  "identical_results": len({r["digest"] for r in bl}) == 1}
+                                  "identical_results": len({r["digest"] for r in ran}) <= 1}
             for r in bl:
+                if "skipped" in r:
+                    click.echo(f"OpenBLAS {r['setting']}: not run ({r['skipped']})")
+                    continue
                 rows.append((f"OpenBLAS {r['setting']} -> {r['architecture']}", r["seconds"],
                              blas_queries / r["seconds"], "", f"digest {r['digest']} (raw faiss {r['raw_digest']})"))
     click.echo(f"{'run':<52} {'seconds':>9} {'queries/s':>10}  notes")
