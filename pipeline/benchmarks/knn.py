@@ -77,8 +77,9 @@ def blas_comparison(x: np.ndarray, nq: int, k: int, tmp: Path, coretypes=("auto"
 
     A core type this CPU (or ``flags``) cannot run is not run: its row says ``skipped`` and names the missing CPU
     flags (SkylakeX on an AVX2-only CPU died of SIGILL and took the whole bench's results with it)."""
-    from ..cluster import coretype_missing_flags, detect_openblas_coretype
+    from ..cluster import coretype_missing_flags, cpu_flags, detect_openblas_coretype
 
+    flags = cpu_flags() if flags is None else flags  # /proc/cpuinfo read once, not once per core type
     src = tmp / "blas.npy"
     np.save(src, x)
     out = []

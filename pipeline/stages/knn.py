@@ -457,7 +457,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
             pl = plan(n, d, r, k, kc, workers, False)
         summary.update({x: pl[x] for x in ("strategy", "db_rows", "q_rows")})
         t_search = time.perf_counter()
-        with heap_reuse(client):  # its candidate buffers reuse freed heap instead of fresh pages (as in score)
+        with heap_reuse(client):  # its GEMM blocks, heaps and re-scoring gathers reuse freed heap, not fresh pages (as in score)
             n_tasks = _search_all(client, store.url, paths, n, k, kc, pl, ivf, token)
         elapsed = time.perf_counter() - t_search
         client.run(clear_cache, on_error="ignore")  # a worker lost at the end of the search has no cache left
