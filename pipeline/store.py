@@ -64,6 +64,21 @@ from .integrity import (ABSENT, CHECKSUM_CODEC, CRC_HEX, INTEGRITY_ATTR, Checked
 log = logging.getLogger(__name__)
 
 ATTR_KEY = "facecluster"
+
+
+def store_compressor() -> zarr.codecs.BloscCodec:
+    """The compressor of every array a stage writes (before the CRC-32C codec): Blosc LZ4, byte shuffle.
+
+    Why not zstd (the format's choice up to 0.7.7, level 3): every stage after ingest reads whole chunks of
+    ``features`` and ``knn`` (a score task decodes nearly every chunk of four arrays), and on 1M built-in faces
+    (16,384-row chunks, one thread) LZ4 decodes features 2.9x faster (1.66 against 0.58 GB/s), the kNN arrays
+    1.7-2.2x, and encodes 4.5-15x faster (``edges/prob`` 0.75 against 0.05 GB/s), for 4-9% more bytes on disk
+    (features 0.94 against 0.90 of raw, ``knn/index`` 0.38 against 0.35). One score task's reads: 5.80 -> 4.05
+    CPU-s. Stores written before keep their codec (it is in each array's metadata) and read as before.
+    """
+    return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
+
+
 TMP_GROUP = "_tmp"
 RECORDS_GROUP = "_records"
 LOCK_GROUP = "_lock"
@@ -250,7 +265,7 @@ class StageWriter:
         chunks = tuple(max(1, min(int(c), max(int(s), 1))) for c, s in zip(chunks, shape))
         if fill_value is None:
             fill_value = -1 if np.dtype(dtype).kind == "i" else 0
-        blosc = [zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")] if compress else []
+        blosc = [store_compressor()] if compress else []
         return self.store.root.create_array(
             path,
             shape=shape,

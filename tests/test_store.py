@@ -201,3 +201,32 @@ def test_missing_array_error(tmp_path):
         store.array("knn/index")
     with pytest.raises(StoreError, match="missing or unreadable"):
         open_array(store.url, "features")
+
+
+def test_stores_written_with_the_old_zstd_codec_still_read_verify_and_feed_new_stages(tmp_path, monkeypatch):
+    """0.7.8 changed the arrays' compressor (Blosc zstd level 3 -> LZ4): a store written before keeps its codec per
+    array, reads back the same values, passes verify, and a stage run now reads it and writes LZ4 beside it."""
+    import facecluster.pipeline.store as store_mod
+
+    zstd = store_mod.store_compressor
+    monkeypatch.setattr(store_mod, "store_compressor",
+                        lambda: zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle"))
+    store = RunStore.create(tmp_path / "r.zarr")
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    with store.stage("up", {"v": 1}) as w:
+        w.write_array("up", x, chunks=(1000, 16))
+    monkeypatch.setattr(store_mod, "store_compressor", zstd)
+
+    store = RunStore.open(tmp_path / "r.zarr")
+    with store.stage("down", {"p": 1}, inputs=["up"]) as w:
+        w.write_array("down", store.array("up")[:] * 2, chunks=(1000, 16))
+
+    def cname(name):
+        blosc = [c for c in store.array(name).metadata.codecs if type(c).__name__ == "BloscCodec"]
+        return str(blosc[0].cname.value if hasattr(blosc[0].cname, "value") else blosc[0].cname)
+
+    assert cname("up") == "zstd" and cname("down") == "lz4"
+    np.testing.assert_array_equal(store.array("up")[:], x)
+    np.testing.assert_array_equal(store.array("down")[:], x * 2)
+    problems, counts = store.verify()
+    assert problems == [] and counts["arrays"] == 2 and counts["chunks"] == 6
