@@ -781,6 +781,37 @@ def test_infomap_batches_of_components_do_not_depend_on_the_workers(trained, loc
         assert {k: v for k, v in stats.items() if k != "tasks"} == {k: v for k, v in alone_stats.items() if k != "tasks"}
 
 
+def test_infomap_tasks_start_largest_first(trained, single_worker_client):
+    """The Infomap tasks carry a Dask priority of nodes x floors, so a worker starts the largest first (in
+    submission order one large task could start last and leave the other workers idle); the labels are those of
+    the default order."""
+    from distributed import get_task_stream
+
+    from facecluster.pipeline.stages.communities import infomap_components
+    from facecluster.pipeline.stages.graph import read_forest
+
+    store = RunStore.open(str(trained["tmp"] / "im_a.zarr"))
+    n = store.array("knn/index").shape[0]
+    floor = store.record("graph")["summary"]["anchor"]["anchor"]
+    floors = [floor + 0.04, floor, floor + 0.08]
+    with store.stage("infomap-order-test", {}, inputs=["graph"], force=True) as w, \
+            get_task_stream(single_worker_client) as ts:
+        got = infomap_components(single_worker_client, w, n, read_forest(store), floors, "knn/sim", "t", budget=60)
+    started = sorted((s["start"], t["key"]) for t in ts.data for s in t["startstops"]
+                     if s["action"] == "compute" and "-infomap-" in str(t["key"]))
+    work = []
+    for _, key in started:  # t-infomap-<group>-<floor index | all>-<nodes>n-<token>
+        _, _, _, cols, nodes, _ = str(key).split("-")
+        work.append(int(nodes[:-1]) * (len(floors) if cols == "all" else 1))
+    assert len(work) > 3 and len(set(work)) > 2  # per-floor tasks of the large components and grouped small ones
+    assert work == sorted(work, reverse=True), work
+    for f, (labels, _) in zip(floors, got):
+        with store.stage("infomap-order-test", {"f": f}, inputs=["graph"], force=True) as w:
+            (alone, _), = infomap_components(single_worker_client, w, n, read_forest(store), [f], "knn/sim", "t",
+                                             budget=60)
+        np.testing.assert_array_equal(labels, alone)
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.floats(0, 1, width=32), st.integers(-3, 3))
 def test_same_cut_keeps_what_the_float64_comparison_keeps(value, ulps):
