@@ -176,20 +176,33 @@ def edge_inputs(row_ids: np.ndarray, index: np.ndarray, sim: np.ndarray, nbr_pos
         zs = [(s - e["mean"]) / np.maximum(e["std"], _EPS) for e in (ri, rj)]
         rank_i = np.broadcast_to(np.arange(k, dtype=np.float64)[None, :], s.shape)
         js = nbr_sim[pos]  # (B, k, k) the neighbours' own similarity rows (NaN > s is False)
-        rank_j = (js > s[:, :, None]).sum(2).astype(np.float64)
+        rank_j = _count_last(js > s[:, :, None]).astype(np.float64)
         ends = [(stats.scale(np.broadcast_to(ri[key], s.shape)), stats.scale(rj[key])) for key in ("dens", "last", "top")]
         cols = [stats.cdf(s), stats.scale(s), *_pair(*local), *_pair(*zs), *_pair(rank_i / k, rank_j / k),
                 *(v for pair in ends for v in _pair(*pair))]
         # shared neighbours: {i} u N_m(i) against {j} u N_m(j)
         own = np.concatenate([np.asarray(row_ids[a:b], np.int64)[:, None], idx[:, :m].astype(np.int64)], 1)
+        # only the first m ids of each neighbour's row are gathered (gathering whole rows, then slicing, was 2x)
         theirs = np.concatenate([np.where(ok, idx, -2)[:, :, None].astype(np.int64),
-                                 nbr_index[pos][:, :, :m].astype(np.int64)], 2)
+                                 nbr_index[:, :m][pos].astype(np.int64)], 2)
         own = np.where(own >= 0, own, -3)  # padding never matches padding
-        shared = (theirs[:, :, :, None] == own[:, None, None, :]).sum((2, 3))
+        shared = _count_last((theirs[:, :, :, None] == own[:, None, None, :]).reshape(*theirs.shape[:2], -1))
         cols.append(shared / (m + 1.0))
         feats[...] = np.stack([np.asarray(c, np.float32) for c in cols], -1)
         feats[~ok] = np.nan
     return out
+
+
+def _count_last(hits: np.ndarray) -> np.ndarray:
+    """The True entries along the last axis of a boolean array (exact counts).
+
+    Why not ``.sum(-1)``: a boolean sum widens every entry to int64; summed as bytes into a byte
+    accumulator where the count cannot reach 256, it is ~20% faster on the (rows, k, k) and (rows, k, 121)
+    arrays of ``edge_inputs`` (the same counts).
+    """
+    if hits.shape[-1] < 256:
+        return hits.view(np.uint8).sum(-1, dtype=np.uint8)
+    return hits.sum(-1)
 
 
 def sample_stride(n: int, max_rows: int = 20_000) -> int:
