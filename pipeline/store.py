@@ -71,10 +71,10 @@ def store_compressor() -> zarr.codecs.BloscCodec:
 
     Why not zstd (the format's choice up to 0.7.7, level 3): every stage after ingest reads whole chunks of
     ``features`` and ``knn`` (a score task decodes nearly every chunk of four arrays), and on 1M built-in faces
-    (16,384-row chunks, one thread) LZ4 decodes features 2.9x faster (1.66 against 0.58 GB/s), the kNN arrays
-    1.7-2.2x, and encodes 4.5-15x faster (``edges/prob`` 0.75 against 0.05 GB/s), for 4-9% more bytes on disk
-    (features 0.94 against 0.90 of raw, ``knn/index`` 0.38 against 0.35). One score task's reads: 5.80 -> 4.05
-    CPU-s. Stores written before keep their codec (it is in each array's metadata) and read as before.
+    (all 62 chunks of 16,384 rows, one thread) LZ4 decodes features 3.6-3.9x faster (3.3 against 0.85-0.92 GB/s),
+    ``knn/index`` 3.4x, ``edges/prob`` 2.4x, and encodes 4.5-15x faster (``edges/prob`` 0.75 against 0.05 GB/s), for
+    4-9% more bytes on disk (features 0.94 against 0.90 of raw, ``knn/index`` 0.38 against 0.35). One score task's
+    reads: 5.80 -> 4.05 CPU-s; the stages' times moved within the machine's noise. Stores written before keep their codec (it is in each array's metadata) and read as before.
     """
     return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
