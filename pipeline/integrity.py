@@ -73,15 +73,21 @@ def chunk_name(coords: tuple[int, ...]) -> str:
     return "c/" + "/".join(str(c) for c in coords) if coords else "c"
 
 
-def trailer_hex(data: bytes) -> str:
+def trailer_hex(data) -> str:
+    """The chunk's last four bytes in hex (``data``: bytes, or a uint8 array)."""
     return bytes(data[-4:]).hex()
 
 
-def body_matches_trailer(data: bytes) -> bool:
-    """True if the chunk's last four bytes are the CRC-32C of the rest (what the codec appended)."""
+def body_matches_trailer(data) -> bool:
+    """True if the chunk's last four bytes are the CRC-32C of the rest (what the codec appended).
+
+    ``data``: bytes, or a uint8 array (a store buffer's own memory). The CRC reads the body in place: a copy of it
+    (``bytes(data[:-4])``) cost as much again as the CRC and the read's own copy together on every chunk read."""
     if len(data) < 4:
         return False
-    return np.uint32(google_crc32c.value(bytes(data[:-4]))).tobytes() == bytes(data[-4:])
+    body = np.frombuffer(data, np.uint8)[:-4] if not isinstance(data, np.ndarray) else data.reshape(-1)[:-4].view()
+    body.flags.writeable = False  # google_crc32c takes read-only buffers only
+    return np.uint32(google_crc32c.value(body)).tobytes() == bytes(data[-4:])
 
 
 @dataclass(frozen=True)
@@ -167,13 +173,13 @@ class CheckedStore(WrapperStore):
         array, coords = ck
         table = await self._table(array)
         if table is not None:
-            problem = chunk_problem(table, coords, None if buf is None else buf.to_bytes(), full=byte_range is None)
+            problem = chunk_problem(table, coords, None if buf is None else buf.as_numpy_array(), full=byte_range is None)
             if problem:
                 raise ChunkError(chunk_message(self.url, array, coords, problem, table.stage))
         return buf
 
 
-def chunk_problem(table: Table, coords: tuple[int, ...], data: bytes | None, full: bool = True) -> str | None:
+def chunk_problem(table: Table, coords: tuple[int, ...], data: "bytes | np.ndarray | None", full: bool = True) -> str | None:
     """Why a stored chunk does not match its table (None when it does)."""
     want = table.expected(coords)
     if data is None:

@@ -32,10 +32,11 @@ vertex gets
   proposal of 50-100 faces) won dedup in 3 of 8 seeds; with these inputs in none,
   LFW GCN-D pairwise F 0.986 -> 0.992 (min 0.982 -> 0.991); built-in about the same.
 
-Two batch layouts are provided: ``Padded`` (dense (B, n, n) adjacency per size
-bucket; used for inference: fixed shapes make a proposal's output a function of
-the proposals sharing its forward, see ``score_batch``) and ``Block`` (block-diagonal
-sparse adjacency with segment pooling). Both run the same module weights.
+Three batch layouts are provided: ``Padded`` (dense (B, n, n) adjacency per size
+bucket), ``Packed`` (the same adjacency, node states of the real nodes only; used for
+inference: fixed shapes make a proposal's output a function of the proposals sharing
+its forward, see ``score_batch``) and ``Block`` (block-diagonal sparse adjacency with
+segment pooling). All run the same module weights.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ OUTSIDE = ("iou_est_any", "iou_est_top10", "iou_est_shared", "iou_est_strong")
 CONNECTIVITY = ("lambda2", "lambda2_sqrt_size")
 DEFAULT_SPEC = {"x": "mean", "boundary": True, "structure": True, "outside": True, "connectivity": True}
 BUCKETS = (8, 16, 32, 64, 128, 256, 512)
+PACKED_ROWS = 64  #: the packed layout's node rows are a multiple of this (see Packed)
 
 
 def input_dim(dim: int, spec: dict | None = None) -> int:
@@ -136,10 +138,8 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     # the n x k passes below write into their own arrays (a score task builds ~65k rows x k at a time)
     nkey = np.maximum(knn_idx, 0)
     nkey += (seg * big)[:, None]
-    pos = np.searchsorted(mkey, nkey)
-    np.minimum(pos, n - 1, out=pos)  # only the inside entries' positions are read later: those are < n already
     valid = knn_idx >= 0
-    inside = mkey[pos] == nkey
+    pos, inside = _inside_positions(members, seg, knn_idx, mkey, nkey, big)
     inside &= valid
     sim = np.where(valid, np.asarray(knn_sim, dtype=np.float32), np.float32(-1.0))
 
@@ -188,6 +188,43 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     firsts[1:] = seg[so][1:] != seg[so][:-1]
     seed = so[firsts]
     return ProposalBatch(sizes=sizes, members=members, x=x, edges=(rows, colsx, ws), seed=seed, unit=feats)
+
+
+# an id table costs 4 bytes per id up to the largest id of a build: used while that is at most this many times the
+# build's kNN entries (the n x k int64 temporaries it holds anyway are 8 bytes per entry), a sorted search beyond
+ID_TABLE_PER_ENTRY = 2
+
+
+def _inside_positions(members, seg, knn_idx, mkey, nkey, big) -> tuple[np.ndarray, np.ndarray]:
+    """Where each kNN entry's neighbour sits in the batch if it is a member of the row's own proposal.
+
+    Returns ``pos`` ((n, k) int64: the member row of the neighbour in the same proposal; any value where it is not
+    one) and ``inside`` ((n, k) bool; entries with id ``-1`` may be either: the caller masks them).
+    ``mkey`` / ``nkey``: proposal * ``big`` + face id of the members (ascending) / the neighbours (``-1`` read as 0).
+
+    Why a table: the sorted search of every entry's key among the members took 0.31 s of a 65k-row x 80 build
+    (16 dependent, cache-missing steps per entry); a table from face id to member row is one gather (0.07 s).
+    A face that is a member of two proposals of the build has no single row: its entries take the sorted search.
+    The same positions either way (tested)."""
+    n, k = knn_idx.shape
+    if big > ID_TABLE_PER_ENTRY * max(n * k, 1) or n >= np.iinfo(np.int32).max:
+        pos = np.searchsorted(mkey, nkey)
+        np.minimum(pos, n - 1, out=pos)  # only the inside entries' positions are read later: those are < n already
+        return pos, mkey[pos] == nkey
+    rows = np.arange(n, dtype=np.int32)
+    table = np.full(big, -1, np.int32)
+    table[members] = rows
+    shared = members[table[members] != rows]  # faces in two proposals (which row the table kept is unspecified)
+    table[shared] = -2
+    pos = table[np.maximum(knn_idx, 0)].astype(np.int64)
+    inside = seg[np.maximum(pos, 0)] == seg[:, None]
+    inside &= pos >= 0
+    if len(shared):
+        r, c = np.nonzero(pos == -2)
+        p = np.minimum(np.searchsorted(mkey, nkey[r, c]), n - 1)
+        pos[r, c] = p
+        inside[r, c] = mkey[p] == nkey[r, c]
+    return pos, inside
 
 
 def _weighted_inputs(sim, knn_idx, inside, valid, seg, sizes, cos_mean, runs, spec) -> tuple[list, np.ndarray, np.ndarray]:
@@ -466,6 +503,67 @@ class Padded:
         return h[self.mask]
 
 
+class Packed(Padded):
+    """Inference layout: the dense (B, n, n) adjacency of :class:`Padded`, the node states packed: the real nodes in
+    batch order, then zero rows up to a multiple of ``PACKED_ROWS``. The linear maps run on those rows; the
+    aggregation scatters the real ones into the padded shape, multiplies by the adjacency and gathers back.
+
+    Why: proposals are padded to their size bucket, and 1.67x as many rows as real nodes went through every
+    linear map at 1M faces (8.79M padded rows for 5.28M members). A real node's state is the same as in
+    :class:`Padded` (a padded row never reaches a real one: its adjacency columns are 0, and the pooling masks
+    it); a linear map's row does not depend on the other rows of its call once the call has a few rows (torch's
+    CPU GEMM answered calls of 1-3 rows through another path, whose last bits differ: hence the multiple, tested
+    against :class:`Padded`). Inference only (no dropout)."""
+
+    def __init__(self, x, adj, mask, flat):
+        self.x, self.adj, self.mask, self.flat = x, adj, mask, flat
+        self.count = mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+        self.seg = torch.div(flat, mask.shape[1], rounding_mode="floor")
+        self.n = len(flat)
+
+    @classmethod
+    def from_batch(cls, batch: ProposalBatch, x: np.ndarray | None = None, n_pad: int | None = None,
+                   n_prop: int | None = None) -> "Packed":
+        x = batch.x if x is None else x
+        B = len(batch.sizes)
+        n_pad = int(n_pad or batch.sizes.max(initial=1))
+        n_prop = int(n_prop or B)
+        seg = batch.seg
+        local = np.arange(len(seg)) - batch.starts[seg]
+        r, c, w = batch.edges
+        A = torch.zeros(n_prop, n_pad, n_pad)
+        A[seg[r], local[r], local[c]] = torch.from_numpy(w)
+        M = torch.zeros(n_prop, n_pad, dtype=torch.bool)
+        M[seg, local] = True
+        X = torch.zeros(-(-max(len(seg), 1) // PACKED_ROWS) * PACKED_ROWS, x.shape[1])
+        X[:len(seg)] = torch.from_numpy(x)
+        return cls(X, A, M, torch.from_numpy(seg * n_pad + local))
+
+    def _padded(self, h):
+        out = h.new_zeros(self.mask.numel(), h.shape[1])
+        out[self.flat] = h[:self.n]
+        return out.view(*self.mask.shape, h.shape[1])
+
+    def agg(self, h):
+        out = torch.zeros_like(h)
+        out[:self.n] = torch.bmm(self.adj, self._padded(h)).view(-1, h.shape[1])[self.flat]
+        return out
+
+    def drop(self, h, p):
+        raise NotImplementedError("the packed layout is for inference; train with the padded or block layout")
+
+    def pool(self, h):
+        return super().pool(self._padded(h))
+
+    def broadcast(self, g):
+        out = g.new_zeros(len(self.x), g.shape[1])
+        out[:self.n] = g[self.seg]
+        return out
+
+    def nodes(self, h):
+        return h[:self.n]
+
+
 class Block:
     """Block-diagonal layout: x (n, f), sparse adjacency (n, n), segment ids (n,)."""
 
@@ -671,7 +769,7 @@ def score_batch(model_d: GCND, batch: ProposalBatch, model_s: GCNS | None = None
             groups.append((int(b), per, ids[i:i + per]))
     for n_pad, per, ids in groups:
         sub = subbatch(batch, ids, eoff)
-        out = model_d(Padded.from_batch(sub, n_pad=n_pad, n_prop=per))[: len(ids)].numpy()
+        out = model_d(Packed.from_batch(sub, n_pad=n_pad, n_prop=per))[: len(ids)].numpy()
         iou[ids], iop[ids] = out[:, 0], out[:, 1]
     segmented = (iop >= iop_range[0]) & (iop <= iop_range[1])
     if model_s is not None and segmented.any():
@@ -683,7 +781,7 @@ def score_batch(model_d: GCND, batch: ProposalBatch, model_s: GCNS | None = None
                 continue
             sub = subbatch(batch, ids, eoff)
             xs = np.concatenate([sub.x, seed_inputs(sub, sub.seed)], 1)
-            logp = model_s(Padded.from_batch(sub, x=xs, n_pad=n_pad, n_prop=per)).numpy()
+            logp = model_s(Packed.from_batch(sub, x=xs, n_pad=n_pad, n_prop=per)).numpy()
             p_member = np.exp(logp[: len(sub.members), 1])
             k = p_member > keep_prob
             k[sub.seed] = True  # the seed defines the identity: never pruned

@@ -273,6 +273,44 @@ def test_adjacency_and_connectivity_bitwise_as_built_by_a_sort(toy, monkeypatch,
     assert (sizes >= 3).sum() > 10 and (lam[:, 0] < 1).any()
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.data())
+def test_inside_positions_equal_a_membership_oracle(data):
+    """The id-table lookup of which kNN entries lie in their row's own proposal, and where, equals a plain
+    membership check; faces that are members of two proposals of the batch (they take the sorted search) and
+    ids ``-1`` included, through both paths (table, sorted search beyond ``ID_TABLE_PER_ENTRY``)."""
+    n_ids = data.draw(st.integers(4, 60))
+    props = data.draw(st.lists(st.lists(st.integers(0, n_ids - 1), min_size=1, max_size=12, unique=True),
+                               min_size=1, max_size=8))
+    sizes = np.array([len(p) for p in props])
+    members = np.concatenate([np.sort(p) for p in props]).astype(np.int64)
+    n, k = len(members), data.draw(st.integers(1, 6))
+    knn_idx = np.array(data.draw(st.lists(st.lists(st.integers(-1, n_ids - 1), min_size=k, max_size=k),
+                                          min_size=n, max_size=n)), np.int64).reshape(n, k)
+    seg = np.repeat(np.arange(len(sizes)), sizes)
+    big = int(max(members.max(), knn_idx.max())) + 1
+    mkey = seg * big + members
+    nkey = np.maximum(knn_idx, 0) + (seg * big)[:, None]
+    starts = np.cumsum(sizes) - sizes
+    old = gcn.ID_TABLE_PER_ENTRY
+    for per_entry in (big, 0):  # the table whatever the size; the sorted search always
+        gcn.ID_TABLE_PER_ENTRY = per_entry
+        try:
+            pos, inside = gcn._inside_positions(members, seg, knn_idx, mkey, nkey, big)
+        finally:
+            gcn.ID_TABLE_PER_ENTRY = old
+        for i in range(n):
+            own = members[starts[seg[i]]:starts[seg[i]] + sizes[seg[i]]]
+            for c in range(k):
+                j = knn_idx[i, c]
+                if j < 0:
+                    continue
+                hit = np.flatnonzero(own == j)
+                assert inside[i, c] == bool(len(hit)), (per_entry, i, c)
+                if len(hit):
+                    assert pos[i, c] == starts[seg[i]] + hit[0]
+
+
 def test_input_spec_widths(toy):
     f, ki, ks = toy["feats"], toy["kidx"], toy["ksim"]
     off, mem = toy["offsets"][:6], toy["members"][:toy["offsets"][5]]
@@ -308,6 +346,28 @@ def test_block_and_padded_layouts_agree(toy):
         assert torch.allclose(md(gcn.Padded.from_batch(b)), md(gcn.Block.from_batch(b)), atol=1e-5)
         xs = np.concatenate([b.x, gcn.seed_inputs(b, b.seed)], 1)
         assert torch.allclose(ms(gcn.Padded.from_batch(b, x=xs)), ms(gcn.Block.from_batch(b, x=xs)), atol=1e-5)
+
+
+def test_packed_layout_scores_bitwise_as_the_padded_one(toy):
+    """The inference layout (linear maps on the real nodes only) gives the padded layout's GCN-D scores and GCN-S
+    log-probabilities bit for bit, in the fixed shapes ``score_batch`` uses and on a batch of one proposal (a few
+    rows: the GEMM path that answered them differently is what ``PACKED_ROWS`` rounds away)."""
+    torch.manual_seed(0)
+    md = gcn.GCND(toy["batch"].x.shape[1], (16, 8)).eval()
+    ms = gcn.GCNS(toy["batch"].x.shape[1] + 2, (16, 8)).eval()
+    sizes = toy["batch"].sizes
+    for ids in (np.arange(0, len(sizes), 3), np.argsort(sizes, kind="stable")[:1], np.flatnonzero(sizes >= 3)[:1]):
+        b = gcn.subbatch(toy["batch"], ids)
+        n_pad = gcn.bucket_of(int(b.sizes.max()))
+        per = max(len(ids), gcn.props_per_forward(n_pad))
+        xs = np.concatenate([b.x, gcn.seed_inputs(b, b.seed)], 1)
+        with torch.no_grad():
+            for model, x in ((md, None), (ms, xs)):
+                padded = model(gcn.Padded.from_batch(b, x=x, n_pad=n_pad, n_prop=per))
+                packed = model(gcn.Packed.from_batch(b, x=x, n_pad=n_pad, n_prop=per))
+                assert torch.equal(padded, packed)
+    with pytest.raises(NotImplementedError):
+        md.train()(gcn.Packed.from_batch(b))
 
 
 def test_subbatch_equals_fresh_build(toy):
