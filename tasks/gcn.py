@@ -456,6 +456,21 @@ def seed_inputs(batch: ProposalBatch, seed: np.ndarray) -> np.ndarray:
 
 
 # -- batch layouts (torch) ---------------------------------------------------------
+def padded_adjacency(batch: ProposalBatch, n_pad: int | None = None, n_prop: int | None = None):
+    """``(seg, local, A, M)``: each node's proposal and place in it, the (n_prop, n_pad, n_pad) adjacency and the
+    (n_prop, n_pad) node mask of a batch padded to ``n_pad`` nodes and ``n_prop`` proposals (default: its own)."""
+    n_pad = int(n_pad or batch.sizes.max(initial=1))
+    n_prop = int(n_prop or len(batch.sizes))
+    seg = batch.seg
+    local = np.arange(len(seg)) - batch.starts[seg]
+    r, c, w = batch.edges
+    A = torch.zeros(n_prop, n_pad, n_pad)
+    A[seg[r], local[r], local[c]] = torch.from_numpy(w)
+    M = torch.zeros(n_prop, n_pad, dtype=torch.bool)
+    M[seg, local] = True
+    return seg, local, A, M
+
+
 class Padded:
     """Dense layout: x (B, n, f), adjacency (B, n, n), mask (B, n)."""
 
@@ -468,18 +483,9 @@ class Padded:
                    n_prop: int | None = None) -> "Padded":
         """``n_pad``/``n_prop``: pad nodes / proposals to fixed sizes (extra proposals are empty)."""
         x = batch.x if x is None else x
-        B = len(batch.sizes)
-        n_pad = int(n_pad or batch.sizes.max(initial=1))
-        n_prop = int(n_prop or B)
-        seg = batch.seg
-        local = np.arange(len(seg)) - batch.starts[seg]
-        X = torch.zeros(n_prop, n_pad, x.shape[1])
+        seg, local, A, M = padded_adjacency(batch, n_pad, n_prop)
+        X = torch.zeros(*M.shape, x.shape[1])
         X[seg, local] = torch.from_numpy(x)
-        r, c, w = batch.edges
-        A = torch.zeros(n_prop, n_pad, n_pad)
-        A[seg[r], local[r], local[c]] = torch.from_numpy(w)
-        M = torch.zeros(n_prop, n_pad, dtype=torch.bool)
-        M[seg, local] = True
         return cls(X, A, M)
 
     def agg(self, h):
@@ -525,19 +531,10 @@ class Packed(Padded):
     def from_batch(cls, batch: ProposalBatch, x: np.ndarray | None = None, n_pad: int | None = None,
                    n_prop: int | None = None) -> "Packed":
         x = batch.x if x is None else x
-        B = len(batch.sizes)
-        n_pad = int(n_pad or batch.sizes.max(initial=1))
-        n_prop = int(n_prop or B)
-        seg = batch.seg
-        local = np.arange(len(seg)) - batch.starts[seg]
-        r, c, w = batch.edges
-        A = torch.zeros(n_prop, n_pad, n_pad)
-        A[seg[r], local[r], local[c]] = torch.from_numpy(w)
-        M = torch.zeros(n_prop, n_pad, dtype=torch.bool)
-        M[seg, local] = True
+        seg, local, A, M = padded_adjacency(batch, n_pad, n_prop)
         X = torch.zeros(-(-max(len(seg), 1) // PACKED_ROWS) * PACKED_ROWS, x.shape[1])
         X[:len(seg)] = torch.from_numpy(x)
-        return cls(X, A, M, torch.from_numpy(seg * n_pad + local))
+        return cls(X, A, M, torch.from_numpy(seg * M.shape[1] + local))
 
     def _padded(self, h):
         out = h.new_zeros(self.mask.numel(), h.shape[1])
