@@ -280,7 +280,7 @@ def test_level_knn_from_the_face_graph_in_the_stage_equals_one_process(tmp_path,
     monkeypatch.setattr(tp, "EXACT_MAX", 200)
     state = cut_task(store.url, [multi[0]], 2, cfg.proposals.max_proposal_size)
     stats = {}
-    whole = tp.face_graph_knn(state["labels"], state["sums0"], multi[0]["sv_k"],
+    whole = tp.face_graph_knn(state["labels"], tp.unit_means(state["sums0"]), multi[0]["sv_k"],
                               [(0, store.array("knn/index")[:, :tp.GRAPH_NEIGHBOURS])], stats)
     for got, want in zip(state["knn1"], whole):  # read chunk by chunk (700 rows) in the task
         np.testing.assert_array_equal(got, want)
@@ -320,7 +320,7 @@ def test_face_graph_knn_equals_candidate_oracle(n_faces, n_groups, k_lists, k, c
     sums = rng.integers(-2, 3, (n_groups, 3)).astype(np.float64) if ties else rng.standard_normal((n_groups, 3))
     means = tp.unit_means(sums)
     kk = max(0, min(k, n_groups - 1))
-    idx, sim = tp.face_graph_knn(labels, sums, k, [(a, nb[a:a + chunk]) for a in range(0, n_faces, chunk)])
+    idx, sim = tp.face_graph_knn(labels, means, k, [(a, nb[a:a + chunk]) for a in range(0, n_faces, chunk)])
     assert idx.shape == (n_groups, kk) and sim.shape == (n_groups, kk)
     cand = [set() for _ in range(n_groups)]
     for i in range(n_faces):
@@ -414,3 +414,25 @@ def test_add_group_sums_in_place_equals_row_order_oracle(n, n_groups, d, chunk, 
         present = np.unique(labels[a:a + chunk])
         want[present] += part[present]
     assert got.tobytes() == want.tobytes()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 70), st.integers(1, 5), st.integers(1, 9), st.integers(0, 2 ** 32 - 1))
+def test_unit_means_in_steps_equal_the_whole_quotient(n, d, step, seed):
+    """Unit means made a few rows at a time (the proposals cut's memory) are the whole-array quotient's float32
+    bits, zero rows (norm 0) included."""
+    from facecluster.tasks import proposals as tp
+
+    rng = np.random.default_rng(seed)
+    sums = rng.standard_normal((n, d)) * 10.0 ** rng.integers(-3, 4, (n, 1))
+    sums[rng.random(n) < 0.2] = 0.0
+    norm = np.linalg.norm(sums, axis=1, keepdims=True)
+    norm[norm == 0] = 1.0
+    old = tp.UNIT_MEANS_ROWS
+    tp.UNIT_MEANS_ROWS = step
+    try:
+        got = tp.unit_means(sums)
+    finally:
+        tp.UNIT_MEANS_ROWS = old
+    assert got.dtype == np.float32 and got.shape == sums.shape
+    np.testing.assert_array_equal(got, (sums / norm).astype(np.float32))
