@@ -76,8 +76,7 @@ def unit_means(sums: np.ndarray) -> np.ndarray:
     """L2-normalised means (the direction of the sum) as float32.
 
     Made ``UNIT_MEANS_ROWS`` rows at a time (the same values): the whole quotient in float64 was a second array
-    as large as ``sums``, 1 GB of the proposals stage's 3.4 GB peak per worker at 1M faces (a cut of 502k
-    super-vertices)."""
+    as large as ``sums`` (1 GB beside the sums' 1 GB in the proposals cut of 502k super-vertices at 1M faces)."""
     out = np.empty(sums.shape, np.float32)
     for a in range(0, len(sums), UNIT_MEANS_ROWS):
         part = sums[a:a + UNIT_MEANS_ROWS]
