@@ -737,9 +737,9 @@ def score_batch(model_d: GCND, batch: ProposalBatch, model_s: GCNS | None = None
                 keep_prob: float = 0.5, node_budget: int = 4096) -> dict[str, np.ndarray]:
     """Predicted IoU/IoP of every proposal, and GCN-S membership where IoP is in ``iop_range``.
 
-    Proposals are grouped by size bucket and run through fixed-shape forward calls
-    (``props_per_forward`` proposals x bucket nodes, in batch order, empty proposals as
-    filler). A proposal's outputs are bitwise a function of its forward's proposals and
+    Proposals are grouped by size bucket and run through forward calls of fixed adjacency
+    shape (``props_per_forward`` proposals x bucket nodes, in batch order, empty proposals as
+    filler; the linear maps on the real nodes, :class:`Packed`). A proposal's outputs are bitwise a function of its forward's proposals and
     its slot there, not of the rest of ``batch``: the slot can change the last bit
     (measured at 1M faces with the 64 -> 2 head: 1 proposal in 4,096 moved by one ulp
     when its batch changed), so callers that need bits independent of the batching fix
