@@ -85,7 +85,7 @@ def body_matches_trailer(data) -> bool:
     (``bytes(data[:-4])``) cost as much again as the CRC and the read's own copy together on every chunk read."""
     if len(data) < 4:
         return False
-    body = np.frombuffer(data, np.uint8)[:-4] if not isinstance(data, np.ndarray) else data.reshape(-1)[:-4].view()
+    body = np.frombuffer(data, np.uint8)[:-4]
     body.flags.writeable = False  # google_crc32c takes read-only buffers only
     return np.uint32(google_crc32c.value(body)).tobytes() == bytes(data[-4:])
 

@@ -74,7 +74,8 @@ def store_compressor() -> zarr.codecs.BloscCodec:
     (all 62 chunks of 16,384 rows, one thread) LZ4 decodes features 3.6-3.9x faster (3.3 against 0.85-0.92 GB/s),
     ``knn/index`` 3.4x, ``edges/prob`` 2.4x, and encodes 4.5-15x faster (``edges/prob`` 0.75 against 0.05 GB/s), for
     4-9% more bytes on disk (features 0.94 against 0.90 of raw, ``knn/index`` 0.38 against 0.35). One score task's
-    reads: 5.80 -> 4.05 CPU-s; the stages' times moved within the machine's noise. Stores written before keep their codec (it is in each array's metadata) and read as before.
+    reads: 5.80 -> 4.05 CPU-s; the stages' times moved within the machine's noise. Stores written before keep their
+    codec (it is in each array's metadata) and read as before.
     """
     return zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 
@@ -625,7 +626,7 @@ class RunStore:
             data = None
             if full and got != ABSENT:
                 buf = sync(self._raw.get(f"{name}/{chunk_name(coords)}", default_buffer_prototype()))
-                data = None if buf is None else buf.to_bytes()
+                data = None if buf is None else buf.as_numpy_array()  # checked in place, as CheckedStore.get does
             problem = chunk_problem(table, coords, data, full=True) if full else (
                 None if want == got else "is missing" if got == ABSENT else
                 "was not written by the stage (an unexpected chunk)" if want == ABSENT else "is damaged (checksum mismatch)")

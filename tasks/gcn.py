@@ -524,8 +524,8 @@ class Packed(Padded):
     against :class:`Padded`). Inference only (no dropout)."""
 
     def __init__(self, x, adj, mask, flat):
-        self.x, self.adj, self.mask, self.flat = x, adj, mask, flat
-        self.count = mask.sum(1, keepdim=True).clamp(min=1).to(x.dtype)
+        super().__init__(x, adj, mask)
+        self.flat = flat
         self.seg = torch.div(flat, mask.shape[1], rounding_mode="floor")
         self.n = len(flat)
 

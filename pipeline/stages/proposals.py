@@ -39,6 +39,7 @@ from facecluster.tasks.arrays import unique_sorted
 from ..cluster import pick
 from ..config import Config
 from ..errors import BadInput
+from ..forest import row_chunks
 from ..progress import wait_futures
 from ..store import RunStore, open_array
 
@@ -101,8 +102,8 @@ def cut_task(url: str, settings: list[dict], min_size: int, max_proposal_size: i
             # One chunk at a time: written whole, zarr encoded several chunks at once, each copied on its way
             # (sampled at 1M: the task's RSS 2.3 -> 3.4 GB while it wrote the 1 GB of sums)
             out = open_array(url, sums_path, mode="r+")
-            for a in range(0, n_groups, int(out.chunks[0])):
-                out[a:min(a + int(out.chunks[0]), n_groups)] = sums0[a:a + int(out.chunks[0])]
+            for a, b in row_chunks(n_groups, int(out.chunks[0])):
+                out[a:b] = sums0[a:b]
             state["sums_path"] = sums_path
         graph_knn = n_groups > (P.EXACT_MAX if exact_max is None else exact_max)
         means = P.unit_means(sums0) if graph_knn else None

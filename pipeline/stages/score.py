@@ -10,9 +10,9 @@ worker process (module-level cache keyed by model directory + digest) and torch
 uses the worker's thread count.
 
 Determinism: ``facecluster.tasks.gcn.score_batch`` runs every proposal in a forward of fixed adjacency
-shape (size bucket x fixed proposal count; the linear maps on the forward's real nodes), and the forwards are formed within fixed blocks
-of :func:`score_block` proposals and at most ``BLOCK_MEMBERS`` members (:func:`block_bounds`: by
-proposal index and size, whatever the tasks), so a proposal's
+shape (size bucket x fixed proposal count; the linear maps on the forward's real nodes), and the
+forwards are formed within fixed blocks of :func:`score_block` proposals and at most ``BLOCK_MEMBERS``
+members (:func:`block_bounds`: by proposal index and size, whatever the tasks), so a proposal's
 scores are bitwise the same for any task size or worker count (tested), which
 dedup's tie-breaking needs.
 
