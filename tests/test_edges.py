@@ -92,6 +92,49 @@ def test_padding_gives_nan_inputs_and_shared_neighbours_count():
     assert x[0, 2, r[0]] == pytest.approx(0.0) and x[0, 2, r[1]] == pytest.approx(2 / 3)
 
 
+@settings(max_examples=100, deadline=None)
+@given(n=st.integers(1, 10**6), r=st.integers(1, 40_000), threads=st.integers(1, 16), task_rows=st.integers(1, 1 << 17))
+def test_edge_task_ranges_are_whole_chunks_within_the_row_budget(n, r, threads, task_rows):
+    from facecluster.pipeline.stages.edges import edge_task_ranges
+
+    ranges = edge_task_ranges(n, r, threads, task_rows)
+    assert ranges[0][0] == 0 and ranges[-1][1] == n and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    assert all(a % r == 0 for a, _ in ranges)  # whole chunks
+    per = -(-(ranges[0][1] - ranges[0][0]) // r)  # chunks per task
+    assert per == 1 or per * r <= task_rows
+    chunks = -(-n // r)
+    assert len(ranges) >= min(chunks, 2 * threads)  # every thread has work where there are chunks for it
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), k=st.integers(1, 40), u=st.integers(1, 12), b=st.integers(1, 9))
+def test_rank_by_binary_search_equals_the_full_count(data, k, u, b):
+    """How many entries of a neighbour's non-increasing row exceed s, by the binary search, against counting them
+    all: ties, padding (-inf, at the end of some rows), s equal to an entry, above every entry or below all."""
+    from facecluster.tasks.edges import _count_above_sorted, _rows_non_increasing
+    levels = st.sampled_from([-np.inf, -0.5, 0.0, 0.25, 0.5, 0.75, 1.0])  # few values: many ties
+    rows = np.array([sorted(data.draw(st.lists(levels, min_size=k, max_size=k)), reverse=True) for _ in range(u)],
+                    np.float32)
+    assert _rows_non_increasing(rows)
+    pos = np.array(data.draw(st.lists(st.integers(0, u - 1), min_size=b * k, max_size=b * k))).reshape(b, k)
+    s = np.array(data.draw(st.lists(st.sampled_from([-2.0, -0.5, 0.0, 0.3, 0.5, 0.75, 1.0, 2.0]),
+                                    min_size=b * k, max_size=b * k))).reshape(b, k)
+    np.testing.assert_array_equal(_count_above_sorted(rows, pos, s), (rows[pos] > s[..., None]).sum(-1))
+
+
+def test_inputs_count_ranks_in_full_where_neighbour_rows_are_not_sorted(small_knn, monkeypatch):
+    """The binary search needs each neighbour row non-increasing: the check says no for a NaN or an unsorted row,
+    and the full count (the path those rows take) gives the same inputs as the search on sorted rows."""
+    from facecluster.tasks import edges as E
+    assert not E._rows_non_increasing(np.array([[0.9, np.nan, 0.1]], np.float32))
+    assert not E._rows_non_increasing(np.array([[0.9, 0.1, 0.5]], np.float32))
+    idx, sim, _ = small_knn
+    searched, _ = run_edge_inputs(idx, sim)
+    monkeypatch.setattr(E, "_rows_non_increasing", lambda sim: False)
+    counted, _ = run_edge_inputs(idx, sim)
+    np.testing.assert_array_equal(searched, counted)
+
+
 # -- the per-run adaptation ---------------------------------------------------------------------------
 def _noisy_scorer(idx: np.ndarray, same: np.ndarray, seed: int) -> np.ndarray:
     """A scorer that is right where it is confident and noisy in between: P from the truth blurred by a
@@ -403,10 +446,13 @@ def test_adapted_edges_stage_equals_the_kernel_for_any_chunks_and_workers(traine
     general = str(GENERAL_MODEL_DIR)
     cfg = Config.from_dict(_cfg().to_dict(), {"edges.adapt": True})
     a, b = _test_run(trained, "adapt_a", 500), _test_run(trained, "adapt_b", 1300)
-    for store, client in ((a, local_client), (b, single_worker_client)):
+    c = _test_run(trained, "adapt_c", 200)  # one worker, 200-row chunks: second-pass tasks of several chunks
+    for store, client in ((a, local_client), (b, single_worker_client), (c, single_worker_client)):
         run_knn(store, cfg, client)
         run_edges(store, general, cfg, client)
     np.testing.assert_array_equal(a.array("edges/prob")[:], b.array("edges/prob")[:])
+    np.testing.assert_array_equal(a.array("edges/prob")[:], c.array("edges/prob")[:])
+    assert c.record("edges")["summary"]["tasks"] < -(-c.array("knn/index").shape[0] // 200)
     ad = a.record("edges")["summary"]["adaptation"]
     assert ad is not None and ad == b.record("edges")["summary"]["adaptation"]
     assert a.record("edges")["params"]["adapt"] is True

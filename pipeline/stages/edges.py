@@ -6,16 +6,16 @@ its kNN similarities and its median first / last neighbour similarity) is taken
 once from a stride sample of rows, so every input is read on this data's own
 scale, whatever the face model.
 
-Two passes, one task per chunk of ``knn`` rows each:
+Two passes over whole chunks of ``knn`` rows:
 
-1. each row's summary (first, last, mean, std, density of its similarities) and first
+1. one task per chunk: each row's summary (first, last, mean, std, density of its similarities) and first
    ``SNN_M`` ids, written to ``edges/row_summary`` and ``edges/first_ids``: computed once
    per row. (Before, every task recomputed the summaries of its ~590k distinct
    neighbours at 1M faces and decoded all of ``knn/index`` for their first ids: 2.8 s of
    a 3.4 s block.)
-2. ``edges/prob``: a task reads its rows' kNN lists and, for their distinct neighbours,
+2. ``edges/prob``, one task per ``EDGE_TASK_ROWS`` rows: a task reads its rows' kNN lists and, for their distinct neighbours,
    their similarity rows, summaries and first ids (orthogonal selections: never the
-   whole matrix), and writes its whole chunk (chunked like ``knn``).
+   whole matrix), and writes its whole chunks (chunked like ``knn``).
 
 With ``[edges] adapt`` one task between the two passes scores the edges of the scale sample's
 rows, the driver fits the run's adaptation on them
@@ -35,7 +35,7 @@ import uuid
 
 import numpy as np
 
-from ..cluster import heap_reuse
+from ..cluster import heap_reuse, total_threads, worker_infos
 from ..config import Config
 from ..model_files import edge_meta, load_edge_scorer, model_digest
 from ..forest import row_chunks
@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 
 STAGE = "edges"
 SAMPLE_ROWS = 20_000
+# rows a second-pass task scores (whole kNN chunks): each task reads the similarity rows, summaries and first ids of
+# its rows' distinct neighbours, and neighbouring rows share many (1M built-in faces: 580,633 for one chunk of 16,384
+# rows, 744,410 for two: 36% fewer gathered rows per chunk). Its peak grows with it: up to rows * k neighbour rows
+EDGE_TASK_ROWS = 1 << 15
 _SCORERS: dict = {}  # (model dir, digest) -> scorer: loaded once per worker process
 
 
@@ -96,6 +100,14 @@ def row_inputs(url: str, rows: np.ndarray, summary_path: str, first_path: str, s
     nbr_idx = open_array(url, first_path).get_orthogonal_selection((uniq, slice(None)))
     x = edge_inputs(rows, idx, sim, pos, nbr_sim, nbr_idx, SimStats.from_dict(stats), nbr_summary=nbr_summary)
     return idx, x, len(uniq)
+
+
+def edge_task_ranges(n: int, r: int, threads: int, task_rows: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of the second pass's tasks: whole chunks of ``r`` rows, up to ``task_rows`` rows each, and at least
+    two tasks per worker thread where there are enough chunks (so no thread waits on a last large task)."""
+    chunks = -(-n // r)
+    per = max(1, min((task_rows or EDGE_TASK_ROWS) // r, chunks // max(1, 2 * threads)))
+    return row_chunks(n, per * r)
 
 
 def run_adaptation(store: RunStore) -> dict | None:
@@ -162,8 +174,8 @@ def sample_task(url: str, rows: np.ndarray, summary_path: str, first_path: str, 
 
 def edges_task(url: str, out_path: str, summary_path: str, first_path: str, r0: int, r1: int, model_dir: str,
                digest: str, stats: dict, adaptation: dict | None = None) -> dict:
-    """Worker task, second pass: ``edges/prob`` rows r0..r1 (one whole chunk): the scorer's P, or the run's
-    adapted P where ``adaptation`` is given."""
+    """Worker task, second pass: ``edges/prob`` rows r0..r1 (whole chunks, :func:`edge_task_ranges`): the scorer's
+    P, or the run's adapted P where ``adaptation`` is given."""
     import torch
 
     from facecluster.tasks.edges import adapted_prob, predict_edges
@@ -225,7 +237,7 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
                     adaptation["pseudo_labels"]) if adaptation else "skipped: too few confident sample edges")
             futs = [client.submit(edges_task, store.url, w.tmp_path("edges/prob"), summary_path, first_path, a, b,
                                   os.path.abspath(model_dir), digest, stats, adaptation, key=f"edges-{a}-{token}")
-                    for a, b in row_chunks(n, r)]
+                    for a, b in edge_task_ranges(n, r, total_threads(worker_infos(client)))]
             parts = wait_futures(futs, "edges")
         n_edges = sum(p["edges"] for p in parts)
         summary = {"n": int(n), "k": int(k), "tasks": len(parts), "edges": int(n_edges),
