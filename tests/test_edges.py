@@ -93,15 +93,16 @@ def test_padding_gives_nan_inputs_and_shared_neighbours_count():
 
 
 @settings(max_examples=100, deadline=None)
-@given(n=st.integers(1, 10**6), r=st.integers(1, 40_000), threads=st.integers(1, 16), task_rows=st.integers(1, 1 << 17))
-def test_edge_task_ranges_are_whole_chunks_within_the_row_budget(n, r, threads, task_rows):
+@given(n=st.integers(1, 10**6), r=st.integers(1, 40_000), k=st.integers(1, 300), threads=st.integers(1, 16),
+       task_entries=st.integers(1, 1 << 24))
+def test_edge_task_ranges_are_whole_chunks_within_the_entry_budget(n, r, k, threads, task_entries):
     from facecluster.pipeline.stages.edges import edge_task_ranges
 
-    ranges = edge_task_ranges(n, r, threads, task_rows)
+    ranges = edge_task_ranges(n, r, k, threads, task_entries)
     assert ranges[0][0] == 0 and ranges[-1][1] == n and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
     assert all(a % r == 0 for a, _ in ranges)  # whole chunks
     per = -(-(ranges[0][1] - ranges[0][0]) // r)  # chunks per task
-    assert per == 1 or per * r <= task_rows
+    assert per == 1 or per * r * k <= task_entries
     chunks = -(-n // r)
     assert len(ranges) >= min(chunks, 2 * threads)  # every thread has work where there are chunks for it
 

@@ -13,7 +13,7 @@ Two passes over whole chunks of ``knn`` rows:
    per row. (Before, every task recomputed the summaries of its ~590k distinct
    neighbours at 1M faces and decoded all of ``knn/index`` for their first ids: 2.8 s of
    a 3.4 s block.)
-2. ``edges/prob``, one task per ``EDGE_TASK_ROWS`` rows: a task reads its rows' kNN lists and, for their distinct neighbours,
+2. ``edges/prob``, one task per ``EDGE_TASK_ENTRIES`` kNN entries: a task reads its rows' kNN lists and, for their distinct neighbours,
    their similarity rows, summaries and first ids (orthogonal selections: never the
    whole matrix), and writes its whole chunks (chunked like ``knn``).
 
@@ -46,10 +46,14 @@ log = logging.getLogger(__name__)
 
 STAGE = "edges"
 SAMPLE_ROWS = 20_000
-# rows a second-pass task scores (whole kNN chunks): each task reads the similarity rows, summaries and first ids of
-# its rows' distinct neighbours, and neighbouring rows share many (1M built-in faces: 580,633 for one chunk of 16,384
-# rows, 744,410 for two: 36% fewer gathered rows per chunk). Its peak grows with it: up to rows * k neighbour rows
-EDGE_TASK_ROWS = 1 << 15
+# kNN entries (rows x k) a second-pass task scores, in whole chunks. Each task reads the similarity rows, summaries
+# and first ids of its rows' distinct neighbours, and decodes nearly every chunk of ``knn/sim`` to do it, whatever its
+# size: fewer, larger tasks decode the store fewer times, and their rows share neighbours (1M built-in faces, rows in
+# no particular order: 580,633 distinct neighbours for 16,384 rows, 862,156 for 65,536). The stage alone at 1M:
+# 1 / 2 / 4 chunks of 16,384 rows a task 112.5 / 83.9-92.1 / 74.7-76.0 s, peak per worker 822 / 1,027 / 1,349 MiB.
+# A task holds at most entries x (4k + 8 SNN_M + 40) B of neighbour rows (k = 80: 2.3 GB where no two of its
+# entries share a neighbour) and entries x 60 B of inputs.
+EDGE_TASK_ENTRIES = 80 << 16  # 65,536 rows at k = 80
 _SCORERS: dict = {}  # (model dir, digest) -> scorer: loaded once per worker process
 
 
@@ -102,11 +106,12 @@ def row_inputs(url: str, rows: np.ndarray, summary_path: str, first_path: str, s
     return idx, x, len(uniq)
 
 
-def edge_task_ranges(n: int, r: int, threads: int, task_rows: int | None = None) -> list[tuple[int, int]]:
-    """Row ranges of the second pass's tasks: whole chunks of ``r`` rows, up to ``task_rows`` rows each, and at least
-    two tasks per worker thread where there are enough chunks (so no thread waits on a last large task)."""
+def edge_task_ranges(n: int, r: int, k: int, threads: int, task_entries: int | None = None) -> list[tuple[int, int]]:
+    """Row ranges of the second pass's tasks: whole chunks of ``r`` rows, up to ``task_entries`` kNN entries
+    (:data:`EDGE_TASK_ENTRIES`) each, and at least two tasks per worker thread where there are enough chunks (so no
+    thread waits on a last large task)."""
     chunks = -(-n // r)
-    per = max(1, min((task_rows or EDGE_TASK_ROWS) // r, chunks // max(1, 2 * threads)))
+    per = max(1, min((task_entries or EDGE_TASK_ENTRIES) // (max(1, k) * r), chunks // max(1, 2 * threads)))
     return row_chunks(n, per * r)
 
 
@@ -237,7 +242,7 @@ def run_edges(store: RunStore, model_dir: str, cfg: Config, client, force: bool 
                     adaptation["pseudo_labels"]) if adaptation else "skipped: too few confident sample edges")
             futs = [client.submit(edges_task, store.url, w.tmp_path("edges/prob"), summary_path, first_path, a, b,
                                   os.path.abspath(model_dir), digest, stats, adaptation, key=f"edges-{a}-{token}")
-                    for a, b in edge_task_ranges(n, r, total_threads(worker_infos(client)))]
+                    for a, b in edge_task_ranges(n, r, k, total_threads(worker_infos(client)))]
             parts = wait_futures(futs, "edges")
         n_edges = sum(p["edges"] for p in parts)
         summary = {"n": int(n), "k": int(k), "tasks": len(parts), "edges": int(n_edges),
