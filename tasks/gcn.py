@@ -99,8 +99,7 @@ class ProposalBatch:
 
 
 def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_idx: np.ndarray,
-                knn_sim: np.ndarray, spec: dict | None = None, knn_cos: np.ndarray | None = None,
-                x_out: np.ndarray | None = None) -> ProposalBatch:
+                knn_sim: np.ndarray, spec: dict | None = None, knn_cos: np.ndarray | None = None) -> ProposalBatch:
     """Node inputs and adjacency of a batch of proposals.
 
     Parameters
@@ -121,9 +120,6 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
         cosine ("sim") or the learned P(same identity) ("prob", "both"). With "both",
         the boundary, structure and outside inputs are computed once more from
         ``knn_cos`` (the cosine rows) and appended.
-    x_out : (n, input_dim) float32, optional
-        Where to write the node inputs (e.g. rows of a larger batch's array, so that parts built
-        separately need no concatenation: :func:`concat_batches`); a new array by default.
 
     Returns
     -------
@@ -174,10 +170,7 @@ def build_batch(sizes: np.ndarray, members: np.ndarray, feats: np.ndarray, knn_i
     # node inputs, column blocks in this order: feature (x), weighted inputs, connectivity, the cosine's
     # weighted inputs ("both"); written into one float32 array (was a concatenation per block)
     blocks = ([feats] if spec["x"] != "none" else []) + weighted + ([conn] if spec["connectivity"] else []) + extra
-    shape = (n, sum(b.shape[1] for b in blocks))
-    if x_out is not None and (x_out.shape != shape or x_out.dtype != np.float32 or not x_out.flags.c_contiguous):
-        raise ValueError(f"x_out must be a C-contiguous float32 array of shape {shape}")
-    x = np.empty(shape, np.float32) if x_out is None else x_out
+    x = np.empty((n, sum(b.shape[1] for b in blocks)), np.float32)
     at = 0
     for b in blocks:
         w = b.shape[1]
@@ -729,18 +722,14 @@ def subbatch(batch: ProposalBatch, idx: np.ndarray, eoff: np.ndarray | None = No
                          edges=(r[eidx] - shift, c[eidx] - shift, w[eidx]), seed=seed, unit=batch.unit[nodes])
 
 
-def concat_batches(parts: list[ProposalBatch], x: np.ndarray | None = None, unit: np.ndarray | None = None) -> ProposalBatch:
-    """One batch from several (node indices shifted).
-
-    ``x`` / ``unit``: the parts' node inputs / unit features already in one array each, in part order (the parts
-    were built into its rows: ``build_batch(..., x_out=)``); concatenated from the parts where not given."""
+def concat_batches(parts: list[ProposalBatch]) -> ProposalBatch:
+    """One batch from several (node indices shifted)."""
     shifts = np.concatenate([[0], np.cumsum([len(p.members) for p in parts])[:-1]]).astype(np.int64)
     return ProposalBatch(
         sizes=np.concatenate([p.sizes for p in parts]), members=np.concatenate([p.members for p in parts]),
-        x=np.concatenate([p.x for p in parts]) if x is None else x,
+        x=np.concatenate([p.x for p in parts]),
         edges=tuple(np.concatenate([p.edges[j] + (s if j < 2 else 0) for p, s in zip(parts, shifts)]) for j in range(3)),
-        seed=np.concatenate([p.seed + s for p, s in zip(parts, shifts)]),
-        unit=np.concatenate([p.unit for p in parts]) if unit is None else unit)
+        seed=np.concatenate([p.seed + s for p, s in zip(parts, shifts)]), unit=np.concatenate([p.unit for p in parts]))
 
 
 @torch.no_grad()

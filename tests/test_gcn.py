@@ -382,29 +382,6 @@ def test_subbatch_equals_fresh_build(toy):
     assert np.allclose(sub.edges[2], fresh.edges[2]) and np.array_equal(sub.seed, fresh.seed)
 
 
-def test_parts_built_into_one_array_equal_their_concatenation(toy):
-    """The score stage builds a block in parts straight into one node-input array (``x_out``) and joins them
-    without copying (``concat_batches(x=, unit=)``): the same batch as parts built alone and concatenated."""
-    f, ki, ks, off, mem = toy["feats"], toy["kidx"], toy["ksim"], toy["offsets"], toy["members"]
-    cuts = [0, 5, 6, 40, len(off) - 1]
-    m0, m1 = int(off[cuts[0]]), int(off[cuts[-1]])
-    feats = f[mem[m0:m1]]
-    x = np.empty((m1 - m0, gcn.input_dim(f.shape[1])), np.float32)
-    alone, into = [], []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        sizes, m = np.diff(off[a:b + 1]), mem[off[a]:off[b]]
-        alone.append(gcn.build_batch(sizes, m, f[m], ki[m], ks[m]))
-        lo, hi = int(off[a]) - m0, int(off[b]) - m0
-        into.append(gcn.build_batch(sizes, m, feats[lo:hi], ki[m], ks[m], x_out=x[lo:hi]))
-    want, got = gcn.concat_batches(alone), gcn.concat_batches(into, x=x, unit=feats)
-    for name in ("sizes", "members", "x", "seed", "unit"):
-        assert np.array_equal(getattr(want, name), getattr(got, name)), name
-    assert all(np.array_equal(a, b) for a, b in zip(want.edges, got.edges))
-    assert got.x is x  # written in place, not copied
-    with pytest.raises(ValueError, match="x_out"):
-        gcn.build_batch(sizes, m, f[m], ki[m], ks[m], x_out=np.empty((len(m), 3), np.float32))
-
-
 def test_scores_bitwise_independent_of_batch_composition(toy):
     torch.manual_seed(1)
     b = toy["batch"]

@@ -117,7 +117,7 @@ def score_task(url: str, model_dir: str, digest: str, blocks: list[int], iop_ran
     """
     import torch
 
-    from facecluster.tasks.gcn import build_batch, concat_batches, input_dim, score_batch
+    from facecluster.tasks.gcn import build_batch, concat_batches, score_batch
 
     from ..cluster import worker_threads
 
@@ -135,27 +135,18 @@ def score_task(url: str, model_dir: str, digest: str, blocks: list[int], iop_ran
     rows = [open_array(url, name).get_orthogonal_selection((ids, slice(None))) for name in names]
     if iop_range is None:  # the model's validation tuning found GCN-S does not help
         segment, iop_range = False, (1.0, 0.0)
-    width = input_dim(rows[0].shape[1], meta["spec"])
     outs = []
     for q0, q1 in zip(blocks[:-1], blocks[1:]):
         q0, q1 = q0 - p0, q1 - p0
-        # the block's feature rows gathered once, and its node inputs written by each build into one array: the
-        # builds' parts join without copying either again (the concatenation was ~5% of the stage at 1M faces);
-        # the kNN rows, which only a build reads, are gathered build by build
-        m0, m1 = int(off[q0]), int(off[q1])
-        feats = rows[0][inv[m0:m1]]
-        x = np.empty((m1 - m0, width), np.float32)
         parts = []
         for a, b in row_batches(off[q0:q1 + 1], build_rows):
             a, b = a + q0, b + q0
-            lo, hi = int(off[a]) - m0, int(off[b]) - m0
             sel = inv[off[a]:off[b]]
-            parts.append(build_batch(np.diff(off[a:b + 1]), members[off[a]:off[b]], feats[lo:hi], rows[1][sel],
-                                     rows[2][sel], meta["spec"], knn_cos=rows[3][sel] if len(rows) > 3 else None,
-                                     x_out=x[lo:hi]))
-        batch = parts[0] if len(parts) == 1 else concat_batches(parts, x=x, unit=feats)
+            parts.append(build_batch(np.diff(off[a:b + 1]), members[off[a]:off[b]], *(r[sel] for r in rows[:3]),
+                                     meta["spec"], knn_cos=rows[3][sel] if len(rows) > 3 else None))
+        batch = parts[0] if len(parts) == 1 else concat_batches(parts)
         outs.append(score_batch(gcnd, batch, gcns if segment else None, tuple(iop_range), keep_prob))
-        del parts, batch, x, feats
+        del parts, batch
     cat = (lambda key, dt: np.concatenate([o[key] for o in outs]) if outs else np.zeros(0, dt))
     return {"p0": p0, "iou": cat("iou", np.float32), "iop": cat("iop", np.float32),
             "segmented": cat("segmented", bool), "keep": cat("keep", bool), "members": int(off[-1]),
