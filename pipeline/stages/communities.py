@@ -263,15 +263,23 @@ def infomap_components(client, writer: StageWriter, n: int, forest, floors: list
         # stage's serial tail (a 1M-face built-in run: a component of 686k faces at 0.5, one worker idle 80% of the
         # stage). With its rows regrouped each of those tasks reads only its own slices.
         by_floor = [len(nodes) > budget and len(floors) > 1 for nodes in node_sets]
-        futs = []
-        for g_i, (nodes, b) in enumerate(zip(node_sets, ends)):
+        runs = [[[f_i] for f_i in range(len(floors))] if by_floor[g_i] else [list(range(len(floors)))]
+                for g_i in range(len(node_sets))]
+        # every Infomap task reads every regrouped piece: they are submitted once the pass is done, largest first. A
+        # worker starts what it holds by priority, but tasks submitted earlier (and all released at once by the last
+        # gather) reached a worker over several messages, and under load it started a smaller one that came first
+        wait_futures(gathered, f"{name} (regrouping)", gather=False)
+        todo = sorted(((g_i, j) for g_i in range(len(node_sets)) for j in range(len(runs[g_i]))),
+                      key=lambda t: -infomap_task_priority(len(node_sets[t[0]]), len(runs[t[0]][t[1]])))
+        futs = [[None] * len(r) for r in runs]
+        for g_i, j in todo:
+            nodes, b, cols = node_sets[g_i], ends[g_i], runs[g_i][j]
             mine = [p[g_i] for p in pieces if p[g_i][3] > p[g_i][2]]
-            runs = [[f_i] for f_i in range(len(floors))] if by_floor[g_i] else [list(range(len(floors)))]
-            futs.append([client.submit(component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b),
-                                       [floors[f_i] for f_i in cols], weights, joint, mine, *gathered, columns=cols,
-                                       key=f"{name}-infomap-{g_i}-{cols[0] if len(cols) == 1 else 'all'}-{len(nodes)}n-{token}",
-                                       priority=infomap_task_priority(len(nodes), len(cols)))
-                         for cols in runs])
+            futs[g_i][j] = client.submit(
+                component_task, url, nodes_path, comp_path, int(b - len(nodes)), int(b), [floors[f_i] for f_i in cols],
+                weights, joint, mine, *gathered, columns=cols,
+                key=f"{name}-infomap-{g_i}-{cols[0] if len(cols) == 1 else 'all'}-{len(nodes)}n-{token}",
+                priority=infomap_task_priority(len(nodes), len(cols)))
         flat = wait_futures([f for fs in futs for f in fs], f"{name} {', '.join(f'{f:g}' for f in floors)}")
         parts, i = [], 0
         for fs in futs:  # each group's modules per floor, in the order of floors (its tasks' lists, joined)
