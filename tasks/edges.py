@@ -235,7 +235,7 @@ def _count_last(hits: np.ndarray) -> np.ndarray:
     """The True entries along the last axis of a boolean array (exact counts).
 
     Why not ``.sum(-1)``: a boolean sum widens every entry to int64; summed as bytes into a byte
-    accumulator where the count cannot reach 256, it is ~20% faster on the (rows, k, k) and (rows, k, 121)
+    accumulator where the count cannot reach 256, it is ~20% faster on the (rows, k, k) and (rows, k, m (m + 1))
     arrays of ``edge_inputs`` (the same counts).
     """
     if hits.shape[-1] < 256:

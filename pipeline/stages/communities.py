@@ -143,10 +143,7 @@ def regroup_rows(client, writer: StageWriter, node_sets: list[np.ndarray], weigh
         ip = writer.scratch_space(f"{name}-index-{a}", (kept, k), rows, id_dtype)
         wp = writer.scratch_space(f"{name}-weights-{a}", (kept, k), rows, w_dtype)
         pieces.append([(ip, wp, int(offsets[t]), int(offsets[t + 1])) for t in range(len(node_sets))])
-        # above every Infomap task's priority: each Infomap task waits on its gathers, and a small one whose gathers
-        # were done first would otherwise run before the gathers of a larger one (seen in a test on one worker)
-        futs.append(client.submit(gather_task, url, task_path, a, b, ip, wp, weights, key=f"{name}-gather-{a}-{token}",
-                                  priority=GATHER_PRIORITY))
+        futs.append(client.submit(gather_task, url, task_path, a, b, ip, wp, weights, key=f"{name}-gather-{a}-{token}"))
     return pieces, futs
 
 
@@ -176,9 +173,6 @@ def pack_components(sizes: np.ndarray, budget: int) -> list[np.ndarray]:
     if cur:
         groups.append(np.asarray(cur, np.int64))
     return groups
-
-
-GATHER_PRIORITY = 1 << 62  #: the regrouping pass's tasks run before any Infomap task (see infomap_task_priority)
 
 
 def infomap_task_priority(n_nodes: int, n_floors: int) -> int:
