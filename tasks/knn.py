@@ -127,6 +127,67 @@ def merge_topk_many(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> t
     return sort_topk(sim, idx, k)
 
 
+#: reverse candidates compared with their row's list per numpy batch (bounds the [batch, k] temporary)
+REVERSE_BATCH = 1 << 16
+
+
+def reverse_entries(q0: int, sim: np.ndarray, idx: np.ndarray, bounds: Sequence[int]):
+    """The kNN lists of rows ``q0, q0 + 1, ...`` turned around: row i listing j at similarity s makes i a
+    candidate of row j at s (the same pair, the same value: :func:`rescore` is a function of the two rows).
+
+    Returns (dst, src, sim, counts): the entries sorted by target row ``dst`` (stable, so the sources ascend
+    within a target), and how many fall in each target block ``[bounds[b], bounds[b + 1])``."""
+    idx = np.asarray(idx, dtype=np.int64)
+    valid = idx >= 0
+    src = np.broadcast_to(np.arange(q0, q0 + len(idx), dtype=np.int64)[:, None], idx.shape)[valid]
+    dst = idx[valid]
+    s = np.asarray(sim, dtype=np.float32)[valid]
+    order = np.argsort(dst, kind="stable")
+    dst, src, s = dst[order], src[order], s[order]
+    counts = np.diff(np.searchsorted(dst, np.asarray(bounds, dtype=np.int64)))
+    return dst, src, s, counts
+
+
+def add_reverse(q0: int, sim: np.ndarray, idx: np.ndarray, rdst: np.ndarray, rsrc: np.ndarray, rsim: np.ndarray,
+                k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each row's top-k of its own list (sorted as :func:`sort_topk` leaves it) joined with its reverse
+    candidates (``rsrc`` at ``rsim`` for row ``rdst``, global ids; rows ``q0 ...``): by (sim descending, id
+    ascending), an id already in the list once. Returns (sim, idx, entries added).
+
+    Why: an IVF search misses a neighbour j of i when j's list is not among i's probes, but i is often among
+    j's, so j's search found the pair: the transpose of the kNN graph recovers it for no multiply-add."""
+    sim = np.array(sim, dtype=np.float32)
+    idx = np.array(idx, dtype=np.int64)
+    row = np.asarray(rdst, dtype=np.int64) - q0
+    rsrc = np.asarray(rsrc, dtype=np.int64)
+    rsim = np.asarray(rsim, dtype=np.float32)
+    # only a candidate at or above the row's k-th similarity can enter (-inf where the row is short)
+    keep = rsim >= sim[row, k - 1]
+    row, rsrc, rsim = row[keep], rsrc[keep], rsim[keep]
+    dup = np.zeros(len(row), dtype=bool)
+    for a in range(0, len(row), REVERSE_BATCH):
+        b = a + REVERSE_BATCH
+        dup[a:b] = (idx[row[a:b]] == rsrc[a:b, None]).any(axis=1)
+    row, rsrc, rsim = row[~dup], rsrc[~dup], rsim[~dup]
+    if not len(row):
+        return sim, idx, 0
+    touched = np.unique(row)
+    t = len(touched)
+    rows = np.concatenate([np.repeat(np.arange(t, dtype=np.int64), k), np.searchsorted(touched, row)])
+    ids = np.concatenate([idx[touched].ravel(), rsrc])
+    sims = np.concatenate([sim[touched].ravel(), rsim])
+    # lexsort: last key primary; pads (-inf, -1) last within their row, as in sort_topk
+    from_reverse = np.arange(len(rows)) >= t * k
+    order = np.lexsort((ids, -sims, rows))
+    rows, ids, sims, from_reverse = rows[order], ids[order], sims[order], from_reverse[order]
+    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within the row
+    first = rank < k  # every row holds at least its own k entries
+    out_rows = touched[rows[first]]
+    idx[out_rows, rank[first]] = ids[first]
+    sim[out_rows, rank[first]] = sims[first]
+    return sim, idx, int(from_reverse[first].sum())
+
+
 def brute_force_knn(x: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Reference oracle: exact float64 cosine kNN with numpy (self excluded, id tie-break). Small N only."""
     x = np.asarray(x)

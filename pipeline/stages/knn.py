@@ -67,6 +67,7 @@ FLAT_MACS_PER_S = 3.0e10
 # 7.2 s task, and the search went at 0.44 ms per query against 0.36 ms with 32 per list (65,536-query
 # blocks; one thread, /work/exp/s21/ivf_lines.py; alone on 2 workers 45.3 -> 42.5 s per 131,072 queries).
 IVF_LIST_QUERIES = 32
+REVERSE_CHUNK = 1 << 16  #: entries per chunk of the reverse entries' scratch arrays (a target block's slice decodes little beyond itself)
 DEFAULT_WORKER_MEMORY = 4 << 30
 
 # -- worker side ---------------------------------------------------------------------------------
@@ -222,17 +223,74 @@ def index_of(trained: np.ndarray):
         return _TRAINED[key]
 
 
-def _write(url, paths, q0, q1, result) -> dict:
+def _write(url, paths, q0, q1, result, rev=None) -> dict:
+    """Write a query block's lists; with ``rev`` (:func:`reverse_spaces`' entry for this block), also their
+    reverse entries, grouped by target block, into the block's scratch arrays."""
     sim, idx = result
     open_array(url, paths["index"], "r+")[q0:q1] = idx
     open_array(url, paths["sim"], "r+")[q0:q1] = sim
-    return {"rows": q1 - q0, "padded": int((idx[:, -1] < 0).sum())}
+    out = {"q0": q0, "rows": q1 - q0, "padded": int((idx[:, -1] < 0).sum())}
+    if rev is not None:
+        dst, src, s, counts = K.reverse_entries(q0, sim, idx, rev["bounds"])
+        for name, values in (("dst", dst), ("src", src), ("sim", s)):
+            arr = open_array(url, rev[name], "r+")
+            arr[:len(values)] = values.astype(arr.dtype)
+        out["reverse"] = [int(c) for c in counts]
+    return out
 
 
-def search_write_task(url, paths, q0, q1, g0, g1, k, margin, budget, ivf=None, kernel=None) -> dict:
+def reverse_spaces(writer, qblocks: list[tuple[int, int]], k: int, n: int) -> dict:
+    """Per query block, scratch arrays for the reverse entries of its lists (at most (rows) x k of them, target
+    rows, source rows, similarities), each block its own arrays so that no two tasks write one chunk."""
+    id_dtype = np.int32 if n < 2**31 else np.int64
+    bounds = [a for a, _ in qblocks] + [n]
+    spaces = {}
+    for q0, q1 in qblocks:
+        m = (q1 - q0) * k
+        chunk = (max(1, min(m, REVERSE_CHUNK)),)
+        spaces[q0] = {"bounds": bounds,
+                      **{name: writer.scratch_space(f"knn-reverse-{name}-{q0}", (m,), chunk, dt)
+                         for name, dt in (("dst", id_dtype), ("src", id_dtype), ("sim", np.float32))}}
+    return spaces
+
+
+def reverse_merge_task(url, paths, a, b, k, pieces) -> dict:
+    """Rows [a, b): their lists joined with the reverse entries aimed at them (``pieces``: (dst, src, sim paths,
+    lo, hi) per source block), written back in place (every source block's entries were written first)."""
+    parts = [[open_array(url, p[j])[lo:hi] for j in range(3)] for *p, lo, hi in pieces if hi > lo]
+    idx = np.asarray(open_array(url, paths["index"])[a:b], dtype=np.int64)
+    sim = np.asarray(open_array(url, paths["sim"])[a:b], dtype=np.float32)
+    if parts:
+        rdst, rsrc, rsim = (np.concatenate([q[j] for q in parts]) for j in range(3))
+        sim, idx, added = K.add_reverse(a, sim, idx, rdst, rsrc, rsim, k)
+    else:
+        added = 0
+    if added:
+        open_array(url, paths["index"], "r+")[a:b] = idx
+        open_array(url, paths["sim"], "r+")[a:b] = sim
+    return {"rows": b - a, "added": added}
+
+
+def _reverse_pass(client, url, paths, spaces, results, k, token) -> int:
+    """After every block's search: each block's lists joined with their reverse entries (one task per block)."""
+    by_q0 = {r["q0"]: r for r in results}
+    blocks = sorted(by_q0)
+    n = spaces[blocks[0]]["bounds"][-1]
+    offsets = {q0: np.concatenate([[0], np.cumsum(by_q0[q0]["reverse"])]) for q0 in blocks}
+    futs = []
+    for t, a in enumerate(blocks):
+        b = blocks[t + 1] if t + 1 < len(blocks) else n
+        pieces = [(spaces[s]["dst"], spaces[s]["src"], spaces[s]["sim"], int(offsets[s][t]), int(offsets[s][t + 1]))
+                  for s in blocks]
+        futs.append(client.submit(reverse_merge_task, url, paths, a, b, k, pieces, key=f"knn-reverse-{token}-{a}",
+                                  pure=False))
+    return sum(r["added"] for r in wait_futures(futs, "knn-reverse"))
+
+
+def search_write_task(url, paths, q0, q1, g0, g1, k, margin, budget, ivf=None, kernel=None, rev=None) -> dict:
     """One query block against the whole database (broadcast); writes its output chunks."""
     t0 = time.perf_counter()
-    out = _write(url, paths, q0, q1, _search(url, q0, q1, g0, g1, k, margin, budget, ivf, kernel=kernel))
+    out = _write(url, paths, q0, q1, _search(url, q0, q1, g0, g1, k, margin, budget, ivf, kernel=kernel), rev)
     out["seconds"] = time.perf_counter() - t0
     return out
 
@@ -247,9 +305,9 @@ def merge_task(k, *parts):
     return K.merge_topk_many(parts, k)
 
 
-def merge_write_task(url, paths, q0, q1, k, *parts) -> dict:
+def merge_write_task(url, paths, q0, q1, k, rev, *parts) -> dict:
     """The root of a query block's merge tree: merge and write the output chunks."""
-    return _write(url, paths, q0, q1, K.merge_topk_many(parts, k))
+    return _write(url, paths, q0, q1, K.merge_topk_many(parts, k), rev)
 
 
 def sample_task(url, r0, r1, ids) -> np.ndarray:
@@ -416,7 +474,7 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
     if mode == "ivf":
         params.update(nlist=kc.nlist or K.default_nlist(n, kc.nlist_factor), nprobe=kc.nprobe,
                       train_size=kc.train_size, train_iter=kc.train_iter, tune_queries=kc.tune_queries,
-                      recall_target=kc.recall_target, edge_th=kc.edge_th)
+                      recall_target=kc.recall_target, edge_th=kc.edge_th, reverse=kc.reverse)
     with store.stage(STAGE, params, inputs=["ingest"], force=force) as w:
         if w is None:
             summary = dict(store.record(STAGE)["summary"])
@@ -457,10 +515,20 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
             pl = plan(n, d, r, k, kc, workers, False)
         summary.update({x: pl[x] for x in ("strategy", "db_rows", "q_rows")})
         t_search = time.perf_counter()
+        spaces = reverse_spaces(w, _ranges(n, pl["q_rows"]), k, n) if ivf is not None and kc.reverse else None
         with heap_reuse(client):  # its GEMM blocks, heaps and re-scoring gathers reuse freed heap, not fresh pages (as in score)
-            n_tasks = _search_all(client, store.url, paths, n, k, kc, pl, ivf, token)
-        elapsed = time.perf_counter() - t_search
+            n_tasks, written = _search_all(client, store.url, paths, n, k, kc, pl, ivf, token, spaces)
         client.run(clear_cache, on_error="ignore")  # a worker lost at the end of the search has no cache left
+        if spaces:
+            t_rev = time.perf_counter()
+            summary["reverse_added"] = _reverse_pass(client, store.url, paths, spaces, written, k, token)
+            summary["reverse_seconds"] = round(time.perf_counter() - t_rev, 3)
+            for path in (p for sp in spaces.values() for name, p in sp.items() if name != "bounds"):
+                w.drop_scratch(path)
+            n_tasks += len(spaces)
+        if ivf is not None and ivf.get("sample") is not None:
+            summary["edge_recall_measured"] = _measured_recall(store.url, paths, ivf["sample"])
+        elapsed = time.perf_counter() - t_search
         summary.update(tasks=n_tasks, search_seconds=round(elapsed, 3), seconds=round(time.perf_counter() - t0, 3),
                        queries_per_s=round(n / max(elapsed, 1e-9), 1))
         w.summary.update(summary)
@@ -468,24 +536,27 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
     return summary
 
 
-def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
+def _search_all(client, url, paths, n, k, kc, pl, ivf, token, spaces=None) -> tuple[int, list]:
+    """Every query block's lists written; returns (tasks, the blocks' write summaries). ``spaces``
+    (:func:`reverse_spaces`): each block also writes its reverse entries there."""
     groups = _ranges(n, pl["db_rows"])
     qblocks = _ranges(n, pl["q_rows"])
     budget = pl["budget"]
     ivf_arg = None if ivf is None else {key: ivf[key] for key in ("trained", "list_path", "probes", "probes_path") if key in ivf}
     kernel = _kernel_arg(kc)
+    spaces = spaces or {}
     futures = []
     if len(groups) == 1:
         g0, g1 = groups[0]
         for q0, q1 in qblocks:
             futures.append(client.submit(search_write_task, url, paths, q0, q1, g0, g1, k, kc.margin, budget, ivf_arg,
-                                         kernel, key=f"knn-search-{token}-{q0}", pure=False))
-        wait_futures(futures, "knn")
-        return len(futures)
+                                         kernel, spaces.get(q0), key=f"knn-search-{token}-{q0}", pure=False))
+        return len(futures), wait_futures(futures, "knn")
     # blocks: waves of query blocks so the intermediate top-k lists stay within memory
     per_q = len(groups) * k * 12
     wave_rows = max(pl["q_rows"], int(0.25 * pl["worker_memory"] * max(1, len(worker_infos(client))) // per_q))
     n_tasks = 0
+    written = []
     for w0 in range(0, n, wave_rows):
         wave = [(a, b) for a, b in qblocks if w0 <= a < w0 + wave_rows]
         parts = {qb: [] for qb in wave}
@@ -497,11 +568,12 @@ def _search_all(client, url, paths, n, k, kc, pl, ivf, token) -> int:
         roots = []
         for (q0, q1), ps in parts.items():
             roots.append(_tree(client, ps, k, kc.fan_in, f"knn-merge-{token}-{q0}",
-                               lambda ps, q0=q0, q1=q1: client.submit(merge_write_task, url, paths, q0, q1, k, *ps,
+                               lambda ps, q0=q0, q1=q1: client.submit(merge_write_task, url, paths, q0, q1, k,
+                                                                       spaces.get(q0), *ps,
                                                                        key=f"knn-write-{token}-{q0}", pure=False)))
         n_tasks += sum(len(p) for p in parts.values()) + len(roots)
-        wait_futures(roots, "knn")
-    return n_tasks
+        written += wait_futures(roots, "knn")
+    return n_tasks, written
 
 
 def _kernel_arg(kc) -> dict:
@@ -541,7 +613,7 @@ def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dic
     w.write_array(QUANTIZER, np.asarray(trained.result(), dtype=np.uint8))
     info = {"nlist": nlist, "train_rows": int(len(sample_ids)), "train_seconds": round(t_train, 2)}
     t1 = time.perf_counter()
-    tune = tune_nprobe(client, url, n, d, r, kc, trained, nlist, token)
+    tune, sample = tune_nprobe(client, url, n, d, r, kc, trained, nlist, token)
     info.update(tune)
     info["tune_seconds"] = round(time.perf_counter() - t1, 2)
     nprobe = int(min(kc.nprobe or tune["nprobe"], nlist))
@@ -557,11 +629,11 @@ def _prepare_ivf(store, w, client, kc, n, d, r, token, nlist) -> tuple[dict, dic
             for a, b in _ranges(n, span)]
     wait_futures(futs, "knn-assign", gather=False)
     info["assign_seconds"] = round(time.perf_counter() - t2, 2)
-    spec = {"trained": trained, "list_path": list_path, "probes": nprobe, "probes_path": probes_path}
+    spec = {"trained": trained, "list_path": list_path, "probes": nprobe, "probes_path": probes_path, "sample": sample}
     return spec, info
 
 
-def tune_nprobe(client, url, n, d, r, kc, trained, nlist, token) -> dict:
+def tune_nprobe(client, url, n, d, r, kc, trained, nlist, token) -> tuple[dict, dict]:
     """The smallest nprobe whose recall of above-threshold edges reaches the target (at most
     ``min(nlist, 1024)``: every list's rank is known up to there).
 
@@ -574,31 +646,24 @@ def tune_nprobe(client, url, n, d, r, kc, trained, nlist, token) -> dict:
     target, where 0.7.5's doubling-then-bisection over 13 IVF searches of the sample landed within 1/16
     above it (at 1M built-in faces 136, 45 s of one worker). The curve in the summary: the powers of two,
     the chosen nprobe and the one below it.
+
+    With ``reverse`` (the lists joined with the faces that list them, :func:`_reverse_pass`) an edge is also
+    found when the neighbour's search finds the query: that share is estimated on a sample of the edges
+    (:func:`_reverse_gain`) and added; the lists written are then checked on the sample
+    (``edge_recall_measured`` in the stage summary). Returns (summary entries, the sample: its ids and exact
+    above-threshold neighbours).
     """
     k = kc.k
     workers = worker_infos(client)
     pl = plan(n, d, r, k, kc, workers, True)
-    groups = _ranges(n, pl["db_rows"])
     m = int(min(n, kc.tune_queries))
     q_ids = np.unique(np.linspace(0, n - 1, m).astype(np.int64))
-    parts = _gather_rows(client, url, n, d, r, q_ids, f"knn-tune-sample-{token}")
-    qx = client.submit(np.concatenate, parts, key=f"knn-tune-queries-{token}")
-    budget = pl["budget"]
-    probes_all = client.submit(probes_task, trained, qx, min(nlist, 1024), key=f"knn-tune-probes-{token}")
+    cap = int(min(nlist, 1024))
 
     # the exact lists of the sample: one share of the queries per worker thread, each against every group
     t0 = time.perf_counter()
-    shares = np.array_split(np.arange(len(q_ids)), max(1, min(len(q_ids), total_threads(workers))))
-    roots = []
-    for j, share in enumerate(s for s in shares if len(s)):
-        queries = client.submit(_share, q_ids, qx, share[0], share[-1] + 1, key=f"knn-tune-q-{token}-{j}")
-        ps = [client.submit(search_task, url, 0, 0, g0, g1, k, kc.margin, budget, None, queries, _kernel_arg(kc),
-                            key=f"knn-tune-exact-{token}-{j}-{g0}") for g0, g1 in groups]
-        roots.append(_tree(client, ps, k, kc.fan_in, f"knn-tune-merge-{token}-{j}",
-                           lambda ps, j=j: client.submit(merge_task, k, *ps, key=f"knn-tune-root-{token}-{j}")))
-    exact = wait_futures(roots, "knn-tune")
-    ex_s = np.concatenate([e[0] for e in exact])
-    ex_i = np.concatenate([e[1] for e in exact])
+    ex_s, ex_i, qx = _exact_lists(client, url, n, d, r, kc, q_ids, pl, f"{token}-q")
+    probes_all = client.submit(probes_task, trained, qx, cap, key=f"knn-tune-probes-{token}")
     t_exact = time.perf_counter() - t0
     edge_th = kc.edge_th if kc.edge_th is not None else float(auto_threshold(ex_s))
     probes_np = probes_all.result()
@@ -611,21 +676,96 @@ def tune_nprobe(client, url, n, d, r, kc, trained, nlist, token) -> dict:
     nb_lists = np.full(ex_i.shape, -1, dtype=np.int64)
     nb_lists[nb] = ids_lists[np.searchsorted(ids, ex_i[nb])]
     needed = K.probes_needed(probes_np, nb_lists)
-    cap = probes_np.shape[1]
     edges = nb & (ex_s >= edge_th)
     n_edges = int(edges.sum())
     # found(p) for every p = 1..cap: counts of the nprobe each edge (each neighbour) needs, accumulated
     edge_found = np.cumsum(np.bincount(needed[edges], minlength=cap + 2))[1:cap + 1]
     all_found = np.cumsum(np.bincount(needed[nb], minlength=cap + 2))[1:cap + 1]
-    edge_recall = edge_found / n_edges if n_edges else np.ones(cap)
+    edge_forward = edge_found / n_edges if n_edges else np.ones(cap)
     recall_k = all_found / max(1, int(nb.sum()))
+    info = {}
+    edge_recall = edge_forward
+    if kc.reverse and n_edges:
+        gain, info = _reverse_gain(client, url, n, d, r, kc, trained, q_ids, ex_s, ex_i, edges, needed, probes_np, pl,
+                                   token)
+        edge_recall = edge_forward + gain
     reached = np.flatnonzero(edge_recall >= kc.recall_target)
     chosen = int(reached[0]) + 1 if len(reached) else cap
     shown = sorted({*(1 << i for i in range(cap.bit_length()) if 1 << i <= cap), chosen, max(1, chosen - 1)})
     curve = [{"nprobe": p, "edge_recall": round(float(edge_recall[p - 1]), 4),
               "recall_at_k": round(float(recall_k[p - 1]), 4)} for p in shown]
+    if kc.reverse:
+        for c in curve:
+            c["edge_recall_forward"] = round(float(edge_forward[c["nprobe"] - 1]), 4)
     for p in shown:
-        log.info("knn tune: nprobe=%d edge recall %.4f recall@%d %.4f", p, edge_recall[p - 1], k, recall_k[p - 1])
+        log.info("knn tune: nprobe=%d edge recall %.4f (forward only %.4f) recall@%d %.4f (forward only)", p,
+                 edge_recall[p - 1], edge_forward[p - 1], k, recall_k[p - 1])
+    sample = {"q_ids": q_ids, "neighbours": np.where(edges, ex_i, -1)}
     return {"nprobe": chosen, "edge_th": round(edge_th, 4), "edge_recall": round(float(edge_recall[chosen - 1]), 4),
             "recall_at_k": round(float(recall_k[chosen - 1]), 4), "tune_edges": n_edges, "tune_queries": int(len(q_ids)),
-            "tune_exact_seconds": round(t_exact, 3), "tune_curve": curve}
+            "tune_exact_seconds": round(t_exact, 3), "tune_curve": curve, **info}, sample
+
+
+def _exact_lists(client, url, n, d, r, kc, q_ids, pl, token):
+    """Exact top-k lists of the rows ``q_ids`` (sorted, distinct) against the whole database, one share of the
+    queries per worker thread (the same database groups as the main pass): (sim, idx, the rows' future)."""
+    k = kc.k
+    groups = _ranges(n, pl["db_rows"])
+    parts = _gather_rows(client, url, n, d, r, q_ids, f"knn-tune-sample-{token}")
+    qx = client.submit(np.concatenate, parts, key=f"knn-tune-queries-{token}")
+    shares = np.array_split(np.arange(len(q_ids)), max(1, min(len(q_ids), pl["threads"])))
+    roots = []
+    for j, share in enumerate(s for s in shares if len(s)):
+        queries = client.submit(_share, q_ids, qx, share[0], share[-1] + 1, key=f"knn-tune-q-{token}-{j}")
+        ps = [client.submit(search_task, url, 0, 0, g0, g1, k, kc.margin, pl["budget"], None, queries, _kernel_arg(kc),
+                            key=f"knn-tune-exact-{token}-{j}-{g0}") for g0, g1 in groups]
+        roots.append(_tree(client, ps, k, kc.fan_in, f"knn-tune-merge-{token}-{j}",
+                           lambda ps, j=j: client.submit(merge_task, k, *ps, key=f"knn-tune-root-{token}-{j}")))
+    exact = wait_futures(roots, "knn-tune")
+    return np.concatenate([e[0] for e in exact]), np.concatenate([e[1] for e in exact]), qx
+
+
+def _reverse_gain(client, url, n, d, r, kc, trained, q_ids, ex_s, ex_i, edges, needed, probes_np, pl, token):
+    """For every nprobe p = 1..cap, the share of the sample's edges (i, j) that only the reverse entries find:
+    j's search probes i's list (i's nearest, ``probes_np[:, 0]``) and keeps i in its top-k, while i's search
+    does not probe j's list. Estimated on up to ``tune_queries`` of the edges i's search misses at p = 1 (the
+    only ones it can matter for), strided: their j's exact lists (whether i is in j's top-k: the lists an IVF
+    search finds are a subset, so this never counts an edge the search would lose) and j's probe ranks. Returns
+    (gain [cap], summary entries)."""
+    cap = probes_np.shape[1]
+    k = kc.k
+    qi, col = np.nonzero(edges & (needed > 1))
+    n_edges = int(edges.sum())
+    gain = np.zeros(cap)
+    if not len(qi):
+        return gain, {"tune_reverse_edges": 0}
+    pick = np.unique(np.linspace(0, len(qi) - 1, min(len(qi), kc.tune_queries)).astype(np.int64))
+    qi, col = qi[pick], col[pick]
+    js, s_ij, i_ids = ex_i[qi, col], ex_s[qi, col], q_ids[qi]
+    uj, inv = np.unique(js, return_inverse=True)
+    t0 = time.perf_counter()
+    jx_s, jx_i, jqx = _exact_lists(client, url, n, d, r, kc, uj, pl, f"{token}-j")
+    j_probes = client.submit(probes_task, trained, jqx, cap, key=f"knn-tune-jprobes-{token}").result()
+    kth_s, kth_i = jx_s[inv, k - 1], jx_i[inv, k - 1]
+    # i in j's exact top-k under (similarity descending, id ascending); a short list keeps everyone
+    kept = (kth_i < 0) | (s_ij > kth_s) | ((s_ij == kth_s) & (i_ids <= kth_i))
+    rev_need = K.probes_needed(j_probes[inv], probes_np[qi, :1])[:, 0]
+    fwd_need = needed[qi, col]
+    # an edge counts for p in [rev_need, fwd_need): +1 at rev_need, -1 at fwd_need
+    live = kept & (rev_need < fwd_need)
+    delta = (np.bincount(rev_need[live], minlength=cap + 2) - np.bincount(fwd_need[live], minlength=cap + 2))
+    share = np.cumsum(delta)[1:cap + 1] / len(qi)
+    # scaled from the sampled edges to all of them: the sample stands for the len(nonzero) edges missed at p = 1
+    missed = int((edges & (needed > 1)).sum())
+    gain = share * missed / n_edges
+    return gain, {"tune_reverse_edges": int(len(qi)), "tune_reverse_kept": round(float(kept.mean()), 4),
+                  "tune_reverse_seconds": round(time.perf_counter() - t0, 3)}
+
+
+def _measured_recall(url, paths, sample) -> float:
+    """The share of the tune sample's exact above-threshold neighbours that the written lists hold."""
+    q_ids, want = sample["q_ids"], sample["neighbours"]
+    got = np.asarray(open_array(url, paths["index"]).oindex[q_ids, :], dtype=np.int64)
+    hits = sum(int(np.isin(w[w >= 0], g).sum()) for w, g in zip(want, got))
+    total = int((want >= 0).sum())
+    return round(hits / total, 4) if total else 1.0
