@@ -127,25 +127,42 @@ def merge_topk_many(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> t
     return sort_topk(sim, idx, k)
 
 
-#: reverse candidates compared with their row's list per numpy batch (bounds the [batch, k] temporary)
-REVERSE_BATCH = 1 << 16
-
-
 def reverse_entries(q0: int, sim: np.ndarray, idx: np.ndarray, bounds: Sequence[int]):
     """The kNN lists of rows ``q0, q0 + 1, ...`` turned around: row i listing j at similarity s makes i a
     candidate of row j at s (the same pair, the same value: :func:`rescore` is a function of the two rows).
 
-    Returns (dst, src, sim, counts): the entries sorted by target row ``dst`` (stable, so the sources ascend
-    within a target), and how many fall in each target block ``[bounds[b], bounds[b + 1])``."""
+    Returns (dst, src, sim, counts): the entries grouped by target block ``[bounds[b], bounds[b + 1])`` (in
+    block order, stable within a block) and how many fall in each block."""
     idx = np.asarray(idx, dtype=np.int64)
     valid = idx >= 0
     src = np.broadcast_to(np.arange(q0, q0 + len(idx), dtype=np.int64)[:, None], idx.shape)[valid]
     dst = idx[valid]
     s = np.asarray(sim, dtype=np.float32)[valid]
-    order = np.argsort(dst, kind="stable")
-    dst, src, s = dst[order], src[order], s[order]
-    counts = np.diff(np.searchsorted(dst, np.asarray(bounds, dtype=np.int64)))
-    return dst, src, s, counts
+    bounds = np.asarray(bounds, dtype=np.int64)
+    block = np.searchsorted(bounds, dst, side="right") - 1
+    # a stable sort of small integers is a radix sort in numpy (0.05 s for 5M entries, against 0.7 s by target row)
+    order = np.argsort(block.astype(np.int16 if len(bounds) < 2**15 else np.int32), kind="stable")
+    counts = np.bincount(block, minlength=len(bounds) - 1)[:len(bounds) - 1]
+    return dst[order], src[order], s[order], counts
+
+
+def _beaten_by(sim: np.ndarray, idx: np.ndarray, row: np.ndarray, s: np.ndarray, i: np.ndarray) -> np.ndarray:
+    """For each candidate (row, similarity s, id i): how many entries of its row beat it in the order (similarity
+    descending, id ascending). The rows are sorted in that order (pads, -inf / -1, last), so the entries that beat
+    it are a prefix: a branchless binary search lifts the prefix length by powers of two (7 reads at k = 80)."""
+    k = sim.shape[1]
+    flat_s, flat_i = sim.ravel(), idx.ravel()
+    base = row * k - 1  # flat position of the row's entry ``cand - 1``: 1-D takes (2-D fancy indexing is ~2x slower)
+    pos = np.zeros(len(row), dtype=np.int64)
+    step = 1 << (int(k).bit_length() - 1)
+    while step:
+        cand = pos + step
+        at = base + np.minimum(cand, k)
+        sv, iv = flat_s.take(at), flat_i.take(at)
+        beats = (cand <= k) & ((sv > s) | ((sv == s) & (iv < i) & (iv >= 0)))
+        pos[beats] = cand[beats]
+        step >>= 1
+    return pos
 
 
 def add_reverse(q0: int, sim: np.ndarray, idx: np.ndarray, rdst: np.ndarray, rsrc: np.ndarray, rsim: np.ndarray,
@@ -155,37 +172,42 @@ def add_reverse(q0: int, sim: np.ndarray, idx: np.ndarray, rdst: np.ndarray, rsr
     ascending), an id already in the list once. Returns (sim, idx, entries added).
 
     Why: an IVF search misses a neighbour j of i when j's list is not among i's probes, but i is often among
-    j's, so j's search found the pair: the transpose of the kNN graph recovers it for no multiply-add."""
-    sim = np.array(sim, dtype=np.float32)
-    idx = np.array(idx, dtype=np.int64)
+    j's, so j's search found the pair: the transpose of the kNN graph recovers it for no multiply-add.
+    How, with no sort of the rows: each candidate's place among its row's entries (:func:`_beaten_by`; the
+    entry at that place is the candidate itself when its id is already listed), its rank among the row's
+    other new candidates, and each old entry moved down by the new candidates that beat it."""
+    sim = np.asarray(sim, dtype=np.float32)
+    idx = np.asarray(idx, dtype=np.int64)
+    n = len(idx)
     row = np.asarray(rdst, dtype=np.int64) - q0
     rsrc = np.asarray(rsrc, dtype=np.int64)
     rsim = np.asarray(rsim, dtype=np.float32)
     # only a candidate at or above the row's k-th similarity can enter (-inf where the row is short)
     keep = rsim >= sim[row, k - 1]
     row, rsrc, rsim = row[keep], rsrc[keep], rsim[keep]
-    dup = np.zeros(len(row), dtype=bool)
-    for a in range(0, len(row), REVERSE_BATCH):
-        b = a + REVERSE_BATCH
-        dup[a:b] = (idx[row[a:b]] == rsrc[a:b, None]).any(axis=1)
-    row, rsrc, rsim = row[~dup], rsrc[~dup], rsim[~dup]
+    pos = _beaten_by(sim, idx, row, rsim, rsrc)
+    at = np.minimum(pos, k - 1)
+    new = (pos < k) & ~((idx[row, at] == rsrc) & (pos < k))
+    row, rsrc, rsim, pos = row[new], rsrc[new], rsim[new], pos[new]
     if not len(row):
-        return sim, idx, 0
-    touched = np.unique(row)
-    t = len(touched)
-    rows = np.concatenate([np.repeat(np.arange(t, dtype=np.int64), k), np.searchsorted(touched, row)])
-    ids = np.concatenate([idx[touched].ravel(), rsrc])
-    sims = np.concatenate([sim[touched].ravel(), rsim])
-    # lexsort: last key primary; pads (-inf, -1) last within their row, as in sort_topk
-    from_reverse = np.arange(len(rows)) >= t * k
-    order = np.lexsort((ids, -sims, rows))
-    rows, ids, sims, from_reverse = rows[order], ids[order], sims[order], from_reverse[order]
-    rank = np.arange(len(rows)) - np.searchsorted(rows, rows)  # position within the row
-    first = rank < k  # every row holds at least its own k entries
-    out_rows = touched[rows[first]]
-    idx[out_rows, rank[first]] = ids[first]
-    sim[out_rows, rank[first]] = sims[first]
-    return sim, idx, int(from_reverse[first].sum())
+        return sim.copy(), idx.copy(), 0
+    order = np.lexsort((rsrc, -rsim, row))
+    row, rsrc, rsim, pos = row[order], rsrc[order], rsim[order], pos[order]
+    rank = np.arange(len(row)) - np.searchsorted(row, row)  # among the row's new candidates
+    # old entry c moves down by the new candidates placed at or before it
+    shift = np.cumsum(np.bincount(row * (k + 1) + pos, minlength=n * (k + 1)).reshape(n, k + 1)[:, :k], axis=1)
+    out_s = np.full((n, k), PAD_SIM, dtype=np.float32)
+    out_i = np.full((n, k), PAD_ID, dtype=np.int64)
+    dest = np.arange(k)[None, :] + shift
+    stay = dest < k
+    rows_old = np.broadcast_to(np.arange(n)[:, None], (n, k))
+    out_s[rows_old[stay], dest[stay]] = sim[stay]
+    out_i[rows_old[stay], dest[stay]] = idx[stay]
+    place = pos + rank
+    enter = place < k
+    out_s[row[enter], place[enter]] = rsim[enter]
+    out_i[row[enter], place[enter]] = rsrc[enter]
+    return out_s, out_i, int(enter.sum())
 
 
 def brute_force_knn(x: np.ndarray, k: int, ids: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:

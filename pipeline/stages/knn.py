@@ -728,10 +728,11 @@ def _exact_lists(client, url, n, d, r, kc, q_ids, pl, token):
 def _reverse_gain(client, url, n, d, r, kc, trained, q_ids, ex_s, ex_i, edges, needed, probes_np, pl, token):
     """For every nprobe p = 1..cap, the share of the sample's edges (i, j) that only the reverse entries find:
     j's search probes i's list (i's nearest, ``probes_np[:, 0]``) and keeps i in its top-k, while i's search
-    does not probe j's list. Estimated on up to ``tune_queries`` of the edges i's search misses at p = 1 (the
-    only ones it can matter for), strided: their j's exact lists (whether i is in j's top-k: the lists an IVF
-    search finds are a subset, so this never counts an edge the search would lose) and j's probe ranks. Returns
-    (gain [cap], summary entries)."""
+    does not probe j's list. Only the edges i's search misses at p = 1 can count. For all of them j's probe
+    ranks are computed (one search of the centroids per j); whether i is in j's top-k is read, on up to
+    ``tune_queries`` of them (strided), from j's exact list (the lists an IVF search finds are subsets of all
+    rows, so this never counts an edge the search would lose), and applied as a rate to the edges that need it
+    at each p. Returns (gain [cap], summary entries)."""
     cap = probes_np.shape[1]
     k = kc.k
     qi, col = np.nonzero(edges & (needed > 1))
@@ -739,27 +740,42 @@ def _reverse_gain(client, url, n, d, r, kc, trained, q_ids, ex_s, ex_i, edges, n
     gain = np.zeros(cap)
     if not len(qi):
         return gain, {"tune_reverse_edges": 0}
-    pick = np.unique(np.linspace(0, len(qi) - 1, min(len(qi), kc.tune_queries)).astype(np.int64))
-    qi, col = qi[pick], col[pick]
+    t0 = time.perf_counter()
     js, s_ij, i_ids = ex_i[qi, col], ex_s[qi, col], q_ids[qi]
     uj, inv = np.unique(js, return_inverse=True)
-    t0 = time.perf_counter()
-    jx_s, jx_i, jqx = _exact_lists(client, url, n, d, r, kc, uj, pl, f"{token}-j")
-    j_probes = client.submit(probes_task, trained, jqx, cap, key=f"knn-tune-jprobes-{token}").result()
-    kth_s, kth_i = jx_s[inv, k - 1], jx_i[inv, k - 1]
-    # i in j's exact top-k under (similarity descending, id ascending); a short list keeps everyone
-    kept = (kth_i < 0) | (s_ij > kth_s) | ((s_ij == kth_s) & (i_ids <= kth_i))
+    parts = _gather_rows(client, url, n, d, r, uj, f"knn-tune-j-{token}")
+    jx = client.submit(np.concatenate, parts, key=f"knn-tune-jrows-{token}")
+    j_probes = client.submit(probes_task, trained, jx, cap, key=f"knn-tune-jprobes-{token}").result()
     rev_need = K.probes_needed(j_probes[inv], probes_np[qi, :1])[:, 0]
     fwd_need = needed[qi, col]
-    # an edge counts for p in [rev_need, fwd_need): +1 at rev_need, -1 at fwd_need
-    live = kept & (rev_need < fwd_need)
-    delta = (np.bincount(rev_need[live], minlength=cap + 2) - np.bincount(fwd_need[live], minlength=cap + 2))
-    share = np.cumsum(delta)[1:cap + 1] / len(qi)
-    # scaled from the sampled edges to all of them: the sample stands for the len(nonzero) edges missed at p = 1
-    missed = int((edges & (needed > 1)).sum())
-    gain = share * missed / n_edges
-    return gain, {"tune_reverse_edges": int(len(qi)), "tune_reverse_kept": round(float(kept.mean()), 4),
-                  "tune_reverse_seconds": round(time.perf_counter() - t0, 3)}
+    live = rev_need < fwd_need  # found by the reverse entries for p in [rev_need, fwd_need), if i stays in j's list
+
+    def span_counts(mask):  # for every p, how many edges of ``mask`` have p in [rev_need, fwd_need)
+        delta = np.bincount(rev_need[mask], minlength=cap + 2) - np.bincount(fwd_need[mask], minlength=cap + 2)
+        return np.cumsum(delta)[1:cap + 1]
+
+    pick = np.flatnonzero(live)
+    pick = pick[np.unique(np.linspace(0, len(pick) - 1, min(len(pick), kc.tune_queries)).astype(np.int64))] \
+        if len(pick) else pick
+    kept_rate = np.ones(cap)
+    kept_share = 1.0
+    if len(pick):
+        us, uinv = np.unique(js[pick], return_inverse=True)
+        jx_s, jx_i, _ = _exact_lists(client, url, n, d, r, kc, us, pl, f"{token}-j")
+        kth_s, kth_i = jx_s[uinv, k - 1], jx_i[uinv, k - 1]
+        sp, ip = s_ij[pick], i_ids[pick]
+        # i in j's exact top-k under (similarity descending, id ascending); a short list keeps everyone
+        kept = (kth_i < 0) | (sp > kth_s) | ((sp == kth_s) & (ip <= kth_i))
+        sub = np.zeros(len(qi), dtype=bool)
+        sub[pick] = True
+        kept_all = np.zeros(len(qi), dtype=bool)
+        kept_all[pick] = kept
+        n_sub, n_kept = span_counts(sub), span_counts(kept_all)
+        kept_share = float(kept.mean())
+        kept_rate = np.where(n_sub > 0, n_kept / np.maximum(n_sub, 1), kept_share)
+    gain = span_counts(live) * kept_rate / n_edges
+    return gain, {"tune_reverse_edges": int(live.sum()), "tune_reverse_checked": int(len(pick)),
+                  "tune_reverse_kept": round(kept_share, 4), "tune_reverse_seconds": round(time.perf_counter() - t0, 3)}
 
 
 def _measured_recall(url, paths, sample) -> float:
