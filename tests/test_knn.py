@@ -577,6 +577,9 @@ def test_ivf_stage_recall_and_chunking_invariance(tmp_path, faces, local_client,
         summary = run_knn(store, cfg, client)
         assert summary["mode"] == "ivf" and 1 <= summary["nprobe"] <= 24
         assert summary["edge_recall"] >= 0.95
+        # the option is recorded only when on, so that a store written before it stays up to date
+        assert store.record("knn")["params"].get("reverse", False) is reverse
+        assert ("reverse" in store.record("knn")["params"]) is reverse
         # the smallest nprobe measured to reach the target: every smaller one measured fell short
         curve = summary["tune_curve"]
         assert [c["nprobe"] for c in curve] == sorted({c["nprobe"] for c in curve})

@@ -474,7 +474,9 @@ def run_knn(store: RunStore, cfg: Config, client, force: bool = False) -> dict:
     if mode == "ivf":
         params.update(nlist=kc.nlist or K.default_nlist(n, kc.nlist_factor), nprobe=kc.nprobe,
                       train_size=kc.train_size, train_iter=kc.train_iter, tune_queries=kc.tune_queries,
-                      recall_target=kc.recall_target, edge_th=kc.edge_th, reverse=kc.reverse)
+                      recall_target=kc.recall_target, edge_th=kc.edge_th)
+        if kc.reverse:  # recorded only when on: a store written before the option stays up to date without it
+            params["reverse"] = True
     with store.stage(STAGE, params, inputs=["ingest"], force=force) as w:
         if w is None:
             summary = dict(store.record(STAGE)["summary"])
