@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .components import components, distinct_positions, knn_edges
+from .arrays import sorted_prefix_lengths
 from .baselines import listed_edges, prob_level_min_sim, valid_sims
 from .merge import MERGE_GRID, MERGE_WORST_LOSS, merge_by_affinity
 from .metrics import bcubed_f, pairwise_f
@@ -222,13 +223,7 @@ def _count_above_sorted(rows: np.ndarray, pos: np.ndarray, s: np.ndarray) -> np.
     flat = np.asarray(rows).reshape(-1)
     index_t = np.int32 if flat.size < 2**31 else np.int64
     base = (np.asarray(pos, np.int64) * k - 1).astype(index_t)  # a prefix of length c ends at entry base + c
-    count = np.zeros(np.shape(s), index_t)
-    step = 1 << (k.bit_length() - 1)  # the largest power of two <= k: the steps sum to >= k
-    while step:
-        cand = np.minimum(count + step, k)
-        count = np.where(np.take(flat, base + cand) > s, cand, count)
-        step >>= 1
-    return count
+    return sorted_prefix_lengths(k, np.shape(s), lambda c: np.take(flat, base + c) > s, index_t)
 
 
 def _count_last(hits: np.ndarray) -> np.ndarray:

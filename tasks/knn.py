@@ -37,6 +37,8 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from .arrays import sorted_prefix_lengths
+
 log = logging.getLogger(__name__)
 
 PAD_ID = -1
@@ -149,20 +151,17 @@ def reverse_entries(q0: int, sim: np.ndarray, idx: np.ndarray, bounds: Sequence[
 def _beaten_by(sim: np.ndarray, idx: np.ndarray, row: np.ndarray, s: np.ndarray, i: np.ndarray) -> np.ndarray:
     """For each candidate (row, similarity s, id i): how many entries of its row beat it in the order (similarity
     descending, id ascending). The rows are sorted in that order (pads, -inf / -1, last), so the entries that beat
-    it are a prefix: a branchless binary search lifts the prefix length by powers of two (7 reads at k = 80)."""
+    it are a prefix (:func:`facecluster.tasks.arrays.sorted_prefix_lengths`: 7 reads at k = 80)."""
     k = sim.shape[1]
     flat_s, flat_i = sim.ravel(), idx.ravel()
-    base = row * k - 1  # flat position of the row's entry ``cand - 1``: 1-D takes (2-D fancy indexing is ~2x slower)
-    pos = np.zeros(len(row), dtype=np.int64)
-    step = 1 << (int(k).bit_length() - 1)
-    while step:
-        cand = pos + step
-        at = base + np.minimum(cand, k)
+    base = row * k - 1  # a prefix of length c ends at flat entry base + c: 1-D takes (2-D fancy indexing is ~2x slower)
+
+    def beats(c):
+        at = base + c
         sv, iv = flat_s.take(at), flat_i.take(at)
-        beats = (cand <= k) & ((sv > s) | ((sv == s) & (iv < i) & (iv >= 0)))
-        pos[beats] = cand[beats]
-        step >>= 1
-    return pos
+        return (sv > s) | ((sv == s) & (iv < i) & (iv >= 0))
+
+    return sorted_prefix_lengths(k, len(row), beats)
 
 
 def add_reverse(q0: int, sim: np.ndarray, idx: np.ndarray, rdst: np.ndarray, rsrc: np.ndarray, rsim: np.ndarray,
@@ -187,7 +186,7 @@ def add_reverse(q0: int, sim: np.ndarray, idx: np.ndarray, rdst: np.ndarray, rsr
     row, rsrc, rsim = row[keep], rsrc[keep], rsim[keep]
     pos = _beaten_by(sim, idx, row, rsim, rsrc)
     at = np.minimum(pos, k - 1)
-    new = (pos < k) & ~((idx[row, at] == rsrc) & (pos < k))
+    new = (pos < k) & (idx[row, at] != rsrc)
     row, rsrc, rsim, pos = row[new], rsrc[new], rsim[new], pos[new]
     if not len(row):
         return sim.copy(), idx.copy(), 0
