@@ -46,6 +46,14 @@ def test_bench_knn_exact_ratio_and_list_major_ivf(tmp_path):
     assert big["exact_seconds_extrapolated"] > 0 and big["faiss_flat_seconds_extrapolated"] > 0
     assert big["speedup_total_vs_faiss_flat"] > 0
     assert "exact ratio distributed / single-process" in out.stdout
+    # the ratio's ceiling on this machine: the kernel's GEMM alone, in its own precision, measured in this run
+    c = r["exact_ceiling"]
+    assert c["precision"] == ("bfloat16" if "bfloat16" in r["exact_distributed"]["precision"] else "float32")
+    assert c["gemm_flop_per_s"] > 0 and c["gemm_seconds"] == pytest.approx(2.0 * 6000**2 * 32 / c["gemm_flop_per_s"], rel=1e-3)
+    assert c["faiss_seconds"] == pytest.approx(r["exact_single_process"]["seconds"], abs=1e-3)
+    assert c["ratio"] == pytest.approx(c["faiss_seconds"] / c["gemm_seconds"], rel=2e-3)
+    assert c["gemm_share"] == pytest.approx(c["gemm_seconds"] / r["exact_distributed"]["search_seconds"], rel=2e-3)
+    assert "ceiling: the " in out.stdout
 
 
 def test_blas_comparison_skips_the_kernels_this_cpu_cannot_run(tmp_path):

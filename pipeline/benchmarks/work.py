@@ -17,20 +17,23 @@ import time
 import numpy as np
 
 
-def gemm_rate(seconds: float = 1.0) -> float:
-    """FLOP/s of float32 matmul in this process with the task thread count (run on every worker with ``client.run``)."""
+def gemm_rate(seconds: float = 1.0, precision: str = "float32", m: int = 4096, d: int = 256, n: int = 50_000) -> float:
+    """FLOP/s of an (m x d) @ (d x n) torch matmul in this process with the task thread count (run on every worker
+    with ``client.run``: all at once, the rate they share). ``precision`` "bfloat16": the exact kNN kernel's
+    candidate GEMM (its tiles are ``BF16_TILE`` queries against the database rows)."""
     import torch
 
     from ..cluster import worker_threads
 
     torch.set_num_threads(worker_threads())
-    a, b = torch.randn(4096, 256), torch.randn(256, 50_000)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[precision]
+    a, b = torch.randn(m, d).to(dtype), torch.randn(d, n).to(dtype)
     torch.mm(a, b)  # warm-up
     reps, t0 = 0, time.perf_counter()
     while reps < 2 or time.perf_counter() - t0 < seconds:
         torch.mm(a, b)
         reps += 1
-    return 2.0 * 4096 * 256 * 50_000 * reps / (time.perf_counter() - t0)
+    return 2.0 * m * d * n * reps / (time.perf_counter() - t0)
 
 
 def _linear_macs(module) -> int:
