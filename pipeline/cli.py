@@ -8,10 +8,13 @@ Exit codes: 0 success, 2 bad input (file, option, run store), 1 any other failur
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 
 import click
 
@@ -108,10 +111,41 @@ def _stop_zarr_loop(timeout: float = 10.0) -> None:
         sync.iothread[0] = None
 
 
+@contextlib.contextmanager
+def interrupts_delivered():
+    """Within this block a Ctrl-C always reaches the main thread as a KeyboardInterrupt.
+
+    Python drops an exception raised where it cannot propagate (a gc callback, a finaliser, a weakref
+    callback) and hands it to ``sys.unraisablehook``, so a SIGINT whose handler runs there is lost and the
+    command goes on. Seen in CI: the signal landed while the main thread ran distributed's GC diagnosis
+    callback (the LocalCluster's scheduler installs it in this process), and ``facecluster cluster`` did not
+    exit. The hook sends SIGINT to the main thread again, from another thread, so that it is raised after the
+    callback has returned (and wakes a main thread blocked in a wait; 10 ms later, because sent at once it
+    arrived while the hook itself still waited for its thread to start, and was dropped again); other
+    unraisable errors go to the previous hook."""
+    previous = sys.unraisablehook
+    main_thread = threading.main_thread().ident
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            resend = threading.Timer(0.01, signal.pthread_kill, args=(main_thread, signal.SIGINT))
+            resend.daemon = True
+            resend.start()
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = previous
+
+
 def main(argv=None):
     """Console-script entry point (see :func:`_main`); stops zarr's I/O loop cleanly on the way out."""
     try:
-        _main(argv)
+        with interrupts_delivered():
+            _main(argv)
     finally:
         _stop_zarr_loop()
 

@@ -59,6 +59,45 @@ def test_ctrl_c_exits_130_with_one_line_and_releases_the_lock(tmp_path):
     assert store.lock_holder() is None and not store.is_complete("knn")
 
 
+_LOST_INTERRUPT = """
+import contextlib, gc, signal, sys, time
+from facecluster.pipeline.cli import interrupts_delivered
+
+def raise_inside(phase, info):  # the SIGINT handler runs inside a gc callback, as in CI (distributed's GC diagnosis)
+    if phase == "start" and not fired:
+        fired.append(1)
+        signal.raise_signal(signal.SIGINT)
+
+fired = []
+gc.callbacks.append(raise_inside)
+try:
+    with interrupts_delivered() if sys.argv[1] == "on" else contextlib.nullcontext():
+        gc.collect()
+        t = time.monotonic()
+        while time.monotonic() - t < 20:
+            time.sleep(0.01)
+    print("finished", len(fired))
+except KeyboardInterrupt:
+    print("interrupted", len(fired))
+"""
+
+
+@pytest.mark.parametrize("delivered", ["off", "on"])
+def test_an_interrupt_raised_inside_a_gc_callback_still_stops_the_command(tmp_path, delivered):
+    """Python drops a KeyboardInterrupt raised in a gc callback (CI: Ctrl-C landed in distributed's GC diagnosis and
+    `facecluster cluster` ran on). Without the CLI's hook the interrupt is lost (the loop runs its 20 s out); with it,
+    SIGINT is sent again to the main thread and the command stops at once, printing nothing about the dropped one."""
+    (tmp_path / "lost.py").write_text(_LOST_INTERRUPT)
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, str(tmp_path / "lost.py"), delivered], capture_output=True, text=True,
+                         timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    if delivered == "off":
+        assert out.stdout.split() == ["finished", "1"] and "KeyboardInterrupt" in out.stderr, out
+    else:
+        assert out.stdout.split() == ["interrupted", "1"], out
+        assert "KeyboardInterrupt" not in out.stderr and time.monotonic() - t0 < 15, out
+
+
 def _tiny_run(tmp_path, n, capsys):
     rng = np.random.default_rng(3)
     np.save(tmp_path / "f.npy", rng.normal(size=(n, 8)).astype(np.float32))
