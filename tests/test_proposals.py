@@ -371,6 +371,33 @@ def test_candidate_knn_in_blocks_of_nodes_equals_one_block(n, n_pairs, k, select
     np.testing.assert_array_equal(whole[1], blocked[1])
 
 
+@settings(max_examples=80, deadline=None)
+@given(n=st.integers(1, 30), n_pairs=st.integers(0, 150), k=st.integers(0, 5), select=st.integers(1, 10 ** 9),
+       seed=st.integers(0, 10_000))
+def test_candidate_knn_equals_ranking_each_nodes_candidates(n, n_pairs, k, select, seed):
+    """Each node's top k among its candidate pairs (both ends' lists) ranked by (similarity desc, id asc), against
+    a per-node sort; small-integer means make many similarities equal, so the id order of ties is exercised."""
+    from facecluster.tasks import proposals as tp
+    from facecluster.tasks.arrays import unique_sorted
+
+    rng = np.random.default_rng(seed)
+    a, b = rng.integers(0, n, n_pairs), rng.integers(0, n, n_pairs)
+    ok = a != b
+    keys = unique_sorted(np.minimum(a, b)[ok] * n + np.maximum(a, b)[ok])
+    means = tp.unit_means(rng.integers(-1, 2, (n, 3)).astype(np.float64))
+    idx, sim = tp.candidate_knn(keys, means, k, select_pairs=select)
+    cand = [[] for _ in range(n)]
+    for key in keys.tolist():
+        lo, hi = divmod(key, n)
+        s = np.float32(np.einsum("ij,ij->i", means[[lo]], means[[hi]])[0])  # the kernel's bits
+        cand[lo].append((-s, hi))
+        cand[hi].append((-s, lo))
+    for u in range(n):
+        top = sorted(cand[u])[:k]
+        assert idx[u].tolist() == [j for _, j in top] + [-1] * (k - len(top))
+        assert sim[u].tolist() == [float(-s) for s, _ in top] + [0.0] * (k - len(top))
+
+
 @settings(max_examples=100, deadline=None)
 @given(x=st.lists(st.integers(-2**40, 2**40), max_size=200))
 def test_unique_sorted_equals_numpy_unique(x):
