@@ -5,4 +5,4 @@ The numerical work lives in :mod:`facecluster.tasks` (pure kernels); this packag
 stores, builds Dask graphs over chunks and schedules kernels.
 """
 
-__version__ = "0.7.12"
+__version__ = "0.7.13"

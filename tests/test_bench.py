@@ -81,7 +81,10 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
     out = _bench(tmp_path, "cluster", "--n", "3000", "--train-n", "1500", "--dim", "32", "--epochs", "1",
                  "--workdir", "w", "--out", "cluster.json")
     r = json.loads((tmp_path / "cluster.json").read_text())
-    assert list(r["stage_seconds"]) == ["knn", "edges", "communities", "graph", "proposals", "score", "dedup"]
+    full = ["knn", "edges", "communities", "graph", "proposals", "score", "dedup"]
+    # a model whose output is its communities runs without the graph stage (run.stage_runners)
+    assert r["model_output"] in ("proposals", "communities") and r["model"] == "trained in this run"
+    assert list(r["stage_seconds"]) == (full if r["model_output"] == "proposals" else [s for s in full if s != "graph"])
     assert r["score"]["n_proposals"] > 0 and r["score"]["proposals_per_s_per_worker"] > 0
     for stage, mem in r["memory_by_stage"].items():
         assert len(mem["peak_rss_mib_per_worker"]) == 2 and min(mem["peak_rss_mib_per_worker"]) > 0, stage
@@ -99,6 +102,19 @@ def test_bench_cluster_reports_every_stage_and_worker_memory(tmp_path):
     assert fs["queries"] == 3000 and fs["threads"] == 2 and fs["seconds_extrapolated"] > 0
     assert r["total_vs_faiss_flat"] == pytest.approx(r["total_seconds"] / fs["seconds_extrapolated"], rel=1e-2)
     assert "x one-process faiss IndexFlatIP" in out.stdout
+
+
+def test_bench_cluster_runs_the_general_model_s_chain(tmp_path):
+    """`--model general`: no training split, the shipped model's chain (its output is its communities: no graph
+    stage), its total against the same faiss yardstick."""
+    out = _bench(tmp_path, "cluster", "--n", "3000", "--dim", "32", "--model", "general", "--workdir", "w",
+                 "--out", "cluster.json")
+    r = json.loads((tmp_path / "cluster.json").read_text())
+    assert r["model"] == "general" and r["model_output"] == "communities" and r["train_n"] is None
+    assert list(r["stage_seconds"]) == ["knn", "edges", "communities", "proposals", "score", "dedup"]
+    assert not (tmp_path / "w" / "train.zarr").exists() and "train_seconds_incl_stages" not in r
+    assert r["score"]["n_proposals"] > 0 and r["total_vs_faiss_flat"] > 0
+    assert "model general (output: communities)" in out.stdout
 
 
 def test_bench_infomap_compares_distributed_and_single_process_partitions(tmp_path):

@@ -101,3 +101,37 @@ def test_cluster_without_model_uses_the_general_model_on_an_unseen_dimension(tmp
     threshold = evaluate(y, RunStore.open(run).array("clusters")[:])
     assert learned["pairwise_f"] > 0.7 and learned["bcubed_f"] > 0.7, learned
     assert learned["pairwise_f"] > threshold["pairwise_f"] and learned["bcubed_f"] > threshold["bcubed_f"]
+
+
+def test_a_communities_output_runs_only_what_it_needs_and_labels_as_the_full_chain(tmp_path, local_client):
+    """The general model's output is its communities: by default the chain skips the graph, the super-vertex
+    proposals and the other communities floors, and its clusters equal the full chain's (``[edges] output_only =
+    false``) face for face."""
+    from facecluster.pipeline.run import run_cluster
+    from facecluster.pipeline.stages.ingest import run_ingest
+    from facecluster.pipeline.store import RunStore
+    from facecluster.tasks.synth import make_faces
+
+    x, y = make_faces(1500, 40, seed=3)
+    np.save(tmp_path / "f.npy", x)
+    model = str(GENERAL_MODEL_DIR)
+    assert json.loads((GENERAL_MODEL_DIR / "config.json").read_text())["output"]["source"] == "communities"
+    labels, stores = {}, {}
+    for name, overrides in (("lean", {}), ("full", {"edges": {"output_only": False}})):
+        run_ingest(tmp_path / "f.npy", tmp_path / f"{name}.zarr")
+        store = stores[name] = RunStore.open(tmp_path / f"{name}.zarr")
+        report = run_cluster(store, Config.from_dict(overrides), local_client, model)
+        assert all(r["ran"] for r in report.values())
+        labels[name] = store.array("clusters")[:]
+    lean, full = stores["lean"], stores["full"]
+    assert lean.record("graph") is None and full.record("graph")["complete"]
+    floors = full.record("communities")["summary"]["floors"]
+    assert lean.record("communities")["summary"]["floors"] == floors[:1] and len(floors) == 4
+    lean_settings = lean.record("proposals")["summary"]["settings"]
+    assert [s.get("source") for s in lean_settings] == ["communities"]
+    assert any(s.get("source") != "communities" for s in full.record("proposals")["summary"]["settings"])
+    assert lean.record("proposals")["summary"]["n_proposals"] < full.record("proposals")["summary"]["n_proposals"]
+    assert len(np.unique(labels["full"])) < len(y) // 2  # clusters formed, not all singletons
+    np.testing.assert_array_equal(labels["lean"], labels["full"])
+    np.testing.assert_array_equal(np.isfinite(lean.array("clusters_score")[:]),
+                                  np.isfinite(full.array("clusters_score")[:]))

@@ -40,19 +40,25 @@ FAISS_QUERIES = 4096
 @click.option("--epochs", type=int, default=5, show_default=True, help="Training epochs (setup, not timed).")
 @click.option("--workers", type=int, default=2, show_default=True)
 @click.option("--workdir", type=click.Path(file_okay=False), default="bench-cluster", show_default=True)
+@click.option("--model", "model_arg", default=None,
+              help="Run this model instead of training one: a model directory, or 'general' for the model shipped "
+                   "with facecluster (what `facecluster cluster RUN` runs without --model); --train-n and --epochs "
+                   "are then unused.")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="JSON result (default bench-cluster.json).")
-def command(n, train_n, dim, epochs, workers, workdir, out):
+def command(n, train_n, dim, epochs, workers, workdir, model_arg, out):
     """Throughput of the learned chain by stage; proposals scored per second per worker.
 
     \b
     Examples:
       facecluster bench cluster --n 100000
       facecluster bench cluster --n 1000000 --train-n 20000 --workdir /scratch/bench
+      facecluster bench cluster --n 1000000 --model general   # the no-labels default chain
     """
     from distributed import get_task_stream
 
     from ..cluster import connect
     from ..config import Config
+    from ..model_files import GENERAL_MODEL_DIR, check_dim, read_model_config
     from ..run import stage_runners, run_stages
     from ..stages.ingest import run_ingest
     from ..store import RunStore
@@ -62,34 +68,44 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     cfg = Config.from_dict({"dask": {"n_workers": workers}, "gcn": {"epochs": epochs}})
-    feats, labels = make_splits(2 * train_n, dim=dim, seed=1)["train"]
-    np.save(wd / "train_f.npy", feats)
-    np.save(wd / "train_l.npy", labels)
+    if model_arg is None:
+        model = str(wd / "model")
+        feats, labels = make_splits(2 * train_n, dim=dim, seed=1)["train"]
+        np.save(wd / "train_f.npy", feats)
+        np.save(wd / "train_l.npy", labels)
+        run_ingest(wd / "train_f.npy", str(wd / "train.zarr"), labels=wd / "train_l.npy", overwrite=True)
+    else:
+        model = str(GENERAL_MODEL_DIR) if model_arg == "general" else model_arg
+        check_dim(read_model_config(model), dim, model, "--dim")
     feats, labels = make_faces(n, dim=dim, seed=2)
     np.save(wd / "test_f.npy", feats)
     del feats
-    run_ingest(wd / "train_f.npy", str(wd / "train.zarr"), labels=wd / "train_l.npy", overwrite=True)
     run_ingest(wd / "test_f.npy", str(wd / "test.zarr"), overwrite=True)
-    result = {"n": n, "train_n": train_n, "dim": dim, "workers": workers}
+    result = {"n": n, "train_n": train_n if model_arg is None else None, "dim": dim, "workers": workers,
+              "model": model_arg or "trained in this run",
+              "model_output": (read_model_config(model).get("output") or {}).get("source", "proposals")
+              if model_arg else None}
     with connect(cfg.dask, quiet=True) as client:
-        t0 = time.perf_counter()
-        meta = train(RunStore.open(str(wd / "train.zarr")), wd / "model", cfg, client, echo=log.info)
-        result["train_seconds_incl_stages"] = round(time.perf_counter() - t0, 1)
-        result["train_metrics"] = meta["metrics"]
+        if model_arg is None:
+            t0 = time.perf_counter()
+            meta = train(RunStore.open(str(wd / "train.zarr")), model, cfg, client, echo=log.info)
+            result["train_seconds_incl_stages"] = round(time.perf_counter() - t0, 1)
+            result["train_metrics"] = meta["metrics"]
+            result["model_output"] = (meta.get("output") or {}).get("source", "proposals")
         store = RunStore.open(str(wd / "test.zarr"))
         rates = client.run(gemm_rate)  # all workers at once: the rate they share
         result["gemm_flop_per_s"] = round(sum(rates.values()))
         click.echo(f"float32 GEMM, all workers at once: {sum(rates.values()) / 1e9:.1f} GFLOP/s", err=True)
         stages, memory, busy, bound = {}, {}, {}, {}
-        for name, runner in stage_runners(str(wd / "model"), cfg, log.info).items():
+        for name, runner in stage_runners(model, cfg, log.info).items():
             with MemorySampler(client) as mem, get_task_stream(client) as stream:
                 rep = run_stages(store, cfg, client, {name: runner}, echo=log.info)[name]
             stages[name] = rep["seconds"]
             memory[name] = mem.summary()
             busy[name] = busy_shares(stream.data, list(rates), rep["seconds"])
-            flop = stage_flop(name, rep.get("summary", {}), store, str(wd / "model"))
+            flop = stage_flop(name, rep.get("summary", {}), store, model)
             # three significant digits: a small run's bound is milliseconds, which rounding to 0.01 s erased
-            bound[name] = None if flop is None else float(f"{flop / sum(rates.values()):.3g}")
+            bound[name] = None if not flop else float(f"{flop / sum(rates.values()):.3g}")  # 0: no dense arithmetic
             click.echo(f"{name}: {rep['seconds']:.1f}s, busy per worker {list(busy[name].values())}, peak RSS per "
                        f"worker {memory[name]['peak_rss_mib_per_worker']} MiB, driver "
                        f"{memory[name]['driver_peak_rss_mib']} MiB",
@@ -114,7 +130,8 @@ def command(n, train_n, dim, epochs, workers, workdir, out):
                             "seconds_extrapolated": float(f"{est:.4g}")}
     result["total_vs_faiss_flat"] = round(result["total_seconds"] / max(est, 1e-9), 3)
     path = save_result("cluster", result, out)
-    click.echo(f"{n} faces, {workers} workers, {result['total_seconds']:.1f}s in all:")
+    click.echo(f"{n} faces, {workers} workers, model {result['model']} (output: {result['model_output']}), "
+               f"{result['total_seconds']:.1f}s in all:")
     for k, v in stages.items():
         b = bound[k]
         click.echo(f"  {k:<12} {v:8.1f}s {100 * result['stage_share'][k]:5.1f}%   work-bound "

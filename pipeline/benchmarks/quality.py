@@ -358,7 +358,9 @@ def command(features, labels, train_features, train_labels, variant, n, dim, tes
         given = GENERAL_MODEL_DIR if given_model == "general" else Path(given_model)
         read_model_config(given)  # a bad directory fails before any data is made
         seed_list = [0]
-    cfg = Config.load(config_path, {"dask.n_workers": workers})
+    # the full chain: the GCN-D and GCN-D + GCN-S rows dedup over every proposal, also where the model's output is
+    # its communities
+    cfg = Config.load(config_path, {"dask.n_workers": workers, "edges.output_only": False})
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -141,7 +141,9 @@ def command(sizes, k, dim, chunk_rows, model_dir, workers, seed, workdir, keep, 
         raise click.BadParameter("give sizes >= 2, e.g. --sizes 1000000,3000000", param_hint="--sizes")
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
-    cfg = Config.from_dict({"dask": {"n_workers": workers}})
+    # every stage after kNN, also those a communities-output model skips by default (graph, super-vertex proposals,
+    # the other floors): their growth with N is what this measures
+    cfg = Config.from_dict({"dask": {"n_workers": workers}, "edges": {"output_only": False}})
     model, which = model_for("gcn", model_dir)
     click.echo(which, err=True)
     result = {"sizes": ns, "k": k, "dim": dim, "chunk_rows": chunk_rows, "workers": workers, "model": model,

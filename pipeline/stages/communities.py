@@ -314,10 +314,16 @@ def community_floors(model_floor: float) -> list[float]:
     return [float(model_floor)] + [f for f in FLOORS if abs(f - model_floor) > 1e-9]
 
 
-def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False) -> dict:
-    """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges")."""
+def run_communities(store: RunStore, model_dir: str, cfg: Config, client, force: bool = False,
+                    output_only: bool = False) -> dict:
+    """Infomap communities of the learned-affinity graph; writes ``communities/labels`` (input stage "edges").
+
+    ``output_only``: the model's floor alone (what a model whose output is its communities needs), not the
+    multi-scale floors the proposals offer GCN-D. Each component is its own Infomap problem, so that floor's
+    communities are the same either way."""
     store.require("edges", f"run `facecluster cluster {store.url} --model DIR` (it scores the edges) first")
-    floors = community_floors(run_levels(edge_meta(model_dir), store)["floor"])  # adapted runs: the model's adapt_levels
+    floor = run_levels(edge_meta(model_dir), store)["floor"]  # adapted runs: the model's adapt_levels
+    floors = [float(floor)] if output_only else community_floors(floor)
     index = store.array("knn/index")
     n, _ = index.shape
     r = int(index.chunks[0])

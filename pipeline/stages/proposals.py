@@ -262,7 +262,8 @@ def _size_stats(sizes: np.ndarray) -> dict:
             "median": float(q[2]), "p75": float(q[3]), "max": int(q[4]), "mean": float(sizes.mean())}
 
 
-def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, communities: bool = False) -> dict:
+def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, communities: bool = False,
+                  super_vertices: bool = True) -> dict:
     """Compute and store the multi-scale proposals (stage "proposals").
 
     Needs the "graph" stage (the forest) and ``features``. Writes
@@ -277,6 +278,11 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
     per floor (``"source": "communities"``), combined before the super-vertex settings
     (so a member set both produce counts as a community).
 
+    ``super_vertices=False`` (with ``communities``): the communities alone, no super-vertex setting and no
+    graph stage needed (a model whose output is its communities needs nothing else, ``[edges] output_only``).
+    No community of ``min_size``.. faces then means no proposal, not an error: every face is a singleton
+    before the attach step, as the communities output of a full run would have it.
+
     Returns
     -------
     dict : the stage summary (settings with thresholds, anchor, counts per
@@ -284,14 +290,21 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
 
     Raises
     ------
-    BadInput : when no setting yields any proposal.
+    BadInput : when no setting yields any proposal (super-vertex settings).
     """
-    store.require("graph", f"run the graph stage first (facecluster proposals {store.url} runs it)")
-    settings, info = resolve_settings(store, cfg, client)
+    if not (super_vertices or communities):
+        raise ValueError("run_proposals: without super-vertex settings the communities are the only proposals")
     pc = cfg.proposals
+    if super_vertices:
+        store.require("graph", f"run the graph stage first (facecluster proposals {store.url} runs it)")
+        settings, info = resolve_settings(store, cfg, client)
+    else:
+        settings, info = [], {}
     params = {"settings": settings, "min_size": pc.min_size, "max_proposal_size": pc.max_proposal_size,
               "communities": bool(communities)}
-    inputs = ["graph"] + (["communities"] if communities else [])
+    if not super_vertices:  # absent otherwise: a full run recorded before the option keeps its digest
+        params["super_vertices"] = False
+    inputs = (["graph"] if super_vertices else []) + (["communities"] if communities else [])
     with store.stage(STAGE, params, inputs=inputs, force=force) as w:
         if w is None:
             return store.record(STAGE).get("summary", {})
@@ -368,7 +381,7 @@ def run_proposals(store: RunStore, cfg: Config, client, force: bool = False, com
                 msg = f"{what} yields no proposal of {pc.min_size}..{pc.max_proposal_size} faces"
                 warnings.append(msg)
                 log.warning(msg)
-        if len(sizes) == 0:
+        if len(sizes) == 0 and super_vertices:
             q = info.get("sim_quantiles", {})
             raise BadInput(
                 f"{store.url}: no proposal from any of {len(settings)} settings (thresholds "
