@@ -58,6 +58,8 @@ dropout = 0.1
 score_batch = 16
 iop_range = [0.0, 1.0]   # GCN-S on every proposal, and a strict keep threshold,
 keep_prob = 0.99         # so the tiny model prunes members and score/keep is exercised
+[edges]
+output_only = false      # every stage runs (and is killed and resumed below) whichever output the model chooses
 """
 # arrays that must be identical between runs (everything a stage writes, up to the labels)
 COMPARED = ("knn/index", "knn/sim", "proposals/offsets", "proposals/members", "proposals/setting", "proposals/level",
