@@ -16,7 +16,7 @@ from typing import Callable
 from .cluster import check_store_reachable, release_memory
 from .config import Config
 from .model_files import RETRAIN_NOTE, check_dim, edge_meta, model_digest, read_model_config
-from .stages.communities import run_communities
+from .stages.communities import community_floors, run_communities
 from .stages.dedup import run_dedup
 from .stages.edges import run_edges, run_levels
 from .stages.graph import run_graph
@@ -30,17 +30,17 @@ log = logging.getLogger(__name__)
 CLUSTER_STAGES = ("knn", "edges", "communities", "graph", "proposals", "score", "dedup")
 
 
-def full_chain_current(store: RunStore, model_dir: str) -> bool:
+def full_chain_current(store: RunStore, model_dir: str, edges: dict) -> bool:
     """Whether ``store`` holds this model's full chain up to date (every communities floor and the super-vertex
-    proposals beside them, fresh): then the output-only chain would redo, with fewer stages, what is there."""
+    proposals beside them, fresh): then the output-only chain would redo, with fewer stages, what is there.
+    ``edges``: the model's edge scorer metadata (:func:`edge_meta`)."""
     comm, prop = store.record("communities"), store.record("proposals")
     if not (comm and prop and comm.get("complete") and prop.get("complete")):
         return False
     if store.stale_reason("communities") or store.stale_reason("proposals"):
         return False
-    floors = comm["params"].get("floors") or []
-    return (len(floors) > 1 and comm["params"].get("model_digest") == model_digest(model_dir)
-            and floors[0] == run_levels(edge_meta(model_dir), store)["floor"]
+    return (comm["params"].get("model_digest") == model_digest(model_dir)
+            and comm["params"].get("floors") == community_floors(run_levels(edges, store)["floor"])
             and prop["params"].get("communities") and prop["params"].get("super_vertices", True))
 
 
@@ -67,7 +67,7 @@ def stage_runners(model_dir: str | None, cfg: Config, echo: Callable[[str], None
     # the model's output: dedup over every proposal, or its communities (chosen on validation identities)
     source = (read_model_config(model_dir).get("output") or {}).get("source", "proposals") if communities else "proposals"
     output_only = source == "communities" and cfg.edges.output_only
-    if output_only and store is not None and full_chain_current(store, model_dir):
+    if output_only and store is not None and full_chain_current(store, model_dir, edges):
         output_only = False  # its stages are all up to date: nothing to redo
     if edges is not None:
         runners["edges"] = lambda store, cfg, client, force=False: run_edges(store, model_dir, cfg, client, force=force)

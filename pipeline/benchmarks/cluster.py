@@ -68,6 +68,7 @@ def command(n, train_n, dim, epochs, workers, workdir, model_arg, out):
     wd = Path(workdir)
     wd.mkdir(parents=True, exist_ok=True)
     cfg = Config.from_dict({"dask": {"n_workers": workers}, "gcn": {"epochs": epochs}})
+    meta = None  # the model's config.json; read after training when the run trains it
     if model_arg is None:
         model = str(wd / "model")
         feats, labels = make_splits(2 * train_n, dim=dim, seed=1)["train"]
@@ -76,15 +77,15 @@ def command(n, train_n, dim, epochs, workers, workdir, model_arg, out):
         run_ingest(wd / "train_f.npy", str(wd / "train.zarr"), labels=wd / "train_l.npy", overwrite=True)
     else:
         model = str(GENERAL_MODEL_DIR) if model_arg == "general" else model_arg
-        check_dim(read_model_config(model), dim, model, "--dim")
+        meta = read_model_config(model)
+        check_dim(meta, dim, model, "--dim")
     feats, labels = make_faces(n, dim=dim, seed=2)
     np.save(wd / "test_f.npy", feats)
     del feats
     run_ingest(wd / "test_f.npy", str(wd / "test.zarr"), overwrite=True)
     result = {"n": n, "train_n": train_n if model_arg is None else None, "dim": dim, "workers": workers,
               "model": model_arg or "trained in this run",
-              "model_output": (read_model_config(model).get("output") or {}).get("source", "proposals")
-              if model_arg else None}
+              "model_output": None if meta is None else (meta.get("output") or {}).get("source", "proposals")}
     with connect(cfg.dask, quiet=True) as client:
         if model_arg is None:
             t0 = time.perf_counter()
